@@ -1,0 +1,199 @@
+"""A hand-written LoRA linear layer that can run on a sketch of its ranks (FSLORA.md section 1).
+
+    W = W0 + s * B @ A                      (plain LoRA, all r ranks; s = alpha/r or alpha/sqrt(r))
+    W = W0 + s * (r/k) * B[:, I] @ A[I, :]  (with a sketch: W0 + s * B S A)
+
+`lora_B` (m x r) starts at zero and `lora_A` (r x n) random, so at init the layer equals its
+base. The layer runs in one of three modes, chosen by context managers, never by train()/eval():
+- global:  W0 + s B A, the server's model (evaluation, inference);
+- sketched: W0 + s B S A on the global factors; gradients reach only the ranks in I;
+- compact:  W0 + s (r/k) b a with client-owned factors b = B[:, I] (m x k), a = A[I, :] (k x n):
+            what a client trains, so its trainable state scales with k, never with r.
+Modules are found by type (`lora_modules`), never by matching parameter names.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+import torch.nn as nn
+
+from fslora_min.sketch import Sketch, check_rank_pair
+from kernels import lora_linear
+
+
+def lora_scale(alpha: float, r: int, rslora: bool = False) -> float:
+    """s = alpha / r (LoRA) or s = alpha / sqrt(r) (rsLoRA, Kalajdzievski 2023)."""
+    check_rank_pair(r, 1)
+    if not math.isfinite(alpha) or alpha <= 0:
+        raise ValueError(f"lora alpha must be a positive finite number, got alpha={alpha!r}")
+    return alpha / math.sqrt(r) if rslora else alpha / r
+
+
+@dataclass
+class CompactFactors:
+    """A client's trainable factors for one module: b = B[:, I], a = A[I, :], and its sketch."""
+
+    b: torch.Tensor  # (m, k)
+    a: torch.Tensor  # (k, n)
+    sketch: Sketch
+
+
+class LoRALinear(nn.Module):
+    """Drop-in for nn.Linear: frozen W0 (m x n) and bias, LoRA factors B (m x r), A (r x n)."""
+
+    def __init__(self, base: nn.Linear, r: int, alpha: float, rslora: bool = False,
+                 backend: str = "auto") -> None:
+        super().__init__()
+        check_rank_pair(r, 1)
+        m, n = base.out_features, base.in_features
+        self.weight = nn.Parameter(base.weight.detach().clone(), requires_grad=False)  # (m, n)
+        self.bias = (None if base.bias is None
+                     else nn.Parameter(base.bias.detach().clone(), requires_grad=False))  # (m,)
+        self.lora_B = nn.Parameter(torch.zeros(m, r, dtype=base.weight.dtype))  # (m, r)
+        self.lora_A = nn.Parameter(torch.empty(r, n, dtype=base.weight.dtype))  # (r, n)
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear inits its weight
+        self.r, self.alpha, self.rslora = r, alpha, rslora
+        self.scaling = lora_scale(alpha, r, rslora)  # s
+        self.backend = backend
+        self.sketch: Sketch | None = None  # set by `sketched(...)`
+        self.compact: CompactFactors | None = None  # set by `compact_factors(...)`
+        self.merged = False
+
+    @property
+    def in_features(self) -> int:
+        return self.weight.shape[1]
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[0]
+
+    def delta_weight(self) -> torch.Tensor:
+        """s * B @ A, the (m, n) update LoRA adds to W0."""
+        return self.scaling * self.lora_B @ self.lora_A
+
+    def merge(self) -> None:
+        """W0 <- W0 + s B A, so the forward is one plain matmul (inference only)."""
+        if self.merged:
+            raise RuntimeError("merge() called on a layer that is already merged")
+        with torch.no_grad():
+            self.weight += self.delta_weight()
+        self.merged = True
+
+    def unmerge(self) -> None:
+        """W0 <- W0 - s B A: undoes merge() (up to rounding in the weight's dtype)."""
+        if not self.merged:
+            raise RuntimeError("unmerge() called on a layer that is not merged")
+        with torch.no_grad():
+            self.weight -= self.delta_weight()
+        self.merged = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (..., n) -> (..., m)
+        if self.merged:
+            if self.sketch is not None or self.compact is not None:
+                raise RuntimeError("a merged LoRA layer cannot run sketched: unmerge() first")
+            return nn.functional.linear(x, self.weight, self.bias)
+        if self.compact is not None:  # client training: W0 + s (r/k) b a
+            c = self.compact
+            return lora_linear(x, self.weight, self.bias, c.b, c.a, None,
+                               self.scaling * c.sketch.scale, self.backend)
+        if self.sketch is not None:  # W0 + s (r/k) B[:, I] A[I, :]
+            return lora_linear(x, self.weight, self.bias, self.lora_B, self.lora_A,
+                               self.sketch.index.to(x.device), self.scaling * self.sketch.scale,
+                               self.backend)
+        return lora_linear(x, self.weight, self.bias, self.lora_B, self.lora_A, None,
+                           self.scaling, self.backend)
+
+    def extra_repr(self) -> str:
+        return (f"in={self.in_features}, out={self.out_features}, r={self.r}, "
+                f"scaling={self.scaling:.4g}, rslora={self.rslora}")
+
+
+# Which projections of the transformer to adapt: names of nn.Linear attributes inside a block.
+ALL_TARGETS = ("q", "k", "v", "out", "fc", "proj")
+
+
+def apply_lora(model: nn.Module, r: int, alpha: float, targets: tuple[str, ...] = ALL_TARGETS,
+               rslora: bool = False, backend: str = "auto") -> list[str]:
+    """Replace each nn.Linear whose attribute name is in `targets` by a LoRALinear; freeze the rest.
+
+    Returns the qualified names of the new LoRA modules, in model order. Raises if a target names
+    no layer at all, so a typo can never leave the model silently un-adapted.
+    """
+    unknown = set(targets) - set(ALL_TARGETS)
+    if unknown or not targets:
+        raise ValueError(f"LoRA targets must be a non-empty subset of {ALL_TARGETS}, "
+                         f"got {tuple(targets)}")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    replaced = []
+    for parent_name, parent in list(model.named_modules()):
+        for child_name, child in list(parent.named_children()):
+            if child_name in targets and type(child) is nn.Linear:
+                setattr(parent, child_name, LoRALinear(child, r, alpha, rslora, backend))
+                replaced.append(f"{parent_name}.{child_name}" if parent_name else child_name)
+    if not replaced:
+        raise ValueError(f"no nn.Linear named one of {targets} found: nothing was adapted")
+    return [name for name, _ in lora_modules(model)]
+
+
+def lora_modules(model: nn.Module) -> list[tuple[str, LoRALinear]]:
+    """All LoRA layers of a model with their qualified names, found by type."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, LoRALinear)]
+
+
+@contextmanager
+def sketched(model: nn.Module, sketches: dict[str, Sketch]) -> Iterator[None]:
+    """Run the model's LoRA layers on the global factors with W0 + s B S A (one S per module)."""
+    modules = dict(lora_modules(model))
+    _check_names(modules, sketches)
+    try:
+        for name, sk in sketches.items():
+            if sk.rank != modules[name].r:
+                raise ValueError(f"sketch for {name} is over rank {sk.rank}, "
+                                 f"but the layer has r={modules[name].r}")
+            modules[name].sketch = sk
+        yield
+    finally:
+        for m in modules.values():
+            m.sketch = None
+
+
+@contextmanager
+def compact_factors(model: nn.Module, factors: dict[str, CompactFactors]) -> Iterator[None]:
+    """Run the model's LoRA layers on client-owned compact factors: W0 + s (r/k) b a."""
+    modules = dict(lora_modules(model))
+    _check_names(modules, factors)
+    try:
+        for name, f in factors.items():
+            layer, k = modules[name], f.sketch.k
+            if f.b.shape != (layer.out_features, k) or f.a.shape != (k, layer.in_features):
+                raise ValueError(f"compact factors for {name} have shapes {tuple(f.b.shape)} and "
+                                 f"{tuple(f.a.shape)}, expected ({layer.out_features}, {k}) and "
+                                 f"({k}, {layer.in_features})")
+            layer.compact = f
+        yield
+    finally:
+        for m in modules.values():
+            m.compact = None
+
+
+def _check_names(modules: dict[str, LoRALinear], given: dict) -> None:
+    if set(given) != set(modules):
+        missing, extra = sorted(set(modules) - set(given)), sorted(set(given) - set(modules))
+        raise ValueError(f"per-module inputs must name every LoRA module exactly: "
+                         f"missing {missing}, unknown {extra}")
+
+
+def global_factors(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """{module name: (B, A)} views of the global factors (m x r, r x n)."""
+    return {name: (m.lora_B, m.lora_A) for name, m in lora_modules(model)}
+
+
+def count_lora_parameters(model: nn.Module) -> int:
+    """Number of global LoRA numbers: sum over modules of r (m + n)."""
+    return sum(m.lora_B.numel() + m.lora_A.numel() for _, m in lora_modules(model))

@@ -1,0 +1,80 @@
+"""Sketches: which of the r global rank indices a client trains this round (FSLORA.md section 1).
+
+A sketch for client i is the r x r diagonal matrix
+
+    S = (r / k_i) * sum_{j in I} e_j e_j^T,     I a uniform k_i-subset of {0, ..., r-1},
+
+so E[S] = I_r (unbiased) and E[S^2] = (r / k_i) I_r. Code never builds S densely: a `Sketch`
+is the pair (index set I, scale r / k_i). One index set is drawn per (client, round, module)
+and shared by that module's B and A (a pitfall of public code draws them separately).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+def check_rank_pair(r: int, k: int) -> None:
+    """Raise a ValueError naming the value unless 1 <= k <= r."""
+    if not isinstance(r, int) or isinstance(r, bool) or r < 1:
+        raise ValueError(f"global rank r must be a positive integer, got r={r!r}")
+    if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= r:
+        raise ValueError(f"sketch size k must be an integer with 1 <= k <= r={r}, got k={k!r}")
+
+
+@dataclass(frozen=True)
+class Sketch:
+    """The index set I (k distinct ranks out of r) and its unbiasing scale r / k."""
+
+    index: torch.Tensor  # (k,) int64, distinct values in [0, r)
+    rank: int  # r, the global rank the indices refer to
+
+    def __post_init__(self) -> None:
+        check_rank_pair(self.rank, int(self.index.numel()))
+        if self.index.dtype != torch.int64 or self.index.dim() != 1:
+            raise ValueError(f"sketch index must be a 1-D int64 tensor, got {self.index.dtype} "
+                             f"of shape {tuple(self.index.shape)}")
+        lo, hi = int(self.index.min()), int(self.index.max())
+        if lo < 0 or hi >= self.rank:
+            raise ValueError(f"sketch index out of range [0, {self.rank}): min {lo}, max {hi}")
+        if torch.unique(self.index).numel() != self.index.numel():
+            raise ValueError(f"sketch index has repeated entries: {self.index.tolist()}")
+
+    @property
+    def k(self) -> int:
+        return int(self.index.numel())
+
+    @property
+    def scale(self) -> float:
+        """r / k: the value of each non-zero diagonal entry of S."""
+        return self.rank / self.k
+
+    def diagonal(self) -> torch.Tensor:
+        """diag(S) as a dense (r,) float64 vector: for tests and theory, never for training."""
+        d = torch.zeros(self.rank, dtype=torch.float64)
+        d[self.index] = self.scale
+        return d
+
+
+def sample_index_set(r: int, k: int, generator: torch.Generator) -> torch.Tensor:
+    """A uniform k-subset of range(r), sorted: every subset has probability 1 / C(r, k)."""
+    check_rank_pair(r, k)
+    return torch.randperm(r, generator=generator)[:k].sort().values
+
+
+def sample_sketch(r: int, k: int, generator: torch.Generator) -> Sketch:
+    """S = (r/k) sum_{j in I} e_j e_j^T with I uniform among the k-subsets of {0..r-1}."""
+    return Sketch(sample_index_set(r, k, generator), r)
+
+
+def sample_module_sketches(module_names: list[str], r: int, k: int,
+                           generator: torch.Generator) -> dict[str, Sketch]:
+    """One independent sketch per adapted module (FSLORA.md section 3, step 2)."""
+    return {name: sample_sketch(r, k, generator) for name in module_names}
+
+
+def full_sketch(r: int) -> Sketch:
+    """The identity sketch I = {0..r-1}, scale 1: plain LoRA (k = r)."""
+    return Sketch(torch.arange(r), r)
