@@ -4,13 +4,23 @@ from __future__ import annotations
 
 import torch
 
+from kernels.lora_linear import check_lora_inputs, lora_linear_triton
 from kernels.reference import lora_linear_reference
 
 
 def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                 lora_B: torch.Tensor, lora_A: torch.Tensor, index: torch.Tensor | None,
-                scale: float, backend: str = "auto") -> torch.Tensor:
-    """y = x W0^T + bias + scale * (x A[I]^T) B[:, I]^T; backend: 'auto', 'triton' or 'torch'."""
+                scale: float, backend: str = "auto", check_index: bool = True) -> torch.Tensor:
+    """y = x W0^T + bias + scale * (x A[I]^T) B[:, I]^T; backend: 'auto', 'triton' or 'torch'.
+
+    'auto' runs the Triton kernels (kernels/lora_linear.py) on CUDA tensors and the PyTorch
+    reference elsewhere; 'triton' forces the kernels (CPU tensors only under TRITON_INTERPRET=1);
+    'torch' forces the reference. `check_index=False` skips the one device sync that checks the
+    index set's range (kernels/lora_linear.py: check_lora_inputs).
+    """
     if backend not in ("auto", "torch", "triton"):
         raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
+    check_lora_inputs(x, weight, bias, lora_B, lora_A, index, scale, check_index)
+    if backend == "triton" or (backend == "auto" and x.is_cuda):
+        return lora_linear_triton(x, weight, bias, lora_B, lora_A, index, scale)
     return lora_linear_reference(x, weight, bias, lora_B, lora_A, index, scale)

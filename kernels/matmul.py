@@ -1,0 +1,225 @@
+"""The two Triton kernels behind the fused sketched-LoRA linear (kernels/lora_linear.py).
+
+1. `skinny_matmul`: a matmul whose output has only k columns (k = sketch size, <= r):
+
+       out (R, k) = scale * P (R, Q) @ V (Q, k),    V[q, l] = F[q, I_l] (a gathered factor)
+
+   It serves four products: the forward "shrink" u = c x A[I]^T, the backward shrink
+   g = c dy B[:, I], and the factor gradients dA[I]^T = x^T g and dB[:, I] = dy^T u (there V is
+   u or g itself, I = 0..k-1). FLOPs 2 R Q k; bytes ~ 2 R Q (P, read once) + 2 Q k + 4 R k.
+   With k << R, Q it does ~k FLOPs per byte: memory-bound. R/BLOCK_R programs alone may not
+   fill the GPU, so the reduction over Q is split across SPLIT programs (deterministic fp32
+   partials, summed after), never by atomics.
+
+2. `fused_linear`: a tiled GEMM whose K loop ends with one extra step over the k sketched ranks:
+
+       y (T, N) = X (T, K) @ W (K, N) + bias + U (T, k) @ L (k, N),   L[l, j] = F[I_l, j]
+
+   Forward: X = x, W = W0^T, U = c x A[I]^T, L = B[:, I]^T.  Backward: X = dy, W = W0,
+   U = c dy B[:, I], L = A[I].  FLOPs 2 T K N + 2 T k N; the LoRA step adds k / K to the work
+   and no pass over y. Bytes >= 2 (T K + K N + T N): compute-bound at LLM shapes.
+
+Both read the index set I from device memory, so a new sketch never recompiles; only the padded
+size K_PAD = next power of two >= max(k, 16) is a compile-time constant. Pointer offsets are
+int32: every operand must have fewer than 2^31 elements.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# triton.jit reads TRITON_INTERPRET when the kernels below are decorated, i.e. at import.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def new_output(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Every buffer a kernel writes comes from here (tests poison it with NaN)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def k_pad(k: int) -> int:
+    """Columns of the rank tile: tl.dot needs a power of two >= 16."""
+    return max(16, triton.next_power_of_2(k))
+
+
+def input_precision(dtype: torch.dtype) -> str:
+    """fp32 dots follow torch's own TF32 switch, so 'triton' and 'torch' agree in fp32."""
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"  # ignored for 16-bit inputs
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 2  # interpreter: small, so that small test shapes still take the split path
+
+
+@triton.jit
+def _dot(a, b, acc, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """acc + a @ b. UPCAST (interpreter only): triton 3.9's interpreter mis-multiplies bf16 dots,
+    so the operands go to fp32 first; a bf16 x bf16 product is exact in fp32 anyway."""
+    if UPCAST:
+        a, b = a.to(tl.float32), b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+
+
+# ------------------------------------------------------------------------------------------------
+# 1. skinny matmul: out (R, k) = scale * P (R, Q) @ F[:, I] (Q, k)
+# ------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _skinny_kernel(
+    p_ptr,  # P (R, Q), any strides: x, dy, x^T or dy^T
+    f_ptr,  # factor; V[q, l] = f_ptr[I_l * stride_fl + q * stride_fq]
+    idx_ptr,  # (k,) int64 index set I on the device
+    out_ptr,  # (SPLIT, R, k): fp32 partial sums, or the result itself when SPLIT = 1
+    R, Q, k,  # problem sizes
+    q_per_split,  # reduction length per split, a multiple of BLOCK_Q
+    stride_pr, stride_pq,  # P strides (rows, reduction)
+    stride_fl, stride_fq,  # factor strides (gathered rank, reduction)
+    stride_os, stride_or, stride_ol,  # out strides (split, rows, ranks)
+    scale,  # multiplies the result (c, or 1)
+    BLOCK_R: tl.constexpr, BLOCK_Q: tl.constexpr, K_PAD: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    pid_r, pid_s = tl.program_id(0), tl.program_id(1)
+    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_l = tl.arange(0, K_PAD)
+    ranks = tl.load(idx_ptr + offs_l, mask=offs_l < k, other=0)  # (K_PAD,) gathered ranks
+    q_lo = pid_s * q_per_split
+    q_hi = tl.minimum(Q, q_lo + q_per_split)
+    acc = tl.zeros((BLOCK_R, K_PAD), dtype=tl.float32)
+    for q0 in range(q_lo, q_hi, BLOCK_Q):
+        offs_q = q0 + tl.arange(0, BLOCK_Q)
+        p = tl.load(p_ptr + offs_r[:, None] * stride_pr + offs_q[None, :] * stride_pq,
+                    mask=(offs_r[:, None] < R) & (offs_q[None, :] < q_hi), other=0.0)
+        v = tl.load(f_ptr + ranks[None, :] * stride_fl + offs_q[:, None] * stride_fq,
+                    mask=(offs_q[:, None] < q_hi) & (offs_l[None, :] < k), other=0.0)
+        acc = _dot(p, v, acc, INPUT_PRECISION, INTERPRET)  # (BLOCK_R, K_PAD)
+    out = out_ptr + pid_s * stride_os + offs_r[:, None] * stride_or + offs_l[None, :] * stride_ol
+    tl.store(out, acc * scale, mask=(offs_r[:, None] < R) & (offs_l[None, :] < k))
+
+
+def skinny_matmul(p: torch.Tensor, factor: torch.Tensor, index: torch.Tensor, rank_dim: int,
+                  scale: float, out_dtype: torch.dtype, split: int | None = None) -> torch.Tensor:
+    """scale * P @ F[:, I] as an (R, k) tensor; `rank_dim` is the dimension of `factor` that I
+    indexes (0 for A (r, n), 1 for B (m, r)), the other one is summed against P's columns."""
+    R, Q = p.shape
+    k = index.numel()
+    stride_fl, stride_fq = factor.stride(rank_dim), factor.stride(1 - rank_dim)
+    block_r, block_q, warps, stages = (16, 16, 1, 1) if INTERPRET else (64, 128, 4, 4)
+    row_blocks, q_blocks = triton.cdiv(R, block_r), triton.cdiv(Q, block_q)
+    if split is None:  # enough programs for two waves over the GPU
+        split = triton.cdiv(2 * _num_sms(p.device), row_blocks)
+    split = max(1, min(split, q_blocks))
+    q_per_split = triton.cdiv(q_blocks, split) * block_q
+    split = triton.cdiv(Q, q_per_split)  # no empty split
+    out = new_output((split, R, k), torch.float32 if split > 1 else out_dtype, p.device)
+    _skinny_kernel[(row_blocks, split)](
+        p, factor, index, out, R, Q, k, q_per_split, p.stride(0), p.stride(1),
+        stride_fl, stride_fq, out.stride(0), out.stride(1), out.stride(2), scale,
+        BLOCK_R=block_r, BLOCK_Q=block_q, K_PAD=k_pad(k), INPUT_PRECISION=input_precision(p.dtype),
+        INTERPRET=INTERPRET, num_warps=warps, num_stages=stages)
+    return out[0] if split == 1 else out.sum(0).to(out_dtype)
+
+
+# ------------------------------------------------------------------------------------------------
+# 2. fused linear: y (T, N) = X (T, K) @ W (K, N) + bias + U (T, k) @ F[I, :] (k, N)
+# ------------------------------------------------------------------------------------------------
+
+def _gemm_configs() -> list[triton.Config]:
+    if INTERPRET:  # one small tile: the interpreter runs every program in Python
+        return [triton.Config({"BLOCK_T": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_T": 2},
+                              num_warps=1, num_stages=1)]
+    shapes = [(128, 256, 64, 3, 8), (128, 256, 64, 4, 8), (256, 128, 64, 3, 8),
+              (128, 128, 64, 4, 8), (128, 128, 64, 4, 4), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4)]
+    return [triton.Config({"BLOCK_T": bt, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_T": 8},
+                          num_stages=s, num_warps=w) for bt, bn, bk, s, w in shapes]
+
+
+@triton.autotune(configs=_gemm_configs(), key=["T", "N", "K", "k"])
+@triton.jit
+def _fused_linear_kernel(
+    x_ptr,  # X (T, K): x forward, dy backward
+    w_ptr,  # W (K, N) by strides: W0^T forward, W0 backward
+    bias_ptr,  # (N,) bias, read only when HAS_BIAS
+    u_ptr,  # U (T, k): the shrunk activations, c already folded in
+    f_ptr,  # factor; L[l, j] = f_ptr[I_l * stride_fl + j * stride_fn]
+    idx_ptr,  # (k,) int64 index set I on the device
+    y_ptr,  # (T, N) output
+    T, N, K, k,  # problem sizes
+    stride_xt, stride_xk,  # X strides
+    stride_wk, stride_wn,  # W strides
+    stride_ut, stride_ul,  # U strides
+    stride_fl, stride_fn,  # factor strides (gathered rank, output column)
+    stride_yt, stride_yn,  # y strides
+    HAS_BIAS: tl.constexpr, K_PAD: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    INTERPRET: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_T: tl.constexpr,
+):
+    # Grouped program order: GROUP_T row-blocks share each column-block of W while it is in L2.
+    pid = tl.program_id(0)
+    num_t, num_n = tl.cdiv(T, BLOCK_T), tl.cdiv(N, BLOCK_N)
+    group = pid // (GROUP_T * num_n)
+    first_t = group * GROUP_T
+    group_size = tl.minimum(num_t - first_t, GROUP_T)
+    pid_t = first_t + (pid % (GROUP_T * num_n)) % group_size
+    pid_n = (pid % (GROUP_T * num_n)) // group_size
+
+    # Rows past T / columns past N wrap around (their results are never stored): no load masks.
+    offs_t = (pid_t * BLOCK_T + tl.arange(0, BLOCK_T)) % T
+    offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N
+    offs_t = tl.max_contiguous(tl.multiple_of(offs_t, BLOCK_T), BLOCK_T)
+    offs_n = tl.max_contiguous(tl.multiple_of(offs_n, BLOCK_N), BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    x_tile = x_ptr + offs_t[:, None] * stride_xt + offs_k[None, :] * stride_xk
+    w_tile = w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn
+
+    # Base GEMM: acc = X W over K.
+    acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        x = tl.load(x_tile, mask=offs_k[None, :] < K - k0, other=0.0)  # (BLOCK_T, BLOCK_K)
+        w = tl.load(w_tile, mask=offs_k[:, None] < K - k0, other=0.0)  # (BLOCK_K, BLOCK_N)
+        acc = _dot(x, w, acc, INPUT_PRECISION, INTERPRET)
+        x_tile += BLOCK_K * stride_xk
+        w_tile += BLOCK_K * stride_wk
+
+    # LoRA step: one more K_PAD-deep step, acc += U[:, :k] F[I, :]. Same accumulator, no pass
+    # over y; padded ranks l >= k load zeros.
+    offs_l = tl.arange(0, K_PAD)
+    ranks = tl.load(idx_ptr + offs_l, mask=offs_l < k, other=0)  # (K_PAD,)
+    u = tl.load(u_ptr + offs_t[:, None] * stride_ut + offs_l[None, :] * stride_ul,
+                mask=offs_l[None, :] < k, other=0.0)  # (BLOCK_T, K_PAD)
+    lf = tl.load(f_ptr + ranks[:, None] * stride_fl + offs_n[None, :] * stride_fn,
+                 mask=offs_l[:, None] < k, other=0.0)  # (K_PAD, BLOCK_N)
+    acc = _dot(u, lf, acc, INPUT_PRECISION, INTERPRET)
+
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n).to(tl.float32)[None, :]
+    rows = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    y = y_ptr + rows[:, None] * stride_yt + cols[None, :] * stride_yn
+    tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=(rows[:, None] < T) & (cols[None, :] < N))
+
+
+def fused_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, u: torch.Tensor,
+                 factor: torch.Tensor, index: torch.Tensor, rank_dim: int) -> torch.Tensor:
+    """X W + bias + U F[I, :] as a (T, N) tensor in X's dtype; `w` is (K, N) (a view is fine),
+    `rank_dim` the dimension of `factor` that I indexes, the other one runs over N."""
+    T, K = x.shape
+    N = w.shape[1]
+    k = index.numel()
+    y = new_output((T, N), x.dtype, x.device)
+    grid = lambda meta: (triton.cdiv(T, meta["BLOCK_T"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+    _fused_linear_kernel[grid](
+        x, w, bias if bias is not None else y, u, factor, index, y, T, N, K, k,
+        x.stride(0), x.stride(1), w.stride(0), w.stride(1), u.stride(0), u.stride(1),
+        factor.stride(rank_dim), factor.stride(1 - rank_dim), y.stride(0), y.stride(1),
+        HAS_BIAS=bias is not None, K_PAD=k_pad(k), INPUT_PRECISION=input_precision(x.dtype),
+        INTERPRET=INTERPRET)
+    return y
