@@ -1,0 +1,211 @@
+"""Benchmark of the fused sketched-LoRA linear: `python -m kernels.bench [--quick]`.
+
+On a GPU, for bf16 x (T, n), W0 (m, n), r = 64 global ranks and a sketch of k, after a
+correctness gate at the benchmark's own shapes, medians of `triton.testing.do_bench` for:
+    (a) fused forward / F.linear (cuBLAS, no LoRA)                              goal <= 1.12
+    (b) fused fwd+bwd / (base forward + base input-gradient)                    goal <= 1.15
+    (c) eager gather-based LoRA fwd+bwd (kernels/reference.py) / fused fwd+bwd  goal >= 1.25
+    (d) torch.compile of that eager version / fused fwd+bwd                     goal >= 1.0
+with useful TFLOP/s, and their share of this GPU's own GEMM rate and copy bandwidth, both
+measured in the same run. Useful FLOPs: forward 2 T n m + 2 T k (n + m); fwd+bwd
+4 T n m + 6 T k (n + m). Bytes: each input read once and each output written once.
+Writes every figure to results/kernels/bench_<gpu>.json. Without a GPU it times the reference
+at a small shape on the CPU and says that the GPU figures are missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import triton
+from triton.testing import do_bench
+
+from kernels.dispatch import lora_linear
+from kernels.matmul import fused_linear, skinny_matmul
+from kernels.reference import lora_linear_reference
+
+R = 64  # global rank
+GOALS = {"a_fwd_over_base": ("<=", 1.12), "b_fwdbwd_over_base": ("<=", 1.15),
+         "c_eager_over_fused": (">=", 1.25), "d_compiled_over_fused": (">=", 1.0)}
+
+
+def flops(T: int, n: int, m: int, k: int, backward: bool) -> int:
+    if backward:
+        return 4 * T * n * m + 6 * T * k * (n + m)
+    return 2 * T * n * m + 2 * T * k * (n + m)
+
+
+def min_bytes(T: int, n: int, m: int, k: int, backward: bool) -> int:
+    """bf16 bytes with each input read once, each output written once (the index set aside)."""
+    fwd = 2 * (T * n + m * n + k * (m + n) + T * m)  # x, W0, B[:, I], A[I] in; y out
+    bwd = 2 * (T * m + m * n + 2 * T * n + 2 * k * (m + n))  # dy, W0, x, factors in; dx, grads out
+    return fwd + bwd if backward else fwd
+
+
+def median_ms(fn, grad_to_none=None) -> float:
+    return do_bench(fn, warmup=25, rep=100, grad_to_none=grad_to_none, return_mode="median")
+
+
+def measure_ceilings() -> dict:
+    """This GPU's own bf16 GEMM rate (8192^3, random data) and device copy bandwidth."""
+    a, b = (torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    gemm_ms = median_ms(lambda: a @ b)
+    src = torch.randn(2 ** 28, device="cuda")  # 1 GiB
+    dst = torch.empty_like(src)
+    copy_ms = median_ms(lambda: dst.copy_(src))
+    return {"gemm_tflops": 2 * 8192 ** 3 / gemm_ms / 1e9,
+            "copy_gbps": 2 * src.numel() * 4 / copy_ms / 1e6}  # read + write
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.float() - ref).norm() / ref.norm()).item()
+
+
+def bench_case(T: int, n: int, m: int, k: int, ceilings: dict, compiled, parts: bool) -> dict:
+    g = torch.Generator(device="cuda").manual_seed(T + n + m + k)
+
+    def rand(*shape, std=1.0):
+        return (std * torch.randn(*shape, device="cuda", generator=g)).to(torch.bfloat16)
+
+    x, w0, dy = rand(T, n), rand(m, n, std=n ** -0.5), rand(T, m)
+    lora_B, lora_A = rand(m, R, std=0.1), rand(R, n, std=n ** -0.5)
+    index = torch.randperm(R, device="cuda", generator=g)[:k]
+    scale = 16.0 / k  # c = s r / k with s = alpha / r, alpha = 16
+    leaves = [t.clone().requires_grad_() for t in (x, lora_B, lora_A)]
+
+    def fused(check_index=True):
+        return lora_linear(leaves[0], w0, None, leaves[1], leaves[2], index, scale, "triton",
+                           check_index)
+
+    # Correctness gate at these shapes: fused and eager bf16 vs an fp32 reference.
+    ref = [t.float().requires_grad_() for t in (x, lora_B, lora_A)]
+    y_ref = lora_linear_reference(ref[0], w0.float(), None, ref[1], ref[2], index, scale)
+    y_ref.backward(dy.float())
+    y = fused()
+    y.backward(dy)
+    errors = {"y": rel_err(y, y_ref)}
+    errors.update({f"d{name}": rel_err(leaf.grad, r.grad)
+                   for name, leaf, r in zip(("x", "B", "A"), leaves, ref)})
+    del ref, y_ref, y
+    if not all(e < 2e-2 for e in errors.values()):
+        raise SystemExit(f"correctness gate failed at T={T} n={n} m={m} k={k}: {errors}")
+
+    def fwd_bwd(fn, *args):
+        return lambda: fn(*args).backward(dy)
+
+    with torch.no_grad():
+        t = {"base_fwd": median_ms(lambda: F.linear(x, w0)),
+             "fused_fwd": median_ms(lambda: fused(False))}
+    t["base_fwdbwd"] = median_ms(fwd_bwd(F.linear, leaves[0], w0), grad_to_none=leaves)
+    t["fused_fwdbwd"] = median_ms(lambda: fused(False).backward(dy), grad_to_none=leaves)
+    t["fused_fwdbwd_checked"] = median_ms(lambda: fused(True).backward(dy), grad_to_none=leaves)
+    args = (leaves[0], w0, None, leaves[1], leaves[2], index, scale)
+    t["eager_fwdbwd"] = median_ms(fwd_bwd(lora_linear_reference, *args), grad_to_none=leaves)
+    if compiled is not None:
+        t["compiled_fwdbwd"] = median_ms(fwd_bwd(compiled, *args), grad_to_none=leaves)
+    if parts:  # where the fused forward's time goes
+        u = skinny_matmul(x, lora_A, index, 0, scale, x.dtype)
+        t["part_shrink"] = median_ms(lambda: skinny_matmul(x, lora_A, index, 0, scale, x.dtype))
+        t["part_fused_gemm"] = median_ms(lambda: fused_linear(x, w0.t(), None, u, lora_B,
+                                                              index, 1))
+        ranks = torch.arange(k, device="cuda")
+        t["part_factor_grad"] = median_ms(lambda: skinny_matmul(x.t(), u, ranks, 1, 1.0, x.dtype))
+
+    row = {"T": T, "n": n, "m": m, "r": R, "k": k, "ms": t, "rel_err_vs_fp32": errors,
+           "a_fwd_over_base": t["fused_fwd"] / t["base_fwd"],
+           "b_fwdbwd_over_base": t["fused_fwdbwd"] / t["base_fwdbwd"],
+           "c_eager_over_fused": t["eager_fwdbwd"] / t["fused_fwdbwd"]}
+    if compiled is not None:
+        row["d_compiled_over_fused"] = t["compiled_fwdbwd"] / t["fused_fwdbwd"]
+    for name, backward in (("fused_fwd", False), ("fused_fwdbwd", True)):
+        tflops = flops(T, n, m, k, backward) / t[name] / 1e9
+        gbps = min_bytes(T, n, m, k, backward) / t[name] / 1e6
+        row[name] = {"tflops": tflops, "share_gemm_rate": tflops / ceilings["gemm_tflops"],
+                     "gbps": gbps, "share_copy_bw": gbps / ceilings["copy_gbps"]}
+    return row
+
+
+def print_row(row: dict) -> None:
+    d = row.get("d_compiled_over_fused", float("nan"))
+    print(f"T={row['T']:>5} n={row['n']:>5} m={row['m']:>5} k={row['k']:>2} | "
+          f"(a) {row['a_fwd_over_base']:.3f} (b) {row['b_fwdbwd_over_base']:.3f} "
+          f"(c) {row['c_eager_over_fused']:.3f} (d) {d:.3f} | "
+          f"fwd {row['fused_fwd']['tflops']:.0f} TFLOP/s "
+          f"({100 * row['fused_fwd']['share_gemm_rate']:.0f}% of GEMM), fwd+bwd "
+          f"{row['fused_fwdbwd']['tflops']:.0f} TFLOP/s "
+          f"({100 * row['fused_fwdbwd']['share_gemm_rate']:.0f}%)", flush=True)
+
+
+def cpu_only(out: Path | None) -> None:
+    """No GPU: time the reference at a small shape, say plainly that the GPU figures are missing."""
+    T, n, m, k = 512, 256, 256, 16
+    x, w0, lora_B, lora_A = (torch.randn(*s) for s in ((T, n), (m, n), (m, R), (R, n)))
+    index = torch.randperm(R)[:k]
+    times = []
+    for _ in range(20):
+        start = time.perf_counter()
+        lora_linear(x, w0, None, lora_B, lora_A, index, 1.0, backend="auto")
+        times.append(time.perf_counter() - start)
+    ms = 1e3 * sorted(times)[len(times) // 2]
+    note = ("no CUDA GPU here: the GPU figures (a)-(d) are MISSING; only the PyTorch reference "
+            "was timed on the CPU")
+    print(f"{note}\nreference forward, fp32, T={T} n={n} m={m} r={R} k={k}: {ms:.3f} ms (median)")
+    result = {"gpu": None, "note": note, "cpu": platform.processor() or platform.machine(),
+              "torch": torch.__version__, "triton": triton.__version__,
+              "reference_fwd_ms": {"T": T, "n": n, "m": m, "r": R, "k": k, "ms": ms}}
+    write(result, out or Path("results/kernels/bench_cpu.json"))
+
+
+def write(result: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1) + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="k in {16, 64}, one grid shape")
+    parser.add_argument("--no-compile", action="store_true", help="skip ratio (d)")
+    parser.add_argument("--out", type=Path, default=None, help="JSON path")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        return cpu_only(args.out)
+
+    name = torch.cuda.get_device_name()
+    torch._dynamo.config.cache_size_limit = 64  # one graph per shape and k
+    compiled = None if args.no_compile else torch.compile(lora_linear_reference)
+    ceilings = measure_ceilings()
+    print(f"{name}: torch {torch.__version__}, triton {triton.__version__}; measured bf16 GEMM "
+          f"{ceilings['gemm_tflops']:.0f} TFLOP/s, copy {ceilings['copy_gbps']:.0f} GB/s")
+    ks = (16, 64) if args.quick else (8, 16, 32, 64)
+    cases = [(8192, 4096, 4096, k, True) for k in ks]
+    grid_T = (2048,) if args.quick else (2048, 16384)
+    cases += [(T, n, m, 16, False) for T in grid_T for n, m in ((4096, 14336), (14336, 4096))]
+    path = args.out or Path(f"results/kernels/bench_{name.replace(' ', '_')}.json")
+    result = {"gpu": name, "torch": torch.__version__, "triton": triton.__version__,
+              "python": platform.python_version(), "dtype": "bfloat16", "quick": args.quick,
+              "ceilings": ceilings, "goals": GOALS, "rows": []}
+    for T, n, m, k, parts in cases:
+        row = bench_case(T, n, m, k, ceilings, compiled, parts)
+        print_row(row)
+        result["rows"].append(row)
+        write(result, path)  # after every case: a cut-off run keeps what it measured
+        torch.cuda.empty_cache()
+    for key, (op, goal) in GOALS.items():
+        values = [row[key] for row in result["rows"] if key in row]
+        if values:
+            worst = max(values) if op == "<=" else min(values)
+            print(f"{key}: worst {worst:.3f}, goal {op} {goal}: "
+                  f"{'met' if (worst <= goal if op == '<=' else worst >= goal) else 'MISSED'}")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    main()
