@@ -47,7 +47,7 @@ class LoRALinear(nn.Module):
     """Drop-in for nn.Linear: frozen W0 (m x n) and bias, LoRA factors B (m x r), A (r x n)."""
 
     def __init__(self, base: nn.Linear, r: int, alpha: float, rslora: bool = False,
-                 backend: str = "auto") -> None:
+                 backend: str = "auto", generator: torch.Generator | None = None) -> None:
         super().__init__()
         check_rank_pair(r, 1)
         m, n = base.out_features, base.in_features
@@ -56,7 +56,8 @@ class LoRALinear(nn.Module):
                      else nn.Parameter(base.bias.detach().clone(), requires_grad=False))  # (m,)
         self.lora_B = nn.Parameter(torch.zeros(m, r, dtype=base.weight.dtype))  # (m, r)
         self.lora_A = nn.Parameter(torch.empty(r, n, dtype=base.weight.dtype))  # (r, n)
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear inits its weight
+        # A as nn.Linear inits its weight; B = 0, so B A = 0 and the layer starts equal to its base
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5), generator=generator)
         self.r, self.alpha, self.rslora = r, alpha, rslora
         self.scaling = lora_scale(alpha, r, rslora)  # s
         self.backend = backend
@@ -118,7 +119,8 @@ ALL_TARGETS = ("q", "k", "v", "out", "fc", "proj")
 
 
 def apply_lora(model: nn.Module, r: int, alpha: float, targets: tuple[str, ...] = ALL_TARGETS,
-               rslora: bool = False, backend: str = "auto") -> list[str]:
+               rslora: bool = False, backend: str = "auto",
+               generator: torch.Generator | None = None) -> list[str]:
     """Replace each nn.Linear whose attribute name is in `targets` by a LoRALinear; freeze the rest.
 
     Returns the qualified names of the new LoRA modules, in model order. Raises if a target names
@@ -134,7 +136,7 @@ def apply_lora(model: nn.Module, r: int, alpha: float, targets: tuple[str, ...] 
     for parent_name, parent in list(model.named_modules()):
         for child_name, child in list(parent.named_children()):
             if child_name in targets and type(child) is nn.Linear:
-                setattr(parent, child_name, LoRALinear(child, r, alpha, rslora, backend))
+                setattr(parent, child_name, LoRALinear(child, r, alpha, rslora, backend, generator))
                 replaced.append(f"{parent_name}.{child_name}" if parent_name else child_name)
     if not replaced:
         raise ValueError(f"no nn.Linear named one of {targets} found: nothing was adapted")

@@ -11,6 +11,7 @@ and shared by that module's B and A (a pitfall of public code draws them separat
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +31,7 @@ class Sketch:
 
     index: torch.Tensor  # (k,) int64, distinct values in [0, r)
     rank: int  # r, the global rank the indices refer to
+    weight: float | None = None  # the diagonal value; None means r / k (unbiased)
 
     def __post_init__(self) -> None:
         check_rank_pair(self.rank, int(self.index.numel()))
@@ -41,6 +43,8 @@ class Sketch:
             raise ValueError(f"sketch index out of range [0, {self.rank}): min {lo}, max {hi}")
         if torch.unique(self.index).numel() != self.index.numel():
             raise ValueError(f"sketch index has repeated entries: {self.index.tolist()}")
+        if self.weight is not None and not (math.isfinite(self.weight) and self.weight > 0):
+            raise ValueError(f"sketch weight must be positive and finite, got {self.weight!r}")
 
     @property
     def k(self) -> int:
@@ -48,8 +52,8 @@ class Sketch:
 
     @property
     def scale(self) -> float:
-        """r / k: the value of each non-zero diagonal entry of S."""
-        return self.rank / self.k
+        """The value of each non-zero diagonal entry of S: r / k unless a weight was given."""
+        return self.rank / self.k if self.weight is None else self.weight
 
     def diagonal(self) -> torch.Tensor:
         """diag(S) as a dense (r,) float64 vector: for tests and theory, never for training."""

@@ -1,0 +1,5 @@
+import sys
+
+from fslora_min.cli import main
+
+sys.exit(main())

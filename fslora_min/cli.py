@@ -1,0 +1,144 @@
+"""Command line: `python -m fslora_min` runs the demo; `python -m fslora_min run --help` lists
+every knob. Every value is validated by the config dataclasses, whose errors name the value."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import replace
+
+from fslora_min.budgets import DISTRIBUTIONS
+from fslora_min.client import OPTIMIZERS, ClientConfig
+from fslora_min.data import DataConfig
+from fslora_min.experiment import METHODS, ExperimentConfig, run_experiment, write_outputs
+from fslora_min.federation import FederationConfig
+from fslora_min.lora import ALL_TARGETS
+from fslora_min.pretrain import PretrainConfig
+from fslora_min.server import AGGREGATIONS, SERVER_OPTIMIZERS, ServerConfig
+
+
+def _ratio(text: str) -> float:
+    """A sketching ratio: a number or a fraction like 1/8."""
+    try:
+        if "/" in text:
+            num, den = text.split("/")
+            return float(num) / float(den)
+        return float(text)
+    except (ValueError, ZeroDivisionError):
+        raise argparse.ArgumentTypeError(f"not a ratio: {text!r} (use e.g. 0.25 or 1/4)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d_exp, d_fed, d_cli = ExperimentConfig(), FederationConfig(), ClientConfig()
+    d_srv, d_data, d_pre = ServerConfig(), DataConfig(), PretrainConfig()
+    parser = argparse.ArgumentParser(
+        prog="python -m fslora_min",
+        description="Federated Sketching LoRA on a tiny transformer. With no command, runs the "
+                    "demo (the defaults of 'run'): pretrain or reuse a base model, then a "
+                    "federation of clients with heterogeneous sketching ratios.")
+    sub = parser.add_subparsers(dest="command")
+    run = sub.add_parser("run", help="run one federation (see 'run --help')",
+                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = run.add_argument_group("method and budgets")
+    g.add_argument("--method", choices=METHODS, default=d_exp.method,
+                   help="fslora: each client trains a random k_i-subset of the r ranks, scaled "
+                        "r/k_i; fedavg-full: every client trains all r ranks")
+    g.add_argument("--rank", type=int, default=d_fed.rank, help="global LoRA rank r")
+    g.add_argument("--ratios", type=_ratio, nargs="+", default=d_exp.ratios,
+                   help="sketching ratios k_i/r in (0, 1], given to clients in turn")
+    g.add_argument("--rank-distribution", choices=DISTRIBUTIONS, default=None,
+                   help="draw k_i from this distribution over 1..r instead of --ratios")
+    g.add_argument("--lora-alpha", type=float, default=d_fed.lora_alpha,
+                   help="LoRA alpha: scale s = alpha/r")
+    g.add_argument("--rslora", action="store_true", help="use s = alpha/sqrt(r)")
+    g.add_argument("--targets", nargs="+", choices=ALL_TARGETS, default=list(d_fed.targets),
+                   help="projections to adapt in every block")
+    g = run.add_argument_group("federation")
+    g.add_argument("--clients", type=int, default=d_fed.num_clients, help="number of clients N")
+    g.add_argument("--participants", type=int, default=None,
+                   help="clients per round M (default: all N)")
+    g.add_argument("--rounds", type=int, default=d_fed.rounds, help="communication rounds T")
+    g.add_argument("--eval-every", type=int, default=d_fed.eval_every,
+                   help="rounds between global held-out evaluations")
+    g.add_argument("--dirichlet-alpha", type=float, default=d_data.dirichlet_alpha,
+                   help="client topic skew: Dirichlet concentration (small = strong skew)")
+    g = run.add_argument_group("local training (clients)")
+    g.add_argument("--local-steps", type=int, default=d_cli.local_steps, help="H")
+    g.add_argument("--lr", type=float, default=d_cli.lr, help="local learning rate eta_l")
+    g.add_argument("--client-optimizer", choices=OPTIMIZERS, default=d_cli.optimizer,
+                   help="local optimizer (state is fresh every round)")
+    g.add_argument("--batch-size", type=int, default=d_cli.batch_size, help="local minibatch")
+    g = run.add_argument_group("server")
+    g.add_argument("--server-optimizer", choices=SERVER_OPTIMIZERS, default=d_srv.optimizer,
+                   help="avg: X += eta_g D; sgdm/adam: FedOpt on the pseudo-gradient -D")
+    g.add_argument("--global-lr", type=float, default=d_srv.global_lr, help="eta_g")
+    g.add_argument("--aggregation", choices=AGGREGATIONS, default=d_srv.aggregation,
+                   help="divide by the participants, or per rank by the clients that drew it")
+    g = run.add_argument_group("run")
+    g.add_argument("--pretrain-steps", type=int, default=d_pre.steps,
+                   help="base-model pretraining steps (cached by configuration)")
+    g.add_argument("--seed", type=int, default=d_fed.seed, help="seeds every random stream")
+    g.add_argument("--device", default=d_exp.device,
+                   help="cpu, cuda, or auto (a GPU when there is one)")
+    g.add_argument("--out", default=d_exp.out_dir, help="output folder (created if needed)")
+    g.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
+    """Turn parsed arguments into an ExperimentConfig; raises ValueError naming a bad value."""
+    d = ExperimentConfig()
+    participants = args.clients if args.participants is None else args.participants
+    fed = FederationConfig(num_clients=args.clients, participants=participants,
+                           rounds=args.rounds, rank=args.rank, lora_alpha=args.lora_alpha,
+                           rslora=args.rslora, targets=tuple(args.targets), seed=args.seed,
+                           eval_every=args.eval_every)
+    client = ClientConfig(local_steps=args.local_steps, lr=args.lr,
+                          optimizer=args.client_optimizer, batch_size=args.batch_size)
+    server = ServerConfig(optimizer=args.server_optimizer, global_lr=args.global_lr,
+                          aggregation=args.aggregation)
+    return ExperimentConfig(
+        method=args.method, ratios=list(args.ratios), rank_distribution=args.rank_distribution,
+        device=args.device, out_dir=args.out, model=d.model,
+        data=replace(d.data, dirichlet_alpha=args.dirichlet_alpha),
+        pretrain=replace(d.pretrain, steps=args.pretrain_steps), federation=fed,
+        client=client, server=server)
+
+
+def print_summary(cfg: ExperimentConfig, history, info: dict) -> None:
+    last = history.rounds[-1]
+    ranks = info["client_ranks"]
+    rows = [("device", info["device"]), ("seed", cfg.federation.seed),
+            ("method", cfg.method), ("global rank r", cfg.federation.rank),
+            ("client ranks k_i", " ".join(map(str, ranks))),
+            ("global LoRA parameters", info["global_lora_parameters"]),
+            ("client trainable params", f"{min(info['client_trainable_parameters'])} .. "
+                                        f"{max(info['client_trainable_parameters'])}"),
+            ("KiB up per client-round", f"{min(min(r.bytes_up) for r in history.rounds) / 1024:.1f}"
+                                        f" .. {max(max(r.bytes_up) for r in history.rounds) / 1024:.1f}"),
+            ("held-out loss", f"{history.initial_loss:.4f} -> {last.heldout_loss:.4f}"),
+            ("held-out accuracy", f"{history.initial_acc:.4f} -> {last.heldout_acc:.4f}"),
+            ("mean client held-out loss",
+             f"{sum(info['client_heldout_loss']) / len(info['client_heldout_loss']):.4f}"),
+            ("federation wall time", f"{info['wall_seconds']:.1f} s")]
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"{key:<{width}}  {value}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    args = parser.parse_args(argv or ["run"])
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        cfg = config_from_args(args)
+        history, info = run_experiment(cfg, progress=not args.no_progress)
+        out = write_outputs(cfg, history, info)
+    except ValueError as err:
+        parser.error(str(err))
+    print_summary(cfg, history, info)
+    print(f"wrote {out / 'metrics.json'} and {out / 'curves.png'}")
+    return 0

@@ -1,0 +1,41 @@
+"""Figures of a federation: held-out curves, bytes moved, and rank-index coverage."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display needed
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from fslora_min.federation import History  # noqa: E402
+
+
+def plot_history(history: History, title: str, path: Path) -> None:
+    """Three panels: global held-out loss, accuracy, and bytes per client per round."""
+    evaluated = [r for r in history.rounds if r.heldout_loss is not None]
+    rounds = [0] + [r.round for r in evaluated]
+    loss = [history.initial_loss] + [r.heldout_loss for r in evaluated]
+    acc = [history.initial_acc] + [r.heldout_acc for r in evaluated]
+    fig, axes = plt.subplots(1, 4, figsize=(17, 3.6))
+    axes[0].plot(rounds, loss, marker=".")
+    axes[0].set(xlabel="round", ylabel="global held-out loss", title="loss")
+    axes[1].plot(rounds, acc, marker=".", color="tab:green")
+    axes[1].set(xlabel="round", ylabel="next-token accuracy", title="accuracy")
+    up = [np.mean(r.bytes_up) / 1024 for r in history.rounds]
+    axes[2].bar([r.round for r in history.rounds], up, color="tab:orange")
+    axes[2].set(xlabel="round", ylabel="KiB per participant", title="upload (= download)")
+    names = list(history.coverage)
+    if names:
+        cov = np.array([history.coverage[n] for n in names])  # (modules, r)
+        im = axes[3].imshow(cov, aspect="auto", cmap="viridis", interpolation="nearest")
+        axes[3].set(xlabel="rank index j", ylabel="module", title="times each rank was trained")
+        axes[3].set_yticks(range(len(names)), [n.replace("blocks.", "") for n in names],
+                           fontsize=5)
+        fig.colorbar(im, ax=axes[3])
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

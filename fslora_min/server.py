@@ -1,0 +1,146 @@
+"""The server side of one FSLoRA round (FSLORA.md section 3, steps 1, 2 and 5).
+
+The server holds the global factors X = [B; A] (the LoRA layers of its model), samples the
+participants, sends each its compact factors b = B[:, I], a = A[I, :], zero-pads the deltas
+it gets back to full rank at I and averages them over the participants,
+
+    D = (1 / |P_t|) * sum_{i in P_t} pad_I(d_i),       X <- X + eta_g * D,
+
+or hands -D as a pseudo-gradient to a server optimizer (SGD with momentum, Adam: FedOpt).
+It counts the numbers each client moves and how often each rank index was trained.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from fslora_min.client import ClientUpdate
+from fslora_min.lora import CompactFactors, lora_modules
+from fslora_min.sketch import Sketch
+
+SERVER_OPTIMIZERS = ("avg", "sgdm", "adam")
+AGGREGATIONS = ("participants", "coverage")
+
+
+@dataclass
+class ServerConfig:
+    optimizer: str = "avg"  # "avg": X <- X + eta_g D; "sgdm" and "adam" step on -D (FedOpt)
+    global_lr: float = 1.0  # eta_g
+    momentum: float = 0.9  # sgdm only
+    aggregation: str = "participants"  # or "coverage": average each index over who drew it
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in SERVER_OPTIMIZERS:
+            raise ValueError(f"server optimizer must be one of {SERVER_OPTIMIZERS}, "
+                             f"got {self.optimizer!r}")
+        if not (math.isfinite(self.global_lr) and self.global_lr > 0):
+            raise ValueError(f"global learning rate must be positive and finite, "
+                             f"got {self.global_lr!r}")
+        if not 0 <= self.momentum < 1:
+            raise ValueError(f"server momentum must be in [0, 1), got {self.momentum!r}")
+        if self.aggregation not in AGGREGATIONS:
+            raise ValueError(f"aggregation must be one of {AGGREGATIONS}, "
+                             f"got {self.aggregation!r}")
+
+
+def sample_participants(num_clients: int, participants: int,
+                        generator: torch.Generator) -> list[int]:
+    """P_t: M of the N clients, uniformly without replacement (sorted)."""
+    if not 1 <= participants <= num_clients:
+        raise ValueError(f"participants per round must be in [1, {num_clients}] "
+                         f"(the number of clients), got {participants!r}")
+    return sorted(torch.randperm(num_clients, generator=generator)[:participants].tolist())
+
+
+def pad_delta(db: torch.Tensor, da: torch.Tensor, index: torch.Tensor,
+              r: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """pad_I(d): the (m, k) and (k, n) deltas placed at the ranks I of zero (m, r) and (r, n)."""
+    full_b = db.new_zeros(db.shape[0], r)  # (m, r)
+    full_a = da.new_zeros(r, da.shape[1])  # (r, n)
+    full_b[:, index] = db
+    full_a[index] = da
+    return full_b, full_a
+
+
+def average_padded_deltas(updates: list[ClientUpdate], r: int,
+                          per_index: bool = False) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """D = (1/|P|) sum_i pad_I_i(d_i) per module (FSLORA.md section 3, step 5).
+
+    With `per_index`, rank j is divided by the number of participants that drew it instead of
+    |P| (the variant; an index nobody drew stays zero either way).
+    """
+    if not updates:
+        raise ValueError("cannot aggregate an empty list of client updates")
+    total: dict[str, list[torch.Tensor]] = {}
+    drawn: dict[str, torch.Tensor] = {}
+    for update in updates:
+        for name, (db, da) in update.deltas.items():
+            index = update.sketches[name].index.to(db.device)
+            full_b, full_a = pad_delta(db, da, index, r)
+            if name not in total:
+                total[name] = [torch.zeros_like(full_b), torch.zeros_like(full_a)]
+                drawn[name] = torch.zeros(r, device=db.device)
+            total[name][0] += full_b
+            total[name][1] += full_a
+            drawn[name][index] += 1
+    result = {}
+    for name, (sum_b, sum_a) in total.items():
+        count = drawn[name].clamp(min=1) if per_index else torch.full_like(drawn[name],
+                                                                          len(updates))
+        result[name] = (sum_b / count[None, :], sum_a / count[:, None])
+    return result
+
+
+def numbers_moved(sketches: dict[str, Sketch], shapes: dict[str, tuple[int, int]]) -> int:
+    """Numbers a client moves each way in a round: sum over modules of k_i (m + n)."""
+    return sum(sk.k * (shapes[name][0] + shapes[name][1]) for name, sk in sketches.items())
+
+
+class Server:
+    """Holds the global LoRA factors in `model` and applies aggregated client updates."""
+
+    def __init__(self, model: nn.Module, cfg: ServerConfig) -> None:
+        self.model, self.cfg = model, cfg
+        self.modules = dict(lora_modules(model))
+        if not self.modules:
+            raise ValueError("the server's model has no LoRA layers: call apply_lora first")
+        self.rank = next(iter(self.modules.values())).r
+        self.shapes = {n: (m.out_features, m.in_features) for n, m in self.modules.items()}
+        self.coverage = {n: torch.zeros(self.rank, dtype=torch.long) for n in self.modules}
+        params = [p for m in self.modules.values() for p in (m.lora_B, m.lora_A)]
+        if cfg.optimizer == "adam":
+            self.optimizer = torch.optim.Adam(params, lr=cfg.global_lr)
+        else:  # "avg" is SGD without momentum on -D: X - eta_g (-D) = X + eta_g D
+            momentum = cfg.momentum if cfg.optimizer == "sgdm" else 0.0
+            self.optimizer = torch.optim.SGD(params, lr=cfg.global_lr, momentum=momentum)
+
+    @property
+    def module_names(self) -> list[str]:
+        return list(self.modules)
+
+    def downlink(self, sketches: dict[str, Sketch]) -> dict[str, CompactFactors]:
+        """b = B[:, I] (m x k) and a = A[I, :] (k x n) per module: what the client receives."""
+        out = {}
+        for name, sk in sketches.items():
+            layer = self.modules[name]
+            index = sk.index.to(layer.lora_B.device)
+            out[name] = CompactFactors(layer.lora_B.detach()[:, index].clone(),
+                                       layer.lora_A.detach()[index].clone(), sk)
+        return out
+
+    def apply_updates(self, updates: list[ClientUpdate]) -> None:
+        """Average the padded deltas and step the global factors; count rank coverage."""
+        deltas = average_padded_deltas(updates, self.rank, self.cfg.aggregation == "coverage")
+        for update in updates:
+            for name, sk in update.sketches.items():
+                self.coverage[name][sk.index.cpu()] += 1
+        for name, (d_b, d_a) in deltas.items():
+            layer = self.modules[name]
+            layer.lora_B.grad = -d_b.to(layer.lora_B)  # pseudo-gradient -D
+            layer.lora_A.grad = -d_a.to(layer.lora_A)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)

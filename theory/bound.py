@@ -1,0 +1,94 @@
+"""Theorem 4.4 and Corollary 4.5 of FSLoRA as plain functions of their constants (FSLORA.md s. 5).
+
+This is the one place the bound lives: the scripts, the tests and the notebook all call it.
+
+    L_bar   = L * mean_i (r / k_i)          smoothness of f^S          (Prop. D.4)
+    L_tilde = L * mean_i (r / k_i)^2        the paper's fixed-sketch constant, averaged
+
+    gamma <= min{ 1 / (6 H sqrt((c_h + 1) L_tilde L)),  1 / (N H^2 L) }
+
+    (1/T) sum_{t<T} E||grad f^S(X^t)||^2
+        <= 4 (f^S(X^0) - f*) / (gamma T H)
+         + 6 (gamma L_bar / N) (sigma_g^2 + sigma_s^2)
+         + 12 (gamma L_tilde / N) (sigma_g^2 + sigma_s^2 + 3 sigma_h^2)
+
+`sharp=True` puts L_bar where the theorem has L_tilde (in the step-size condition and in the
+last term): what the fixed-sketch constant (r/k) L, proved in README.md, allows.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class BoundConstants:
+    """The constants of assumptions (A1)-(A3) and the problem, as the theorem uses them."""
+
+    L: float  # (A1): each f_i(X) = E l(W0 + s B A) is L-smooth in X = [B; A]
+    sigma_g2: float  # (A2): data variance of a client's minibatch gradient
+    sigma_s2: float  # (A2): sketch variance E_S ||grad f~_i(X; S) - grad f_i^S(X)||^2
+    c_h: float  # (A3): ||grad f_i^S - grad f^S||^2 <= c_h ||grad f^S||^2 + sigma_h^2
+    sigma_h2: float  # (A3)
+    gap: float  # f^S(X^0) - f*
+    ratios: tuple[float, ...]  # k_i / r, one per client (N = len(ratios))
+
+    def __post_init__(self) -> None:
+        for name in ("L", "sigma_g2", "sigma_s2", "c_h", "sigma_h2", "gap"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"BoundConstants.{name} must be >= 0, got {getattr(self, name)}")
+        if not self.ratios or not all(0 < q <= 1 for q in self.ratios):
+            raise ValueError(f"ratios k_i/r must lie in (0, 1], got {self.ratios}")
+
+    @property
+    def N(self) -> int:
+        return len(self.ratios)
+
+    def scaled(self, **factors: float) -> "BoundConstants":
+        """A copy with some constants multiplied, e.g. scaled(L=0.1): for showing checks can fail."""
+        return replace(self, **{k: getattr(self, k) * v for k, v in factors.items()})
+
+
+def L_bar(c: BoundConstants) -> float:
+    """L_bar = L * mean_i (r / k_i): smoothness of the sketched objective f^S (Prop. D.4)."""
+    return c.L * float(np.mean([1 / q for q in c.ratios]))
+
+
+def L_tilde(c: BoundConstants) -> float:
+    """L_tilde = L * mean_i (r / k_i)^2: from the paper's (r/k_i)^2 L fixed-sketch constant."""
+    return c.L * float(np.mean([1 / q**2 for q in c.ratios]))
+
+
+def fixed_sketch_constant(c: BoundConstants, sharp: bool) -> float:
+    """L_tilde as the theorem states it, or L_bar when `sharp` (README.md, 'the sharper fact')."""
+    return L_bar(c) if sharp else L_tilde(c)
+
+
+def max_step(c: BoundConstants, H: int, sharp: bool = False) -> float:
+    """gamma_max = min{ 1 / (6 H sqrt((c_h + 1) L_tilde L)), 1 / (N H^2 L) }  (Theorem 4.4)."""
+    lt = fixed_sketch_constant(c, sharp)
+    return min(1 / (6 * H * math.sqrt((c.c_h + 1) * lt * c.L)), 1 / (c.N * H**2 * c.L))
+
+
+def convergence_bound(c: BoundConstants, gamma: float, T: np.ndarray | int, H: int,
+                      sharp: bool = False) -> np.ndarray:
+    """Theorem 4.4's bound on (1/T) sum_{t<T} E||grad f^S(X^t)||^2, for each T given."""
+    lt, lb = fixed_sketch_constant(c, sharp), L_bar(c)
+    T = np.asarray(T, dtype=float)
+    noise = c.sigma_g2 + c.sigma_s2
+    return (4 * c.gap / (gamma * T * H)
+            + 6 * gamma * lb / c.N * noise
+            + 12 * gamma * lt / c.N * (noise + 3 * c.sigma_h2))
+
+
+def corollary_step(c: BoundConstants, T: int, H: int, sharp: bool = False) -> float:
+    """gamma = sqrt(N / (T H L_tilde))  (Corollary 4.5): the rate becomes O(sqrt(L_tilde/(T H N)))."""
+    return math.sqrt(c.N / (T * H * fixed_sketch_constant(c, sharp)))
+
+
+def corollary_min_rounds(c: BoundConstants, H: int, sharp: bool = False) -> int:
+    """The smallest T for which the corollary's step meets the theorem's condition."""
+    return math.ceil(c.N / (H * fixed_sketch_constant(c, sharp) * max_step(c, H, sharp) ** 2))
