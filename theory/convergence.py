@@ -69,24 +69,22 @@ def ordering_check(rows: list[tuple[str, Outcome, int]], distort_L: float) -> Ch
 
 def corollary(problem: LSQProblem, base: Outcome, H: int, rounds: list[int], effort: Effort,
               g, distort_L: float) -> tuple[list[Check], dict]:
-    """Runs at gamma_T = min(sqrt(N / (T H L_tilde)), gamma_max) for each T; slope of the rate."""
-    c = base.constants
-    steps = [min(corollary_step(c, T, H), max_step(c, H)) for T in rounds]
+    """Runs at gamma_T = sqrt(N / (T H L_tilde)) for each T (all past the smallest T allowed, so
+    the condition holds); the constants are measured again over every point these runs visit."""
+    steps = [corollary_step(base.constants, T, H) for T in rounds]
     outs = [run_seeds(problem, T, H, s, effort, f"corollary T={T}") for T, s in zip(rounds, steps)]
     points = base.points + [x for recs in outs for rec in recs for x in rec.points]
     c = measured_constants(problem, points, base.f_star, effort, g).scaled(L=distort_L)
     observed = np.array([np.mean([rec.running_average()[-1] for rec in recs]) for recs in outs])
     bound = np.array([convergence_bound(c, s, T, H) for T, s in zip(rounds, steps)])
     x = 1 / np.sqrt(np.array(rounds) * H * c.N)
-    checks = [Check(f"corollary T={T}: gamma_T <= gamma_max", s, max_step(c, H), rtol=1e-12,
-                    note="corollary step" if s < max_step(base.constants, H) else "capped")
+    checks = [Check(f"corollary T={T}: gamma_T <= gamma_max", s, max_step(c, H), rtol=1e-12)
               for T, s in zip(rounds, steps)]
     checks += [Check(f"corollary T={T}: avg ||grad f^S||^2 <= bound", o, b)
                for T, o, b in zip(rounds, observed, bound)]
     slope_obs, slope_bound = loglog_slope(x, observed), loglog_slope(x, bound)
     checks.append(Check("corollary: slope of bound vs 1/sqrt(THN)", slope_bound, 1.0, "==",
-                        rtol=0, atol=0.05, note="capped steps bend it" if
-                        any(s >= max_step(base.constants, H) for s in steps) else ""))
+                        rtol=1e-9))
     checks.append(Check("corollary: slope of observed vs 1/sqrt(THN)", slope_obs, 1.0, ">=",
                         rtol=0.25, note="at least as fast as the rate"))
     return checks, {"x": x, "observed": observed, "bound": bound, "slope": slope_obs,
@@ -152,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     checks = [c for label, out, H in rows for c in outcome_checks(label, out, H, args.distort_L)]
     checks.append(ordering_check(by_ratio, args.distort_L))
     T0 = corollary_min_rounds(base[1].constants, 2)
-    rounds = [60, 120, 240] if args.quick else [T0, 2 * T0, 4 * T0, 8 * T0]
+    T1 = round(1.25 * T0)  # slack: the constants are measured again over the new runs' points
+    rounds = [T1, 2 * T1] if args.quick else [T1, 2 * T1, 4 * T1, 8 * T1]
     problem = LSQProblem(LSQConfig(r=r, ranks=(4,) * 4, seed=args.seed))
     cor_checks, rate = corollary(problem, base[1], 2, rounds, effort, g, args.distort_L)
     print_checks("Theorem 4.4: observed against the bound", checks)
