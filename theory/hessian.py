@@ -22,7 +22,7 @@ def power_iteration(hvp: Callable[[torch.Tensor], torch.Tensor], v0: torch.Tenso
     Returns (estimate (...,), last unit vector (..., p)).
     """
     v = v0 / v0.norm(dim=-1, keepdim=True)
-    est = torch.zeros(v0.shape[:-1])
+    est = torch.zeros(v0.shape[:-1], dtype=v0.dtype)
     for _ in range(iters):
         w = hvp(v)  # (..., p)
         est = w.norm(dim=-1)  # ||H v|| with ||v|| = 1: a lower bound on ||H||_2
@@ -48,4 +48,4 @@ def hessian_norms(per_copy_loss: Callable[[torch.Tensor], torch.Tensor], xs: tor
     each depending on its own copy only, so the Hessian of their sum is block diagonal and one
     batched power iteration runs on every block. Returns (...,) estimates."""
     hvp = autograd_hvp(lambda y: per_copy_loss(y).sum(), xs)
-    return power_iteration(hvp, torch.randn(xs.shape, generator=g), iters)[0]
+    return power_iteration(hvp, torch.randn(xs.shape, generator=g, dtype=xs.dtype), iters)[0]
