@@ -72,6 +72,14 @@ def _dot(a, b, acc, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 # 1. skinny matmul: out (R, k) = scale * P (R, Q) @ F[:, I] (Q, k)
 # ------------------------------------------------------------------------------------------------
 
+def _skinny_configs() -> list[triton.Config]:
+    if INTERPRET:
+        return [triton.Config({"BLOCK_Q": 16}, num_warps=1, num_stages=1)]
+    return [triton.Config({"BLOCK_Q": bq}, num_warps=w, num_stages=s)
+            for bq, s, w in ((64, 3, 4), (128, 3, 4), (128, 4, 4), (64, 4, 4), (128, 3, 8))]
+
+
+@triton.autotune(configs=_skinny_configs(), key=["R", "Q", "k"])
 @triton.jit
 def _skinny_kernel(
     p_ptr,  # P (R, Q), any strides: x, dy, x^T or dy^T
@@ -79,7 +87,7 @@ def _skinny_kernel(
     idx_ptr,  # (k,) int64 index set I on the device
     out_ptr,  # (SPLIT, R, k): fp32 partial sums, or the result itself when SPLIT = 1
     R, Q, k,  # problem sizes
-    q_per_split,  # reduction length per split, a multiple of BLOCK_Q
+    q_per_split,  # reduction length per split, a multiple of every BLOCK_Q
     stride_pr, stride_pq,  # P strides (rows, reduction)
     stride_fl, stride_fq,  # factor strides (gathered rank, reduction)
     stride_os, stride_or, stride_ol,  # out strides (split, rows, ranks)
@@ -112,7 +120,7 @@ def skinny_matmul(p: torch.Tensor, factor: torch.Tensor, index: torch.Tensor, ra
     R, Q = p.shape
     k = index.numel()
     stride_fl, stride_fq = factor.stride(rank_dim), factor.stride(1 - rank_dim)
-    block_r, block_q, warps, stages = (16, 16, 1, 1) if INTERPRET else (64, 128, 4, 4)
+    block_r, block_q = (16, 16) if INTERPRET else (64, 128)  # block_q: the largest BLOCK_Q
     row_blocks, q_blocks = triton.cdiv(R, block_r), triton.cdiv(Q, block_q)
     if split is None:  # enough programs for two waves over the GPU
         split = triton.cdiv(2 * _num_sms(p.device), row_blocks)
@@ -123,8 +131,8 @@ def skinny_matmul(p: torch.Tensor, factor: torch.Tensor, index: torch.Tensor, ra
     _skinny_kernel[(row_blocks, split)](
         p, factor, index, out, R, Q, k, q_per_split, p.stride(0), p.stride(1),
         stride_fl, stride_fq, out.stride(0), out.stride(1), out.stride(2), scale,
-        BLOCK_R=block_r, BLOCK_Q=block_q, K_PAD=k_pad(k), INPUT_PRECISION=input_precision(p.dtype),
-        INTERPRET=INTERPRET, num_warps=warps, num_stages=stages)
+        BLOCK_R=block_r, K_PAD=k_pad(k), INPUT_PRECISION=input_precision(p.dtype),
+        INTERPRET=INTERPRET)
     return out[0] if split == 1 else out.sum(0).to(out_dtype)
 
 
@@ -137,12 +145,14 @@ def _gemm_configs() -> list[triton.Config]:
         return [triton.Config({"BLOCK_T": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_T": 2},
                               num_warps=1, num_stages=1)]
     shapes = [(128, 256, 64, 3, 8), (128, 256, 64, 4, 8), (256, 128, 64, 3, 8),
-              (128, 128, 64, 4, 8), (128, 128, 64, 4, 4), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4)]
+              (256, 128, 64, 4, 8), (128, 128, 64, 4, 4), (128, 128, 64, 5, 4),
+              (128, 128, 128, 3, 8), (64, 128, 64, 4, 4)]
     return [triton.Config({"BLOCK_T": bt, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_T": 8},
                           num_stages=s, num_warps=w) for bt, bn, bk, s, w in shapes]
 
 
 @triton.autotune(configs=_gemm_configs(), key=["T", "N", "K", "k"])
+@triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
 @triton.jit
 def _fused_linear_kernel(
     x_ptr,  # X (T, K): x forward, dy backward
@@ -161,6 +171,7 @@ def _fused_linear_kernel(
     HAS_BIAS: tl.constexpr, K_PAD: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     INTERPRET: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_T: tl.constexpr,
+    EVEN_K: tl.constexpr,
 ):
     # Grouped program order: GROUP_T row-blocks share each column-block of W while it is in L2.
     pid = tl.program_id(0)
@@ -171,20 +182,22 @@ def _fused_linear_kernel(
     pid_t = first_t + (pid % (GROUP_T * num_n)) % group_size
     pid_n = (pid % (GROUP_T * num_n)) // group_size
 
-    # Rows past T / columns past N wrap around (their results are never stored): no load masks.
-    offs_t = (pid_t * BLOCK_T + tl.arange(0, BLOCK_T)) % T
-    offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N
-    offs_t = tl.max_contiguous(tl.multiple_of(offs_t, BLOCK_T), BLOCK_T)
-    offs_n = tl.max_contiguous(tl.multiple_of(offs_n, BLOCK_N), BLOCK_N)
+    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
-    x_tile = x_ptr + offs_t[:, None] * stride_xt + offs_k[None, :] * stride_xk
+    in_t, in_n = offs_t < T, offs_n < N  # row/column masks; Triton still vectorises the loads
+    x_tile = x_ptr + offs_t[:, None] * stride_xt + offs_k[None, :] * stride_xk  # when T, N % 16 = 0
     w_tile = w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn
 
     # Base GEMM: acc = X W over K.
     acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        x = tl.load(x_tile, mask=offs_k[None, :] < K - k0, other=0.0)  # (BLOCK_T, BLOCK_K)
-        w = tl.load(w_tile, mask=offs_k[:, None] < K - k0, other=0.0)  # (BLOCK_K, BLOCK_N)
+        if EVEN_K:  # K a multiple of BLOCK_K: no K mask in the hot loop
+            x = tl.load(x_tile, mask=in_t[:, None], other=0.0)  # (BLOCK_T, BLOCK_K)
+            w = tl.load(w_tile, mask=in_n[None, :], other=0.0)  # (BLOCK_K, BLOCK_N)
+        else:
+            x = tl.load(x_tile, mask=in_t[:, None] & (offs_k[None, :] < K - k0), other=0.0)
+            w = tl.load(w_tile, mask=(offs_k[:, None] < K - k0) & in_n[None, :], other=0.0)
         acc = _dot(x, w, acc, INPUT_PRECISION, INTERPRET)
         x_tile += BLOCK_K * stride_xk
         w_tile += BLOCK_K * stride_wk
@@ -194,17 +207,15 @@ def _fused_linear_kernel(
     offs_l = tl.arange(0, K_PAD)
     ranks = tl.load(idx_ptr + offs_l, mask=offs_l < k, other=0)  # (K_PAD,)
     u = tl.load(u_ptr + offs_t[:, None] * stride_ut + offs_l[None, :] * stride_ul,
-                mask=offs_l[None, :] < k, other=0.0)  # (BLOCK_T, K_PAD)
+                mask=in_t[:, None] & (offs_l[None, :] < k), other=0.0)  # (BLOCK_T, K_PAD)
     lf = tl.load(f_ptr + ranks[:, None] * stride_fl + offs_n[None, :] * stride_fn,
-                 mask=offs_l[:, None] < k, other=0.0)  # (K_PAD, BLOCK_N)
+                 mask=(offs_l[:, None] < k) & in_n[None, :], other=0.0)  # (K_PAD, BLOCK_N)
     acc = _dot(u, lf, acc, INPUT_PRECISION, INTERPRET)
 
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n).to(tl.float32)[None, :]
-    rows = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    y = y_ptr + rows[:, None] * stride_yt + cols[None, :] * stride_yn
-    tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=(rows[:, None] < T) & (cols[None, :] < N))
+        acc += tl.load(bias_ptr + offs_n, mask=in_n, other=0.0).to(tl.float32)[None, :]
+    y = y_ptr + offs_t[:, None] * stride_yt + offs_n[None, :] * stride_yn
+    tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=in_t[:, None] & in_n[None, :])
 
 
 def fused_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, u: torch.Tensor,

@@ -231,7 +231,9 @@ def test_training_step_matches_torch_backend(mode):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: compiled tile sizes")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_gpu_sizes_match_float64(dtype):
-    """Shapes large enough for the GPU's real tiles and split reductions, none a multiple."""
-    inputs = make_inputs((3, 333), 520, 1030, 64, 24, dtype, True, True)
+@pytest.mark.parametrize("n,m", [(520, 1030), (1024, 768)], ids=["ragged", "even"])
+def test_gpu_sizes_match_float64(dtype, n, m):
+    """Shapes large enough for the GPU's real tiles and split reductions; the 'even' one takes
+    the unmasked K loop (K a multiple of BLOCK_K) both ways."""
+    inputs = make_inputs((3, 333), n, m, 64, 24, dtype, True, m == 1030)
     check_against_float64(*inputs, 0.5, dtype)
