@@ -8,7 +8,7 @@ bound that has L_bar in place of L_tilde. Then the corollary: gamma = sqrt(N / (
 for several T past the smallest T it allows, and the log-log slope of the observed rate against
 1 / sqrt(T H N) (the bound's slope is 1). How each constant is measured: theory/constants.py.
 
-    python -m theory.convergence [--quick] [--distort-L 0.1 (shows that the check can fail)]
+    python -m theory.convergence [--quick] [--distort L=0.01 --distort gap=0.01 (must FAIL)]
 """
 
 from __future__ import annotations
@@ -28,18 +28,18 @@ from theory.report import (Check, common_arguments, exit_code, loglog_slope,  # 
                            print_checks, save_figure, setup)
 
 
-def bound_curves(out: Outcome, H: int, distort_L: float) -> tuple[np.ndarray, np.ndarray]:
+def bound_curves(out: Outcome, H: int, distort: dict) -> tuple[np.ndarray, np.ndarray]:
     """Theorem 4.4's bound for T = 1..len(observed), with L_tilde and with L_bar."""
-    c = out.constants.scaled(L=distort_L)
+    c = out.constants.scaled(**distort)
     T = np.arange(1, len(out.observed) + 1)
     return convergence_bound(c, out.step, T, H), convergence_bound(c, out.step, T, H, sharp=True)
 
 
-def outcome_checks(label: str, out: Outcome, H: int, distort_L: float) -> list[Check]:
+def outcome_checks(label: str, out: Outcome, H: int, distort: dict) -> list[Check]:
     """The step condition, and observed <= bound at every T (the row shows the tightest T)."""
-    c = out.constants.scaled(L=distort_L)
+    c = out.constants.scaled(**distort)
     checks = [Check(f"{label}: gamma <= gamma_max", out.step, max_step(c, H), rtol=1e-12)]
-    for name, bound in zip(("bound (L_tilde)", "bound (L_bar)"), bound_curves(out, H, distort_L)):
+    for name, bound in zip(("bound (L_tilde)", "bound (L_bar)"), bound_curves(out, H, distort)):
         t = int(np.argmax(out.observed / bound))
         checks.append(Check(f"{label}: avg ||grad f^S||^2 <= {name}", out.observed[t], bound[t],
                             note=f"tightest at T={t + 1}; at T={len(bound)}: "
@@ -56,9 +56,9 @@ def print_constants(rows: list[tuple[str, Outcome, int]]) -> None:
               f"{c.sigma_g2:9.3g}{c.sigma_s2:9.3g}{c.c_h:6.3g}{c.sigma_h2:9.3g}{c.gap:8.3g}")
 
 
-def ordering_check(rows: list[tuple[str, Outcome, int]], distort_L: float) -> Check:
+def ordering_check(rows: list[tuple[str, Outcome, int]], distort: dict) -> Check:
     """Across ratios: pairs ordered the same way by the bound and by the observed value at T."""
-    final = [(bound_curves(o, H, distort_L)[0][-1], o.observed[-1]) for _, o, H in rows]
+    final = [(bound_curves(o, H, distort)[0][-1], o.observed[-1]) for _, o, H in rows]
     pairs = [(a, b) for i, a in enumerate(final) for b in final[i + 1:]]
     agree = sum((a[0] - b[0]) * (a[1] - b[1]) > 0 for a, b in pairs)
     order = lambda v: " > ".join(rows[i][0].split()[-1] for i in np.argsort(v)[::-1])
@@ -68,13 +68,13 @@ def ordering_check(rows: list[tuple[str, Outcome, int]], distort_L: float) -> Ch
 
 
 def corollary(problem: LSQProblem, base: Outcome, H: int, rounds: list[int], effort: Effort,
-              g, distort_L: float) -> tuple[list[Check], dict]:
+              g, distort: dict) -> tuple[list[Check], dict]:
     """Runs at gamma_T = sqrt(N / (T H L_tilde)) for each T (all past the smallest T allowed, so
     the condition holds); the constants are measured again over every point these runs visit."""
     steps = [corollary_step(base.constants, T, H) for T in rounds]
     outs = [run_seeds(problem, T, H, s, effort, f"corollary T={T}") for T, s in zip(rounds, steps)]
     points = base.points + [x for recs in outs for rec in recs for x in rec.points]
-    c = measured_constants(problem, points, base.f_star, effort, g).scaled(L=distort_L)
+    c = measured_constants(problem, points, base.f_star, effort, g).scaled(**distort)
     observed = np.array([np.mean([rec.running_average()[-1] for rec in recs]) for recs in outs])
     bound = np.array([convergence_bound(c, s, T, H) for T, s in zip(rounds, steps)])
     x = 1 / np.sqrt(np.array(rounds) * H * c.N)
@@ -91,11 +91,11 @@ def corollary(problem: LSQProblem, base: Outcome, H: int, rounds: list[int], eff
                     "min_rounds": corollary_min_rounds(base.constants, H)}
 
 
-def plot_curves(ax, rows: list[tuple[str, Outcome, int]], distort_L: float, title: str) -> None:
+def plot_curves(ax, rows: list[tuple[str, Outcome, int]], distort: dict, title: str) -> None:
     """Observed (solid) against the bound with L_tilde (dashed) and L_bar (dotted), per setting."""
     for i, (label, out, H) in enumerate(rows):
         T = np.arange(1, len(out.observed) + 1)
-        bound, sharp = bound_curves(out, H, distort_L)
+        bound, sharp = bound_curves(out, H, distort)
         ax.loglog(T, out.observed, "-", color=f"C{i}", label=f"{label}: observed")
         ax.loglog(T, bound, "--", color=f"C{i}", label="bound, L_tilde")
         ax.loglog(T, sharp, ":", color=f"C{i}", label="bound, L_bar")
@@ -103,7 +103,7 @@ def plot_curves(ax, rows: list[tuple[str, Outcome, int]], distort_L: float, titl
     ax.legend(fontsize=7, ncol=1)
 
 
-def plot_all(ratios, Hs, Ns, rate, distort_L: float, folder: str) -> None:
+def plot_all(ratios, Hs, Ns, rate, distort: dict, folder: str) -> None:
     fig, ax = plt.subplots(figsize=(7, 5))
     plot_curves(ax, ratios, distort_L, "FSLoRA at gamma_max: bound against observed, per ratio")
     save_figure(fig, folder, "convergence_ratios.png")
@@ -125,9 +125,11 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     common_arguments(parser)
     parser.add_argument("--rounds", type=int, default=2000, help="T of the sweeps")
-    parser.add_argument("--distort-L", type=float, default=1.0,
-                        help="multiply the measured L by this in the bound (0.1: checks must FAIL)")
+    parser.add_argument("--distort", action="append", default=[], metavar="NAME=FACTOR",
+                        help="multiply a measured constant by FACTOR in the bound, e.g. L=0.01 "
+                             "(with gap=0.01 the checks must FAIL); repeatable")
     args = parser.parse_args(argv)
+    args.distort = {k: float(v) for k, v in (item.split("=") for item in args.distort)}
     effort = Effort()
     ks, Hs, Ns, r = (1, 2, 4, 6, 8), (1, 2, 4), (2, 4, 8), 8
     if args.quick:
@@ -147,16 +149,16 @@ def main(argv: list[str] | None = None) -> int:
     by_N = [setting(4, 2, N, f"N={N} H=2 k/r=4/8") if N != 4 else base for N in Ns]
     rows = list(dict((label, (label, o, H)) for label, o, H in by_ratio + by_H + by_N).values())
     print_constants(rows)
-    checks = [c for label, out, H in rows for c in outcome_checks(label, out, H, args.distort_L)]
-    checks.append(ordering_check(by_ratio, args.distort_L))
+    checks = [c for label, out, H in rows for c in outcome_checks(label, out, H, args.distort)]
+    checks.append(ordering_check(by_ratio, args.distort))
     T0 = corollary_min_rounds(base[1].constants, 2)
     T1 = round(1.25 * T0)  # slack: the constants are measured again over the new runs' points
     rounds = [T1, 2 * T1] if args.quick else [T1, 2 * T1, 4 * T1, 8 * T1]
     problem = LSQProblem(LSQConfig(r=r, ranks=(4,) * 4, seed=args.seed))
-    cor_checks, rate = corollary(problem, base[1], 2, rounds, effort, g, args.distort_L)
+    cor_checks, rate = corollary(problem, base[1], 2, rounds, effort, g, args.distort)
     print_checks("Theorem 4.4: observed against the bound", checks)
     print_checks(f"Corollary 4.5 (N=4 H=2 k/r=1/2; smallest T allowed: {T0})", cor_checks)
-    plot_all(by_ratio, by_H, by_N, rate, args.distort_L, args.figures)
+    plot_all(by_ratio, by_H, by_N, rate, args.distort, args.figures)
     return exit_code(checks + cor_checks)
 
 

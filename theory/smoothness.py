@@ -15,7 +15,8 @@ rtol for its error (1e-3 in float64; 5% for the float32 transformer).
 - least squares (theory/lsq_problem.py, r = 8): the visited region is the global and local
   iterates of an FSLoRA run at that ratio; S ranges over ALL index sets, so L_sketch is exact.
 - tiny transformer (theory/tiny_transformer.py, LoRA r = 8 on every projection): the region is
-  the iterates of sketched SGD (a fresh sketch per step); S is a few sampled sketches per point,
+  the iterates of sketched SGD (a fresh sketch per step, step size k/r, which offsets the r/k
+  scale of the sketched layer); S is a few sampled sketches per point,
   and f^S is the average over M sampled sketches (a Monte Carlo estimate of E_S).
 
     python -m theory.smoothness [--quick] [--distort-L 0.5 (shows that the checks can fail)]
@@ -67,7 +68,7 @@ def transformer_smoothness(k: int, steps: int, n_points: int, n_sketch: int, mc:
     for t in range(1, steps + 1):  # sketched SGD: the region we measure on
         S = prob.sample(k, g)
         y = x.detach().requires_grad_(True)
-        x = (y - 1.0 * torch.autograd.grad(prob.loss(y, S), y)[0]).detach()
+        x = (y - k / prob.cfg.r * torch.autograd.grad(prob.loss(y, S), y)[0]).detach()  # step k/r
         if t % (steps // n_points) == 0:
             points.append(x)
     L = Lf = Ls = 0.0

@@ -1,0 +1,134 @@
+"""Tests of theory/: every script passes at --quick size, and its checks can fail.
+
+The scripts set float64 as torch's default dtype and one thread (theory.report.setup); each
+test puts the defaults back so the rest of the suite is unaffected.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from theory import convergence, sketch_moments, smoothness
+from theory.bound import (BoundConstants, L_bar, L_tilde, convergence_bound,
+                          corollary_min_rounds, corollary_step, max_step)
+from theory.calibration import Effort, calibrate
+from theory.enumeration import all_sketch_diagonals
+from theory.hessian import hessian_norms
+from theory.lsq_problem import LSQConfig, LSQProblem, project
+from theory.report import Check, exit_code, setup
+
+
+@pytest.fixture(autouse=True)
+def restore_torch_defaults():
+    dtype, threads = torch.get_default_dtype(), torch.get_num_threads()
+    yield
+    torch.set_default_dtype(dtype)
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("script,png", [(sketch_moments, ["sketch_moments.png"]),
+                                        (smoothness, ["smoothness.png"]),
+                                        (convergence, ["convergence_ratios.png",
+                                                       "convergence_sweeps.png",
+                                                       "convergence_rate.png"])])
+def test_script_passes_at_quick_size(script, png, tmp_path):
+    assert script.main(["--quick", "--figures", str(tmp_path)]) == 0
+    for name in png:
+        assert (tmp_path / name).stat().st_size > 1000
+
+
+def test_smoothness_check_fails_with_a_wrong_constant(tmp_path):
+    """The measured (r/k) L is tight, so half of L must break 'L_fixed <= (r/k) L'."""
+    assert smoothness.main(["--quick", "--figures", str(tmp_path), "--distort-L", "0.5"]) == 1
+
+
+@pytest.fixture(scope="module")
+def small_run():
+    setup(0)
+    problem = LSQProblem(LSQConfig(ranks=(4, 4, 4, 4)))
+    effort = Effort(seeds=1, gd_steps=200, power_iters=30, keep_points=4, attempts=4)
+    return calibrate(problem, 80, 2, effort, torch.Generator().manual_seed(0))
+
+
+def test_convergence_bound_holds_and_fails_with_wrong_constants(small_run):
+    assert all(c.ok for c in convergence.outcome_checks("run", small_run, 2, {}))
+    # the bound sits ~10-20x above the observed values, so L / 10 alone still passes; L and the
+    # gap f^S(X^0) - f* both / 100 put the bound below what FSLoRA actually does
+    loose = convergence.outcome_checks("run", small_run, 2, {"L": 0.1})
+    assert all(c.ok for c in loose)
+    wrong = convergence.outcome_checks("run", small_run, 2, {"L": 0.01, "gap": 0.01})
+    assert not all(c.ok for c in wrong)
+    assert exit_code(wrong) == 1
+
+
+def test_calibrated_step_meets_the_condition(small_run):
+    assert small_run.step <= max_step(small_run.constants, 2) * (1 + 1e-12)
+    assert small_run.constants.gap > 0 and small_run.constants.L > 0
+
+
+def test_bound_formulas():
+    c = BoundConstants(L=2.0, sigma_g2=1.0, sigma_s2=0.5, c_h=1.0, sigma_h2=0.1, gap=3.0,
+                       ratios=(0.25, 0.5, 1.0, 1.0))
+    assert L_bar(c) == pytest.approx(2.0 * (4 + 2 + 1 + 1) / 4)
+    assert L_tilde(c) == pytest.approx(2.0 * (16 + 4 + 1 + 1) / 4)
+    H, T = 3, 100
+    gamma = max_step(c, H)
+    assert gamma == pytest.approx(min(1 / (6 * H * math.sqrt(2 * L_tilde(c) * 2.0)),
+                                      1 / (4 * H**2 * 2.0)))
+    expect = (4 * 3.0 / (gamma * T * H) + 6 * gamma * L_bar(c) / 4 * 1.5
+              + 12 * gamma * L_tilde(c) / 4 * (1.5 + 0.3))
+    assert convergence_bound(c, gamma, T, H) == pytest.approx(expect)
+    assert convergence_bound(c, gamma, T, H, sharp=True) < convergence_bound(c, gamma, T, H)
+    assert max_step(c, H, sharp=True) >= gamma
+    T0 = corollary_min_rounds(c, H)
+    assert corollary_step(c, T0, H) <= max_step(c, H) * (1 + 1e-12)
+    assert corollary_step(c, T0 - 1, H) > max_step(c, H)
+    with pytest.raises(ValueError):
+        BoundConstants(-1.0, 0, 0, 0, 0, 0, (0.5,))
+
+
+def test_sketch_variance_formula_and_a_wrong_one():
+    setup(0)
+    g = torch.Generator().manual_seed(1)
+    B, A, M, G = sketch_moments.random_factors(7, g)
+    d = all_sketch_diagonals(7, 3)
+    exact = float(sketch_moments.moment_values(B, A, M, G, d)["||BSA - BA||^2"].mean())
+    formula = sketch_moments.sketch_variance(B, A, 3)
+    assert Check("var", exact, formula, "==", rtol=1e-10).ok
+    assert not Check("var", exact, 0.9 * formula, "==", rtol=1e-10).ok
+
+
+def test_lsq_identities_and_power_iteration_against_dense_eigenvalues():
+    setup(0)
+    problem = LSQProblem(LSQConfig(ranks=(2, 4, 8)))
+    g = torch.Generator().manual_seed(0)
+    x = problem.x0 + 0.3 * torch.randn(problem.x0.shape, generator=g)
+    m, n, r = problem.dims
+    d = problem.D[1, 5]
+    Z, Y = problem.Z[1], problem.Y[1]
+    # f~_i(X; S) = f_i(P_S X)
+    assert torch.allclose(problem.loss(x, Z, Y, d), problem.loss(project(x, d, m, n, r), Z, Y,
+                                                                 torch.ones(r)))
+    # the exact sketched gradient is autograd's gradient of the exact sketched loss
+    y = x.clone().requires_grad_(True)
+    (auto,) = torch.autograd.grad(problem.sketched_loss(y), y)
+    assert torch.allclose(auto, problem.sketched_grad(x), atol=1e-12)
+    # power iteration on HVPs reaches the largest |eigenvalue| of the dense Hessian
+    dense = torch.autograd.functional.hessian(lambda v: problem.loss(v, Z, Y, d), x)
+    top = float(torch.linalg.eigvalsh(dense).abs().max())
+    est = float(hessian_norms(lambda v: problem.loss(v, Z, Y, d), x[None], 300, g)[0])
+    assert est <= top * (1 + 1e-9) and est == pytest.approx(top, rel=1e-4)
+
+
+def test_same_seed_same_numbers():
+    from theory.fslora_iteration import RunConfig, run_fslora
+
+    setup(0)
+    problem = LSQProblem(LSQConfig())
+    a = run_fslora(problem, RunConfig(rounds=5, local_steps=2, step=0.01, seed=3))
+    b = run_fslora(problem, RunConfig(rounds=5, local_steps=2, step=0.01, seed=3))
+    assert np.array_equal(a.grad_sq, b.grad_sq)
