@@ -24,7 +24,7 @@ from theory.bound import (L_bar, L_tilde, convergence_bound, corollary_min_round
                           corollary_step, max_step)
 from theory.calibration import Effort, Outcome, calibrate, measured_constants, run_seeds  # noqa
 from theory.lsq_problem import LSQConfig, LSQProblem  # noqa: E402
-from theory.report import (Check, common_arguments, exit_code, loglog_slope,  # noqa: E402
+from theory.report import (Check, exit_code, loglog_slope, script_parser,  # noqa: E402
                            print_checks, save_figure, setup)
 
 
@@ -121,9 +121,7 @@ def plot_all(ratios, Hs, Ns, rate, distort: dict, folder: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    common_arguments(parser)
+    parser = script_parser(__doc__)
     parser.add_argument("--rounds", type=int, default=2000, help="T of the sweeps")
     parser.add_argument("--distort", action="append", default=[], metavar="NAME=FACTOR",
                         help="multiply a measured constant by FACTOR in the bound, e.g. L=0.01 "

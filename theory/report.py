@@ -80,6 +80,14 @@ def loglog_slope(x: np.ndarray, y: np.ndarray) -> float:
     return float(np.polyfit(np.log(np.asarray(x, float)), np.log(np.asarray(y, float)), 1)[0])
 
 
+def script_parser(doc: str) -> argparse.ArgumentParser:
+    """A parser whose --help shows the script's docstring, with the common arguments below."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0], epilog=doc,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    common_arguments(parser)
+    return parser
+
+
 def common_arguments(parser: argparse.ArgumentParser) -> None:
     """--quick, --seed and --figures, which every theory script takes."""
     parser.add_argument("--quick", action="store_true",

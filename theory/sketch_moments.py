@@ -15,8 +15,6 @@ standard errors of the sample mean (the printed interval is the 95% one, 1.96 st
 
 from __future__ import annotations
 
-import argparse
-
 import matplotlib
 
 matplotlib.use("Agg")
@@ -27,7 +25,7 @@ from tqdm import tqdm  # noqa: E402
 
 from fslora_min.sketch import sample_sketch  # noqa: E402
 from theory.enumeration import all_sketch_diagonals  # noqa: E402
-from theory.report import (Check, common_arguments, exit_code, print_checks,  # noqa: E402
+from theory.report import (Check, exit_code, print_checks, script_parser,  # noqa: E402
                            save_figure, setup)
 
 Z_PASS = 4.0  # Monte Carlo: fail when |mean - prediction| > 4 standard errors
@@ -146,9 +144,7 @@ def plot(exact: dict, r_max: int, mc: dict, r_mc: int, folder: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    common_arguments(parser)
+    parser = script_parser(__doc__)
     parser.add_argument("--r-max", type=int, default=10, help="exact enumeration up to this r")
     parser.add_argument("--mc-rank", type=int, default=64, help="r for the Monte Carlo checks")
     parser.add_argument("--samples", type=int, default=20000, help="Monte Carlo samples per k")

@@ -24,8 +24,6 @@ rtol for its error (1e-3 in float64; 5% for the float32 transformer).
 
 from __future__ import annotations
 
-import argparse
-
 import matplotlib
 
 matplotlib.use("Agg")
@@ -38,7 +36,7 @@ from theory.constants import smoothness_L  # noqa: E402
 from theory.fslora_iteration import RunConfig, run_fslora  # noqa: E402
 from theory.hessian import autograd_hvp, hessian_norms, power_iteration  # noqa: E402
 from theory.lsq_problem import LSQConfig, LSQProblem  # noqa: E402
-from theory.report import (Check, common_arguments, exit_code, print_checks,  # noqa: E402
+from theory.report import (Check, exit_code, print_checks, script_parser,  # noqa: E402
                            save_figure, setup)
 from theory.tiny_transformer import TinyConfig, TinyLoRAProblem  # noqa: E402
 
@@ -115,9 +113,7 @@ def plot(results: dict[str, dict[int, tuple[float, ...]]], r: int, folder: str) 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    common_arguments(parser)
+    parser = script_parser(__doc__)
     parser.add_argument("--distort-L", type=float, default=1.0,
                         help="multiply the measured L by this before the checks (0.5 must FAIL)")
     args = parser.parse_args(argv)
