@@ -25,8 +25,8 @@ OPTIMIZERS = ("sgd", "adamw")
 
 @dataclass
 class ClientConfig:
-    local_steps: int = 5  # H
-    lr: float = 0.05  # eta_l
+    local_steps: int = 10  # H
+    lr: float = 0.5  # eta_l
     optimizer: str = "sgd"  # "sgd" (the paper's analysis) or "adamw"; state is fresh each round
     weight_decay: float = 0.0  # AdamW only
     batch_size: int = 16
@@ -53,6 +53,7 @@ class ClientUpdate:
     sketches: dict[str, Sketch]
     deltas: dict[str, tuple[torch.Tensor, torch.Tensor]]  # name -> (db (m, k), da (k, n))
     num_examples: int  # the client's training-set size, for data-weighted baselines
+    trainable_parameters: int  # numbers the client's optimizer updated: sum k_i (m + n)
 
 
 def make_optimizer(params: list[torch.Tensor], cfg: ClientConfig) -> torch.optim.Optimizer:
@@ -84,8 +85,8 @@ def train_client(model: nn.Module, client_id: int, downlink: dict[str, CompactFa
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-    deltas = {name: ((f.b.detach() - downlink[name].b.to(device)).cpu(),
-                     (f.a.detach() - downlink[name].a.to(device)).cpu())
+    deltas = {name: (f.b.detach() - downlink[name].b.to(device),
+                     f.a.detach() - downlink[name].a.to(device))
               for name, f in local.items()}
     return ClientUpdate(client_id, {n: f.sketch for n, f in downlink.items()}, deltas,
-                        num_examples)
+                        num_examples, sum(p.numel() for p in params))

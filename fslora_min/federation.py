@@ -34,7 +34,7 @@ SketchRule = Callable[[list[str], int, int, torch.Generator], dict[str, Sketch]]
 class FederationConfig:
     num_clients: int = 10  # N
     participants: int = 10  # M per round (M = N: full participation)
-    rounds: int = 30  # T
+    rounds: int = 20  # T
     rank: int = 16  # r, the server's global rank
     lora_alpha: float = 32.0  # s = alpha / r (or alpha / sqrt(r) with rslora)
     rslora: bool = False

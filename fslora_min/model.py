@@ -37,7 +37,7 @@ class ModelConfig:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
 
 
-TEST_CONFIG = ModelConfig(vocab_size=16, context=8, n_layer=1, n_head=2, d_model=8)
+TEST_CONFIG = ModelConfig(vocab_size=16, context=8, n_layer=1, n_head=2, d_model=16)
 
 
 class CausalSelfAttention(nn.Module):
