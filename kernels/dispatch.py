@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.lora_linear import check_lora_inputs, lora_linear_triton
+from kernels.lora_linear import DTYPES, check_lora_inputs, lora_linear_triton
 from kernels.reference import lora_linear_reference
 
 
@@ -20,7 +20,10 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     """
     if backend not in ("auto", "torch", "triton"):
         raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
-    check_lora_inputs(x, weight, bias, lora_B, lora_A, index, scale, check_index)
-    if backend == "triton" or (backend == "auto" and x.is_cuda):
+    use_triton = backend == "triton" or (backend == "auto" and x.is_cuda)
+    # the reference also takes float64 (tests, theory); the kernels take the training dtypes
+    check_lora_inputs(x, weight, bias, lora_B, lora_A, index, scale, check_index,
+                      DTYPES if use_triton else DTYPES + (torch.float64,))
+    if use_triton:
         return lora_linear_triton(x, weight, bias, lora_B, lora_A, index, scale)
     return lora_linear_reference(x, weight, bias, lora_B, lora_A, index, scale)

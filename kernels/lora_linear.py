@@ -46,7 +46,8 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 def check_lora_inputs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                       lora_B: torch.Tensor, lora_A: torch.Tensor, index: torch.Tensor | None,
-                      scale: float, check_index: bool = True) -> None:
+                      scale: float, check_index: bool = True,
+                      dtypes: tuple[torch.dtype, ...] = DTYPES) -> None:
     """Raise a ValueError that names the bad value unless the inputs describe a valid layer.
 
     `check_index` reads the index set's min and max back from the device (one sync) so an
@@ -66,8 +67,8 @@ def check_lora_inputs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     r = lora_B.shape[1]
     tensors = {"x": x, "weight": weight, "bias": bias, "lora_B": lora_B, "lora_A": lora_A}
     for name, t in tensors.items():
-        if t is not None and t.dtype not in DTYPES:
-            raise ValueError(f"{name} has dtype {t.dtype}, expected one of {DTYPES}")
+        if t is not None and t.dtype not in dtypes:
+            raise ValueError(f"{name} has dtype {t.dtype}, expected one of {dtypes}")
         if t is not None and t.dtype != x.dtype:
             raise ValueError(f"{name} has dtype {t.dtype} but x has {x.dtype}: cast them to one")
         if t is not None and t.device != x.device:

@@ -76,10 +76,16 @@ def _skinny_configs() -> list[triton.Config]:
     if INTERPRET:
         return [triton.Config({"BLOCK_Q": 16}, num_warps=1, num_stages=1)]
     return [triton.Config({"BLOCK_Q": bq}, num_warps=w, num_stages=s)
-            for bq, s, w in ((64, 3, 4), (128, 3, 4), (128, 4, 4), (64, 4, 4), (128, 3, 8))]
+            for bq, s, w in ((64, 3, 4), (128, 3, 4), (128, 4, 4), (128, 3, 8))]
 
 
-@triton.autotune(configs=_skinny_configs(), key=["R", "Q", "k"])
+def _prune_skinny(configs, named_args, **kwargs):
+    """Tune only reductions over at least 2^24 numbers (one compile per config)."""
+    return configs if named_args["R"] * named_args["Q"] >= 2 ** 24 else configs[:1]
+
+
+@triton.autotune(configs=_skinny_configs(), key=["R", "Q", "k"],
+                 prune_configs_by={"early_config_prune": _prune_skinny})
 @triton.jit
 def _skinny_kernel(
     p_ptr,  # P (R, Q), any strides: x, dy, x^T or dy^T
@@ -144,14 +150,22 @@ def _gemm_configs() -> list[triton.Config]:
     if INTERPRET:  # one small tile: the interpreter runs every program in Python
         return [triton.Config({"BLOCK_T": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_T": 2},
                               num_warps=1, num_stages=1)]
-    shapes = [(128, 256, 64, 3, 8), (128, 256, 64, 4, 8), (256, 128, 64, 3, 8),
-              (256, 128, 64, 4, 8), (128, 128, 64, 4, 4), (128, 128, 64, 5, 4),
-              (128, 128, 128, 3, 8), (64, 128, 64, 4, 4)]
+    shapes = [(64, 64, 32, 3, 4),  # first: the one tile for fp32 and for small problems
+              (128, 256, 64, 3, 8), (128, 256, 64, 4, 8), (256, 128, 64, 3, 8),
+              (128, 128, 64, 4, 4), (128, 128, 128, 3, 8)]
     return [triton.Config({"BLOCK_T": bt, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_T": 8},
                           num_stages=s, num_warps=w) for bt, bn, bk, s, w in shapes]
 
 
-@triton.autotune(configs=_gemm_configs(), key=["T", "N", "K", "k"])
+def _prune_gemm(configs, named_args, **kwargs):
+    """Tune only 16-bit problems of at least 2^30 multiply-adds: each config costs a compile,
+    and fp32 (exact FMA dots) or small problems gain nothing from the large tiles."""
+    big = named_args["T"] * named_args["N"] * named_args["K"] >= 2 ** 30
+    return configs if big and named_args["x_ptr"].dtype != torch.float32 else configs[:1]
+
+
+@triton.autotune(configs=_gemm_configs(), key=["T", "N", "K", "k"],
+                 prune_configs_by={"early_config_prune": _prune_gemm})
 @triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
 @triton.jit
 def _fused_linear_kernel(
