@@ -105,11 +105,11 @@ def plot_curves(ax, rows: list[tuple[str, Outcome, int]], distort: dict, title: 
 
 def plot_all(ratios, Hs, Ns, rate, distort: dict, folder: str) -> None:
     fig, ax = plt.subplots(figsize=(7, 5))
-    plot_curves(ax, ratios, distort_L, "FSLoRA at gamma_max: bound against observed, per ratio")
+    plot_curves(ax, ratios, distort, "FSLoRA at gamma_max: bound against observed, per ratio")
     save_figure(fig, folder, "convergence_ratios.png")
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    plot_curves(axes[0], Hs, distort_L, "local steps H (k/r = 1/2)")
-    plot_curves(axes[1], Ns, distort_L, "clients N (k/r = 1/2)")
+    plot_curves(axes[0], Hs, distort, "local steps H (k/r = 1/2)")
+    plot_curves(axes[1], Ns, distort, "clients N (k/r = 1/2)")
     save_figure(fig, folder, "convergence_sweeps.png")
     fig, ax = plt.subplots(figsize=(6, 4.5))
     ax.loglog(rate["x"], rate["bound"], "s--", label="bound (slope 1)")
