@@ -192,11 +192,12 @@ def test_cpu_routing():
 def test_training_step_matches_torch_backend(mode):
     """One real step of the tiny transformer: same loss and LoRA gradients on both backends."""
     torch.manual_seed(0)
-    base = Transformer(TEST_CONFIG).to(DEVICE)
+    base = Transformer(TEST_CONFIG)
     models = {}
     for backend in ("torch", "triton"):
         models[backend] = copy.deepcopy(base)
         names = lora.apply_lora(models[backend], r=6, alpha=12.0, backend=backend)
+        models[backend].to(DEVICE)
     with torch.no_grad():  # B = 0 at init would hide A's gradient: make both factors random
         for _, module in lora.lora_modules(models["torch"]):
             module.lora_B.normal_()
