@@ -42,7 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
     g = run.add_argument_group("method and budgets")
     g.add_argument("--method", choices=METHODS, default=d_exp.method,
                    help="fslora: each client trains a random k_i-subset of the r ranks, scaled "
-                        "r/k_i; fedavg-full: every client trains all r ranks")
+                        "r/k_i; fedavg-min / fedavg-full: every client trains rank min_i k_i / r; "
+                        "hetlora: the first k_i ranks; flexlora: SVD of the averaged product; "
+                        "flora: stacking merged into W0; fslora-topk / fslora-importance: "
+                        "importance-based index sets without / with 1/pi reweighting")
     g.add_argument("--rank", type=int, default=d_fed.rank, help="global LoRA rank r")
     g.add_argument("--ratios", type=_ratio, nargs="+", default=d_exp.ratios,
                    help="sketching ratios k_i/r in (0, 1], given to clients in turn")

@@ -14,25 +14,26 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn as nn
 
 from fslora_min.budgets import ranks_from_distribution, ranks_from_ratios, PAPER_RATIOS
 from fslora_min.client import ClientConfig
 from fslora_min.data import DataConfig, make_federated_data
 from fslora_min.federation import Federation, FederationConfig, History, evaluate
 from fslora_min.lora import apply_lora, count_lora_parameters
+from fslora_min.methods import METHODS, make_method
 from fslora_min.model import ModelConfig, count_parameters
 from fslora_min.pretrain import PretrainConfig, load_or_pretrain
 from fslora_min.rng import LORA_INIT, generator
 from fslora_min.server import Server, ServerConfig
 
-METHODS = ("fslora", "fedavg-full")
-
 
 @dataclass
 class ExperimentConfig:
-    method: str = "fslora"  # "fedavg-full": every client trains all r ranks (k_i = r)
+    method: str = "fslora"  # one of fslora_min.methods.METHODS
     ratios: list[float] = field(default_factory=lambda: list(PAPER_RATIOS))  # k_i/r, in turn
     rank_distribution: str | None = None  # instead of ratios: "uniform", "normal", "heavy-small"
+    budgets: list[int] | None = None  # instead of both: k_i per client (e.g. from profiles)
     device: str = "cpu"  # "cpu", "cuda", or "auto" (a GPU when there is one)
     out_dir: str = "runs/demo"
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -65,25 +66,39 @@ def resolve_device(name: str) -> torch.device:
         raise ValueError(f"unknown device {name!r}: use 'cpu', 'cuda' or 'auto'") from None
 
 
-def client_ranks(cfg: ExperimentConfig) -> list[int]:
-    """k_i per client: all r for fedavg-full, else from the ratios or the distribution."""
+def client_budgets(cfg: ExperimentConfig) -> list[int]:
+    """k_i per client: given, or from the distribution, or from the ratios."""
     fed = cfg.federation
-    if cfg.method == "fedavg-full":
-        return [fed.rank] * fed.num_clients
+    if cfg.budgets is not None:
+        if len(cfg.budgets) != fed.num_clients:
+            raise ValueError(f"{len(cfg.budgets)} client budgets given for "
+                             f"num_clients={fed.num_clients}")
+        return list(cfg.budgets)
     if cfg.rank_distribution is not None:
         return ranks_from_distribution(cfg.rank_distribution, fed.num_clients, fed.rank, fed.seed)
     return ranks_from_ratios(cfg.ratios, fed.num_clients, fed.rank)
+
+
+def full_rank(model: nn.Module, targets: tuple[str, ...]) -> int:
+    """max over the targeted nn.Linear layers of min(m, n): a LoRA of this rank is any update."""
+    return max(min(m.in_features, m.out_features) for parent in model.modules()
+               for name, m in parent.named_children()
+               if name in targets and isinstance(m, nn.Linear))
 
 
 def run_experiment(cfg: ExperimentConfig, progress: bool = True) -> tuple[History, dict]:
     """Pretrain (or load) the base, adapt it with rank-r LoRA, and run the federation."""
     device = resolve_device(cfg.device)
     fed = cfg.federation
-    ranks = client_ranks(cfg)
+    budgets = client_budgets(cfg)
     base, cache = load_or_pretrain(cfg.model, cfg.data, cfg.pretrain, progress=progress)
     data = make_federated_data(cfg.data, fed.num_clients)
+    method = make_method(cfg.method, fed.lora_alpha, fed.rank, fed.rslora,
+                         generator(fed.seed, LORA_INIT, 1))
+    global_rank = method.global_rank(fed.rank, budgets, full_rank(base, fed.targets))
+    ranks = method.client_ranks(budgets, fed.rank)
     model = copy.deepcopy(base)
-    names = apply_lora(model, fed.rank, fed.lora_alpha, fed.targets, fed.rslora,
+    names = apply_lora(model, global_rank, fed.lora_alpha, fed.targets, fed.rslora,
                        generator=generator(fed.seed, LORA_INIT))
     model.to(device)
     server = Server(model, cfg.server)
@@ -91,13 +106,15 @@ def run_experiment(cfg: ExperimentConfig, progress: bool = True) -> tuple[Histor
     info = {
         "device": str(device), "torch": torch.__version__, "python": platform.python_version(),
         "base_model_cache": str(cache), "base_parameters": count_parameters(base),
+        "method": cfg.method, "global_rank": global_rank,
         "lora_modules": len(names), "global_lora_parameters": count_lora_parameters(model),
-        "client_ranks": ranks,
+        "module_shapes": list(shapes.values()),
+        "client_budgets": budgets, "client_ranks": ranks,
         "client_trainable_parameters": [sum(k * (m + n) for m, n in shapes.values())
                                         for k in ranks],
     }
     start = time.perf_counter()
-    history = Federation(server, data, ranks, fed, cfg.client).run(progress)
+    history = Federation(server, data, ranks, fed, cfg.client, method).run(progress)
     info["wall_seconds"] = time.perf_counter() - start
     info["client_heldout_loss"] = [evaluate(model, c.heldout)[0] for c in data.clients]
     return history, info

@@ -1,7 +1,8 @@
 """The federation loop: T rounds of sample -> sketch -> send -> train locally -> aggregate.
 
-One loop serves FSLoRA and the baselines: a method differs only in its `SketchRule` (which
-ranks each client trains, at which scale). Every random draw comes from its own named stream
+One loop serves FSLoRA and the baselines: a method differs only in its `Method` strategy
+(fslora_min/methods.py: which ranks each client trains at which scale, what it is sent, how the
+server aggregates). Every random draw comes from its own named stream
 (fslora_min/rng.py), so two methods run on one seed see the same participants and minibatches.
 """
 
@@ -10,7 +11,6 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Iterable
 
 import torch
 import torch.nn as nn
@@ -21,13 +21,10 @@ from fslora_min.budgets import validate_ranks
 from fslora_min.client import ClientConfig, train_client
 from fslora_min.data import FederatedData, minibatches, split_inputs_targets
 from fslora_min.lora import ALL_TARGETS
+from fslora_min.methods import Method, payload_numbers
 from fslora_min.model import lm_loss
 from fslora_min.rng import MINIBATCHES, PARTICIPANTS, SKETCHES, generator
 from fslora_min.server import Server, sample_participants
-from fslora_min.sketch import Sketch, sample_module_sketches
-
-# (module names, r, k_i, generator) -> one sketch per module
-SketchRule = Callable[[list[str], int, int, torch.Generator], dict[str, Sketch]]
 
 
 @dataclass
@@ -96,11 +93,6 @@ def evaluate(model: nn.Module, seqs: torch.Tensor, batch_size: int = 64) -> tupl
     return loss_sum / count, correct / count
 
 
-def payload_numbers(pairs: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> int:
-    """Numbers in a message of per-module factor pairs (index sets, a few bytes, not counted)."""
-    return sum(b.numel() + a.numel() for b, a in pairs)
-
-
 def lm_batch_loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
     return lm_loss(model, *split_inputs_targets(batch))
 
@@ -110,13 +102,14 @@ class Federation:
 
     def __init__(self, server: Server, data: FederatedData, ranks: list[int],
                  fed: FederationConfig, client: ClientConfig,
-                 sketch_rule: SketchRule = sample_module_sketches) -> None:
+                 method: Method | None = None) -> None:
         if len(data.clients) != fed.num_clients or len(ranks) != fed.num_clients:
             raise ValueError(f"num_clients={fed.num_clients}, but {len(data.clients)} client "
                              f"data sets and {len(ranks)} client ranks were given")
         validate_ranks(ranks, server.rank)
         self.server, self.data, self.ranks = server, data, ranks
-        self.fed, self.client_cfg, self.sketch_rule = fed, client, sketch_rule
+        self.fed, self.client_cfg = fed, client
+        self.method = Method() if method is None else method  # FSLoRA by default
         self.participant_stream = generator(fed.seed, PARTICIPANTS)
         self.sketch_stream = generator(fed.seed, SKETCHES)
         self.batch_streams = [minibatches(c.train, client.batch_size,
@@ -126,19 +119,20 @@ class Federation:
 
     def run_round(self, t: int) -> RoundRecord:
         start = time.perf_counter()
-        server, names = self.server, self.server.module_names
+        server, method = self.server, self.method
         participants = sample_participants(self.fed.num_clients, self.fed.participants,
                                            self.participant_stream)
-        updates, down, up = [], [], []
+        updates, downlinks, down, up = [], [], [], []
         for i in participants:
-            sketches = self.sketch_rule(names, server.rank, self.ranks[i], self.sketch_stream)
-            downlink = server.downlink(sketches)
+            sketches = method.sketches(server, self.ranks[i], self.sketch_stream)
+            downlink = method.downlink(server, sketches)
             update = train_client(server.model, i, downlink, self.batch_streams[i],
                                   lm_batch_loss, self.client_cfg, len(self.data.clients[i].train))
-            down.append(payload_numbers((f.b, f.a) for f in downlink.values()))
-            up.append(payload_numbers(update.deltas.values()))
+            down.append(method.numbers_down(downlink))
+            up.append(sum(db.numel() + da.numel() for db, da in update.deltas.values()))
             updates.append(update)
-        server.apply_updates(updates)
+            downlinks.append(downlink)
+        method.aggregate(server, updates, downlinks)
         width = next(iter(server.modules.values())).lora_B.element_size()
         record = RoundRecord(t, participants, [self.ranks[i] for i in participants], down, up,
                              [n * width for n in down], [n * width for n in up],

@@ -54,10 +54,12 @@ class LoRALinear(nn.Module):
         self.weight = nn.Parameter(base.weight.detach().clone(), requires_grad=False)  # (m, n)
         self.bias = (None if base.bias is None
                      else nn.Parameter(base.bias.detach().clone(), requires_grad=False))  # (m,)
-        self.lora_B = nn.Parameter(torch.zeros(m, r, dtype=base.weight.dtype))  # (m, r)
-        self.lora_A = nn.Parameter(torch.empty(r, n, dtype=base.weight.dtype))  # (r, n)
-        # A as nn.Linear inits its weight; B = 0, so B A = 0 and the layer starts equal to its base
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5), generator=generator)
+        # A as nn.Linear inits its weight (drawn on the CPU, so one seed gives one A on any
+        # device); B = 0, so B A = 0 and the layer starts equal to its base
+        A = torch.empty(r, n, dtype=base.weight.dtype)
+        nn.init.kaiming_uniform_(A, a=math.sqrt(5), generator=generator)
+        self.lora_A = nn.Parameter(A.to(base.weight.device))  # (r, n)
+        self.lora_B = nn.Parameter(torch.zeros(m, r, dtype=A.dtype, device=base.weight.device))  # (m, r)
         self.r, self.alpha, self.rslora = r, alpha, rslora
         self.scaling = lora_scale(alpha, r, rslora)  # s
         self.backend = backend
@@ -100,11 +102,12 @@ class LoRALinear(nn.Module):
             return nn.functional.linear(x, self.weight, self.bias)
         if self.compact is not None:  # client training: W0 + s (r/k) b a
             c = self.compact
-            return lora_linear(x, self.weight, self.bias, c.b, c.a, None,
-                               self.scaling * c.sketch.scale, self.backend)
+            b, scale = _weighted(c.b, c.sketch, None, self.scaling)  # (m, k)
+            return lora_linear(x, self.weight, self.bias, b, c.a, None, scale, self.backend)
         if self.sketch is not None:  # W0 + s (r/k) B[:, I] A[I, :]
-            return lora_linear(x, self.weight, self.bias, self.lora_B, self.lora_A,
-                               self.sketch.index.to(x.device), self.scaling * self.sketch.scale,
+            index = self.sketch.index.to(x.device)
+            B, scale = _weighted(self.lora_B, self.sketch, index, self.scaling)  # (m, r)
+            return lora_linear(x, self.weight, self.bias, B, self.lora_A, index, scale,
                                self.backend)
         return lora_linear(x, self.weight, self.bias, self.lora_B, self.lora_A, None,
                            self.scaling, self.backend)
@@ -112,6 +115,24 @@ class LoRALinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, r={self.r}, "
                 f"scaling={self.scaling:.4g}, rslora={self.rslora}")
+
+
+def _weighted(b: torch.Tensor, sketch: Sketch, index: torch.Tensor | None,
+              scaling: float) -> tuple[torch.Tensor, float]:
+    """(b, s * scale) for one diagonal value; (b diag(w), s) for per-index values w.
+
+    `b` is compact (m, k) when `index` is None, else the global (m, r) whose columns `index` the
+    kernel selects. Multiplying b by w (not its gradient) gives b the exact gradient of
+    W0 + s b diag(w) a.
+    """
+    w = sketch.per_index
+    if w is None:
+        return b, scaling * sketch.scale
+    if index is None:
+        return b * w.to(b)[None, :], scaling  # (m, k)
+    full = torch.ones(b.shape[1], dtype=b.dtype, device=b.device)  # (r,)
+    full[index] = w.to(b)
+    return b * full[None, :], scaling  # (m, r); only the columns at index are used
 
 
 # Which projections of the transformer to adapt: names of nn.Linear attributes inside a block.

@@ -132,12 +132,16 @@ class Server:
                                        layer.lora_A.detach()[index].clone(), sk)
         return out
 
-    def apply_updates(self, updates: list[ClientUpdate]) -> None:
-        """Average the padded deltas and step the global factors; count rank coverage."""
-        deltas = average_padded_deltas(updates, self.rank, self.cfg.aggregation == "coverage")
+    def count_coverage(self, updates: list[ClientUpdate]) -> None:
+        """Add one to each rank index of each module that a client trained this round."""
         for update in updates:
             for name, sk in update.sketches.items():
                 self.coverage[name][sk.index.cpu()] += 1
+
+    def apply_updates(self, updates: list[ClientUpdate]) -> None:
+        """Average the padded deltas and step the global factors; count rank coverage."""
+        deltas = average_padded_deltas(updates, self.rank, self.cfg.aggregation == "coverage")
+        self.count_coverage(updates)
         for name, (d_b, d_a) in deltas.items():
             layer = self.modules[name]
             layer.lora_B.grad = -d_b.to(layer.lora_B)  # pseudo-gradient -D

@@ -5,7 +5,9 @@ A sketch for client i is the r x r diagonal matrix
     S = (r / k_i) * sum_{j in I} e_j e_j^T,     I a uniform k_i-subset of {0, ..., r-1},
 
 so E[S] = I_r (unbiased) and E[S^2] = (r / k_i) I_r. Code never builds S densely: a `Sketch`
-is the pair (index set I, scale r / k_i). One index set is drawn per (client, round, module)
+is the pair (index set I, scale r / k_i). Baselines and ablations give other diagonal values:
+one number for every index (HetLoRA's 1.0), or one per index (the importance rule's 1 / pi_j,
+fslora_min/importance.py). One index set is drawn per (client, round, module)
 and shared by that module's B and A (a pitfall of public code draws them separately).
 """
 
@@ -27,11 +29,13 @@ def check_rank_pair(r: int, k: int) -> None:
 
 @dataclass(frozen=True)
 class Sketch:
-    """The index set I (k distinct ranks out of r) and its unbiasing scale r / k."""
+    """The index set I (k distinct ranks out of r) and its diagonal values (r / k by default)."""
 
     index: torch.Tensor  # (k,) int64, distinct values in [0, r)
     rank: int  # r, the global rank the indices refer to
-    weight: float | None = None  # the diagonal value; None means r / k (unbiased)
+    # The diagonal value(s) at I: None means r / k (unbiased for a uniform I); a float is one
+    # value for every index; a (k,) tensor is one value per index, in the order of `index`.
+    weight: float | torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         check_rank_pair(self.rank, int(self.index.numel()))
@@ -43,7 +47,14 @@ class Sketch:
             raise ValueError(f"sketch index out of range [0, {self.rank}): min {lo}, max {hi}")
         if torch.unique(self.index).numel() != self.index.numel():
             raise ValueError(f"sketch index has repeated entries: {self.index.tolist()}")
-        if self.weight is not None and not (math.isfinite(self.weight) and self.weight > 0):
+        if isinstance(self.weight, torch.Tensor):
+            if self.weight.shape != self.index.shape:
+                raise ValueError(f"per-index sketch weights must have shape {tuple(self.index.shape)}"
+                                 f", got {tuple(self.weight.shape)}")
+            if not bool(torch.isfinite(self.weight).all() and (self.weight > 0).all()):
+                raise ValueError(f"sketch weights must be positive and finite, "
+                                 f"got {self.weight.tolist()}")
+        elif self.weight is not None and not (math.isfinite(self.weight) and self.weight > 0):
             raise ValueError(f"sketch weight must be positive and finite, got {self.weight!r}")
 
     @property
@@ -51,14 +62,22 @@ class Sketch:
         return int(self.index.numel())
 
     @property
+    def per_index(self) -> torch.Tensor | None:
+        """The (k,) diagonal values when they differ per index, else None (use `scale`)."""
+        return self.weight if isinstance(self.weight, torch.Tensor) else None
+
+    @property
     def scale(self) -> float:
         """The value of each non-zero diagonal entry of S: r / k unless a weight was given."""
+        if self.per_index is not None:
+            raise ValueError("this sketch has one weight per index: use `per_index`")
         return self.rank / self.k if self.weight is None else self.weight
 
     def diagonal(self) -> torch.Tensor:
         """diag(S) as a dense (r,) float64 vector: for tests and theory, never for training."""
         d = torch.zeros(self.rank, dtype=torch.float64)
-        d[self.index] = self.scale
+        d[self.index] = (self.scale if self.per_index is None
+                         else self.per_index.to(torch.float64))
         return d
 
 

@@ -1,0 +1,300 @@
+"""FSLoRA and its baselines as small strategy objects plugged into ONE federation loop.
+
+The loop (fslora_min/federation.py) asks a `Method` four things each round:
+  1. `sketches(server, k_i, generator)`: which ranks client i trains, at which diagonal values;
+  2. `downlink(server, sketches)`: the compact factors b_0 (m x k_i), a_0 (k_i x n) it starts at;
+  3. `numbers_down(downlink)`: how many numbers that message costs;
+  4. `aggregate(server, updates, downlinks)`: how the server turns the uploads into its new state.
+Before the run, `global_rank(r, budgets, full_rank)` and `client_ranks(budgets, r)` say what
+rank the server holds and what rank each client actually trains (FSLORA.md section 4).
+
+LoRA scale convention (one for all methods): the global model is W0 + s B A with s = alpha / R
+(R the server's rank); a client trains W0 + s_i b a with s_i = s * (diagonal value of its
+sketch). FSLoRA, FedAvg-LoRA, FlexLoRA and FLoRA give a rank-k_i client s_i = alpha / k_i (the
+ordinary LoRA scale of its own rank; for FSLoRA it is s * r / k_i); HetLoRA trains a prefix of
+the global rank-r LoRA at the global s = alpha / r (no rescaling), as in its paper.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+from fslora_min.client import ClientUpdate
+from fslora_min.importance import importance_sketch, rank_importance, top_k_index
+from fslora_min.lora import CompactFactors, lora_scale
+from fslora_min.server import Server
+from fslora_min.sketch import Sketch, full_sketch, sample_module_sketches
+
+Downlink = dict[str, CompactFactors]
+
+
+def payload_numbers(downlink: Downlink) -> int:
+    """Numbers in a message of per-module factor pairs (index sets, a few bytes, not counted)."""
+    return sum(f.b.numel() + f.a.numel() for f in downlink.values())
+
+
+class Method:
+    """FSLoRA (FSLORA.md section 3): uniform random k_i-subsets at scale r / k_i, padded average.
+
+    The other methods override only the pieces in which they differ.
+    """
+
+    name = "fslora"
+
+    def global_rank(self, r: int, budgets: list[int], full_rank: int) -> int:
+        """R, the rank the server holds; `full_rank` = max over modules of min(m, n)."""
+        return r
+
+    def client_ranks(self, budgets: list[int], r: int) -> list[int]:
+        """The rank each client trains (its budget k_i unless the method ignores it)."""
+        return list(budgets)
+
+    def sketches(self, server: Server, k: int, generator: torch.Generator) -> dict[str, Sketch]:
+        return sample_module_sketches(server.module_names, server.rank, k, generator)
+
+    def downlink(self, server: Server, sketches: dict[str, Sketch]) -> Downlink:
+        return server.downlink(sketches)
+
+    def numbers_down(self, downlink: Downlink) -> int:
+        return payload_numbers(downlink)
+
+    def aggregate(self, server: Server, updates: list[ClientUpdate],
+                  downlinks: list[Downlink]) -> None:
+        server.apply_updates(updates)
+
+
+class FedAvgLoRA(Method):
+    """Every client trains all R ranks; R = min_i k_i (feasible) or R = r (the upper reference)."""
+
+    def __init__(self, full: bool) -> None:
+        self.full = full
+        self.name = "fedavg-full" if full else "fedavg-min"
+
+    def global_rank(self, r: int, budgets: list[int], full_rank: int) -> int:
+        return r if self.full else min(budgets)
+
+    def client_ranks(self, budgets: list[int], r: int) -> list[int]:
+        return [r if self.full else min(budgets)] * len(budgets)
+
+    def sketches(self, server: Server, k: int, generator: torch.Generator) -> dict[str, Sketch]:
+        return {name: full_sketch(server.rank) for name in server.module_names}
+
+
+class HetLoRA(Method):
+    """Client i always trains the FIRST k_i ranks at the global scale (diagonal value 1).
+
+    The server zero-pads and averages over the participants (ServerConfig.aggregation, as for
+    FSLoRA): rank j moves by (clients covering j) / |P| of their mean delta.
+    """
+
+    name = "hetlora"
+
+    def sketches(self, server: Server, k: int, generator: torch.Generator) -> dict[str, Sketch]:
+        return {name: Sketch(torch.arange(k), server.rank, weight=1.0)
+                for name in server.module_names}
+
+
+class TopKImportance(Method):
+    """Ablation: the k_i ranks of largest |b_j| |a_j| per module, scale r / k_i, no reweighting."""
+
+    name = "fslora-topk"
+
+    def sketches(self, server: Server, k: int, generator: torch.Generator) -> dict[str, Sketch]:
+        return {name: Sketch(top_k_index(rank_importance(m.lora_B, m.lora_A), k, generator),
+                             server.rank)
+                for name, m in server.modules.items()}
+
+
+class ReweightedImportance(Method):
+    """Ablation: P(j in I) = pi_j from |b_j| |a_j|, diagonal 1 / pi_j, so E[S] = I still."""
+
+    name = "fslora-importance"
+
+    def __init__(self, uniform_mix: float = 0.5) -> None:
+        self.uniform_mix = uniform_mix
+
+    def sketches(self, server: Server, k: int, generator: torch.Generator) -> dict[str, Sketch]:
+        return {name: importance_sketch(rank_importance(m.lora_B, m.lora_A), k,
+                                        self.uniform_mix, generator)
+                for name, m in server.modules.items()}
+
+
+def client_scale_weight(server: Server, alpha: float, r: int, rslora: bool, k: int) -> float:
+    """The diagonal value that gives a rank-k client the FSLoRA scale s(r) * r / k (= alpha/k)."""
+    layer = next(iter(server.modules.values()))
+    return lora_scale(alpha, r, rslora) * r / k / layer.scaling
+
+
+class ProductMethod(Method):
+    """Methods whose server works on products dW_i = s_i b_i a_i rather than on padded factors.
+
+    Client i trains a rank-k_i LoRA of its own (the sketch's indices 0..k_i-1 only label it)
+    at scale s_i = alpha / k_i. Aggregation weights p_i are the clients' data sizes, normalised
+    over the participants.
+    """
+
+    def __init__(self, alpha: float, r: int, rslora: bool, seed_generator: torch.Generator) -> None:
+        self.alpha, self.r, self.rslora = alpha, r, rslora
+        self.init_stream = seed_generator  # fresh LoRA initialisations
+
+    def sketches(self, server: Server, k: int, generator: torch.Generator) -> dict[str, Sketch]:
+        w = client_scale_weight(server, self.alpha, self.r, self.rslora, k)
+        return {name: Sketch(torch.arange(k), server.rank, weight=w)
+                for name in server.module_names}
+
+    def fresh_factors(self, server: Server, name: str, sketch: Sketch) -> CompactFactors:
+        """A new rank-k LoRA: b = 0 (m x k), a Kaiming-uniform (k x n), as LoRALinear inits."""
+        m, n = server.shapes[name]
+        layer = server.modules[name]
+        a = torch.empty(sketch.k, n, dtype=layer.lora_A.dtype)
+        nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=self.init_stream)
+        return CompactFactors(torch.zeros(m, sketch.k, dtype=layer.lora_B.dtype,
+                                          device=layer.lora_B.device),
+                              a.to(layer.lora_A.device), sketch)
+
+
+def client_products(server: Server, updates: list[ClientUpdate],
+                    downlinks: list[Downlink]) -> dict[str, torch.Tensor]:
+    """dW = sum_i p_i s_i (b_0 + db)(a_0 + da), p_i = n_i / sum_j n_j (m x n per module)."""
+    total = sum(u.num_examples for u in updates)
+    out: dict[str, torch.Tensor] = {}
+    for update, down in zip(updates, downlinks):
+        p = update.num_examples / total
+        for name, (db, da) in update.deltas.items():
+            f = down[name]
+            s_i = server.modules[name].scaling * f.sketch.scale
+            prod = p * s_i * (f.b + db) @ (f.a + da)  # (m, n)
+            out[name] = prod if name not in out else out[name] + prod
+    return out
+
+
+class FlexLoRA(ProductMethod):
+    """FlexLoRA (Bai et al. 2024): the server keeps dW = sum_i p_i s_i B_i A_i and sends client i
+    the best rank-k_i factorisation of it by truncated SVD.
+
+    dW has rank up to sum_i k_i, so the server stores it exactly as a LoRA of rank
+    R = max min(m, n) (any m x n matrix is one): B = U sqrt(Sigma / s), A = sqrt(Sigma / s) V^T.
+    In the first round dW = 0 and clients start a fresh LoRA.
+    """
+
+    name = "flexlora"
+
+    def __init__(self, alpha: float, r: int, rslora: bool, seed_generator: torch.Generator) -> None:
+        super().__init__(alpha, r, rslora, seed_generator)
+        self.svds: dict[str, SVD] = {}  # SVD of each module's dW, computed once per round
+
+    def global_rank(self, r: int, budgets: list[int], full_rank: int) -> int:
+        return max(r, full_rank)
+
+    def downlink(self, server: Server, sketches: dict[str, Sketch]) -> Downlink:
+        out = {}
+        for name, sk in sketches.items():
+            layer = server.modules[name]
+            if not layer.lora_B.detach().any():  # dW = 0: the first round
+                out[name] = self.fresh_factors(server, name, sk)
+                continue
+            if name not in self.svds:
+                self.svds[name] = torch.linalg.svd(layer.delta_weight().detach().double(),
+                                                   full_matrices=False)
+            b, a = truncated_factors(self.svds[name], sk.k, layer.scaling * sk.scale)
+            out[name] = CompactFactors(b.to(layer.lora_B), a.to(layer.lora_A), sk)
+        return out
+
+    def aggregate(self, server: Server, updates: list[ClientUpdate],
+                  downlinks: list[Downlink]) -> None:
+        server.count_coverage(updates)
+        self.svds = {}
+        for name, dw in client_products(server, updates, downlinks).items():
+            layer = server.modules[name]
+            self.svds[name] = torch.linalg.svd(dw.double(), full_matrices=False)
+            b, a = truncated_factors(self.svds[name], layer.r, layer.scaling)
+            with torch.no_grad():
+                layer.lora_B.copy_(b), layer.lora_A.copy_(a)
+
+
+SVD = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # U (m, q), Sigma (q,), V^T (q, n)
+
+
+def truncated_factors(svd: SVD, k: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """b = U_k sqrt(Sigma_k / c), a = sqrt(Sigma_k / c) V_k^T: c b a = best rank-k approx of dW."""
+    U, sigma, Vh = svd
+    root = (sigma[:k] / scale).sqrt()  # (k,)
+    b = U[:, :k] * root[None, :]  # (m, k)
+    a = root[:, None] * Vh[:k]  # (k, n)
+    if b.shape[1] < k:  # dW has fewer than k singular values (min(m, n) < k): pad with zeros
+        b = torch.cat([b, b.new_zeros(b.shape[0], k - b.shape[1])], 1)
+        a = torch.cat([a, a.new_zeros(k - a.shape[0], a.shape[1])], 0)
+    return b, a
+
+
+class FLoRA(ProductMethod):
+    """FLoRA (Wang et al. 2024): stack the clients' factors, merge into W0, restart fresh LoRAs.
+
+    With B_st = [p_1 s_1 B_1, ..., p_M s_M B_M] (m x sum k_i) and A_st = [A_1; ...; A_M], the
+    stacked product B_st A_st = sum_i p_i s_i B_i A_i exactly. Every client downloads the stack
+    (sum_i k_i (m + n) numbers) to merge it into its W0: FLoRA's download cost.
+    """
+
+    name = "flora"
+
+    def __init__(self, alpha: float, r: int, rslora: bool, seed_generator: torch.Generator) -> None:
+        super().__init__(alpha, r, rslora, seed_generator)
+        self.stack_numbers = 0  # size of the last broadcast stack
+
+    def downlink(self, server: Server, sketches: dict[str, Sketch]) -> Downlink:
+        return {name: self.fresh_factors(server, name, sk) for name, sk in sketches.items()}
+
+    def numbers_down(self, downlink: Downlink) -> int:
+        return self.stack_numbers  # the fresh a is drawn on the client from a shared seed
+
+    def aggregate(self, server: Server, updates: list[ClientUpdate],
+                  downlinks: list[Downlink]) -> None:
+        server.count_coverage(updates)
+        stacks = stack_factors(server, updates, downlinks)
+        self.stack_numbers = sum(b.numel() + a.numel() for b, a in stacks.values())
+        with torch.no_grad():
+            for name, (b, a) in stacks.items():
+                server.modules[name].weight += b @ a  # W0 <- W0 + sum_i p_i s_i B_i A_i
+
+
+def stack_factors(server: Server, updates: list[ClientUpdate],
+                  downlinks: list[Downlink]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """(B_st (m x sum k), A_st (sum k x n)) per module, weights p_i s_i folded into B."""
+    total = sum(u.num_examples for u in updates)
+    bs: dict[str, list[torch.Tensor]] = {}
+    as_: dict[str, list[torch.Tensor]] = {}
+    for update, down in zip(updates, downlinks):
+        p = update.num_examples / total
+        for name, (db, da) in update.deltas.items():
+            f = down[name]
+            s_i = server.modules[name].scaling * f.sketch.scale
+            bs.setdefault(name, []).append(p * s_i * (f.b + db))  # (m, k_i)
+            as_.setdefault(name, []).append(f.a + da)  # (k_i, n)
+    return {name: (torch.cat(bs[name], 1), torch.cat(as_[name], 0)) for name in bs}
+
+
+METHODS = ("fslora", "fedavg-min", "fedavg-full", "hetlora", "flexlora", "flora",
+           "fslora-topk", "fslora-importance")
+
+
+def make_method(name: str, alpha: float, r: int, rslora: bool,
+                init_stream: torch.Generator) -> Method:
+    """The strategy object for a method name (`init_stream` seeds fresh LoRAs of FlexLoRA/FLoRA)."""
+    if name == "fslora":
+        return Method()
+    if name in ("fedavg-min", "fedavg-full"):
+        return FedAvgLoRA(full=name == "fedavg-full")
+    if name == "hetlora":
+        return HetLoRA()
+    if name == "flexlora":
+        return FlexLoRA(alpha, r, rslora, init_stream)
+    if name == "flora":
+        return FLoRA(alpha, r, rslora, init_stream)
+    if name == "fslora-topk":
+        return TopKImportance()
+    if name == "fslora-importance":
+        return ReweightedImportance()
+    raise ValueError(f"method must be one of {METHODS}, got {name!r}")
