@@ -1,5 +1,5 @@
 """Command line: `python -m fslora_min` runs the demo; `python -m fslora_min run --help` lists
-every knob. Every value is validated by the config dataclasses, whose errors name the value."""
+every knob; `python -m fslora_min compare [--quick]` compares every method (fslora_min/compare.py). Every value is validated by the config dataclasses, whose errors name the value."""
 
 from __future__ import annotations
 
@@ -85,6 +85,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cpu, cuda, or auto (a GPU when there is one)")
     g.add_argument("--out", default=d_exp.out_dir, help="output folder (created if needed)")
     g.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    cmp = sub.add_parser("compare", help="all methods and the ablations over several seeds, "
+                                         "with tables and figures (fslora_min/compare.py)",
+                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    cmp.add_argument("--quick", action="store_true",
+                     help="2 seeds, 1 lr, 3 rounds, 4 clients: every output in a few minutes")
+    cmp.add_argument("--out", default=None,
+                     help="output folder (default results/compare, or results/compare-quick)")
     return parser
 
 
@@ -136,6 +143,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    if args.command == "compare":
+        from fslora_min.compare import CompareConfig, quick_config, run_compare
+
+        out = args.out or ("results/compare-quick" if args.quick else CompareConfig().out_dir)
+        run_compare(quick_config(out) if args.quick else CompareConfig(out_dir=out))
+        return 0
     try:
         cfg = config_from_args(args)
         history, info = run_experiment(cfg, progress=not args.no_progress)

@@ -1,0 +1,50 @@
+"""Figures of a comparison: held-out curves per configuration, and rank-index coverage."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display needed
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def plot_curves(rows: list, title: str, path: Path) -> None:
+    """Global held-out loss against round (mean over seeds, band = +-1 std), and final accuracy."""
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    for row in rows:
+        curves = np.array([[loss for _, loss in r["curve"]] for r in row.runs])  # (seeds, evals)
+        rounds = [t for t, _ in row.runs[0]["curve"]]
+        mean, std = curves.mean(0), curves.std(0)
+        axes[0].plot(rounds, mean, marker=".", label=f"{row.label} (lr {row.lr:g})")
+        axes[0].fill_between(rounds, mean - std, mean + std, alpha=0.2)
+    axes[0].set(xlabel="round", ylabel="global held-out loss", title="loss (mean ± std)")
+    axes[0].legend(fontsize=7)
+    accs = [[r["acc"] for r in row.runs] for row in rows]
+    axes[1].bar(range(len(rows)), [np.mean(a) for a in accs], yerr=[np.std(a) for a in accs],
+                color="tab:green", capsize=3)
+    axes[1].set_xticks(range(len(rows)), [row.label for row in rows], rotation=30, ha="right",
+                       fontsize=7)
+    axes[1].set(ylabel="final next-token accuracy", title="accuracy (mean ± std)")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_coverage(rows: list, path: Path) -> None:
+    """Times each rank index j of each module was trained, summed over seeds, one panel a method."""
+    fig, axes = plt.subplots(1, len(rows), figsize=(4 * len(rows), 3.6), squeeze=False)
+    for ax, row in zip(axes[0], rows):
+        names = list(row.runs[0]["coverage"])
+        cov = sum(np.array([r["coverage"][n] for n in names]) for r in row.runs)  # (modules, r)
+        im = ax.imshow(cov, aspect="auto", cmap="viridis", interpolation="nearest")
+        ax.set(xlabel="rank index j", title=f"{row.label}: min {cov.min()}, max {cov.max()}")
+        ax.set_yticks(range(len(names)), [n.replace("blocks.", "") for n in names], fontsize=5)
+        fig.colorbar(im, ax=ax)
+    fig.suptitle("How often each rank index was trained (all rounds, clients and seeds)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
