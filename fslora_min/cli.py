@@ -90,6 +90,12 @@ def build_parser() -> argparse.ArgumentParser:
                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     cmp.add_argument("--quick", action="store_true",
                      help="2 seeds, 1 lr, 3 rounds, 4 clients: every output in a few minutes")
+    cmp.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd",
+                     help="the clients' local optimizer")
+    cmp.add_argument("--lr-grid", type=float, nargs="+", default=None,
+                     help="local learning rates every row is tuned over (default: compare.py's)")
+    cmp.add_argument("--main-only", action="store_true",
+                     help="only the main and importance tables, no ablations")
     cmp.add_argument("--out", default=None,
                      help="output folder (default results/compare, or results/compare-quick)")
     return parser
@@ -147,7 +153,10 @@ def main(argv: list[str] | None = None) -> int:
         from fslora_min.compare import CompareConfig, quick_config, run_compare
 
         out = args.out or ("results/compare-quick" if args.quick else CompareConfig().out_dir)
-        run_compare(quick_config(out) if args.quick else CompareConfig(out_dir=out))
+        cfg = quick_config(out) if args.quick else CompareConfig(out_dir=out)
+        cfg = replace(cfg, optimizer=args.optimizer, main_only=args.main_only,
+                      lr_grid=tuple(args.lr_grid) if args.lr_grid else cfg.lr_grid)
+        run_compare(cfg)
         return 0
     try:
         cfg = config_from_args(args)

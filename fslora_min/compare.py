@@ -18,6 +18,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -27,7 +28,6 @@ from fslora_min.client import ClientConfig
 from fslora_min.data import DataConfig
 from fslora_min.experiment import ExperimentConfig, run_experiment
 from fslora_min.federation import FederationConfig
-from fslora_min.methods import METHODS
 from fslora_min.model import ModelConfig
 from fslora_min.pretrain import PretrainConfig
 from fslora_min.profiles import (DEFAULT_PROFILES, budgets_from_profiles, memory_bytes,
@@ -41,7 +41,9 @@ IMPORTANCE_METHODS = ("fslora", "fslora-topk", "fslora-importance")
 class CompareConfig:
     seeds: tuple[int, ...] = (0, 1, 2)  # evaluation seeds
     tune_seed: int = 100  # learning rates are chosen on this seed only
-    lr_grid: tuple[float, ...] = (0.01, 0.03, 0.1, 0.3, 1.0)  # local SGD learning rates
+    lr_grid: tuple[float, ...] = (0.01, 0.03, 0.1, 0.3, 1.0)  # local learning rates
+    optimizer: str = "sgd"  # the clients' optimizer: "sgd" or "adamw" (fresh state each round)
+    main_only: bool = False  # only the main table (and coverage), no ablations
     rounds: int = 30  # T
     num_clients: int = 8  # N, all participating
     rank: int = 16  # r
@@ -78,6 +80,7 @@ def task(cfg: CompareConfig) -> ExperimentConfig:
                             pretrain=PretrainConfig(steps=cfg.pretrain_steps, batch_size=32,
                                                     lr=1e-2),
                             client=ClientConfig(local_steps=cfg.local_steps,
+                                                optimizer=cfg.optimizer,
                                                 batch_size=cfg.batch_size))
 
 
@@ -230,9 +233,10 @@ def run_compare(cfg: CompareConfig) -> Path:
     base = task(cfg)
     budgets_md, budgets = budget_table(base, cfg)
     base = replace(base, budgets=budgets)
-    n_sk = 3
-    total = (len(MAIN_METHODS) + 2 + len(cfg.rank_multiples) + len(cfg.ratio_sweep) + n_sk) * (
-        len(cfg.lr_grid) + len(cfg.seeds))
+    n_rows = len(MAIN_METHODS) + 2
+    if not cfg.main_only:
+        n_rows += len(cfg.rank_multiples) + len(cfg.ratio_sweep) + 3
+    total = n_rows * (len(cfg.lr_grid) + len(cfg.seeds))
     bar = tqdm(total=total, desc="compare runs")
     start = time.perf_counter()
 
@@ -248,7 +252,35 @@ def run_compare(cfg: CompareConfig) -> Path:
     by_method = {r.label: r for r in rows_for([(m, replace(base, method=m)) for m in methods])}
     main = [by_method[m] for m in MAIN_METHODS]
     importance = [by_method[m] for m in IMPORTANCE_METHODS]
+    header = (f"seeds {list(cfg.seeds)} (lr tuned on seed {cfg.tune_seed} over "
+              f"{list(cfg.lr_grid)} by the clients' held-out loss), T={cfg.rounds}, "
+              f"N={cfg.num_clients} (all participate), H={cfg.local_steps}, "
+              f"batch {cfg.batch_size}, client optimizer {cfg.optimizer}, "
+              f"alpha={cfg.lora_alpha}, torch threads 1\n")
+    sections = [("main", "FSLoRA against the baselines at the same client budgets", main, None),
+                ("importance", "Uniform index sets vs importance without / with reweighting",
+                 importance, None)]
+    if not cfg.main_only:
+        sections += ablations(cfg, base, rows_for)
+    bar.close()
+    for name, title, rows, extra in sections:
+        md = f"# {title}\n\n{header}\n" + results_table(rows, extra)
+        md += "\n## Learning-rate tuning (clients' held-out loss, tuning seed)\n\n"
+        md += tuning_table(rows)
+        if name == "main":
+            md += "\n## Client budgets from device profiles\n\n" + budgets_md
+        (out / f"{name}.md").write_text(md)
+        plots_compare.plot_curves(rows, title, out / f"{name}.png")
+    plots_compare.plot_coverage([by_method[m] for m in ("fslora", "hetlora", "fslora-topk",
+                                                        "fslora-importance")],
+                                out / "coverage.png")
+    print(f"compare: {time.perf_counter() - start:.0f} s; wrote {out}/*.md and *.png")
+    return out
 
+
+def ablations(cfg: CompareConfig, base: ExperimentConfig,
+              rows_for: Callable[[list[tuple[str, ExperimentConfig]]], list[Row]]) -> list[tuple]:
+    """(name, title, rows, extra columns) of the global-rank, ratio and same-upload ablations."""
     k = cfg.rank_ablation_k
     rank_rows = rows_for([(f"r={k * c}", replace(base, budgets=[k] * cfg.num_clients,
                                                  federation=replace(base.federation, rank=k * c)))
@@ -266,34 +298,10 @@ def run_compare(cfg: CompareConfig) -> Path:
         (f"no sketch k=r={half}, 2T", replace(base, budgets=[half] * cfg.num_clients,
                                               federation=replace(long_fed, rank=half))),
     ])
-    bar.close()
-
     upload = {"MiB up in total": [f"{np.mean([r['bytes_up_total'] for r in row.runs]) / 2**20:.2f}"
                                   for row in sketch_rows]}
-    sections = [
-        ("main", "FSLoRA against the baselines at the same client budgets", main, None),
-        ("global_rank", f"Global rank r, every client k_i = {k}", rank_rows, None),
-        ("sketch_ratio", "Sketching ratio k/r (every client the same), r = " + str(cfg.rank),
-         ratio_rows, None),
-        ("sketch_vs_nosketch", "Same total upload: sketching vs no sketching", sketch_rows,
-         upload),
-        ("importance", "Uniform index sets vs importance without / with reweighting",
-         importance, None),
-    ]
-    header = (f"seeds {list(cfg.seeds)} (lr tuned on seed {cfg.tune_seed} over "
-              f"{list(cfg.lr_grid)} by the clients' held-out loss), T={cfg.rounds}, "
-              f"N={cfg.num_clients} (all participate), H={cfg.local_steps}, "
-              f"batch {cfg.batch_size}, alpha={cfg.lora_alpha}, torch threads 1\n")
-    for name, title, rows, extra in sections:
-        md = f"# {title}\n\n{header}\n" + results_table(rows, extra)
-        md += "\n## Learning-rate tuning (clients' held-out loss, tuning seed)\n\n"
-        md += tuning_table(rows)
-        if name == "main":
-            md += "\n## Client budgets from device profiles\n\n" + budgets_md
-        (out / f"{name}.md").write_text(md)
-        plots_compare.plot_curves(rows, title, out / f"{name}.png")
-    plots_compare.plot_coverage([by_method[m] for m in ("fslora", "hetlora", "fslora-topk",
-                                                        "fslora-importance")],
-                                out / "coverage.png")
-    print(f"compare: {time.perf_counter() - start:.0f} s; wrote {out}/*.md and *.png")
-    return out
+    return [("global_rank", f"Global rank r, every client k_i = {k}", rank_rows, None),
+            ("sketch_ratio", f"Sketching ratio k/r (every client the same), r = {cfg.rank}",
+             ratio_rows, None),
+            ("sketch_vs_nosketch", "Same total upload: sketching vs no sketching", sketch_rows,
+             upload)]

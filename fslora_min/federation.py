@@ -21,7 +21,7 @@ from fslora_min.budgets import validate_ranks
 from fslora_min.client import ClientConfig, train_client
 from fslora_min.data import FederatedData, minibatches, split_inputs_targets
 from fslora_min.lora import ALL_TARGETS
-from fslora_min.methods import Method, payload_numbers
+from fslora_min.methods import Method
 from fslora_min.model import lm_loss
 from fslora_min.rng import MINIBATCHES, PARTICIPANTS, SKETCHES, generator
 from fslora_min.server import Server, sample_participants
