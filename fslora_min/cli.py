@@ -9,6 +9,7 @@ from dataclasses import replace
 
 from fslora_min.budgets import DISTRIBUTIONS
 from fslora_min.client import OPTIMIZERS, ClientConfig
+from fslora_min.compare import TABLES, CompareConfig, quick_config, run_compare
 from fslora_min.data import DataConfig
 from fslora_min.experiment import METHODS, ExperimentConfig, run_experiment, write_outputs
 from fslora_min.federation import FederationConfig
@@ -94,8 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="the clients' local optimizer")
     cmp.add_argument("--lr-grid", type=float, nargs="+", default=None,
                      help="local learning rates every row is tuned over (default: compare.py's)")
-    cmp.add_argument("--main-only", action="store_true",
-                     help="only the main and importance tables, no ablations")
+    cmp.add_argument("--tables", nargs="+", choices=TABLES, default=list(TABLES),
+                     help="which tables to produce (main includes importance and coverage)")
+    cmp.add_argument("--rounds", type=int, default=None,
+                     help="communication rounds T (default: compare.py's)")
     cmp.add_argument("--out", default=None,
                      help="output folder (default results/compare, or results/compare-quick)")
     return parser
@@ -150,12 +153,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     if args.command == "compare":
-        from fslora_min.compare import CompareConfig, quick_config, run_compare
 
         out = args.out or ("results/compare-quick" if args.quick else CompareConfig().out_dir)
         cfg = quick_config(out) if args.quick else CompareConfig(out_dir=out)
-        cfg = replace(cfg, optimizer=args.optimizer, main_only=args.main_only,
-                      lr_grid=tuple(args.lr_grid) if args.lr_grid else cfg.lr_grid)
+        cfg = replace(cfg, optimizer=args.optimizer, tables=tuple(args.tables),
+                      lr_grid=tuple(args.lr_grid) if args.lr_grid else cfg.lr_grid,
+                      rounds=args.rounds or cfg.rounds)
         run_compare(cfg)
         return 0
     try:

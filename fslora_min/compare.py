@@ -35,6 +35,7 @@ from fslora_min.profiles import (DEFAULT_PROFILES, budgets_from_profiles, memory
 
 MAIN_METHODS = ("fslora", "hetlora", "flexlora", "flora", "fedavg-min", "fedavg-full")
 IMPORTANCE_METHODS = ("fslora", "fslora-topk", "fslora-importance")
+TABLES = ("main", "global_rank", "sketch_ratio", "sketch_vs_nosketch")  # main: + importance
 
 
 @dataclass
@@ -43,7 +44,7 @@ class CompareConfig:
     tune_seed: int = 100  # learning rates are chosen on this seed only
     lr_grid: tuple[float, ...] = (0.01, 0.03, 0.1, 0.3, 1.0)  # local learning rates
     optimizer: str = "sgd"  # the clients' optimizer: "sgd" or "adamw" (fresh state each round)
-    main_only: bool = False  # only the main table (and coverage), no ablations
+    tables: tuple[str, ...] = TABLES  # which tables (and figures) to produce
     rounds: int = 30  # T
     num_clients: int = 8  # N, all participating
     rank: int = 16  # r
@@ -59,6 +60,8 @@ class CompareConfig:
     def __post_init__(self) -> None:
         if len(self.seeds) < 1 or not self.lr_grid:
             raise ValueError("need at least one seed and one learning rate")
+        if not self.tables or set(self.tables) - set(TABLES):
+            raise ValueError(f"tables must be a non-empty subset of {TABLES}, got {self.tables}")
 
 
 def quick_config(out_dir: str) -> CompareConfig:
@@ -233,9 +236,9 @@ def run_compare(cfg: CompareConfig) -> Path:
     base = task(cfg)
     budgets_md, budgets = budget_table(base, cfg)
     base = replace(base, budgets=budgets)
-    n_rows = len(MAIN_METHODS) + 2
-    if not cfg.main_only:
-        n_rows += len(cfg.rank_multiples) + len(cfg.ratio_sweep) + 3
+    sizes = {"main": len(MAIN_METHODS) + 2, "global_rank": len(cfg.rank_multiples),
+             "sketch_ratio": len(cfg.ratio_sweep), "sketch_vs_nosketch": 3}
+    n_rows = sum(sizes[t] for t in cfg.tables)
     total = n_rows * (len(cfg.lr_grid) + len(cfg.seeds))
     bar = tqdm(total=total, desc="compare runs")
     start = time.perf_counter()
@@ -248,20 +251,25 @@ def run_compare(cfg: CompareConfig) -> Path:
             rows.append(Row(label, lr, runs, tuning))
         return rows
 
-    methods = list(dict.fromkeys(MAIN_METHODS + IMPORTANCE_METHODS))
-    by_method = {r.label: r for r in rows_for([(m, replace(base, method=m)) for m in methods])}
-    main = [by_method[m] for m in MAIN_METHODS]
-    importance = [by_method[m] for m in IMPORTANCE_METHODS]
     header = (f"seeds {list(cfg.seeds)} (lr tuned on seed {cfg.tune_seed} over "
               f"{list(cfg.lr_grid)} by the clients' held-out loss), T={cfg.rounds}, "
               f"N={cfg.num_clients} (all participate), H={cfg.local_steps}, "
               f"batch {cfg.batch_size}, client optimizer {cfg.optimizer}, "
               f"alpha={cfg.lora_alpha}, torch threads 1\n")
-    sections = [("main", "FSLoRA against the baselines at the same client budgets", main, None),
-                ("importance", "Uniform index sets vs importance without / with reweighting",
-                 importance, None)]
-    if not cfg.main_only:
-        sections += ablations(cfg, base, rows_for)
+    sections = []
+    if "main" in cfg.tables:
+        methods = list(dict.fromkeys(MAIN_METHODS + IMPORTANCE_METHODS))
+        by_method = {r.label: r for r in rows_for([(m, replace(base, method=m))
+                                                   for m in methods])}
+        sections += [("main", "FSLoRA against the baselines at the same client budgets",
+                      [by_method[m] for m in MAIN_METHODS], None),
+                     ("importance", "Uniform index sets vs importance without / with "
+                                    "reweighting", [by_method[m] for m in IMPORTANCE_METHODS],
+                      None)]
+        plots_compare.plot_coverage([by_method[m] for m in ("fslora", "hetlora", "fslora-topk",
+                                                            "fslora-importance")],
+                                    out / "coverage.png")
+    sections += ablations(cfg, base, rows_for)
     bar.close()
     for name, title, rows, extra in sections:
         md = f"# {title}\n\n{header}\n" + results_table(rows, extra)
@@ -271,23 +279,27 @@ def run_compare(cfg: CompareConfig) -> Path:
             md += "\n## Client budgets from device profiles\n\n" + budgets_md
         (out / f"{name}.md").write_text(md)
         plots_compare.plot_curves(rows, title, out / f"{name}.png")
-    plots_compare.plot_coverage([by_method[m] for m in ("fslora", "hetlora", "fslora-topk",
-                                                        "fslora-importance")],
-                                out / "coverage.png")
     print(f"compare: {time.perf_counter() - start:.0f} s; wrote {out}/*.md and *.png")
     return out
 
 
 def ablations(cfg: CompareConfig, base: ExperimentConfig,
               rows_for: Callable[[list[tuple[str, ExperimentConfig]]], list[Row]]) -> list[tuple]:
-    """(name, title, rows, extra columns) of the global-rank, ratio and same-upload ablations."""
-    k = cfg.rank_ablation_k
-    rank_rows = rows_for([(f"r={k * c}", replace(base, budgets=[k] * cfg.num_clients,
-                                                 federation=replace(base.federation, rank=k * c)))
-                          for c in cfg.rank_multiples])
-    ratio_rows = rows_for([(f"k/r={ratio:g}", replace(
-        base, budgets=[max(1, round(ratio * cfg.rank))] * cfg.num_clients))
-                           for ratio in cfg.ratio_sweep])
+    """(name, title, rows, extra columns) of the requested ablations among cfg.tables."""
+    k, sections = cfg.rank_ablation_k, []
+    if "global_rank" in cfg.tables:
+        rows = rows_for([(f"r={k * c}", replace(base, budgets=[k] * cfg.num_clients,
+                                                federation=replace(base.federation, rank=k * c)))
+                         for c in cfg.rank_multiples])
+        sections.append(("global_rank", f"Global rank r, every client k_i = {k}", rows, None))
+    if "sketch_ratio" in cfg.tables:
+        rows = rows_for([(f"k/r={ratio:g}",
+                          replace(base, budgets=[max(1, round(ratio * cfg.rank))] * cfg.num_clients))
+                         for ratio in cfg.ratio_sweep])
+        sections.append(("sketch_ratio", f"Sketching ratio k/r (every client the same), "
+                                         f"r = {cfg.rank}", rows, None))
+    if "sketch_vs_nosketch" not in cfg.tables:
+        return sections
     half = max(1, cfg.rank // 2)
     long_fed = replace(base.federation, rounds=2 * cfg.rounds,
                        eval_every=max(1, 2 * cfg.rounds // 10))
@@ -300,8 +312,5 @@ def ablations(cfg: CompareConfig, base: ExperimentConfig,
     ])
     upload = {"MiB up in total": [f"{np.mean([r['bytes_up_total'] for r in row.runs]) / 2**20:.2f}"
                                   for row in sketch_rows]}
-    return [("global_rank", f"Global rank r, every client k_i = {k}", rank_rows, None),
-            ("sketch_ratio", f"Sketching ratio k/r (every client the same), r = {cfg.rank}",
-             ratio_rows, None),
-            ("sketch_vs_nosketch", "Same total upload: sketching vs no sketching", sketch_rows,
-             upload)]
+    return sections + [("sketch_vs_nosketch", "Same total upload: sketching vs no sketching",
+                        sketch_rows, upload)]
