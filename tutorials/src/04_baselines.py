@@ -126,10 +126,11 @@ for name in ("global_rank", "sketch_ratio", "sketch_vs_nosketch"):
 # %% [markdown]
 # ## Which ranks get trained
 #
-# Uniform index sets (FSLoRA) train every rank index equally often; HetLoRA's prefixes train
-# index 0 by every client and the top indices only by the laptop; the importance rules (top-k by
-# a score, or sampled by it without the reweighting that keeps `E[S] = I`) concentrate on a few
-# indices. The importance table compares them.
+# Uniform index sets (FSLoRA) train every rank index about equally often. HetLoRA's prefixes
+# train indices 0-1 by every client, 8-11 only by the laptop (`k = 12`), and 12-15 never. Top-k
+# by an importance score leaves some indices untrained and trains others in almost every round;
+# sampling by importance (reweighted so that `E[S] = I`) spreads less evenly than uniform. The
+# importance table compares their losses.
 
 # %%
 show_result("importance")
