@@ -18,8 +18,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from fslora_min.budgets import validate_ranks
-from fslora_min.client import ClientConfig, train_client
+from fslora_min.client import ClientConfig
 from fslora_min.data import FederatedData, minibatches, split_inputs_targets
+from fslora_min.engine import ENGINES, resolve_engine, train_clients
 from fslora_min.lora import ALL_TARGETS
 from fslora_min.methods import Method
 from fslora_min.model import lm_loss
@@ -38,12 +39,15 @@ class FederationConfig:
     targets: tuple[str, ...] = ALL_TARGETS
     seed: int = 0
     eval_every: int = 1  # rounds between global held-out evaluations (the last is always done)
+    engine: str = "auto"  # "sequential", "batched" or "auto" (the faster one on the device)
 
     def __post_init__(self) -> None:
         for name in ("num_clients", "participants", "rounds", "rank", "eval_every"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.engine not in ENGINES:
+            raise ValueError(f"engine must be one of {ENGINES}, got {self.engine!r}")
         if self.participants > self.num_clients:
             raise ValueError(f"participants={self.participants} exceeds "
                              f"num_clients={self.num_clients}")
@@ -115,6 +119,7 @@ class Federation:
         self.batch_streams = [minibatches(c.train, client.batch_size,
                                           generator(fed.seed, MINIBATCHES, i))
                               for i, c in enumerate(data.clients)]
+        self.engine = resolve_engine(fed.engine, next(server.model.parameters()).device)
         self.history = History()
 
     def run_round(self, t: int) -> RoundRecord:
@@ -122,16 +127,16 @@ class Federation:
         server, method = self.server, self.method
         participants = sample_participants(self.fed.num_clients, self.fed.participants,
                                            self.participant_stream)
-        updates, downlinks, down, up = [], [], [], []
-        for i in participants:
-            sketches = method.sketches(server, self.ranks[i], self.sketch_stream)
-            downlink = method.downlink(server, sketches)
-            update = train_client(server.model, i, downlink, self.batch_streams[i],
-                                  lm_batch_loss, self.client_cfg, len(self.data.clients[i].train))
-            down.append(method.numbers_down(downlink))
-            up.append(sum(db.numel() + da.numel() for db, da in update.deltas.values()))
-            updates.append(update)
-            downlinks.append(downlink)
+        # local training never moves the server's factors, so all downlinks can be made first
+        downlinks = [method.downlink(server, method.sketches(server, self.ranks[i],
+                                                             self.sketch_stream))
+                     for i in participants]
+        updates = train_clients(self.engine, server.model, participants, downlinks,
+                                [self.batch_streams[i] for i in participants], lm_batch_loss,
+                                self.client_cfg,
+                                [len(self.data.clients[i].train) for i in participants])
+        down = [method.numbers_down(downlink) for downlink in downlinks]
+        up = [sum(db.numel() + da.numel() for db, da in u.deltas.values()) for u in updates]
         method.aggregate(server, updates, downlinks)
         width = next(iter(server.modules.values())).lora_B.element_size()
         record = RoundRecord(t, participants, [self.ranks[i] for i in participants], down, up,

@@ -4,26 +4,30 @@
     W = W0 + s * (r/k) * B[:, I] @ A[I, :]  (with a sketch: W0 + s * B S A)
 
 `lora_B` (m x r) starts at zero and `lora_A` (r x n) random, so at init the layer equals its
-base. The layer runs in one of three modes, chosen by context managers, never by train()/eval():
+base. The layer runs in one of four modes, chosen by context managers, never by train()/eval():
 - global:  W0 + s B A, the server's model (evaluation, inference);
 - sketched: W0 + s B S A on the global factors; gradients reach only the ranks in I;
 - compact:  W0 + s (r/k) b a with client-owned factors b = B[:, I] (m x k), a = A[I, :] (k x n):
-            what a client trains, so its trainable state scales with k, never with r.
+            what a client trains, so its trainable state scales with k, never with r;
+- batched:  P clients' compact factors at once (fslora_min/engine.py): the input holds the
+            clients' tokens side by side, W0 runs once over all of them, and client p's rows get
+            s (r/k_p) b_p a_p (kernels/batched_lora.py).
 Modules are found by type (`lora_modules`), never by matching parameter names.
 """
 
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn as nn
 
 from fslora_min.sketch import Sketch, check_rank_pair
 from kernels import lora_linear
+from kernels.batched_lora import batched_lora_linear
 
 
 def lora_scale(alpha: float, r: int, rslora: bool = False) -> float:
@@ -41,6 +45,15 @@ class CompactFactors:
     b: torch.Tensor  # (m, k)
     a: torch.Tensor  # (k, n)
     sketch: Sketch
+
+
+@dataclass
+class BatchedFactors:
+    """P clients' factors for one module, zero-padded to K = max_p k_p (kernels/batched_lora.py)."""
+
+    b: torch.Tensor  # (P, m, K)
+    a: torch.Tensor  # (P, K, n)
+    coef: torch.Tensor  # (P, K): s * diag(S_p) at client p's k_p ranks, 0 at its padding
 
 
 class LoRALinear(nn.Module):
@@ -65,6 +78,7 @@ class LoRALinear(nn.Module):
         self.backend = backend
         self.sketch: Sketch | None = None  # set by `sketched(...)`
         self.compact: CompactFactors | None = None  # set by `compact_factors(...)`
+        self.batched: BatchedFactors | None = None  # set by `batched_compact_factors(...)`
         self.merged = False
 
     @property
@@ -97,9 +111,14 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (..., n) -> (..., m)
         if self.merged:
-            if self.sketch is not None or self.compact is not None:
+            if self.sketch is not None or self.compact is not None or self.batched is not None:
                 raise RuntimeError("a merged LoRA layer cannot run sketched: unmerge() first")
             return nn.functional.linear(x, self.weight, self.bias)
+        if self.batched is not None:  # P clients: W0 + s (r/k_p) b_p a_p on client p's rows
+            f = self.batched
+            xs = x.reshape(f.b.shape[0], -1, x.shape[-1])  # (P, T, n): clients in batch order
+            y = batched_lora_linear(xs, self.weight, self.bias, f.b, f.a, f.coef)  # (P, T, m)
+            return y.reshape(*x.shape[:-1], y.shape[-1])
         if self.compact is not None:  # client training: W0 + s (r/k) b a
             c = self.compact
             b, scale = _weighted(c.b, c.sketch, None, self.scaling)  # (m, k)
@@ -170,39 +189,53 @@ def lora_modules(model: nn.Module) -> list[tuple[str, LoRALinear]]:
 
 
 @contextmanager
-def sketched(model: nn.Module, sketches: dict[str, Sketch]) -> Iterator[None]:
+def _mode(model: nn.Module, attr: str, given: dict[str, Any],
+          check: Callable[[str, "LoRALinear", Any], None]) -> Iterator[None]:
+    """Set `attr` of every LoRA layer to its value in `given` (after `check`); unset on exit."""
+    modules = dict(lora_modules(model))
+    _check_names(modules, given)
+    try:
+        for name, value in given.items():
+            check(name, modules[name], value)
+            setattr(modules[name], attr, value)
+        yield
+    finally:
+        for m in modules.values():
+            setattr(m, attr, None)
+
+
+def sketched(model: nn.Module, sketches: dict[str, Sketch]) -> AbstractContextManager[None]:
     """Run the model's LoRA layers on the global factors with W0 + s B S A (one S per module)."""
-    modules = dict(lora_modules(model))
-    _check_names(modules, sketches)
-    try:
-        for name, sk in sketches.items():
-            if sk.rank != modules[name].r:
-                raise ValueError(f"sketch for {name} is over rank {sk.rank}, "
-                                 f"but the layer has r={modules[name].r}")
-            modules[name].sketch = sk
-        yield
-    finally:
-        for m in modules.values():
-            m.sketch = None
+    def check(name: str, layer: LoRALinear, sk: Sketch) -> None:
+        if sk.rank != layer.r:
+            raise ValueError(f"sketch for {name} is over rank {sk.rank}, "
+                             f"but the layer has r={layer.r}")
+    return _mode(model, "sketch", sketches, check)
 
 
-@contextmanager
-def compact_factors(model: nn.Module, factors: dict[str, CompactFactors]) -> Iterator[None]:
+def compact_factors(model: nn.Module, factors: dict[str, CompactFactors]) -> AbstractContextManager[None]:
     """Run the model's LoRA layers on client-owned compact factors: W0 + s (r/k) b a."""
-    modules = dict(lora_modules(model))
-    _check_names(modules, factors)
-    try:
-        for name, f in factors.items():
-            layer, k = modules[name], f.sketch.k
-            if f.b.shape != (layer.out_features, k) or f.a.shape != (k, layer.in_features):
-                raise ValueError(f"compact factors for {name} have shapes {tuple(f.b.shape)} and "
-                                 f"{tuple(f.a.shape)}, expected ({layer.out_features}, {k}) and "
-                                 f"({k}, {layer.in_features})")
-            layer.compact = f
-        yield
-    finally:
-        for m in modules.values():
-            m.compact = None
+    def check(name: str, layer: LoRALinear, f: CompactFactors) -> None:
+        k = f.sketch.k
+        if f.b.shape != (layer.out_features, k) or f.a.shape != (k, layer.in_features):
+            raise ValueError(f"compact factors for {name} have shapes {tuple(f.b.shape)} and "
+                             f"{tuple(f.a.shape)}, expected ({layer.out_features}, {k}) and "
+                             f"({k}, {layer.in_features})")
+    return _mode(model, "compact", factors, check)
+
+
+def batched_compact_factors(model: nn.Module, factors: dict[str, BatchedFactors]) -> AbstractContextManager[None]:
+    """Run the model's LoRA layers on P clients' padded factors at once (the batched mode).
+
+    The model's input must then hold the P clients' sequences in client order, equally many each.
+    """
+    def check(name: str, layer: LoRALinear, f: BatchedFactors) -> None:
+        P, K = f.coef.shape
+        if (f.b.shape != (P, layer.out_features, K) or f.a.shape != (P, K, layer.in_features)):
+            raise ValueError(f"batched factors for {name} have shapes {tuple(f.b.shape)} and "
+                             f"{tuple(f.a.shape)}, expected ({P}, {layer.out_features}, {K}) and "
+                             f"({P}, {K}, {layer.in_features})")
+    return _mode(model, "batched", factors, check)
 
 
 def _check_names(modules: dict[str, LoRALinear], given: dict) -> None:
