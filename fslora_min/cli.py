@@ -1,17 +1,21 @@
 """Command line: `python -m fslora_min` runs the demo; `python -m fslora_min run --help` lists
-every knob; `python -m fslora_min compare [--quick]` compares every method (fslora_min/compare.py). Every value is validated by the config dataclasses, whose errors name the value."""
+every knob; `python -m fslora_min compare [--quick]` compares every method (fslora_min/compare.py). Every value is validated (by argparse types or the config dataclasses, whose errors name the value), and so are the output folder and the checkpoint to resume from, all before any training."""
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from dataclasses import replace
+from pathlib import Path
 
 from fslora_min.budgets import DISTRIBUTIONS
 from fslora_min.client import OPTIMIZERS, ClientConfig
 from fslora_min.compare import TABLES, CompareConfig, quick_config, run_compare
 from fslora_min.data import DataConfig
-from fslora_min.experiment import METHODS, ExperimentConfig, run_experiment, write_outputs
+from fslora_min.checkpoint import CHECKPOINT_NAME
+from fslora_min.experiment import (METHODS, PRESETS, ExperimentConfig, preset, run_experiment,
+                                   write_outputs)
 from fslora_min.federation import FederationConfig
 from fslora_min.lora import ALL_TARGETS
 from fslora_min.pretrain import PretrainConfig
@@ -27,6 +31,39 @@ def _ratio(text: str) -> float:
         return float(text)
     except (ValueError, ZeroDivisionError):
         raise argparse.ArgumentTypeError(f"not a ratio: {text!r} (use e.g. 0.25 or 1/4)")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be positive and finite, got {value}")
+    return value
+
+
+def check_out_dir(out: str) -> None:
+    """Create the output folder if needed and prove it writable, before any training."""
+    if not out.strip():
+        raise ValueError("the output folder must be a non-empty path")
+    probe = Path(out) / ".write-test"
+    try:
+        probe.parent.mkdir(parents=True, exist_ok=True)
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise ValueError(f"output folder {out!r} is not writable: {err.strerror}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="rounds between global held-out evaluations")
     g.add_argument("--dirichlet-alpha", type=float, default=d_data.dirichlet_alpha,
                    help="client topic skew: Dirichlet concentration (small = strong skew)")
+    g.add_argument("--dropout", type=float, default=d_fed.dropout,
+                   help="probability that a participant fails mid-round, in [0, 1)")
     g = run.add_argument_group("local training (clients)")
     g.add_argument("--local-steps", type=int, default=d_cli.local_steps, help="H")
     g.add_argument("--lr", type=float, default=d_cli.lr, help="local learning rate eta_l")
@@ -79,12 +118,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--aggregation", choices=AGGREGATIONS, default=d_srv.aggregation,
                    help="divide by the participants, or per rank by the clients that drew it")
     g = run.add_argument_group("run")
-    g.add_argument("--pretrain-steps", type=int, default=d_pre.steps,
-                   help="base-model pretraining steps (cached by configuration)")
+    g.add_argument("--preset", choices=PRESETS, default="default",
+                   help="model and data size: default (the demo) or tiny (seconds, for tests)")
+    g.add_argument("--pretrain-steps", type=int, default=None,
+                   help=f"base-model pretraining steps, cached by configuration (default: the "
+                        f"preset's, {d_pre.steps} for default)")
     g.add_argument("--seed", type=int, default=d_fed.seed, help="seeds every random stream")
     g.add_argument("--device", default=d_exp.device,
                    help="cpu, cuda, or auto (a GPU when there is one)")
     g.add_argument("--out", default=d_exp.out_dir, help="output folder (created if needed)")
+    g.add_argument("--checkpoint-every", type=int, default=d_exp.checkpoint_every,
+                   help="rounds between checkpoints in the output folder (0: none)")
+    g.add_argument("--resume", action="store_true",
+                   help="continue from the output folder's checkpoint (same arguments)")
     g.add_argument("--no-progress", action="store_true", help="hide progress bars")
     cmp = sub.add_parser("compare", help="all methods and the ablations over several seeds, "
                                          "with tables and figures (fslora_min/compare.py)",
@@ -93,11 +139,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="2 seeds, 1 lr, 3 rounds, 4 clients: every output in a few minutes")
     cmp.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd",
                      help="the clients' local optimizer")
-    cmp.add_argument("--lr-grid", type=float, nargs="+", default=None,
+    cmp.add_argument("--lr-grid", type=_positive_float, nargs="+", default=None,
                      help="local learning rates every row is tuned over (default: compare.py's)")
     cmp.add_argument("--tables", nargs="+", choices=TABLES, default=list(TABLES),
                      help="which tables to produce (main includes importance and coverage)")
-    cmp.add_argument("--rounds", type=int, default=None,
+    cmp.add_argument("--rounds", type=_positive_int, default=None,
                      help="communication rounds T (default: compare.py's)")
     cmp.add_argument("--out", default=None,
                      help="output folder (default results/compare, or results/compare-quick)")
@@ -106,22 +152,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
     """Turn parsed arguments into an ExperimentConfig; raises ValueError naming a bad value."""
-    d = ExperimentConfig()
     participants = args.clients if args.participants is None else args.participants
     fed = FederationConfig(num_clients=args.clients, participants=participants,
                            rounds=args.rounds, rank=args.rank, lora_alpha=args.lora_alpha,
                            rslora=args.rslora, targets=tuple(args.targets), seed=args.seed,
-                           eval_every=args.eval_every)
+                           eval_every=args.eval_every, dropout=args.dropout)
     client = ClientConfig(local_steps=args.local_steps, lr=args.lr,
                           optimizer=args.client_optimizer, batch_size=args.batch_size)
     server = ServerConfig(optimizer=args.server_optimizer, global_lr=args.global_lr,
                           aggregation=args.aggregation)
+    model, data, pretrain = preset(args.preset)
+    if args.pretrain_steps is not None:
+        pretrain = replace(pretrain, steps=args.pretrain_steps)
     return ExperimentConfig(
         method=args.method, ratios=list(args.ratios), rank_distribution=args.rank_distribution,
-        device=args.device, out_dir=args.out, model=d.model,
-        data=replace(d.data, dirichlet_alpha=args.dirichlet_alpha),
-        pretrain=replace(d.pretrain, steps=args.pretrain_steps), federation=fed,
-        client=client, server=server)
+        device=args.device, out_dir=args.out, checkpoint_every=args.checkpoint_every,
+        model=model, data=replace(data, dirichlet_alpha=args.dirichlet_alpha),
+        pretrain=pretrain, federation=fed, client=client, server=server)
 
 
 def print_summary(cfg: ExperimentConfig, history, info: dict) -> None:
@@ -163,7 +210,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         cfg = config_from_args(args)
-        history, info = run_experiment(cfg, progress=not args.no_progress)
+        check_out_dir(cfg.out_dir)
+        if args.resume and not (Path(cfg.out_dir) / CHECKPOINT_NAME).is_file():
+            raise ValueError(f"--resume: no checkpoint to resume from in {cfg.out_dir!r} "
+                             f"(run with --checkpoint-every N first)")
+        history, info = run_experiment(cfg, progress=not args.no_progress, resume=args.resume)
         out = write_outputs(cfg, history, info)
     except ValueError as err:
         parser.error(str(err))

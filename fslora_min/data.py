@@ -141,15 +141,49 @@ def pretraining_batches(cfg: DataConfig, batch_size: int, seed: int) -> Iterator
         yield sample_sequences(base, topics, cfg.seq_len + 1, g)
 
 
-def minibatches(seqs: torch.Tensor, batch_size: int,
-                generator: torch.Generator) -> Iterator[torch.Tensor]:
-    """Endless minibatches of rows of `seqs`: reshuffled every epoch by `generator`."""
-    if batch_size < 1:
-        raise ValueError(f"batch size must be positive, got {batch_size!r}")
-    while True:
-        order = torch.randperm(len(seqs), generator=generator)
-        for start in range(0, len(seqs) - batch_size + 1, batch_size) or [0]:
-            yield seqs[order[start:start + batch_size]]
+class Minibatches:
+    """Endless minibatches of rows of `seqs`, reshuffled every epoch by `generator`.
+
+    An iterator (not a generator function) so that its state, the generator's state, the
+    epoch's order and the position in it, can be checkpointed and restored exactly.
+    """
+
+    def __init__(self, seqs: torch.Tensor, batch_size: int, generator: torch.Generator) -> None:
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch size must be positive, got {batch_size!r}")
+        self.seqs, self.batch_size, self.generator = seqs, batch_size, generator
+        self.starts = range(0, len(seqs) - batch_size + 1, batch_size) or range(1)  # per epoch
+        self.order: torch.Tensor | None = None  # this epoch's permutation of the rows
+        self.position = 0  # batches already drawn in this epoch
+
+    def __iter__(self) -> Minibatches:
+        return self
+
+    def __next__(self) -> torch.Tensor:
+        if self.order is None or self.position == len(self.starts):
+            self.order = torch.randperm(len(self.seqs), generator=self.generator)
+            self.position = 0
+        start = self.starts[self.position]
+        self.position += 1
+        return self.seqs[self.order[start:start + self.batch_size]]
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state(), "order": self.order,
+                "position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        order, position = state["order"], state["position"]
+        if order is not None and sorted(order.tolist()) != list(range(len(self.seqs))):
+            raise ValueError(f"minibatch order is not a permutation of {len(self.seqs)} rows")
+        if not 0 <= position <= len(self.starts):
+            raise ValueError(f"minibatch position {position} is outside [0, {len(self.starts)}]")
+        self.generator.set_state(state["generator"])
+        self.order, self.position = order, position
+
+
+def minibatches(seqs: torch.Tensor, batch_size: int, generator: torch.Generator) -> Minibatches:
+    """Endless minibatches of rows of `seqs`, reshuffled every epoch by `generator`."""
+    return Minibatches(seqs, batch_size, generator)
 
 
 def split_inputs_targets(seqs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

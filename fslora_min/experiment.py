@@ -1,7 +1,9 @@
 """One experiment, end to end: base model, data, budgets, LoRA, server, federation, outputs.
 
 `ExperimentConfig` gathers every knob (one dataclass per part); `run_experiment` builds the
-pieces from it and plays the federation; `write_outputs` saves metrics.json and curves.png.
+pieces from it and plays the federation, checkpointing to out_dir/checkpoint.pt every
+`checkpoint_every` rounds and, with `resume`, continuing from there (fslora_min/checkpoint.py);
+`write_outputs` saves metrics.json and curves.png.
 """
 
 from __future__ import annotations
@@ -17,12 +19,13 @@ import torch
 import torch.nn as nn
 
 from fslora_min.budgets import ranks_from_distribution, ranks_from_ratios, PAPER_RATIOS
+from fslora_min.checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint, save_checkpoint
 from fslora_min.client import ClientConfig
 from fslora_min.data import DataConfig, make_federated_data
 from fslora_min.federation import Federation, FederationConfig, History, evaluate
 from fslora_min.lora import apply_lora, count_lora_parameters
 from fslora_min.methods import METHODS, make_method
-from fslora_min.model import ModelConfig, count_parameters
+from fslora_min.model import TEST_CONFIG, ModelConfig, count_parameters
 from fslora_min.pretrain import PretrainConfig, load_or_pretrain
 from fslora_min.rng import LORA_INIT, generator
 from fslora_min.server import Server, ServerConfig
@@ -36,6 +39,7 @@ class ExperimentConfig:
     budgets: list[int] | None = None  # instead of both: k_i per client (e.g. from profiles)
     device: str = "cpu"  # "cpu", "cuda", or "auto" (a GPU when there is one)
     out_dir: str = "runs/demo"
+    checkpoint_every: int = 0  # rounds between checkpoints in out_dir (0: none)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
@@ -44,6 +48,9 @@ class ExperimentConfig:
     server: ServerConfig = field(default_factory=ServerConfig)
 
     def __post_init__(self) -> None:
+        if not isinstance(self.checkpoint_every, int) or self.checkpoint_every < 0:
+            raise ValueError(f"checkpoint_every must be a non-negative integer, "
+                             f"got {self.checkpoint_every!r}")
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
         if self.data.seq_len > self.model.context:
@@ -52,6 +59,21 @@ class ExperimentConfig:
         if self.data.vocab_size != self.model.vocab_size:
             raise ValueError(f"data vocab_size={self.data.vocab_size} differs from the model's "
                              f"{self.model.vocab_size}")
+
+
+PRESETS = ("default", "tiny")
+
+
+def preset(name: str) -> tuple[ModelConfig, DataConfig, PretrainConfig]:
+    """Model, data and pretraining sizes: 'default' (the demo), 'tiny' (seconds; for tests)."""
+    if name == "default":
+        return ModelConfig(), DataConfig(), PretrainConfig()
+    if name == "tiny":
+        data = DataConfig(vocab_size=TEST_CONFIG.vocab_size, seq_len=TEST_CONFIG.context,
+                          n_base_topics=3, successors=2, train_seqs=12, heldout_seqs=4,
+                          global_heldout_seqs=16)
+        return TEST_CONFIG, data, PretrainConfig(steps=150, batch_size=16, lr=1e-2)
+    raise ValueError(f"preset must be one of {PRESETS}, got {name!r}")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -86,8 +108,28 @@ def full_rank(model: nn.Module, targets: tuple[str, ...]) -> int:
                if name in targets and isinstance(m, nn.Linear))
 
 
-def run_experiment(cfg: ExperimentConfig, progress: bool = True) -> tuple[History, dict]:
-    """Pretrain (or load) the base, adapt it with rank-r LoRA, and run the federation."""
+def resume_key(cfg: ExperimentConfig) -> dict:
+    """The configuration a checkpoint must match: all of it but where and how often to save."""
+    return {k: v for k, v in asdict(cfg).items() if k not in ("out_dir", "checkpoint_every")}
+
+
+def restore(federation: Federation, cfg: ExperimentConfig) -> None:
+    """Load out_dir/checkpoint.pt into `federation`; CheckpointError when it cannot."""
+    path = Path(cfg.out_dir) / CHECKPOINT_NAME
+    state = load_checkpoint(path, resume_key(cfg))
+    try:
+        federation.load_state_dict(state)
+    except (KeyError, TypeError, ValueError, RuntimeError) as err:
+        raise CheckpointError(f"{path} does not fit this run: {err}") from None
+
+
+def run_experiment(cfg: ExperimentConfig, progress: bool = True,
+                   resume: bool = False) -> tuple[History, dict]:
+    """Pretrain (or load) the base, adapt it with rank-r LoRA, and run the federation.
+
+    With `resume`, the federation continues from out_dir/checkpoint.pt, which must have been
+    written for the same configuration; the result is bit-identical to an uninterrupted run.
+    """
     device = resolve_device(cfg.device)
     fed = cfg.federation
     budgets = client_budgets(cfg)
@@ -113,8 +155,15 @@ def run_experiment(cfg: ExperimentConfig, progress: bool = True) -> tuple[Histor
         "client_trainable_parameters": [sum(k * (m + n) for m, n in shapes.values())
                                         for k in ranks],
     }
+    federation = Federation(server, data, ranks, fed, cfg.client, method)
+    if resume:
+        restore(federation, cfg)
+    path = Path(cfg.out_dir) / CHECKPOINT_NAME
+    if cfg.checkpoint_every:
+        path.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    history = Federation(server, data, ranks, fed, cfg.client, method).run(progress)
+    history = federation.run(progress, cfg.checkpoint_every,
+                             lambda state: save_checkpoint(path, resume_key(cfg), state))
     info["wall_seconds"] = time.perf_counter() - start
     info["client_heldout_loss"] = [evaluate(model, c.heldout)[0] for c in data.clients]
     return history, info

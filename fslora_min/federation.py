@@ -4,12 +4,23 @@ One loop serves FSLoRA and the baselines: a method differs only in its `Method` 
 (fslora_min/methods.py: which ranks each client trains at which scale, what it is sent, how the
 server aggregates). Every random draw comes from its own named stream
 (fslora_min/rng.py), so two methods run on one seed see the same participants and minibatches.
+
+Reliability (issue 7): each participant fails mid-round with probability `dropout` (after its
+download, before its upload); the server screens every upload (fslora_min/validation.py) and
+aggregates over the participants that reported a valid update, R_t:
+D = (1/|R_t|) sum_{i in R_t} pad(d_i). If R_t is empty the global model does not move. Since
+failures are independent of the clients and the sketches, R_t given |R_t| = m is a uniform
+m-subset of the clients, so D stays unbiased given R_t is not empty; over all rounds
+E[D] = (1 - dropout^M) times the no-dropout mean (the all-dropped rounds add nothing), and the
+variance grows like 1/|R_t|. `state_dict()` holds everything a bit-identical resume needs.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import time
+from typing import Callable
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -18,14 +29,17 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from fslora_min.budgets import validate_ranks
-from fslora_min.client import ClientConfig
+from fslora_min.client import ClientConfig, ClientUpdate
 from fslora_min.data import FederatedData, minibatches, split_inputs_targets
 from fslora_min.engine import ENGINES, resolve_engine, train_clients
 from fslora_min.lora import ALL_TARGETS
-from fslora_min.methods import Method
+from fslora_min.methods import Downlink, Method
 from fslora_min.model import lm_loss
-from fslora_min.rng import MINIBATCHES, PARTICIPANTS, SKETCHES, generator
+from fslora_min.rng import DROPOUT, MINIBATCHES, PARTICIPANTS, SKETCHES, generator
 from fslora_min.server import Server, sample_participants
+from fslora_min.validation import screen_updates
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -39,6 +53,7 @@ class FederationConfig:
     targets: tuple[str, ...] = ALL_TARGETS
     seed: int = 0
     eval_every: int = 1  # rounds between global held-out evaluations (the last is always done)
+    dropout: float = 0.0  # probability that a participant fails mid-round (never uploads)
     engine: str = "auto"  # "sequential", "batched" or "auto" (the faster one on the device)
 
     def __post_init__(self) -> None:
@@ -53,6 +68,10 @@ class FederationConfig:
                              f"num_clients={self.num_clients}")
         if not (math.isfinite(self.lora_alpha) and self.lora_alpha > 0):
             raise ValueError(f"lora_alpha must be positive and finite, got {self.lora_alpha!r}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
+            raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
+        if not 0.0 <= self.dropout < 1.0:  # also false for NaN
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
 
 
 @dataclass
@@ -67,6 +86,9 @@ class RoundRecord:
     seconds: float
     heldout_loss: float | None = None
     heldout_acc: float | None = None
+    dropped: list[int] = field(default_factory=list)  # participants that failed mid-round
+    rejected: list[int] = field(default_factory=list)  # participants whose update was refused
+    reasons: list[str] = field(default_factory=list)  # why, one line per rejected update
 
 
 @dataclass
@@ -78,6 +100,11 @@ class History:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> History:
+        return cls([RoundRecord(**r) for r in d["rounds"]], d["initial_loss"],
+                   d["initial_acc"], d["coverage"])
 
 
 @torch.no_grad()
@@ -116,6 +143,7 @@ class Federation:
         self.method = Method() if method is None else method  # FSLoRA by default
         self.participant_stream = generator(fed.seed, PARTICIPANTS)
         self.sketch_stream = generator(fed.seed, SKETCHES)
+        self.dropout_stream = generator(fed.seed, DROPOUT)
         self.batch_streams = [minibatches(c.train, client.batch_size,
                                           generator(fed.seed, MINIBATCHES, i))
                               for i, c in enumerate(data.clients)]
@@ -131,30 +159,86 @@ class Federation:
         downlinks = [method.downlink(server, method.sketches(server, self.ranks[i],
                                                              self.sketch_stream))
                      for i in participants]
-        updates = train_clients(self.engine, server.model, participants, downlinks,
-                                [self.batch_streams[i] for i in participants], lm_batch_loss,
+        # one draw per participant, always, so the other streams never depend on `dropout`
+        fails = (torch.rand(len(participants), generator=self.dropout_stream)
+                 < self.fed.dropout).tolist()
+        live = [p for p, failed in enumerate(fails) if not failed]
+        reporters = [participants[p] for p in live]
+        updates = train_clients(self.engine, server.model, reporters,
+                                [downlinks[p] for p in live],
+                                [self.batch_streams[i] for i in reporters], lm_batch_loss,
                                 self.client_cfg,
-                                [len(self.data.clients[i].train) for i in participants])
+                                [len(self.data.clients[i].train) for i in reporters])
         down = [method.numbers_down(downlink) for downlink in downlinks]
-        up = [sum(db.numel() + da.numel() for db, da in u.deltas.values()) for u in updates]
-        method.aggregate(server, updates, downlinks)
+        up = [0] * len(participants)
+        for p, u in zip(live, updates):
+            up[p] = sum(db.numel() + da.numel() for db, da in u.deltas.values())
+        rejected = self.aggregate(updates, reporters, [downlinks[p] for p in live])
         width = next(iter(server.modules.values())).lora_B.element_size()
         record = RoundRecord(t, participants, [self.ranks[i] for i in participants], down, up,
                              [n * width for n in down], [n * width for n in up],
-                             time.perf_counter() - start)
+                             time.perf_counter() - start,
+                             dropped=[i for i, failed in zip(participants, fails) if failed],
+                             rejected=[i for i, _ in rejected],
+                             reasons=[reason for _, reason in rejected])
         if t % self.fed.eval_every == 0 or t == self.fed.rounds:
             record.heldout_loss, record.heldout_acc = evaluate(server.model,
                                                                self.data.global_heldout)
         return record
 
-    def run(self, progress: bool = True) -> History:
+    def aggregate(self, updates: list[ClientUpdate], clients: list[int],
+                  downlinks: list[Downlink]) -> list[tuple[int, str]]:
+        """Screen the uploads, aggregate the valid ones (if any); return (client, reason) refused."""
+        good, rejected = screen_updates(updates, clients, downlinks, self.server.rank)
+        for client, reason in rejected:
+            log.warning("rejected the update of client %d: %s", client, reason)
+        if good:  # nobody reported a valid update: the global model stays as it is
+            self.method.aggregate(self.server, [updates[g] for g in good],
+                                  [downlinks[g] for g in good])
+        return rejected
+
+    def run(self, progress: bool = True, every: int = 0,
+            save: Callable[[dict], None] | None = None) -> History:
+        """Play the rounds left (all of them, or those after a loaded checkpoint).
+
+        With `save`, `save(self.state_dict())` runs after every `every`-th round and the last.
+        """
         h = self.history
-        h.initial_loss, h.initial_acc = evaluate(self.server.model, self.data.global_heldout)
-        bar = tqdm(range(1, self.fed.rounds + 1), desc="rounds", disable=not progress)
+        if not h.rounds:
+            h.initial_loss, h.initial_acc = evaluate(self.server.model, self.data.global_heldout)
+        bar = tqdm(range(len(h.rounds) + 1, self.fed.rounds + 1), desc="rounds",
+                   disable=not progress)
         for t in bar:
             record = self.run_round(t)
             h.rounds.append(record)
+            h.coverage = {n: c.tolist() for n, c in self.server.coverage.items()}
             if record.heldout_loss is not None:
                 bar.set_postfix(loss=f"{record.heldout_loss:.3f}", acc=f"{record.heldout_acc:.3f}")
-        h.coverage = {n: c.tolist() for n, c in self.server.coverage.items()}
+            if save is not None and every and (t % every == 0 or t == self.fed.rounds):
+                save(self.state_dict())
         return h
+
+    def streams(self) -> dict[str, torch.Generator]:
+        return {"participants": self.participant_stream, "sketches": self.sketch_stream,
+                "dropout": self.dropout_stream}
+
+    def state_dict(self) -> dict:
+        """Everything a resume needs: server and method state, every random stream, metrics."""
+        return {"server": self.server.state_dict(), "method": self.method.state_dict(),
+                "streams": {name: g.get_state() for name, g in self.streams().items()},
+                "minibatches": [b.state_dict() for b in self.batch_streams],
+                "torch_rng": torch.get_rng_state(), "history": self.history.to_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from `state_dict()`: `run()` then plays the rounds after the saved one."""
+        if len(state["minibatches"]) != len(self.batch_streams):
+            raise ValueError(f"the checkpoint has {len(state['minibatches'])} clients, "
+                             f"this run {len(self.batch_streams)}")
+        self.server.load_state_dict(state["server"])
+        self.method.load_state_dict(state["method"])
+        for name, g in self.streams().items():
+            g.set_state(state["streams"][name])
+        for stream, saved in zip(self.batch_streams, state["minibatches"]):
+            stream.load_state_dict(saved)
+        torch.set_rng_state(state["torch_rng"])
+        self.history = History.from_dict(state["history"])

@@ -65,6 +65,13 @@ class Method:
                   downlinks: list[Downlink]) -> None:
         server.apply_updates(updates)
 
+    def state_dict(self) -> dict:
+        """What a checkpoint needs beyond the server's state to resume exactly (FSLoRA: none)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
 
 class FedAvgLoRA(Method):
     """Every client trains all R ranks; R = min_i k_i (feasible) or R = r (the upper reference)."""
@@ -140,6 +147,12 @@ class ProductMethod(Method):
         self.alpha, self.r, self.rslora = alpha, r, rslora
         self.init_stream = seed_generator  # fresh LoRA initialisations
 
+    def state_dict(self) -> dict:
+        return {"init_stream": self.init_stream.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.init_stream.set_state(state["init_stream"])
+
     def sketches(self, server: Server, k: int, generator: torch.Generator) -> dict[str, Sketch]:
         w = client_scale_weight(server, self.alpha, self.r, self.rslora, k)
         return {name: Sketch(torch.arange(k), server.rank, weight=w)
@@ -185,6 +198,13 @@ class FlexLoRA(ProductMethod):
     def __init__(self, alpha: float, r: int, rslora: bool, seed_generator: torch.Generator) -> None:
         super().__init__(alpha, r, rslora, seed_generator)
         self.svds: dict[str, SVD] = {}  # SVD of each module's dW, computed once per round
+
+    def state_dict(self) -> dict:
+        return super().state_dict() | {"svds": {n: tuple(s) for n, s in self.svds.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.svds = dict(state["svds"])
 
     def global_rank(self, r: int, budgets: list[int], full_rank: int) -> int:
         return max(r, full_rank)
@@ -243,6 +263,13 @@ class FLoRA(ProductMethod):
     def __init__(self, alpha: float, r: int, rslora: bool, seed_generator: torch.Generator) -> None:
         super().__init__(alpha, r, rslora, seed_generator)
         self.stack_numbers = 0  # size of the last broadcast stack
+
+    def state_dict(self) -> dict:
+        return super().state_dict() | {"stack_numbers": self.stack_numbers}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.stack_numbers = state["stack_numbers"]
 
     def downlink(self, server: Server, sketches: dict[str, Sketch]) -> Downlink:
         return {name: self.fresh_factors(server, name, sk) for name, sk in sketches.items()}

@@ -148,3 +148,22 @@ class Server:
             layer.lora_A.grad = -d_a.to(layer.lora_A)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+
+    def state_dict(self) -> dict:
+        """The whole model (W0 too: FLoRA merges into it), the optimizer state, the coverage."""
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "coverage": {n: c.clone() for n, c in self.coverage.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore `state_dict()`; tensors of another shape (other model or rank) are an error."""
+        own = self.model.state_dict()
+        for name, value in state["model"].items():
+            if name in own and tuple(value.shape) != tuple(own[name].shape):
+                raise ValueError(f"{name} has shape {tuple(value.shape)} in the checkpoint but "
+                                 f"{tuple(own[name].shape)} in this run (another model size or "
+                                 f"rank r)")
+        if set(state["coverage"]) != set(self.coverage):
+            raise ValueError("the checkpoint's LoRA modules differ from this run's")
+        self.model.load_state_dict(state["model"])  # strict: names a missing or extra tensor
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.coverage = {n: c.clone() for n, c in state["coverage"].items()}
