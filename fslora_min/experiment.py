@@ -113,10 +113,8 @@ def resume_key(cfg: ExperimentConfig) -> dict:
     return {k: v for k, v in asdict(cfg).items() if k not in ("out_dir", "checkpoint_every")}
 
 
-def restore(federation: Federation, cfg: ExperimentConfig) -> None:
-    """Load out_dir/checkpoint.pt into `federation`; CheckpointError when it cannot."""
-    path = Path(cfg.out_dir) / CHECKPOINT_NAME
-    state = load_checkpoint(path, resume_key(cfg))
+def restore(federation: Federation, state: dict, path: Path) -> None:
+    """Load a checkpoint's federation state; CheckpointError when it does not fit."""
     try:
         federation.load_state_dict(state)
     except (KeyError, TypeError, ValueError, RuntimeError) as err:
@@ -132,6 +130,8 @@ def run_experiment(cfg: ExperimentConfig, progress: bool = True,
     """
     device = resolve_device(cfg.device)
     fed = cfg.federation
+    path = Path(cfg.out_dir) / CHECKPOINT_NAME
+    saved = load_checkpoint(path, resume_key(cfg)) if resume else None  # before any work
     budgets = client_budgets(cfg)
     base, cache = load_or_pretrain(cfg.model, cfg.data, cfg.pretrain, progress=progress)
     data = make_federated_data(cfg.data, fed.num_clients)
@@ -156,9 +156,8 @@ def run_experiment(cfg: ExperimentConfig, progress: bool = True,
                                         for k in ranks],
     }
     federation = Federation(server, data, ranks, fed, cfg.client, method)
-    if resume:
-        restore(federation, cfg)
-    path = Path(cfg.out_dir) / CHECKPOINT_NAME
+    if saved is not None:
+        restore(federation, saved, path)
     if cfg.checkpoint_every:
         path.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
