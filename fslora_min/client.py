@@ -26,7 +26,7 @@ OPTIMIZERS = ("sgd", "adamw")
 @dataclass
 class ClientConfig:
     local_steps: int = 10  # H
-    lr: float = 0.5  # eta_l
+    lr: float = 0.2  # eta_l
     optimizer: str = "sgd"  # "sgd" (the paper's analysis) or "adamw"; state is fresh each round
     weight_decay: float = 0.0  # AdamW only
     batch_size: int = 16
