@@ -13,6 +13,7 @@ from fslora_min.budgets import DISTRIBUTIONS
 from fslora_min.client import OPTIMIZERS, ClientConfig
 from fslora_min.compare import TABLES, CompareConfig, quick_config, run_compare
 from fslora_min.data import DataConfig
+from fslora_min.engine import ENGINES
 from fslora_min.checkpoint import CHECKPOINT_NAME
 from fslora_min.experiment import (METHODS, PRESETS, ExperimentConfig, preset, run_experiment,
                                    write_outputs)
@@ -126,6 +127,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=d_fed.seed, help="seeds every random stream")
     g.add_argument("--device", default=d_exp.device,
                    help="cpu, cuda, or auto (a GPU when there is one)")
+    g.add_argument("--engine", choices=ENGINES, default=d_fed.engine,
+                   help="train a round's clients one after another, or all at once (the same "
+                        "result to float rounding); auto: the faster on the device "
+                        "(fslora_min/engine.py)")
     g.add_argument("--out", default=d_exp.out_dir, help="output folder (created if needed)")
     g.add_argument("--checkpoint-every", type=int, default=d_exp.checkpoint_every,
                    help="rounds between checkpoints in the output folder (0: none)")
@@ -156,7 +161,8 @@ def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
     fed = FederationConfig(num_clients=args.clients, participants=participants,
                            rounds=args.rounds, rank=args.rank, lora_alpha=args.lora_alpha,
                            rslora=args.rslora, targets=tuple(args.targets), seed=args.seed,
-                           eval_every=args.eval_every, dropout=args.dropout)
+                           eval_every=args.eval_every, dropout=args.dropout,
+                           engine=args.engine)
     client = ClientConfig(local_steps=args.local_steps, lr=args.lr,
                           optimizer=args.client_optimizer, batch_size=args.batch_size)
     server = ServerConfig(optimizer=args.server_optimizer, global_lr=args.global_lr,

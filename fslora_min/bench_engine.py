@@ -1,0 +1,173 @@
+"""Benchmark: rounds per second of the batched engine against the sequential loop (issue 6).
+
+    python -m fslora_min.bench_engine                     # the device in use, 4, 16, 64 clients
+    python -m fslora_min.bench_engine --device cpu --clients 4 16 --repeats 3
+
+One federation per (engine, clients) on the default tiny model (ModelConfig(): 4 layers,
+d = 128), full participation, r = 16 and the paper's ratios (k_i = 2, 4, 8, 12 in turn), the
+default client (H = 10 SGD steps on 16 sequences of 64 tokens). The base is left at its random
+init: a round's cost does not depend on the weights. Each timed sample is one `run_round`
+(no evaluation); the engines alternate, sample by sample, so drifts of a shared machine hit
+both alike; the figure is the median over samples after a warm-up round. Peak memory: on a
+GPU, torch's peak allocation over a round; on the CPU, the peak resident memory of a fresh
+process that builds the federation and plays one round (Python, torch and the data included;
+`rss_before_round_mib` says how much of it was there before the round).
+
+Writes results/engine/bench_<device name>.json and prints the ratios batched / sequential.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import re
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from fslora_min.budgets import PAPER_RATIOS, ranks_from_ratios
+from fslora_min.client import ClientConfig
+from fslora_min.data import DataConfig, make_federated_data
+from fslora_min.experiment import resolve_device
+from fslora_min.federation import Federation, FederationConfig
+from fslora_min.lora import apply_lora
+from fslora_min.model import ModelConfig, Transformer
+from fslora_min.server import Server, ServerConfig
+
+GOALS = {"cuda": {16: 2.5, 64: 5.0}, "cpu": {4: 1.0, 16: 1.5}}  # rounds/s, batched / sequential
+GPU_MEMORY_GOAL_MIB = 4096  # a 64-client federation of the default model
+
+
+@dataclass
+class BenchConfig:
+    device: str = "auto"
+    clients: tuple[int, ...] = (4, 16, 64)
+    repeats: int = 5  # timed rounds per (engine, clients); the median is reported
+    rank: int = 16
+    out_dir: str = "results/engine"
+
+
+def build(num_clients: int, engine: str, device: torch.device, rank: int) -> Federation:
+    """A full-participation federation of the default tiny model with the paper's ratios."""
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig())
+    apply_lora(model, rank, alpha=2.0 * rank, generator=torch.Generator().manual_seed(0))
+    model.to(device)
+    fed = FederationConfig(num_clients=num_clients, participants=num_clients, rank=rank,
+                           lora_alpha=2.0 * rank, rounds=10**9, eval_every=10**9, engine=engine)
+    data = make_federated_data(DataConfig(), num_clients)
+    ranks = ranks_from_ratios(list(PAPER_RATIOS), num_clients, rank)
+    return Federation(Server(model, ServerConfig()), data, ranks, fed, ClientConfig())
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_engines(num_clients: int, device: torch.device, cfg: BenchConfig) -> dict:
+    """Seconds per round of each engine, alternating; GPU peak memory per engine."""
+    feds = {e: build(num_clients, e, device, cfg.rank) for e in ("sequential", "batched")}
+    seconds: dict[str, list[float]] = {e: [] for e in feds}
+    peak: dict[str, int | None] = {e: None for e in feds}
+    for t in range(cfg.repeats + 1):  # round 0 warms up (kernel compiles, allocator)
+        order = list(feds) if t % 2 == 0 else list(reversed(feds))
+        for engine in order:
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            sync(device)
+            start = time.perf_counter()
+            feds[engine].run_round(t + 1)
+            sync(device)
+            if t > 0:
+                seconds[engine].append(time.perf_counter() - start)
+            if device.type == "cuda":
+                peak[engine] = max(peak[engine] or 0, torch.cuda.max_memory_allocated(device))
+    out = {}
+    for engine in feds:
+        median = statistics.median(seconds[engine])
+        out[engine] = {"median_s": median, "rounds_per_s": 1 / median,
+                       "samples_s": seconds[engine]}
+        out[engine] |= ({"peak_mib": peak[engine] / 2**20} if peak[engine] is not None
+                        else cpu_peak_mib(num_clients, engine, cfg))
+    return out
+
+
+def cpu_peak_mib(num_clients: int, engine: str, cfg: BenchConfig) -> dict[str, float]:
+    """Peak resident memory of a fresh process that plays one round, and before the round."""
+    cmd = [sys.executable, "-m", "fslora_min.bench_engine", "--memory-child", engine,
+           "--clients", str(num_clients), "--rank", str(cfg.rank), "--device", "cpu"]
+    text = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    found = dict(re.findall(r"(\w+)=([\d.]+)", text))
+    return {"peak_mib": float(found["peak_mib"]),
+            "rss_before_round_mib": float(found["rss_before_round_mib"])}
+
+
+def memory_child(num_clients: int, engine: str, rank: int) -> None:
+    fed = build(num_clients, engine, torch.device("cpu"), rank)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    fed.run_round(1)
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(f"peak_mib={after / 1024:.1f} rss_before_round_mib={before / 1024:.1f}")
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+
+
+def run(cfg: BenchConfig) -> dict:
+    device = resolve_device(cfg.device)
+    name = device_name(device)
+    print(f"device: {name}; torch {torch.__version__}; clients {cfg.clients}; "
+          f"{cfg.repeats} timed rounds each (medians)", flush=True)
+    rows: list[dict] = []
+    result = {"device": name, "device_type": device.type, "torch": torch.__version__,
+              "python": platform.python_version(), "config": asdict(cfg),
+              "model": asdict(ModelConfig()), "client": asdict(ClientConfig()), "rows": rows}
+    path = Path(cfg.out_dir) / f"bench_{re.sub(r'[^A-Za-z0-9]+', '_', name).strip('_')}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for num_clients in cfg.clients:
+        r = time_engines(num_clients, device, cfg)
+        ratio = r["batched"]["rounds_per_s"] / r["sequential"]["rounds_per_s"]
+        goal = GOALS.get(device.type, {}).get(num_clients)
+        rows.append({"clients": num_clients, **r, "speedup": ratio, "goal": goal})
+        print(f"{num_clients:3d} clients: sequential {r['sequential']['rounds_per_s']:.3f} "
+              f"rounds/s ({r['sequential']['peak_mib']:.0f} MiB), batched "
+              f"{r['batched']['rounds_per_s']:.3f} rounds/s ({r['batched']['peak_mib']:.0f} MiB):"
+              f" batched / sequential = {ratio:.2f}" + (f" (goal >= {goal})" if goal else ""),
+              flush=True)
+        if device.type == "cuda" and num_clients == 64:
+            result["batched_64_fits_4GiB"] = r["batched"]["peak_mib"] <= GPU_MEMORY_GOAL_MIB
+        path.write_text(json.dumps(result, indent=1))  # after every row: a cut run keeps its rows
+    print(f"wrote {path}")
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    d = BenchConfig()
+    p = argparse.ArgumentParser(prog="python -m fslora_min.bench_engine", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default=d.device, help="cpu, cuda, or auto")
+    p.add_argument("--clients", type=int, nargs="+", default=list(d.clients))
+    p.add_argument("--repeats", type=int, default=d.repeats)
+    p.add_argument("--rank", type=int, default=d.rank)
+    p.add_argument("--out", default=d.out_dir)
+    p.add_argument("--memory-child", choices=("sequential", "batched"), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.memory_child:
+        memory_child(args.clients[0], args.memory_child, args.rank)
+        return
+    run(BenchConfig(args.device, tuple(args.clients), args.repeats, args.rank, args.out))
+
+
+if __name__ == "__main__":
+    main()
