@@ -192,6 +192,9 @@ def print_summary(cfg: ExperimentConfig, history, info: dict) -> None:
             ("held-out accuracy", f"{history.initial_acc:.4f} -> {last.heldout_acc:.4f}"),
             ("mean client held-out loss",
              f"{sum(info['client_heldout_loss']) / len(info['client_heldout_loss']):.4f}"),
+            ("dropped / rejected updates",
+             f"{sum(len(r.dropped) for r in history.rounds)} / "
+             f"{sum(len(r.rejected) for r in history.rounds)}"),
             ("federation wall time", f"{info['wall_seconds']:.1f} s")]
     width = max(len(k) for k, _ in rows)
     for key, value in rows:

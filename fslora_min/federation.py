@@ -80,7 +80,7 @@ class RoundRecord:
     participants: list[int]
     ranks: list[int]  # k_i of each participant
     numbers_down: list[int]  # per participant, summed over modules: k_i (m + n)
-    numbers_up: list[int]
+    numbers_up: list[int]  # 0 for a participant that dropped out
     bytes_down: list[int]  # numbers at the factors' dtype
     bytes_up: list[int]
     seconds: float
