@@ -124,7 +124,7 @@ def device_name(device: torch.device) -> str:
     return f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
 
 
-def run(cfg: BenchConfig) -> dict:
+def run_benchmark(cfg: BenchConfig) -> dict:
     device = resolve_device(cfg.device)
     name = device_name(device)
     print(f"device: {name}; torch {torch.__version__}; clients {cfg.clients}; "
@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.memory_child:
         memory_child(args.clients[0], args.memory_child, args.rank)
         return
-    run(BenchConfig(args.device, tuple(args.clients), args.repeats, args.rank, args.out))
+    run_benchmark(BenchConfig(args.device, tuple(args.clients), args.repeats, args.rank, args.out))
 
 
 if __name__ == "__main__":

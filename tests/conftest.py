@@ -11,3 +11,8 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# The suite's models are tiny: one thread is fastest, and it keeps the timings of a busy
+# machine sane (idle worker threads spinning on two cores slowed tiny runs tenfold).
+torch.set_num_threads(1)
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # for the subprocesses some tests start
