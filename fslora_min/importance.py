@@ -22,8 +22,9 @@ from fslora_min.sketch import Sketch, check_rank_pair
 
 
 def rank_importance(B: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
-    """q_j = |b_j| |a_j| for j < r: B (m, r), A (r, n) -> (r,) float64."""
-    return B.detach().double().norm(dim=0) * A.detach().double().norm(dim=1)  # (r,)
+    """q_j = |b_j| |a_j| for j < r: B (m, r), A (r, n) -> (r,) float64, on the CPU (sketches are
+    drawn there, from CPU generators, whatever device the factors live on)."""
+    return (B.detach().double().norm(dim=0) * A.detach().double().norm(dim=1)).cpu()  # (r,)
 
 
 def top_k_index(scores: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:

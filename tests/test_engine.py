@@ -96,9 +96,6 @@ CASES = [("sgd", [2, 2, 2], "fslora"), ("sgd", [1, 2, 4], "fslora"),
 @pytest.mark.parametrize("optimizer, ranks, method", CASES)
 def test_batched_engine_gives_the_sequential_global_factors(optimizer, ranks, method, device,
                                                             dtype):
-    if method == "fslora-importance" and device == "cuda":
-        pytest.skip("importance_sketch (fslora_min/importance.py) mixes CPU and CUDA tensors: "
-                    "it fails on a GPU in either engine")
     results = {}
     for engine in ("sequential", "batched"):
         fed = federation(ranks, engine, optimizer, method, device, dtype)
