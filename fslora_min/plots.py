@@ -24,9 +24,16 @@ def plot_history(history: History, title: str, path: Path) -> None:
     axes[0].set(xlabel="round", ylabel="global held-out loss", title="loss")
     axes[1].plot(rounds, acc, marker=".", color="tab:green")
     axes[1].set(xlabel="round", ylabel="next-token accuracy", title="accuracy")
-    up = [np.mean(r.bytes_up) / 1024 for r in history.rounds]
-    axes[2].bar([r.round for r in history.rounds], up, color="tab:orange")
-    axes[2].set(xlabel="round", ylabel="KiB per participant", title="upload (= download)")
+    sent: dict[int, list[float]] = {}  # client -> KiB uploaded in each round it took part
+    rank_of: dict[int, int] = {}
+    for r in history.rounds:
+        for client, k, b in zip(r.participants, r.ranks, r.bytes_up):
+            sent.setdefault(client, []).append(b / 1024)
+            rank_of[client] = k
+    clients = sorted(sent)
+    axes[2].bar(range(len(clients)), [np.mean(sent[c]) for c in clients], color="tab:orange")
+    axes[2].set_xticks(range(len(clients)), [f"{c}\nk={rank_of[c]}" for c in clients], fontsize=7)
+    axes[2].set(xlabel="client", ylabel="KiB per round", title="upload per client (grows with k_i)")
     names = list(history.coverage)
     if names:
         cov = np.array([history.coverage[n] for n in names])  # (modules, r)
