@@ -7,41 +7,22 @@ import pytest
 import torch
 import torch.nn as nn
 
-from fslora_min.client import ClientConfig, ClientUpdate
-from fslora_min.data import make_federated_data
+from fslora_min.client import ClientUpdate
 from fslora_min.experiment import run_experiment
-from fslora_min.federation import Federation, FederationConfig
 from fslora_min.importance import (exact_sketch_mean, importance_sketch, inclusion_probabilities,
                                    systematic_sample, top_k_index)
-from fslora_min.lora import (CompactFactors, LoRALinear, apply_lora, compact_factors, lora_modules,
-                             sketched)
+from fslora_min.lora import CompactFactors, LoRALinear, compact_factors, lora_modules, sketched
 from fslora_min.methods import (METHODS, FedAvgLoRA, FlexLoRA, FLoRA, HetLoRA, client_products,
                                 stack_factors)
-from fslora_min.model import TEST_CONFIG, Transformer
 from fslora_min.server import Server, ServerConfig
 from fslora_min.sketch import Sketch
-from tests.tiny import TINY_DATA, tiny_experiment
-
-
-def tiny_method_federation(method, ranks: list[int], r: int, participants: int | None = None,
-                           seed: int = 0) -> Federation:
-    torch.manual_seed(seed)
-    model = Transformer(TEST_CONFIG)
-    apply_lora(model, r, alpha=2.0 * r, generator=torch.Generator().manual_seed(seed))
-    with torch.no_grad():  # non-zero B so that A also gets a gradient from the first step
-        for _, m in lora_modules(model):
-            m.lora_B.normal_(0, 0.1, generator=torch.Generator().manual_seed(seed + 1))
-    fed = FederationConfig(num_clients=len(ranks), participants=participants or len(ranks),
-                           rounds=3, rank=r, seed=seed)
-    client = ClientConfig(local_steps=2, lr=0.3, batch_size=4)
-    data = make_federated_data(TINY_DATA, len(ranks))
-    return Federation(Server(model, ServerConfig()), data, ranks, fed, client, method)
+from tests.tiny import tiny_experiment, tiny_federation
 
 
 def test_hetlora_with_all_budgets_r_is_fedavg_lora_step_for_step():
     r = 4
-    het = tiny_method_federation(HetLoRA(), [r, r, r], r)
-    avg = tiny_method_federation(FedAvgLoRA(full=True), [r, r, r], r)
+    het = tiny_federation([r, r, r], r, method=HetLoRA())
+    avg = tiny_federation([r, r, r], r, method=FedAvgLoRA(full=True))
     for t in range(1, 4):
         het.run_round(t), avg.run_round(t)
         for (_, a), (_, b) in zip(lora_modules(het.server.model), lora_modules(avg.server.model)):
@@ -136,8 +117,8 @@ def test_reweighted_importance_sketch_is_exactly_unbiased_by_enumeration(r, k):
 
 
 def test_reweighted_importance_sketch_is_unbiased_by_monte_carlo():
-    r, k, draws = 8, 3, 4000
-    scores = torch.tensor([5.0, 0.0, 1.0, 3.0, 0.1, 0.0, 0.0, 2.0])
+    k, draws = 3, 4000
+    scores = torch.tensor([5.0, 0.0, 1.0, 3.0, 0.1, 0.0, 0.0, 2.0])  # r = 8
     pi = inclusion_probabilities(scores, k, uniform_mix=0.2)
     g = torch.Generator().manual_seed(0)
     diags = torch.stack([importance_sketch(scores, k, 0.2, g).diagonal() for _ in range(draws)])

@@ -1,8 +1,6 @@
 """The CLI: bad values exit with an error that names them (before any training), and a tiny run
 writes its metrics and figure."""
 
-import json
-
 import pytest
 
 from fslora_min.cli import main

@@ -8,30 +8,14 @@ import torch
 import torch.nn as nn
 
 from fslora_min.client import ClientConfig, ClientUpdate, train_client
-from fslora_min.data import make_federated_data, minibatches
+from fslora_min.data import minibatches
 from fslora_min.experiment import run_experiment
-from fslora_min.federation import Federation, FederationConfig, lm_batch_loss
-from fslora_min.lora import LoRALinear, apply_lora, lora_modules
-from fslora_min.model import TEST_CONFIG, Transformer
+from fslora_min.federation import lm_batch_loss
+from fslora_min.lora import LoRALinear, lora_modules
 from fslora_min.rng import MINIBATCHES, generator
 from fslora_min.server import Server, ServerConfig, average_padded_deltas
 from fslora_min.sketch import Sketch
-from tests.tiny import TINY_DATA, tiny_experiment
-
-
-def tiny_federation(ranks: list[int], r: int, seed: int = 0, local_steps: int = 2,
-                    optimizer: str = "sgd") -> Federation:
-    torch.manual_seed(seed)
-    model = Transformer(TEST_CONFIG)
-    apply_lora(model, r, alpha=2.0 * r, generator=torch.Generator().manual_seed(seed))
-    with torch.no_grad():  # non-zero B so that A also gets a gradient from the first step
-        for _, m in lora_modules(model):
-            m.lora_B.normal_(0, 0.1, generator=torch.Generator().manual_seed(seed + 1))
-    fed = FederationConfig(num_clients=len(ranks), participants=len(ranks), rounds=3, rank=r,
-                           seed=seed)
-    client = ClientConfig(local_steps=local_steps, lr=0.3, optimizer=optimizer, batch_size=4)
-    data = make_federated_data(TINY_DATA, len(ranks))
-    return Federation(Server(model, ServerConfig()), data, ranks, fed, client)
+from tests.tiny import tiny_experiment, tiny_federation
 
 
 def plain_fedavg_round(model: nn.Module, data, streams, cfg: ClientConfig) -> None:

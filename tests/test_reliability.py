@@ -25,8 +25,8 @@ from fslora_min.engine import train_clients
 from fslora_min.experiment import run_experiment
 from fslora_min.federation import Federation, lm_batch_loss
 from fslora_min.sketch import Sketch
-from tests.test_federation import tiny_federation
-from tests.tiny import tiny_experiment
+
+from tests.tiny import tiny_experiment, tiny_federation
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -13,7 +13,6 @@ for several T past the smallest T it allows, and the log-log slope of the observ
 
 from __future__ import annotations
 
-import argparse
 import matplotlib
 
 matplotlib.use("Agg")
