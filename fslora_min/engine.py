@@ -32,8 +32,8 @@ from fslora_min.data import split_inputs_targets
 from fslora_min.lora import BatchedFactors, CompactFactors, batched_compact_factors, lora_modules
 
 ENGINES = ("auto", "sequential", "batched")
-# What "auto" picks per device type: the faster engine in results/engine/ (bench_engine.py):
-# on an H100 batched is 6.4x (4 clients) to 21x (64) faster; on 2 CPU threads 1.3x at 4.
+# What "auto" picks per device type, from results/engine/ (bench_engine.py): on an H100 batched
+# is 6.4x (4 clients) to 21x (64) faster; on 2 CPU threads 1.27x at 4 clients, 0.96x at 16.
 FASTER_ENGINE = {"cpu": "batched", "cuda": "batched"}
 
 Downlink = dict[str, CompactFactors]
