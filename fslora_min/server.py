@@ -95,11 +95,6 @@ def average_padded_deltas(updates: list[ClientUpdate], r: int,
     return result
 
 
-def numbers_moved(sketches: dict[str, Sketch], shapes: dict[str, tuple[int, int]]) -> int:
-    """Numbers a client moves each way in a round: sum over modules of k_i (m + n)."""
-    return sum(sk.k * (shapes[name][0] + shapes[name][1]) for name, sk in sketches.items())
-
-
 class Server:
     """Holds the global LoRA factors in `model` and applies aggregated client updates."""
 
