@@ -8,10 +8,15 @@ d = 128), full participation, r = 16 and the paper's ratios (k_i = 2, 4, 8, 12 i
 default client (H = 10 SGD steps on 16 sequences of 64 tokens). The base is left at its random
 init: a round's cost does not depend on the weights. Each timed sample is one `run_round`
 (no evaluation); the engines alternate, sample by sample, so drifts of a shared machine hit
-both alike; the figure is the median over samples after a warm-up round. Peak memory: on a
-GPU, torch's peak allocation over a round; on the CPU, the peak resident memory of a fresh
-process that builds the federation and plays one round (Python, torch and the data included;
-`rss_before_round_mib` says how much of it was there before the round).
+both alike; the figure is the median over samples after a warm-up round. Peak memory of a
+round, `peak_mib`: on a GPU, torch's peak allocation over the timed rounds; on the CPU, a fresh
+process builds the federation, resets the kernel's peak-resident-memory mark (writing 5 to
+/proc/self/clear_refs sets VmHWM to the current VmRSS), plays one round and reads VmHWM: the
+set-up's own peak is forgotten, and `round_extra_mib` = `peak_mib` - `rss_before_round_mib`
+(Python, torch, the model and the data) is what the round alone added.
+
+The batched engine trains `--clients-per-pass` clients per pass (0: the device's default,
+fslora_min/engine.py); the JSON records the number used.
 
 Writes results/engine/bench_<device name>.json and prints the ratios batched / sequential.
 """
@@ -22,7 +27,6 @@ import argparse
 import json
 import platform
 import re
-import resource
 import statistics
 import subprocess
 import sys
@@ -51,17 +55,20 @@ class BenchConfig:
     clients: tuple[int, ...] = (4, 16, 64)
     repeats: int = 5  # timed rounds per (engine, clients); the median is reported
     rank: int = 16
+    clients_per_pass: int = 0  # batched engine; 0: the device's default (fslora_min/engine.py)
     out_dir: str = "results/engine"
 
 
-def build(num_clients: int, engine: str, device: torch.device, rank: int) -> Federation:
+def build(num_clients: int, engine: str, device: torch.device, rank: int,
+          clients_per_pass: int = 0) -> Federation:
     """A full-participation federation of the default tiny model with the paper's ratios."""
     torch.manual_seed(0)
     model = Transformer(ModelConfig())
     apply_lora(model, rank, alpha=2.0 * rank, generator=torch.Generator().manual_seed(0))
     model.to(device)
     fed = FederationConfig(num_clients=num_clients, participants=num_clients, rank=rank,
-                           lora_alpha=2.0 * rank, rounds=10**9, eval_every=10**9, engine=engine)
+                           lora_alpha=2.0 * rank, rounds=10**9, eval_every=10**9, engine=engine,
+                           clients_per_pass=clients_per_pass)
     data = make_federated_data(DataConfig(), num_clients)
     ranks = ranks_from_ratios(list(PAPER_RATIOS), num_clients, rank)
     return Federation(Server(model, ServerConfig()), data, ranks, fed, ClientConfig())
@@ -74,7 +81,8 @@ def sync(device: torch.device) -> None:
 
 def time_engines(num_clients: int, device: torch.device, cfg: BenchConfig) -> dict:
     """Seconds per round of each engine, alternating; GPU peak memory per engine."""
-    feds = {e: build(num_clients, e, device, cfg.rank) for e in ("sequential", "batched")}
+    feds = {e: build(num_clients, e, device, cfg.rank, cfg.clients_per_pass)
+            for e in ("sequential", "batched")}
     seconds: dict[str, list[float]] = {e: [] for e in feds}
     peak: dict[str, int | None] = {e: None for e in feds}
     for t in range(cfg.repeats + 1):  # round 0 warms up (kernel compiles, allocator)
@@ -97,25 +105,35 @@ def time_engines(num_clients: int, device: torch.device, cfg: BenchConfig) -> di
                        "samples_s": seconds[engine]}
         out[engine] |= ({"peak_mib": peak[engine] / 2**20} if peak[engine] is not None
                         else cpu_peak_mib(num_clients, engine, cfg))
+    out["batched"]["clients_per_pass"] = min(feds["batched"].clients_per_pass or num_clients,
+                                             num_clients)
     return out
 
 
 def cpu_peak_mib(num_clients: int, engine: str, cfg: BenchConfig) -> dict[str, float]:
-    """Peak resident memory of a fresh process that plays one round, and before the round."""
+    """A fresh process's peak resident memory over one round, and what it held before it."""
     cmd = [sys.executable, "-m", "fslora_min.bench_engine", "--memory-child", engine,
-           "--clients", str(num_clients), "--rank", str(cfg.rank), "--device", "cpu"]
+           "--clients", str(num_clients), "--rank", str(cfg.rank), "--device", "cpu",
+           "--clients-per-pass", str(cfg.clients_per_pass)]
     text = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     found = dict(re.findall(r"(\w+)=([\d.]+)", text))
-    return {"peak_mib": float(found["peak_mib"]),
-            "rss_before_round_mib": float(found["rss_before_round_mib"])}
+    peak, before = float(found["peak_mib"]), float(found["rss_before_round_mib"])
+    return {"peak_mib": peak, "rss_before_round_mib": before, "round_extra_mib": peak - before}
 
 
-def memory_child(num_clients: int, engine: str, rank: int) -> None:
-    fed = build(num_clients, engine, torch.device("cpu"), rank)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+def status_kib(field: str) -> int:
+    """A memory figure of this process from /proc/self/status (Linux), in KiB."""
+    text = Path("/proc/self/status").read_text()
+    return int(re.search(rf"^{field}:\s+(\d+) kB", text, re.MULTILINE).group(1))
+
+
+def memory_child(num_clients: int, engine: str, rank: int, clients_per_pass: int) -> None:
+    fed = build(num_clients, engine, torch.device("cpu"), rank, clients_per_pass)
+    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS: forget the set-up's peak
+    before = status_kib("VmRSS")
     fed.run_round(1)
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(f"peak_mib={after / 1024:.1f} rss_before_round_mib={before / 1024:.1f}")
+    peak = status_kib("VmHWM")
+    print(f"peak_mib={peak / 1024:.1f} rss_before_round_mib={before / 1024:.1f}")
 
 
 def device_name(device: torch.device) -> str:
@@ -142,7 +160,8 @@ def run_benchmark(cfg: BenchConfig) -> dict:
         rows.append({"clients": num_clients, **r, "speedup": ratio, "goal": goal})
         print(f"{num_clients:3d} clients: sequential {r['sequential']['rounds_per_s']:.3f} "
               f"rounds/s ({r['sequential']['peak_mib']:.0f} MiB), batched "
-              f"{r['batched']['rounds_per_s']:.3f} rounds/s ({r['batched']['peak_mib']:.0f} MiB):"
+              f"{r['batched']['rounds_per_s']:.3f} rounds/s ({r['batched']['peak_mib']:.0f} MiB, "
+              f"{r['batched']['clients_per_pass']} clients per pass):"
               f" batched / sequential = {ratio:.2f}" + (f" (goal >= {goal})" if goal else ""),
               flush=True)
         if device.type == "cuda" and num_clients == 64:
@@ -160,13 +179,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--clients", type=int, nargs="+", default=list(d.clients))
     p.add_argument("--repeats", type=int, default=d.repeats)
     p.add_argument("--rank", type=int, default=d.rank)
+    p.add_argument("--clients-per-pass", type=int, default=d.clients_per_pass,
+                   help="batched engine: clients per pass (0: the device's default)")
     p.add_argument("--out", default=d.out_dir)
     p.add_argument("--memory-child", choices=("sequential", "batched"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.memory_child:
-        memory_child(args.clients[0], args.memory_child, args.rank)
+        memory_child(args.clients[0], args.memory_child, args.rank, args.clients_per_pass)
         return
-    run_benchmark(BenchConfig(args.device, tuple(args.clients), args.repeats, args.rank, args.out))
+    run_benchmark(BenchConfig(args.device, tuple(args.clients), args.repeats, args.rank,
+                              args.clients_per_pass, args.out))
 
 
 if __name__ == "__main__":

@@ -131,6 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train a round's clients one after another, or all at once (the same "
                         "result to float rounding); auto: the faster on the device "
                         "(fslora_min/engine.py)")
+    g.add_argument("--clients-per-pass", type=int, default=d_fed.clients_per_pass,
+                   help="batched engine: clients trained together in one pass (0: the "
+                        "device's measured default, all on a GPU and 4 on a CPU)")
     g.add_argument("--out", default=d_exp.out_dir, help="output folder (created if needed)")
     g.add_argument("--checkpoint-every", type=int, default=d_exp.checkpoint_every,
                    help="rounds between checkpoints in the output folder (0: none)")
@@ -162,7 +165,7 @@ def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
                            rounds=args.rounds, rank=args.rank, lora_alpha=args.lora_alpha,
                            rslora=args.rslora, targets=tuple(args.targets), seed=args.seed,
                            eval_every=args.eval_every, dropout=args.dropout,
-                           engine=args.engine)
+                           engine=args.engine, clients_per_pass=args.clients_per_pass)
     client = ClientConfig(local_steps=args.local_steps, lr=args.lr,
                           optimizer=args.client_optimizer, batch_size=args.batch_size)
     server = ServerConfig(optimizer=args.server_optimizer, global_lr=args.global_lr,

@@ -31,7 +31,7 @@ from tqdm import tqdm
 from fslora_min.budgets import validate_ranks
 from fslora_min.client import ClientConfig, ClientUpdate
 from fslora_min.data import FederatedData, minibatches, split_inputs_targets
-from fslora_min.engine import ENGINES, resolve_engine, train_clients
+from fslora_min.engine import ENGINES, resolve_clients_per_pass, resolve_engine, train_clients
 from fslora_min.lora import ALL_TARGETS
 from fslora_min.methods import Downlink, Method
 from fslora_min.model import lm_loss
@@ -55,6 +55,7 @@ class FederationConfig:
     eval_every: int = 1  # rounds between global held-out evaluations (the last is always done)
     dropout: float = 0.0  # probability that a participant fails mid-round (never uploads)
     engine: str = "auto"  # "sequential", "batched" or "auto" (the faster one on the device)
+    clients_per_pass: int = 0  # batched engine: clients trained together (0: device default)
 
     def __post_init__(self) -> None:
         for name in ("num_clients", "participants", "rounds", "rank", "eval_every"):
@@ -63,6 +64,10 @@ class FederationConfig:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if self.engine not in ENGINES:
             raise ValueError(f"engine must be one of {ENGINES}, got {self.engine!r}")
+        if (not isinstance(self.clients_per_pass, int) or isinstance(self.clients_per_pass, bool)
+                or self.clients_per_pass < 0):
+            raise ValueError(f"clients_per_pass must be a non-negative integer (0: the device's "
+                             f"default), got {self.clients_per_pass!r}")
         if self.participants > self.num_clients:
             raise ValueError(f"participants={self.participants} exceeds "
                              f"num_clients={self.num_clients}")
@@ -147,7 +152,9 @@ class Federation:
         self.batch_streams = [minibatches(c.train, client.batch_size,
                                           generator(fed.seed, MINIBATCHES, i))
                               for i, c in enumerate(data.clients)]
-        self.engine = resolve_engine(fed.engine, next(server.model.parameters()).device)
+        device = next(server.model.parameters()).device
+        self.engine = resolve_engine(fed.engine, device)
+        self.clients_per_pass = resolve_clients_per_pass(fed.clients_per_pass, device)
         self.history = History()
 
     def run_round(self, t: int) -> RoundRecord:
@@ -168,7 +175,8 @@ class Federation:
                                 [downlinks[p] for p in live],
                                 [self.batch_streams[i] for i in reporters], lm_batch_loss,
                                 self.client_cfg,
-                                [len(self.data.clients[i].train) for i in reporters])
+                                [len(self.data.clients[i].train) for i in reporters],
+                                self.clients_per_pass)
         down = [method.numbers_down(downlink) for downlink in downlinks]
         up = [0] * len(participants)
         for p, u in zip(live, updates):

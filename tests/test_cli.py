@@ -27,6 +27,7 @@ BAD_RUN_ARGUMENTS = [
     (["--dropout", "1"], "dropout must be in [0, 1), got 1.0"),
     (["--dropout", "-0.1"], "got -0.1"),
     (["--dropout", "nan"], "dropout must be in [0, 1), got nan"),
+    (["--clients-per-pass", "-2"], "clients_per_pass must be a non-negative integer"),
     (["--lr", "nan"], "got nan"),
     (["--lr", "-0.1"], "got -0.1"),
     (["--global-lr", "inf"], "got inf"),
@@ -83,5 +84,6 @@ def test_help_explains_every_knob(capsys):
     for flag in ("--method", "--rank", "--ratios", "--rank-distribution", "--clients",
                  "--participants", "--rounds", "--local-steps", "--lr", "--client-optimizer",
                  "--server-optimizer", "--global-lr", "--dirichlet-alpha", "--seed", "--device",
-                 "--out", "--preset", "--dropout", "--checkpoint-every", "--resume"):
+                 "--out", "--preset", "--dropout", "--checkpoint-every", "--resume",
+                 "--clients-per-pass"):
         assert flag in text

@@ -9,11 +9,15 @@ Tolerances are on the relative Frobenius error ||out - ref|| / ||ref||:
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
+from fslora_min.bench_engine import BenchConfig, run_benchmark
 from fslora_min.data import make_federated_data
-from fslora_min.engine import resolve_engine, stack_downlinks, train_clients_batched
+from fslora_min.engine import (resolve_clients_per_pass, resolve_engine, stack_downlinks,
+                               train_clients_batched)
 from fslora_min.cli import build_parser, config_from_args
 from fslora_min.client import ClientConfig
 from fslora_min.federation import Federation, FederationConfig
@@ -62,7 +66,8 @@ def test_batched_linear_rejects_mismatched_shapes():
 
 
 def federation(ranks: list[int], engine: str, optimizer: str, method: str, device: str,
-               dtype: torch.dtype, r: int = 4, last_rows: int | None = None) -> Federation:
+               dtype: torch.dtype, r: int = 4, last_rows: int | None = None,
+               clients_per_pass: int = 0) -> Federation:
     """A tiny full-participation federation, built identically for either engine.
 
     `last_rows` cuts the last client's training set to that many sequences.
@@ -75,7 +80,7 @@ def federation(ranks: list[int], engine: str, optimizer: str, method: str, devic
             layer.lora_B.normal_(0, 0.1, generator=torch.Generator().manual_seed(1))
     model.to(device, dtype)
     fed = FederationConfig(num_clients=len(ranks), participants=len(ranks), rounds=2, rank=r,
-                           lora_alpha=2.0 * r, engine=engine)
+                           lora_alpha=2.0 * r, engine=engine, clients_per_pass=clients_per_pass)
     client = ClientConfig(local_steps=3, lr=0.3 if optimizer == "sgd" else 0.01,
                           optimizer=optimizer, weight_decay=0.1 if optimizer == "adamw" else 0.0,
                           batch_size=4)
@@ -96,19 +101,24 @@ CASES = [("sgd", [2, 2, 2], "fslora"), ("sgd", [1, 2, 4], "fslora"),
 @pytest.mark.parametrize("optimizer, ranks, method", CASES)
 def test_batched_engine_gives_the_sequential_global_factors(optimizer, ranks, method, device,
                                                             dtype):
-    results = {}
-    for engine in ("sequential", "batched"):
-        fed = federation(ranks, engine, optimizer, method, device, dtype)
+    results = {}  # batched in one pass of all clients, and in passes of 2 (the last may hold 1)
+    for run, engine, per_pass in (("sequential", "sequential", 0),
+                                  ("batched", "batched", len(ranks)),
+                                  ("batched in passes of 2", "batched", 2)):
+        fed = federation(ranks, engine, optimizer, method, device, dtype,
+                         clients_per_pass=per_pass)
         assert fed.engine == engine
         for t in (1, 2):
             fed.run_round(t)
-        results[engine] = fed.server.model
-    seq, bat = (global_factors(results[e]) for e in ("sequential", "batched"))
-    for name, (B, A) in seq.items():
-        assert rel(bat[name][0], B) < TOL[dtype], name
-        assert rel(bat[name][1], A) < TOL[dtype], name
-    for p_seq, p_bat in zip(results["sequential"].parameters(), results["batched"].parameters()):
-        assert rel(p_bat, p_seq) < TOL[dtype]  # FLoRA also merges into W0
+        results[run] = fed.server.model
+    seq = global_factors(results["sequential"])
+    for run in ("batched", "batched in passes of 2"):
+        bat = global_factors(results[run])
+        for name, (B, A) in seq.items():
+            assert rel(bat[name][0], B) < TOL[dtype], (run, name)
+            assert rel(bat[name][1], A) < TOL[dtype], (run, name)
+        for p_seq, p_bat in zip(results["sequential"].parameters(), results[run].parameters()):
+            assert rel(p_bat, p_seq) < TOL[dtype], run  # FLoRA also merges into W0
 
 
 def test_padding_is_zero_with_zero_coefficient_and_updates_have_each_clients_shape():
@@ -137,6 +147,11 @@ def test_engine_choice_is_validated_and_auto_resolves_per_device():
     for device in ("cpu", "cuda"):
         assert resolve_engine("auto", torch.device(device)) in ("sequential", "batched")
     assert resolve_engine("sequential", torch.device("cpu")) == "sequential"
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match=f"clients_per_pass.*{bad!r}"):
+            FederationConfig(clients_per_pass=bad)
+    assert resolve_clients_per_pass(3, torch.device("cuda")) == 3
+    assert resolve_clients_per_pass(0, torch.device("cuda")) is None  # all clients at once
 
 
 def test_batched_engine_rejects_unequal_minibatches():
@@ -149,5 +164,22 @@ def test_cli_engine_flag_reaches_the_federation_config():
     for engine in ("sequential", "batched", "auto"):
         args = build_parser().parse_args(["run", "--engine", engine])
         assert config_from_args(args).federation.engine == engine
+    args = build_parser().parse_args(["run", "--clients-per-pass", "3"])
+    assert config_from_args(args).federation.clients_per_pass == 3
     with pytest.raises(SystemExit):
         build_parser().parse_args(["run", "--engine", "parallel"])
+
+
+def test_engine_benchmark_writes_both_engines_and_the_round_alone_memory(tmp_path):
+    result = run_benchmark(BenchConfig(device="cpu", clients=(2,), repeats=1, rank=4,
+                                       clients_per_pass=1, out_dir=str(tmp_path)))
+    row, = result["rows"]
+    seq, bat = row["sequential"], row["batched"]
+    assert row["speedup"] == pytest.approx(bat["rounds_per_s"] / seq["rounds_per_s"])
+    assert bat["clients_per_pass"] == 1
+    for r in (seq, bat):  # the round's own peak comes from a fresh process, above its set-up
+        assert r["rounds_per_s"] == pytest.approx(1 / r["median_s"])
+        assert 0 < r["rss_before_round_mib"] <= r["peak_mib"]
+        assert r["round_extra_mib"] == pytest.approx(r["peak_mib"] - r["rss_before_round_mib"])
+    saved = json.loads(next(tmp_path.glob("bench_CPU_*.json")).read_text())
+    assert saved["rows"][0]["speedup"] == row["speedup"]
