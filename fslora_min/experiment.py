@@ -121,17 +121,14 @@ def restore(federation: Federation, state: dict, path: Path) -> None:
         raise CheckpointError(f"{path} does not fit this run: {err}") from None
 
 
-def run_experiment(cfg: ExperimentConfig, progress: bool = True,
-                   resume: bool = False) -> tuple[History, dict]:
-    """Pretrain (or load) the base, adapt it with rank-r LoRA, and run the federation.
+def build_federation(cfg: ExperimentConfig, progress: bool = True) -> tuple[Federation, dict]:
+    """Pretrain (or load) the base, adapt it with LoRA, and set up the federation and run info.
 
-    With `resume`, the federation continues from out_dir/checkpoint.pt, which must have been
-    written for the same configuration; the result is bit-identical to an uninterrupted run.
+    Deterministic in `cfg`: a Flower ServerApp and every ClientApp (flower_app/) build the same
+    federation from the same arguments and use their halves of it.
     """
     device = resolve_device(cfg.device)
     fed = cfg.federation
-    path = Path(cfg.out_dir) / CHECKPOINT_NAME
-    saved = load_checkpoint(path, resume_key(cfg)) if resume else None  # before any work
     budgets = client_budgets(cfg)
     base, cache = load_or_pretrain(cfg.model, cfg.data, cfg.pretrain, progress=progress)
     data = make_federated_data(cfg.data, fed.num_clients)
@@ -155,7 +152,19 @@ def run_experiment(cfg: ExperimentConfig, progress: bool = True,
         "client_trainable_parameters": [sum(k * (m + n) for m, n in shapes.values())
                                         for k in ranks],
     }
-    federation = Federation(server, data, ranks, fed, cfg.client, method)
+    return Federation(server, data, ranks, fed, cfg.client, method), info
+
+
+def run_experiment(cfg: ExperimentConfig, progress: bool = True,
+                   resume: bool = False) -> tuple[History, dict]:
+    """Build the federation (`build_federation`) and play it.
+
+    With `resume`, the federation continues from out_dir/checkpoint.pt, which must have been
+    written for the same configuration; the result is bit-identical to an uninterrupted run.
+    """
+    path = Path(cfg.out_dir) / CHECKPOINT_NAME
+    saved = load_checkpoint(path, resume_key(cfg)) if resume else None  # before any work
+    federation, info = build_federation(cfg, progress)
     if saved is not None:
         restore(federation, saved, path)
     if cfg.checkpoint_every:
@@ -164,7 +173,8 @@ def run_experiment(cfg: ExperimentConfig, progress: bool = True,
     history = federation.run(progress, cfg.checkpoint_every,
                              lambda state: save_checkpoint(path, resume_key(cfg), state))
     info["wall_seconds"] = time.perf_counter() - start
-    info["client_heldout_loss"] = [evaluate(model, c.heldout)[0] for c in data.clients]
+    info["client_heldout_loss"] = [evaluate(federation.server.model, c.heldout)[0]
+                                   for c in federation.data.clients]
     return history, info
 
 

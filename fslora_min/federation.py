@@ -97,6 +97,20 @@ class RoundRecord:
 
 
 @dataclass
+class RoundPlan:
+    """What the server decides at the start of a round, before any client trains."""
+
+    participants: list[int]  # client ids, in the order their sketches were drawn
+    downlinks: list[Downlink]  # what each participant receives
+    fails: list[bool]  # simulated dropout (FederationConfig.dropout): never reports
+
+    @property
+    def live(self) -> list[int]:
+        """Positions in `participants` of those that do not drop out."""
+        return [p for p, failed in enumerate(self.fails) if not failed]
+
+
+@dataclass
 class History:
     rounds: list[RoundRecord] = field(default_factory=list)
     initial_loss: float = float("nan")
@@ -158,7 +172,20 @@ class Federation:
         self.history = History()
 
     def run_round(self, t: int) -> RoundRecord:
+        """One round in process: plan it, train the participants that report, close it."""
         start = time.perf_counter()
+        plan = self.plan_round()
+        reporters = [plan.participants[p] for p in plan.live]
+        updates = train_clients(self.engine, self.server.model, reporters,
+                                [plan.downlinks[p] for p in plan.live],
+                                [self.batch_streams[i] for i in reporters], lm_batch_loss,
+                                self.client_cfg,
+                                [len(self.data.clients[i].train) for i in reporters],
+                                self.clients_per_pass)
+        return self.close_round(t, plan, plan.live, updates, start)
+
+    def plan_round(self) -> RoundPlan:
+        """The server's first half of a round: participants, their downlinks, who drops out."""
         server, method = self.server, self.method
         participants = sample_participants(self.fed.num_clients, self.fed.participants,
                                            self.participant_stream)
@@ -169,24 +196,27 @@ class Federation:
         # one draw per participant, always, so the other streams never depend on `dropout`
         fails = (torch.rand(len(participants), generator=self.dropout_stream)
                  < self.fed.dropout).tolist()
-        live = [p for p, failed in enumerate(fails) if not failed]
-        reporters = [participants[p] for p in live]
-        updates = train_clients(self.engine, server.model, reporters,
-                                [downlinks[p] for p in live],
-                                [self.batch_streams[i] for i in reporters], lm_batch_loss,
-                                self.client_cfg,
-                                [len(self.data.clients[i].train) for i in reporters],
-                                self.clients_per_pass)
-        down = [method.numbers_down(downlink) for downlink in downlinks]
-        up = [0] * len(participants)
+        return RoundPlan(participants, downlinks, fails)
+
+    def close_round(self, t: int, plan: RoundPlan, live: list[int],
+                    updates: list[ClientUpdate], start: float) -> RoundRecord:
+        """The server's second half: screen and aggregate the updates, account, evaluate.
+
+        `updates[j]` is the upload of participant `plan.participants[live[j]]`; the others
+        dropped out (simulated by `plan.fails`, or really, in a deployment).
+        """
+        server = self.server
+        reporters = [plan.participants[p] for p in live]
+        down = [self.method.numbers_down(downlink) for downlink in plan.downlinks]
+        up = [0] * len(plan.participants)
         for p, u in zip(live, updates):
             up[p] = sum(db.numel() + da.numel() for db, da in u.deltas.values())
-        rejected = self.aggregate(updates, reporters, [downlinks[p] for p in live])
+        rejected = self.aggregate(updates, reporters, [plan.downlinks[p] for p in live])
         width = next(iter(server.modules.values())).lora_B.element_size()
-        record = RoundRecord(t, participants, [self.ranks[i] for i in participants], down, up,
-                             [n * width for n in down], [n * width for n in up],
-                             time.perf_counter() - start,
-                             dropped=[i for i, failed in zip(participants, fails) if failed],
+        dropped = [i for p, i in enumerate(plan.participants) if p not in live]
+        record = RoundRecord(t, plan.participants, [self.ranks[i] for i in plan.participants],
+                             down, up, [n * width for n in down], [n * width for n in up],
+                             time.perf_counter() - start, dropped=dropped,
                              rejected=[i for i, _ in rejected],
                              reasons=[reason for _, reason in rejected])
         if t % self.fed.eval_every == 0 or t == self.fed.rounds:
