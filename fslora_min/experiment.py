@@ -143,7 +143,7 @@ def build_federation(cfg: ExperimentConfig, progress: bool = True) -> tuple[Fede
     server = Server(model, cfg.server)
     shapes = server.shapes
     info = {
-        "device": str(device), "torch": torch.__version__, "python": platform.python_version(),
+        "device": str(device), "torch": str(torch.__version__), "python": platform.python_version(),
         "base_model_cache": str(cache), "base_parameters": count_parameters(base),
         "method": cfg.method, "global_rank": global_rank,
         "lora_modules": len(names), "global_lora_parameters": count_lora_parameters(model),

@@ -1,0 +1,44 @@
+"""The one configuration a Flower run shares between its ServerApp and every ClientApp.
+
+The run config carries `fslora-args`: the very flags of `python -m fslora_min run` (for
+example "--preset tiny --clients 2 --rounds 2"), parsed by that CLI's own parser and checks.
+Server and clients build the same federation from them (`build_federation`: the base model,
+the synthetic data, the method), so a client holds the base W0 and its own data shard, and
+the server its global factors; what a client trains comes only in its messages.
+"""
+
+from __future__ import annotations
+
+import shlex
+
+from flwr.app import UserConfig
+
+from fslora_min.cli import build_parser, config_from_args
+from fslora_min.experiment import ExperimentConfig, build_federation
+from fslora_min.federation import Federation
+
+UNSUPPORTED_METHODS = {"flora": "FLoRA merges into every client's W0 each round, which these "
+                                "messages do not carry"}
+
+
+def experiment_config(run_config: UserConfig) -> ExperimentConfig:
+    """The ExperimentConfig of `fslora-args`; a ValueError names a bad or unsupported value."""
+    text = run_config.get("fslora-args")
+    if not isinstance(text, str):
+        raise ValueError(f"the run config needs fslora-args, a string of `python -m fslora_min "
+                         f"run` flags, got {text!r}")
+    args = build_parser().parse_args(["run", *shlex.split(text)])
+    cfg = config_from_args(args)
+    if cfg.method in UNSUPPORTED_METHODS:
+        raise ValueError(f"method {cfg.method!r} is not supported on Flower: "
+                         f"{UNSUPPORTED_METHODS[cfg.method]}")
+    if cfg.federation.dropout:
+        raise ValueError(f"--dropout {cfg.federation.dropout} simulates failures; on Flower "
+                         f"failures are real: leave it at 0")
+    return cfg
+
+
+def federation_of(run_config: UserConfig) -> tuple[ExperimentConfig, Federation, dict]:
+    cfg = experiment_config(run_config)
+    federation, info = build_federation(cfg, progress=False)
+    return cfg, federation, info

@@ -1,0 +1,110 @@
+"""FSLoRA's server side as a Flower strategy: the in-process federation's own halves of a round.
+
+`Strategy.start` (flwr) drives the rounds; per round this strategy
+  configure_train: `Federation.plan_round` samples the participants and their sketches and
+                   builds their downlinks; each becomes one message to that client's node;
+  aggregate_train: the replies are decoded into ClientUpdates and handed, with the positions
+                   of the participants that replied, to `Federation.close_round`, which screens
+                   them (fslora_min/validation.py), aggregates the good ones with the method's
+                   rule, accounts the bytes and evaluates.
+No FSLoRA logic lives here: only the mapping between clients and Flower nodes and the codec.
+A participant that sent no reply (its node died or timed out) or an error counts as dropped
+out; a reply that cannot be decoded or fails screening is rejected with its reason.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from fslora_flower.codec import decode_update, encode_downlink, message_bytes, tensor_bytes
+from fslora_min.federation import Federation, RoundPlan, RoundRecord
+from fslora_min.lora import global_factors
+
+
+def factors_record(federation: Federation) -> ArrayRecord:
+    """The server's global LoRA factors B, A of every module."""
+    arrays = {}
+    for name, (B, A) in global_factors(federation.server.model).items():
+        arrays[f"{name}/B"], arrays[f"{name}/A"] = B.detach().cpu(), A.detach().cpu()
+    return ArrayRecord(torch_state_dict=arrays)
+
+
+class FSLoRAStrategy(Strategy):
+    """Runs `federation`'s rounds over Flower nodes; `nodes[i]` is client i's node id."""
+
+    def __init__(self, federation: Federation, nodes: dict[int, int]) -> None:
+        missing = sorted(set(range(federation.fed.num_clients)) - set(nodes))
+        if missing:
+            raise ValueError(f"no Flower node hosts clients {missing}")
+        self.federation, self.nodes = federation, nodes
+        self.plan: RoundPlan | None = None
+        self.started = 0.0
+        self.sent: dict[int, Message] = {}  # participant position -> its message
+        self.records: list[RoundRecord] = []
+        self.wire: list[dict] = []  # per round, per participant: message bytes vs accounting
+
+    def summary(self) -> None:
+        fed = self.federation
+        print(f"FSLoRAStrategy: {fed.method.name}, {fed.fed.num_clients} clients, "
+              f"r = {fed.server.rank}, client ranks {fed.ranks}", flush=True)
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        self.started = time.perf_counter()
+        self.plan = plan = self.federation.plan_round()
+        rank = self.federation.server.rank
+        self.sent = {p: grid.create_message(encode_downlink(plan.downlinks[p], i, rank),
+                                            MessageType.TRAIN, self.nodes[i],
+                                            str(server_round))
+                     for p, i in enumerate(plan.participants) if not plan.fails[p]}
+        return list(self.sent.values())
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message],
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        plan = self.plan
+        position = {msg.metadata.message_id: p for p, msg in self.sent.items()}
+        live, updates, malformed = [], [], []
+        wire = {p: {"client": plan.participants[p], "down_bytes": message_bytes(msg),
+                    "down_payload_bytes": tensor_bytes(f for f in plan.downlinks[p].values()
+                                                       for f in (f.b, f.a)),
+                    "up_bytes": 0, "up_payload_bytes": 0} for p, msg in self.sent.items()}
+        for reply in replies:
+            p = position.get(reply.metadata.reply_to_message_id)
+            if p is None or reply.has_error():
+                continue  # not ours, or the ClientApp failed: the participant dropped out
+            wire[p]["up_bytes"] = message_bytes(reply)
+            try:
+                updates.append(decode_update(reply.content, plan.downlinks[p]))
+                live.append(p)
+                wire[p]["up_payload_bytes"] = tensor_bytes(d for pair in
+                                                           updates[-1].deltas.values()
+                                                           for d in pair)
+            except (KeyError, TypeError, ValueError) as err:
+                malformed.append((plan.participants[p], f"malformed reply: {err}"))
+        order = sorted(range(len(live)), key=lambda j: live[j])  # the in-process order
+        live, updates = [live[j] for j in order], [updates[j] for j in order]
+        record = self.federation.close_round(server_round, plan, live, updates, self.started)
+        record.rejected += [i for i, _ in malformed]
+        record.reasons += [reason for _, reason in malformed]
+        record.dropped = [i for i in record.dropped if i not in record.rejected]
+        self.records.append(record)
+        self.wire.append({"round": server_round, "participants": list(wire.values()),
+                          "accounted_down_bytes": record.bytes_down,
+                          "accounted_up_bytes": record.bytes_up})
+        metrics = {"heldout_loss": record.heldout_loss if record.heldout_loss is not None
+                   else float("nan"), "rejected": len(record.rejected),
+                   "dropped": len(record.dropped)}
+        return factors_record(self.federation), MetricRecord(metrics)
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        return []  # the server evaluates the global model itself, in `close_round`
+
+    def aggregate_evaluate(self, server_round: int,
+                           replies: Iterable[Message]) -> MetricRecord | None:
+        return None

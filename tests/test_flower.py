@@ -1,0 +1,120 @@
+"""FSLoRA on Flower's deployment runtime (flower_app/) against the in-process federation.
+
+A real SuperLink and SuperNodes run as subprocesses on 127.0.0.1 (fslora_flower/local.py),
+and `flwr run` submits the app. The same arguments and seed give the same base, data, sketches
+and minibatch draws, so the global factors must equal the in-process run's to float tolerance
+(relative 1e-6; in practice they are bit-identical: the same float32 operations, one thread).
+Each message must carry exactly the in-process accounting, k_i (m + n) numbers of 4 bytes, as
+its payload; the rest of its bytes (index sets, names, Flower's framing) is its overhead.
+`--batch-size 4` makes every minibatch draw matter (12 sequences per client), so a client that
+lost its stream state between rounds would train on other batches; `--lr 0.05` keeps the tiny
+model out of the chaotic regime in which float32 rounding is amplified step by step.
+Skipped, with the reason, where flwr is not installed (requirements-flower.txt).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("flwr", reason="flwr is not installed: it is an optional extra, "
+                                   "pip install -r requirements-flower.txt")
+
+from fslora_flower.codec import (decode_downlink, decode_update, encode_downlink,  # noqa: E402
+                                 encode_update)
+from fslora_flower.local import LocalDeployment  # noqa: E402
+from fslora_flower.server_app import RESULT_NAME  # noqa: E402
+from fslora_flower.setup import experiment_config  # noqa: E402
+from fslora_min.engine import train_clients  # noqa: E402
+from fslora_min.experiment import build_federation  # noqa: E402
+from fslora_min.federation import Federation, lm_batch_loss  # noqa: E402
+from fslora_min.lora import global_factors  # noqa: E402
+
+ARGS = ("--preset tiny --rounds 2 --rank 4 --ratios 0.5 1 --engine sequential --seed 3 "
+        "--lr 0.05 --batch-size 4")
+TOL = 1e-6
+
+
+def federation_for(clients: int) -> Federation:
+    cfg = experiment_config({"fslora-args": f"{ARGS} --clients {clients}"})
+    return build_federation(cfg, progress=False)[0]
+
+
+def in_process(clients: int, absent: dict[int, set[int]] | None = None) -> dict:
+    """Global factors after the in-process rounds; `absent[t]`: clients without an update in t."""
+    federation = federation_for(clients)
+    for t in range(1, federation.fed.rounds + 1):
+        plan = federation.plan_round()
+        live = [p for p, i in enumerate(plan.participants) if i not in (absent or {}).get(t, ())]
+        who = [plan.participants[p] for p in live]
+        updates = train_clients("sequential", federation.server.model, who,
+                                [plan.downlinks[p] for p in live],
+                                [federation.batch_streams[i] for i in who], lm_batch_loss,
+                                federation.client_cfg,
+                                [len(federation.data.clients[i].train) for i in who])
+        federation.close_round(t, plan, live, updates, 0.0)
+    return global_factors(federation.server.model)
+
+
+def flower_run(tmp_path, faults: list[str], timeout_s: float) -> dict:
+    """The app on a local deployment, one SuperNode per fault drill ("" for none)."""
+    with LocalDeployment(tmp_path, faults) as deployment:
+        deployment.run({"fslora-args": f"{ARGS} --clients {len(faults)}",
+                        "out-dir": str(tmp_path), "timeout": timeout_s}, timeout=500)
+    assert all(p.poll() is not None for p in deployment.processes)  # every process stopped
+    return torch.load(tmp_path / RESULT_NAME, weights_only=True)
+
+
+def assert_same_factors(result: dict, expected: dict) -> None:
+    assert {k.rsplit("/", 1)[0] for k in result["factors"]} == set(expected)
+    for name, (B, A) in expected.items():
+        for got, ref in ((result["factors"][f"{name}/B"], B), (result["factors"][f"{name}/A"], A)):
+            assert ((got - ref).norm() / ref.norm()).item() < TOL, name
+
+
+def test_codec_round_trips_downlinks_and_updates():
+    federation = federation_for(2)
+    plan = federation.plan_round()
+    for i, down in zip(plan.participants, plan.downlinks):
+        client, back = decode_downlink(encode_downlink(down, i, federation.server.rank))
+        assert client == i and list(back) == list(down)
+        for name, f in down.items():
+            assert torch.equal(back[name].b, f.b) and torch.equal(back[name].a, f.a)
+            assert torch.equal(back[name].sketch.index, f.sketch.index)
+            assert back[name].sketch.scale == f.sketch.scale
+    i = plan.participants[0]
+    update, = train_clients("sequential", federation.server.model, [i], plan.downlinks[:1],
+                            [federation.batch_streams[i]], lm_batch_loss, federation.client_cfg,
+                            [len(federation.data.clients[i].train)])
+    back = decode_update(encode_update(update), plan.downlinks[0])
+    assert (back.client_id, back.num_examples, back.trainable_parameters) == (
+        update.client_id, update.num_examples, update.trainable_parameters)
+    for name, (db, da) in update.deltas.items():
+        assert torch.equal(back.deltas[name][0], db) and torch.equal(back.deltas[name][1], da)
+        assert torch.equal(back.sketches[name].index, update.sketches[name].index)
+    fewer = dict(list(plan.downlinks[0].items())[1:])  # a reply for a module never sent
+    with pytest.raises(KeyError, match="not sent"):
+        decode_update(encode_update(update), fewer)
+
+
+def test_flower_run_equals_the_in_process_run_and_moves_the_accounted_bytes(tmp_path):
+    expected = in_process(2)  # also pretrains the tiny base into the cache the nodes share
+    result = flower_run(tmp_path, ["", ""], timeout_s=300)
+    assert_same_factors(result, expected)
+    assert [r["round"] for r in result["records"]] == [1, 2]
+    for wire in result["wire"]:
+        assert len(wire["participants"]) == 2
+        for w, down, up in zip(wire["participants"], wire["accounted_down_bytes"],
+                               wire["accounted_up_bytes"]):
+            assert (w["down_payload_bytes"], w["up_payload_bytes"]) == (down, up) and down > 0
+            assert w["down_bytes"] > down and w["up_bytes"] > up  # payload + overhead
+
+
+def test_a_dead_client_and_a_bad_reply_leave_what_the_good_replies_give(tmp_path):
+    # client 1's ClientApp process dies in round 2 (no reply); client 2 replies with NaN deltas
+    result = flower_run(tmp_path, ["", "die@2", "nan@2"], timeout_s=25)
+    first, last = result["records"]
+    assert first["dropped"] == first["rejected"] == []
+    assert last["dropped"] == [1] and last["rejected"] == [2]
+    assert "non-finite" in last["reasons"][0]
+    assert_same_factors(result, in_process(3, absent={2: {1, 2}}))
