@@ -73,7 +73,7 @@ def load_or_pretrain(model_cfg: ModelConfig, data_cfg: DataConfig, cfg: Pretrain
             print(f"cached base model {path} is unreadable ({err}); pretraining again")
     model = pretrain(model_cfg, data_cfg, cfg, progress)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")  # processes pretraining at once never clash
     torch.save(model.state_dict(), tmp)
     tmp.replace(path)  # atomic: a crash never leaves a half-written cache file
     return model, path

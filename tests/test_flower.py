@@ -5,7 +5,7 @@ and `flwr run` submits the app. The same arguments and seed give the same base, 
 and minibatch draws, so the global factors must equal the in-process run's to float tolerance
 (relative 1e-6; in practice they are bit-identical: the same float32 operations, one thread).
 Each message must carry exactly the in-process accounting, k_i (m + n) numbers of 4 bytes, as
-its payload; the rest of its bytes (index sets, names, Flower's framing) is its overhead.
+its payload; its measured size (index sets, names, Flower's framing included) is reported.
 `--batch-size 4` makes every minibatch draw matter (12 sequences per client), so a client that
 lost its stream state between rounds would train on other batches; `--lr 0.05` keeps the tiny
 model out of the chaotic regime in which float32 rounding is amplified step by step.
@@ -58,6 +58,7 @@ def in_process(clients: int, absent: dict[int, set[int]] | None = None) -> dict:
 
 def flower_run(tmp_path, faults: list[str], timeout_s: float) -> dict:
     """The app on a local deployment, one SuperNode per fault drill ("" for none)."""
+    federation_for(len(faults))  # pretrains the tiny base into the cache the nodes share
     with LocalDeployment(tmp_path, faults) as deployment:
         deployment.run({"fslora-args": f"{ARGS} --clients {len(faults)}",
                         "out-dir": str(tmp_path), "timeout": timeout_s}, timeout=500)
@@ -98,7 +99,7 @@ def test_codec_round_trips_downlinks_and_updates():
 
 
 def test_flower_run_equals_the_in_process_run_and_moves_the_accounted_bytes(tmp_path):
-    expected = in_process(2)  # also pretrains the tiny base into the cache the nodes share
+    expected = in_process(2)
     result = flower_run(tmp_path, ["", ""], timeout_s=300)
     assert_same_factors(result, expected)
     assert [r["round"] for r in result["records"]] == [1, 2]
@@ -107,7 +108,9 @@ def test_flower_run_equals_the_in_process_run_and_moves_the_accounted_bytes(tmp_
         for w, down, up in zip(wire["participants"], wire["accounted_down_bytes"],
                                wire["accounted_up_bytes"]):
             assert (w["down_payload_bytes"], w["up_payload_bytes"]) == (down, up) and down > 0
-            assert w["down_bytes"] > down and w["up_bytes"] > up  # payload + overhead
+            # measured message sizes, overhead included; a downlink may be smaller than its
+            # payload: Flower sends identical arrays once (round 1: every b = B[:, I] is 0)
+            assert w["down_bytes"] > 0 and w["up_bytes"] > up
 
 
 def test_a_dead_client_and_a_bad_reply_leave_what_the_good_replies_give(tmp_path):

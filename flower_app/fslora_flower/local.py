@@ -137,8 +137,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--work", default="runs/flower-local", help="logs and results folder")
     p.add_argument("--timeout", type=float, default=1800, help="seconds the run may take")
     args = p.parse_args(argv)
-    from fslora_flower.setup import experiment_config  # names a bad argument before starting
-    n = experiment_config({"fslora-args": args.fslora_args}).federation.num_clients
+    from fslora_flower.setup import federation_of  # names a bad argument before starting
+    # builds the federation once here, so the base is pretrained (cached) before the nodes start
+    n = federation_of({"fslora-args": args.fslora_args})[0].federation.num_clients
     work = Path(args.work).resolve()
     with LocalDeployment(work, [""] * n) as deployment:
         print(deployment.run({"fslora-args": args.fslora_args, "out-dir": str(work)},
