@@ -39,6 +39,7 @@ import torch
 from fslora_min.budgets import PAPER_RATIOS, ranks_from_ratios
 from fslora_min.client import ClientConfig
 from fslora_min.data import DataConfig, make_federated_data
+from fslora_min.engine import default_clients_per_pass
 from fslora_min.experiment import resolve_device
 from fslora_min.federation import Federation, FederationConfig
 from fslora_min.lora import apply_lora
@@ -105,8 +106,9 @@ def time_engines(num_clients: int, device: torch.device, cfg: BenchConfig) -> di
                        "samples_s": seconds[engine]}
         out[engine] |= ({"peak_mib": peak[engine] / 2**20} if peak[engine] is not None
                         else cpu_peak_mib(num_clients, engine, cfg))
-    out["batched"]["clients_per_pass"] = min(feds["batched"].clients_per_pass or num_clients,
-                                             num_clients)
+    fed = feds["batched"]
+    out["batched"]["clients_per_pass"] = min(fed.fed.clients_per_pass or default_clients_per_pass(
+        fed.server.model, fed.batch_streams), num_clients)
     return out
 
 

@@ -132,8 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "result to float rounding); auto: the faster on the device "
                         "(fslora_min/engine.py)")
     g.add_argument("--clients-per-pass", type=int, default=d_fed.clients_per_pass,
-                   help="batched engine: clients trained together in one pass (0: the "
-                        "device's measured default, all on a GPU and 4 on a CPU)")
+                   help="batched engine: clients trained together in one pass (0: all on a "
+                        "GPU; on a CPU as many as keep the widest activation within 8 MiB, 4 "
+                        "for the default model)")
     g.add_argument("--out", default=d_exp.out_dir, help="output folder (created if needed)")
     g.add_argument("--checkpoint-every", type=int, default=d_exp.checkpoint_every,
                    help="rounds between checkpoints in the output folder (0: none)")

@@ -156,6 +156,11 @@ class Minibatches:
         self.order: torch.Tensor | None = None  # this epoch's permutation of the rows
         self.position = 0  # batches already drawn in this epoch
 
+    @property
+    def batch_shape(self) -> tuple[int, int]:
+        """(rows, input tokens per row) of every minibatch this stream yields."""
+        return min(self.batch_size, len(self.seqs)), self.seqs.shape[1] - 1
+
     def __iter__(self) -> Minibatches:
         return self
 

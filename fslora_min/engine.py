@@ -18,32 +18,30 @@ downlink, so both engines give the same updates to float rounding (tests/test_en
 clients' sequences must all have one shape (true for `minibatches` over equal-sized client
 sets); the model's dropout, if any, draws different masks in the two engines.
 
-On a CPU the batched engine trains the round in passes of a few clients. One pass of 16 default
-clients makes (16384, 512) activations of 32 MiB, which glibc's malloc serves with fresh mmap'd
-pages every time: the page faults made a GELU over them 4x slower per element than over a
-4-client pass's (measured: 4.4-5.3 GB/s against 21-27 GB/s), and the whole 16-client pass 0.93x
-the sequential loop. Passes of 4 clients stay in the reused heap.
+On a CPU the batched engine trains the round in passes of as many clients as keep the widest
+activation (tokens x widest layer output) within CPU_PASS_BYTES. One pass of 16 default clients
+makes (16384, 512) activations of 32 MiB, which glibc's malloc serves with fresh mmap'd pages
+every time: the page faults made a GELU over them 4x slower per element than over a 4-client
+pass's 8 MiB (measured: 4.4-5.3 GB/s against 21-27 GB/s). At 16 default clients, passes of 4,
+8 and 16 clients measured 1.28x, 1.13x and 1.08x the sequential loop (results/engine/).
 """
 
 from __future__ import annotations
-
-from typing import Iterator
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from fslora_min.client import ClientConfig, ClientUpdate, LossFn, make_optimizer, train_client
-from fslora_min.data import split_inputs_targets
-from fslora_min.lora import BatchedFactors, CompactFactors, batched_compact_factors, lora_modules
+from fslora_min.data import Minibatches, split_inputs_targets
+from fslora_min.lora import (BatchedFactors, CompactFactors, LoRALinear, batched_compact_factors,
+                             lora_modules)
 
 ENGINES = ("auto", "sequential", "batched")
 # What "auto" picks per device type, from results/engine/ (bench_engine.py): on an H100 batched
 # is 6.4x (4 clients) to 21x (64) faster; on 2 CPU threads 1.27x at 4 clients, 0.96x at 16.
 FASTER_ENGINE = {"cpu": "batched", "cuda": "batched"}
-# Clients per pass of the batched engine when the config says 0: all of them on a GPU, 4 on a
-# CPU (see the docstring; results/engine/).
-CLIENTS_PER_PASS = {"cpu": 4}
+CPU_PASS_BYTES = 8 * 2**20  # the widest activation of one CPU pass (the docstring says why)
 
 Downlink = dict[str, CompactFactors]
 
@@ -55,9 +53,16 @@ def resolve_engine(engine: str, device: torch.device) -> str:
     return FASTER_ENGINE.get(device.type, "sequential") if engine == "auto" else engine
 
 
-def resolve_clients_per_pass(clients_per_pass: int, device: torch.device) -> int | None:
-    """How many clients one batched pass trains; None: all of the round's. 0 means the default."""
-    return clients_per_pass or CLIENTS_PER_PASS.get(device.type)
+def default_clients_per_pass(model: nn.Module, batches: list[Minibatches]) -> int:
+    """Clients per batched pass: all of them on a GPU; on a CPU, as many as keep the widest
+    activation, (clients x rows x tokens, widest layer output), within CPU_PASS_BYTES."""
+    weight = next(model.parameters())
+    if weight.device.type != "cpu":
+        return len(batches)
+    rows, tokens = batches[0].batch_shape
+    widest = max(m.out_features for m in model.modules()
+                 if isinstance(m, (nn.Linear, LoRALinear)))
+    return max(1, CPU_PASS_BYTES // (rows * tokens * widest * weight.element_size()))
 
 
 def stack_downlinks(downlinks: list[Downlink], scalings: dict[str, float],
@@ -93,7 +98,7 @@ def client_losses(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
 
 
 def train_clients_batched(model: nn.Module, client_ids: list[int], downlinks: list[Downlink],
-                          batches: list[Iterator[torch.Tensor]], cfg: ClientConfig,
+                          batches: list[Minibatches], cfg: ClientConfig,
                           num_examples: list[int]) -> list[ClientUpdate]:
     """H local steps of all P clients at once; the same ClientUpdates as `train_client` gives."""
     if not downlinks:  # every participant dropped out
@@ -128,17 +133,20 @@ def train_clients_batched(model: nn.Module, client_ids: list[int], downlinks: li
 
 
 def train_clients(engine: str, model: nn.Module, client_ids: list[int],
-                  downlinks: list[Downlink], batches: list[Iterator[torch.Tensor]],
+                  downlinks: list[Downlink], batches: list[Minibatches],
                   loss_fn: LossFn, cfg: ClientConfig, num_examples: list[int],
-                  clients_per_pass: int | None = None) -> list[ClientUpdate]:
+                  clients_per_pass: int = 0) -> list[ClientUpdate]:
     """The round's local training with either engine ('sequential': one client at a time).
 
     `loss_fn` is the sequential engine's per-minibatch loss; the batched engine uses the same
     mean next-token loss per client (`client_losses`), `clients_per_pass` clients at a time
-    (None: all at once). Every client draws from its own streams, so passes change no number.
+    (0: `default_clients_per_pass`). Every client draws from its own streams, so passes change
+    no number beyond float rounding.
     """
     if engine == "batched":
-        step = clients_per_pass or max(len(client_ids), 1)
+        if not client_ids:  # every participant dropped out
+            return []
+        step = clients_per_pass or default_clients_per_pass(model, batches)
         return [u for s in range(0, len(client_ids), step)
                 for u in train_clients_batched(model, client_ids[s:s + step],
                                                downlinks[s:s + step], batches[s:s + step], cfg,

@@ -31,7 +31,7 @@ from tqdm import tqdm
 from fslora_min.budgets import validate_ranks
 from fslora_min.client import ClientConfig, ClientUpdate
 from fslora_min.data import FederatedData, minibatches, split_inputs_targets
-from fslora_min.engine import ENGINES, resolve_clients_per_pass, resolve_engine, train_clients
+from fslora_min.engine import ENGINES, resolve_engine, train_clients
 from fslora_min.lora import ALL_TARGETS
 from fslora_min.methods import Downlink, Method
 from fslora_min.model import lm_loss
@@ -55,7 +55,7 @@ class FederationConfig:
     eval_every: int = 1  # rounds between global held-out evaluations (the last is always done)
     dropout: float = 0.0  # probability that a participant fails mid-round (never uploads)
     engine: str = "auto"  # "sequential", "batched" or "auto" (the faster one on the device)
-    clients_per_pass: int = 0  # batched engine: clients trained together (0: device default)
+    clients_per_pass: int = 0  # batched engine: clients per pass (0: engine.default_clients_per_pass)
 
     def __post_init__(self) -> None:
         for name in ("num_clients", "participants", "rounds", "rank", "eval_every"):
@@ -166,9 +166,7 @@ class Federation:
         self.batch_streams = [minibatches(c.train, client.batch_size,
                                           generator(fed.seed, MINIBATCHES, i))
                               for i, c in enumerate(data.clients)]
-        device = next(server.model.parameters()).device
-        self.engine = resolve_engine(fed.engine, device)
-        self.clients_per_pass = resolve_clients_per_pass(fed.clients_per_pass, device)
+        self.engine = resolve_engine(fed.engine, next(server.model.parameters()).device)
         self.history = History()
 
     def run_round(self, t: int) -> RoundRecord:
@@ -181,7 +179,7 @@ class Federation:
                                 [self.batch_streams[i] for i in reporters], lm_batch_loss,
                                 self.client_cfg,
                                 [len(self.data.clients[i].train) for i in reporters],
-                                self.clients_per_pass)
+                                self.fed.clients_per_pass)
         return self.close_round(t, plan, plan.live, updates, start)
 
     def plan_round(self) -> RoundPlan:
@@ -199,10 +197,13 @@ class Federation:
         return RoundPlan(participants, downlinks, fails)
 
     def close_round(self, t: int, plan: RoundPlan, live: list[int],
-                    updates: list[ClientUpdate], start: float) -> RoundRecord:
+                    updates: list[ClientUpdate], start: float,
+                    unreadable: list[tuple[int, str]] = ()) -> RoundRecord:
         """The server's second half: screen and aggregate the updates, account, evaluate.
 
-        `updates[j]` is the upload of participant `plan.participants[live[j]]`; the others
+        `updates[j]` is the upload of participant `plan.participants[live[j]]`. `unreadable`
+        lists (client, reason) for replies that arrived but could not be decoded (a deployment,
+        flower_app/); they are rejected with the screened-out ones. Every other participant
         dropped out (simulated by `plan.fails`, or really, in a deployment).
         """
         server = self.server
@@ -212,8 +213,11 @@ class Federation:
         for p, u in zip(live, updates):
             up[p] = sum(db.numel() + da.numel() for db, da in u.deltas.values())
         rejected = self.aggregate(updates, reporters, [plan.downlinks[p] for p in live])
+        rejected += list(unreadable)
         width = next(iter(server.modules.values())).lora_B.element_size()
-        dropped = [i for p, i in enumerate(plan.participants) if p not in live]
+        refused = {i for i, _ in unreadable}
+        dropped = [i for p, i in enumerate(plan.participants)
+                   if p not in live and i not in refused]
         record = RoundRecord(t, plan.participants, [self.ranks[i] for i in plan.participants],
                              down, up, [n * width for n in down], [n * width for n in up],
                              time.perf_counter() - start, dropped=dropped,

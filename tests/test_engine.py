@@ -15,15 +15,15 @@ import pytest
 import torch
 
 from fslora_min.bench_engine import BenchConfig, run_benchmark
-from fslora_min.data import make_federated_data
-from fslora_min.engine import (resolve_clients_per_pass, resolve_engine, stack_downlinks,
-                               train_clients_batched)
+from fslora_min.data import make_federated_data, minibatches
+from fslora_min.engine import (CPU_PASS_BYTES, default_clients_per_pass, resolve_engine,
+                               stack_downlinks, train_clients_batched)
 from fslora_min.cli import build_parser, config_from_args
 from fslora_min.client import ClientConfig
 from fslora_min.federation import Federation, FederationConfig
 from fslora_min.lora import apply_lora, global_factors, lora_modules
 from fslora_min.methods import make_method
-from fslora_min.model import TEST_CONFIG, Transformer
+from fslora_min.model import TEST_CONFIG, ModelConfig, Transformer
 from fslora_min.server import Server, ServerConfig
 from kernels.batched_lora import batched_lora_linear, batched_lora_linear_reference
 from tests.tiny import TINY_DATA
@@ -150,8 +150,21 @@ def test_engine_choice_is_validated_and_auto_resolves_per_device():
     for bad in (-1, 1.5, True):
         with pytest.raises(ValueError, match=f"clients_per_pass.*{bad!r}"):
             FederationConfig(clients_per_pass=bad)
-    assert resolve_clients_per_pass(3, torch.device("cuda")) == 3
-    assert resolve_clients_per_pass(0, torch.device("cuda")) is None  # all clients at once
+
+
+
+def test_cpu_passes_keep_the_widest_activation_within_the_byte_budget():
+    model = Transformer(ModelConfig())  # the default model: its widest layer is fc, 4 d = 512
+    apply_lora(model, 4, alpha=8.0)  # the LoRA layers count (a LoRALinear is no nn.Linear)
+    streams = [minibatches(torch.zeros(40, 65, dtype=torch.long), 16, torch.Generator())
+               for _ in range(16)]
+    per_client = 16 * 64 * 512 * 4  # rows x tokens x width x bytes: 2 MiB
+    assert default_clients_per_pass(model, streams) == CPU_PASS_BYTES // per_client == 4
+    model.double()  # 8-byte numbers
+    assert default_clients_per_pass(model, streams) == 2
+    three_rows = [minibatches(torch.zeros(3, 65, dtype=torch.long), 16, torch.Generator())]
+    assert default_clients_per_pass(model, three_rows) == CPU_PASS_BYTES // (3 * 64 * 512 * 8)
+    assert default_clients_per_pass(model.to("meta"), streams) == 16  # not a CPU: all at once
 
 
 def test_batched_engine_rejects_unequal_minibatches():

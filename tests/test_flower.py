@@ -24,7 +24,7 @@ from fslora_flower.codec import (decode_downlink, decode_update, encode_downlink
                                  encode_update)
 from fslora_flower.local import LocalDeployment  # noqa: E402
 from fslora_flower.server_app import RESULT_NAME  # noqa: E402
-from fslora_flower.setup import experiment_config  # noqa: E402
+from fslora_flower.config import experiment_config  # noqa: E402
 from fslora_min.engine import train_clients  # noqa: E402
 from fslora_min.experiment import build_federation  # noqa: E402
 from fslora_min.federation import Federation, lm_batch_loss  # noqa: E402
@@ -113,11 +113,12 @@ def test_flower_run_equals_the_in_process_run_and_moves_the_accounted_bytes(tmp_
             assert w["down_bytes"] > 0 and w["up_bytes"] > up
 
 
-def test_a_dead_client_and_a_bad_reply_leave_what_the_good_replies_give(tmp_path):
-    # client 1's ClientApp process dies in round 2 (no reply); client 2 replies with NaN deltas
-    result = flower_run(tmp_path, ["", "die@2", "nan@2"], timeout_s=25)
+def test_a_dead_client_and_bad_replies_leave_what_the_good_replies_give(tmp_path):
+    # in round 2: client 1's ClientApp process dies (no reply), client 2 replies with NaN
+    # deltas (screened out), client 3 with a record that is no update (unreadable)
+    result = flower_run(tmp_path, ["", "die@2", "nan@2", "junk@2"], timeout_s=25)
     first, last = result["records"]
     assert first["dropped"] == first["rejected"] == []
-    assert last["dropped"] == [1] and last["rejected"] == [2]
-    assert "non-finite" in last["reasons"][0]
-    assert_same_factors(result, in_process(3, absent={2: {1, 2}}))
+    assert last["dropped"] == [1] and last["rejected"] == [2, 3]
+    assert "non-finite" in last["reasons"][0] and "malformed reply" in last["reasons"][1]
+    assert_same_factors(result, in_process(4, absent={2: {1, 2, 3}}))

@@ -8,7 +8,8 @@ between rounds, so its draws are those of client i in the in-process federation.
 
 Fault drills (node config `fault`): "die@T" ends the ClientApp process in round T before it
 replies (a device lost mid-round); "nan@T" replies in round T with NaN deltas (an update that
-fails validation). The server must carry on with the other replies either way.
+fails validation); "junk@T" replies with a record that is not an update at all. The server
+must carry on with the other replies in every case.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from fslora_flower.codec import decode_downlink, encode_update
-from fslora_flower.setup import federation_of
+from fslora_flower.config import federation_of
 from fslora_min.client import train_client
 from fslora_min.data import Minibatches
 from fslora_min.federation import lm_batch_loss
@@ -72,6 +73,8 @@ def train(msg: Message, context: Context) -> Message:
     server_round = int(msg.metadata.group_id)
     if fault_now(context, "die", server_round):
         os._exit(1)  # the device is gone: no reply, no clean-up
+    if fault_now(context, "junk", server_round):
+        return Message(RecordDict({"junk": ConfigRecord({"junk": 1})}), reply_to=msg)
     _, federation, _ = federation_of(context.run_config)
     stream = federation.batch_streams[mine]
     load_stream(stream, context.state)

@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--work", default="runs/flower-local", help="logs and results folder")
     p.add_argument("--timeout", type=float, default=1800, help="seconds the run may take")
     args = p.parse_args(argv)
-    from fslora_flower.setup import federation_of  # names a bad argument before starting
+    from fslora_flower.config import federation_of  # names a bad argument before starting
     # builds the federation once here, so the base is pretrained (cached) before the nodes start
     n = federation_of({"fslora-args": args.fslora_args})[0].federation.num_clients
     work = Path(args.work).resolve()

@@ -1,6 +1,6 @@
 """FSLoRA's server side as a Flower ServerApp: find the clients' nodes, run the strategy, save.
 
-Run config: `fslora-args` (see fslora_flower/setup.py), `timeout` (seconds a round waits for
+Run config: `fslora-args` (see fslora_flower/config.py), `timeout` (seconds a round waits for
 replies), `out-dir` (where `flower_result.pt` goes: the global factors and per-round records,
 loaded with `torch.load(..., weights_only=True)`) and `wait-for-nodes` (seconds to wait until
 every client's SuperNode has connected).
@@ -16,7 +16,7 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from fslora_flower.setup import federation_of
+from fslora_flower.config import federation_of
 from fslora_flower.strategy import FSLoRAStrategy, factors_record
 
 app = ServerApp()

@@ -22,6 +22,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fslora_flower.codec import decode_update, encode_downlink, message_bytes, tensor_bytes
+from fslora_min.client import ClientUpdate
 from fslora_min.federation import Federation, RoundPlan, RoundRecord
 from fslora_min.lora import global_factors
 
@@ -68,30 +69,27 @@ class FSLoRAStrategy(Strategy):
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         plan = self.plan
         position = {msg.metadata.message_id: p for p, msg in self.sent.items()}
-        live, updates, malformed = [], [], []
         wire = {p: {"client": plan.participants[p], "down_bytes": message_bytes(msg),
-                    "down_payload_bytes": tensor_bytes(f for f in plan.downlinks[p].values()
-                                                       for f in (f.b, f.a)),
+                    "down_payload_bytes": tensor_bytes(t for f in plan.downlinks[p].values()
+                                                       for t in (f.b, f.a)),
                     "up_bytes": 0, "up_payload_bytes": 0} for p, msg in self.sent.items()}
+        got: dict[int, ClientUpdate] = {}  # participant position -> its decoded update
+        unreadable: list[tuple[int, str]] = []
         for reply in replies:
             p = position.get(reply.metadata.reply_to_message_id)
             if p is None or reply.has_error():
                 continue  # not ours, or the ClientApp failed: the participant dropped out
             wire[p]["up_bytes"] = message_bytes(reply)
             try:
-                updates.append(decode_update(reply.content, plan.downlinks[p]))
-                live.append(p)
-                wire[p]["up_payload_bytes"] = tensor_bytes(d for pair in
-                                                           updates[-1].deltas.values()
-                                                           for d in pair)
+                got[p] = decode_update(reply.content, plan.downlinks[p])
             except (KeyError, TypeError, ValueError) as err:
-                malformed.append((plan.participants[p], f"malformed reply: {err}"))
-        order = sorted(range(len(live)), key=lambda j: live[j])  # the in-process order
-        live, updates = [live[j] for j in order], [updates[j] for j in order]
-        record = self.federation.close_round(server_round, plan, live, updates, self.started)
-        record.rejected += [i for i, _ in malformed]
-        record.reasons += [reason for _, reason in malformed]
-        record.dropped = [i for i in record.dropped if i not in record.rejected]
+                unreadable.append((plan.participants[p], f"malformed reply: {err}"))
+                continue
+            wire[p]["up_payload_bytes"] = tensor_bytes(d for pair in got[p].deltas.values()
+                                                       for d in pair)
+        live = sorted(got)  # the in-process order, whatever order the replies came in
+        record = self.federation.close_round(server_round, plan, live, [got[p] for p in live],
+                                             self.started, unreadable)
         self.records.append(record)
         self.wire.append({"round": server_round, "participants": list(wire.values()),
                           "accounted_down_bytes": record.bytes_down,
