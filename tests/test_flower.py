@@ -35,8 +35,8 @@ ARGS = ("--preset tiny --rounds 2 --rank 4 --ratios 0.5 1 --engine sequential --
 TOL = 1e-6
 
 
-def federation_for(clients: int) -> Federation:
-    cfg = experiment_config({"fslora-args": f"{ARGS} --clients {clients}"})
+def federation_for(clients: int, method: str = "fslora") -> Federation:
+    cfg = experiment_config({"fslora-args": f"{ARGS} --clients {clients} --method {method}"})
     return build_federation(cfg, progress=False)[0]
 
 
@@ -73,8 +73,11 @@ def assert_same_factors(result: dict, expected: dict) -> None:
             assert ((got - ref).norm() / ref.norm()).item() < TOL, name
 
 
-def test_codec_round_trips_downlinks_and_updates():
-    federation = federation_for(2)
+# the methods' downlinks differ: r / k (None), one weight for all (HetLoRA's 1.0), one weight
+# per index (the importance sketch), SVD factors of the global product (FlexLoRA)
+@pytest.mark.parametrize("method", ["fslora", "hetlora", "fslora-importance", "flexlora"])
+def test_codec_round_trips_downlinks_and_updates(method):
+    federation = federation_for(2, method)
     plan = federation.plan_round()
     for i, down in zip(plan.participants, plan.downlinks):
         client, back = decode_downlink(encode_downlink(down, i, federation.server.rank))
@@ -82,7 +85,10 @@ def test_codec_round_trips_downlinks_and_updates():
         for name, f in down.items():
             assert torch.equal(back[name].b, f.b) and torch.equal(back[name].a, f.a)
             assert torch.equal(back[name].sketch.index, f.sketch.index)
-            assert back[name].sketch.scale == f.sketch.scale
+            if f.sketch.per_index is None:
+                assert back[name].sketch.scale == f.sketch.scale
+            else:
+                assert torch.equal(back[name].sketch.per_index, f.sketch.per_index)
     i = plan.participants[0]
     update, = train_clients("sequential", federation.server.model, [i], plan.downlinks[:1],
                             [federation.batch_streams[i]], lm_batch_loss, federation.client_cfg,
@@ -96,6 +102,15 @@ def test_codec_round_trips_downlinks_and_updates():
     fewer = dict(list(plan.downlinks[0].items())[1:])  # a reply for a module never sent
     with pytest.raises(KeyError, match="not sent"):
         decode_update(encode_update(update), fewer)
+
+
+def test_flora_and_simulated_dropout_are_refused_by_name():
+    with pytest.raises(ValueError, match="'flora' is not supported on Flower"):
+        experiment_config({"fslora-args": "--method flora"})
+    with pytest.raises(ValueError, match="--dropout 0.2"):
+        experiment_config({"fslora-args": "--dropout 0.2"})
+    with pytest.raises(ValueError, match="fslora-args"):
+        experiment_config({})
 
 
 def test_flower_run_equals_the_in_process_run_and_moves_the_accounted_bytes(tmp_path):
