@@ -39,7 +39,8 @@ from fslora_min.lora import (BatchedFactors, CompactFactors, LoRALinear, batched
 
 ENGINES = ("auto", "sequential", "batched")
 # What "auto" picks per device type, from results/engine/ (bench_engine.py): on an H100 batched
-# is 6.4x (4 clients) to 21x (64) faster; on 2 CPU threads 1.27x at 4 clients, 0.96x at 16.
+# is 6.4x (4 clients) to 21x (64) faster; on 2 CPU threads, in passes of 4, 1.64x / 1.22x / 1.17x
+# at 4 / 16 / 64 clients.
 FASTER_ENGINE = {"cpu": "batched", "cuda": "batched"}
 CPU_PASS_BYTES = 8 * 2**20  # the widest activation of one CPU pass (the docstring says why)
 
