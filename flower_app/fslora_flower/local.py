@@ -1,10 +1,10 @@
 """A whole Flower deployment on this machine: one SuperLink and N SuperNodes on 127.0.0.1.
 
-    python -m fslora_flower.local --nodes 2 --fslora-args "--preset tiny --clients 2 --rounds 2"
+    python -m fslora_flower.local --fslora-args "--preset tiny --clients 2 --rounds 2"
 
-starts `flower-superlink` and one `flower-supernode` per client as subprocesses (each with its
-own port and `client-id`), submits this app with `flwr run`, streams its log, and stops every
-process it started, also on failure or Ctrl-C. Across machines the same three commands run on
+starts `flower-superlink` and one `flower-supernode` per client (`--clients`) as subprocesses,
+each with its own port and `client-id`, submits this app with `flwr run`, prints its log when
+it ends, and stops every process it started, also on failure or Ctrl-C. Across machines the same three commands run on
 their own hosts (flower_app/README.md). tests/test_flower.py uses `LocalDeployment`.
 """
 
