@@ -5,7 +5,7 @@ and `flwr run` submits the app. The same arguments and seed give the same base, 
 and minibatch draws, so the global factors must equal the in-process run's to float tolerance
 (relative 1e-6; in practice they are bit-identical: the same float32 operations, one thread).
 Each message must carry exactly the in-process accounting, k_i (m + n) numbers of 4 bytes, as
-its payload; its measured size (index sets, names, Flower's framing included) is reported.
+its payload, and its measured size (index sets, names, Flower's framing) only a little more.
 `--batch-size 4` makes every minibatch draw matter (12 sequences per client), so a client that
 lost its stream state between rounds would train on other batches; `--lr 0.05` keeps the tiny
 model out of the chaotic regime in which float32 rounding is amplified step by step.
@@ -123,9 +123,9 @@ def test_flower_run_equals_the_in_process_run_and_moves_the_accounted_bytes(tmp_
         for w, down, up in zip(wire["participants"], wire["accounted_down_bytes"],
                                wire["accounted_up_bytes"]):
             assert (w["down_payload_bytes"], w["up_payload_bytes"]) == (down, up) and down > 0
-            # measured message sizes, overhead included; a downlink may be smaller than its
-            # payload: Flower sends identical arrays once (round 1: every b = B[:, I] is 0)
-            assert w["down_bytes"] > 0 and w["up_bytes"] > up
+            # the measured messages: the payload plus a small overhead (packed arrays, index
+            # sets, names, Flower's object ids), not one frame per module field
+            assert down < w["down_bytes"] < down + 4096 and up < w["up_bytes"] < up + 4096
 
 
 def test_a_dead_client_and_bad_replies_leave_what_the_good_replies_give(tmp_path):

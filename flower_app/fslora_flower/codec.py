@@ -3,10 +3,15 @@
 A downlink (server -> client i, fslora_min/methods.py) is, per adapted module, the compact
 factors b = B[:, I] (m x k_i) and a = A[I, :] (k_i x n) with the index set I and its diagonal
 value(s); an update (client -> server, fslora_min/client.py) is, per module, the deltas
-db (m x k_i), da (k_i x n) and the index set it trained. Both travel as one ArrayRecord
-(arrays named "<module>/<field>") and one ConfigRecord (scalars), so a message carries
-k_i (m + n) numbers of payload plus the index sets and Flower's own framing:
-`message_bytes` measures the whole serialized message, `payload_bytes` the factors alone.
+db (m x k_i), da (k_i x n) and the index set it trained.
+
+Each travels packed: the modules' factors (or deltas) flattened into one array, their index
+sets into another (and per-index weights, if any, into a third), with the module names and
+shapes in a ConfigRecord. Flower frames every array it sends (a header, an object id, a name:
+about 460 bytes each), so one array per module field would add ~33 KiB per message for the
+default model's 24 modules x 3 fields; packed, a message is its payload, k_i (m + n) numbers per
+module, plus one small fixed cost. `message_bytes` measures a whole serialized message,
+`tensor_bytes` the payload alone.
 """
 
 from __future__ import annotations
@@ -22,74 +27,91 @@ from fslora_min.lora import CompactFactors
 from fslora_min.methods import Downlink
 from fslora_min.sketch import Sketch
 
-FACTORS, SETTINGS, DELTAS, COUNTS = "factors", "settings", "deltas", "counts"
+ARRAYS, SETTINGS, COUNTS = "arrays", "settings", "counts"
+
+
+def pack(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
+    """One flat CPU tensor holding `tensors` one after another."""
+    return torch.cat([t.detach().reshape(-1).cpu() for t in tensors])
+
+
+def unpack(flat: torch.Tensor, shapes: list[tuple[int, ...]], what: str) -> list[torch.Tensor]:
+    """`pack`'s inverse; a ValueError naming `what` when the sizes do not add up."""
+    sizes = [int(torch.Size(s).numel()) for s in shapes]
+    if flat.dim() != 1 or flat.numel() != sum(sizes):
+        raise ValueError(f"{what}: {tuple(flat.shape)} numbers, expected {sum(sizes)}")
+    return [t.view(s) for t, s in zip(torch.split(flat, sizes), shapes)]
 
 
 def encode_downlink(downlink: Downlink, client_id: int, rank: int) -> RecordDict:
     """Client i's compact factors and index sets, with its id and the global rank r."""
-    arrays: dict[str, torch.Tensor] = {}
-    settings: dict[str, int | float] = {"client_id": client_id, "rank": rank}
-    for name, f in downlink.items():
-        arrays[f"{name}/b"], arrays[f"{name}/a"] = f.b.detach().cpu(), f.a.detach().cpu()
-        arrays[f"{name}/index"] = f.sketch.index.cpu()
-        if f.sketch.per_index is not None:  # one diagonal value per index
-            arrays[f"{name}/weight"] = f.sketch.per_index.cpu()
-        elif f.sketch.weight is not None:  # one value for every index (None: r / k)
-            settings[f"{name}/weight"] = float(f.sketch.weight)
-    return RecordDict({FACTORS: ArrayRecord(torch_state_dict=arrays),
+    fs = list(downlink.values())
+    per_index = [f.sketch.per_index is not None for f in fs]
+    arrays = {"factors": pack(t for f in fs for t in (f.b, f.a)),
+              "index": pack(f.sketch.index for f in fs)}
+    if any(per_index):  # one diagonal value per index (the importance sketch)
+        arrays["weights"] = pack(f.sketch.per_index for f in fs if f.sketch.per_index is not None)
+    settings = {"client_id": client_id, "rank": rank, "modules": list(downlink),
+                "m": [f.b.shape[0] for f in fs], "k": [f.sketch.k for f in fs],
+                "n": [f.a.shape[1] for f in fs], "per_index": per_index,
+                # one value for every index (r / k unless the method says otherwise)
+                "scale": [0.0 if p else float(f.sketch.scale) for f, p in zip(fs, per_index)]}
+    return RecordDict({ARRAYS: ArrayRecord(torch_state_dict=arrays),
                        SETTINGS: ConfigRecord(settings)})
-
-
-def module_names(arrays: dict[str, torch.Tensor]) -> list[str]:
-    """The modules a record's arrays describe, in their order."""
-    return list(dict.fromkeys(key.rsplit("/", 1)[0] for key in arrays))
 
 
 def decode_downlink(content: RecordDict) -> tuple[int, Downlink]:
     """(client id, downlink) from `encode_downlink`'s record."""
-    arrays = content[FACTORS].to_torch_state_dict()
-    settings = content[SETTINGS]
+    arrays, s = content[ARRAYS].to_torch_state_dict(), content[SETTINGS]
+    ms, ks, ns = list(s["m"]), list(s["k"]), list(s["n"])
+    factors = iter(unpack(arrays["factors"], [shape for m, k, n in zip(ms, ks, ns)
+                                              for shape in ((m, k), (k, n))], "factors"))
+    indices = unpack(arrays["index"], [(k,) for k in ks], "index sets")
+    weights = iter(unpack(arrays["weights"], [(k,) for k, p in zip(ks, s["per_index"]) if p],
+                          "weights") if "weights" in arrays else [])
     downlink = {}
-    for name in module_names(arrays):
-        weight = arrays.get(f"{name}/weight", settings.get(f"{name}/weight"))
-        sketch = Sketch(arrays[f"{name}/index"], int(settings["rank"]), weight)
-        downlink[name] = CompactFactors(arrays[f"{name}/b"], arrays[f"{name}/a"], sketch)
-    return int(settings["client_id"]), downlink
+    for name, index, per, scale in zip(s["modules"], indices, s["per_index"], s["scale"]):
+        sketch = Sketch(index, int(s["rank"]), next(weights) if per else scale)
+        downlink[name] = CompactFactors(next(factors), next(factors), sketch)
+    return int(s["client_id"]), downlink
 
 
 def encode_update(update: ClientUpdate) -> RecordDict:
     """A client's upload: per module (db, da) and the index set it trained; its counts."""
-    arrays: dict[str, torch.Tensor] = {}
-    for name, (db, da) in update.deltas.items():
-        arrays[f"{name}/db"], arrays[f"{name}/da"] = db.detach().cpu(), da.detach().cpu()
-        arrays[f"{name}/index"] = update.sketches[name].index.cpu()
+    names = list(update.deltas)
+    arrays = {"deltas": pack(d for name in names for d in update.deltas[name]),
+              "index": pack(update.sketches[name].index for name in names)}
     counts = {"client_id": update.client_id, "num_examples": update.num_examples,
               "trainable_parameters": update.trainable_parameters}
-    return RecordDict({DELTAS: ArrayRecord(torch_state_dict=arrays),
+    return RecordDict({ARRAYS: ArrayRecord(torch_state_dict=arrays),
+                       SETTINGS: ConfigRecord({"modules": names}),
                        COUNTS: MetricRecord(counts)})
 
 
 def decode_update(content: RecordDict, sent: Downlink) -> ClientUpdate:
     """The ClientUpdate in a reply, for the server's screening (fslora_min/validation.py).
 
-    Index sets come from the reply (the screening checks them against `sent`); the diagonal
-    values are the ones the server sent. Raises KeyError, TypeError or ValueError (naming the
-    problem) on a malformed record: a missing field, a module that was not sent, a bad index.
+    The deltas are unpacked in the shapes that were sent, the index sets as the reply gives
+    them (the screening compares them with what was sent); the diagonal values are the ones
+    the server sent. Raises KeyError or ValueError, naming the problem, on a malformed record.
     """
-    arrays = content[DELTAS].to_torch_state_dict()
+    arrays, names = content[ARRAYS].to_torch_state_dict(), list(content[SETTINGS]["modules"])
+    unknown = [name for name in names if name not in sent]
+    if unknown:
+        raise KeyError(f"reply has deltas for modules {unknown}, which were not sent")
+    fs = [sent[name] for name in names]
+    deltas = iter(unpack(arrays["deltas"], [shape for f in fs for shape in
+                                            (tuple(f.b.shape), tuple(f.a.shape))], "deltas"))
+    indices = unpack(arrays["index"], [(f.sketch.k,) for f in fs], "index sets")
     counts = content[COUNTS]
-    deltas, sketches = {}, {}
-    for name in module_names(arrays):
-        if name not in sent:
-            raise KeyError(f"reply has deltas for module {name!r}, which was not sent")
-        deltas[name] = (arrays[f"{name}/db"], arrays[f"{name}/da"])
-        sketches[name] = Sketch(arrays[f"{name}/index"], sent[name].sketch.rank,
-                                sent[name].sketch.weight)
-    return ClientUpdate(int(counts["client_id"]), sketches, deltas, int(counts["num_examples"]),
-                        int(counts["trainable_parameters"]))
+    return ClientUpdate(int(counts["client_id"]),
+                        {name: Sketch(index, f.sketch.rank, f.sketch.weight)
+                         for name, f, index in zip(names, fs, indices)},
+                        {name: (next(deltas), next(deltas)) for name in names},
+                        int(counts["num_examples"]), int(counts["trainable_parameters"]))
 
 
-def message_bytes(message: Message) -> int:
+def message_bytes(message: Message | RecordDict) -> int:
     """Bytes Flower pushes for `message`: every object of its tree (message, records, arrays)
     as serialized, without the transport's own framing (HTTP headers, TLS)."""
     return sum(len(obj.deflate()) for obj in get_all_nested_objects(message).values())
