@@ -16,3 +16,4 @@ if not torch.cuda.is_available():
 # machine sane (idle worker threads spinning on two cores slowed tiny runs tenfold).
 torch.set_num_threads(1)
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # for the subprocesses some tests start
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")  # the optional Flower extra: no usage events

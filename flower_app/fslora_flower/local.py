@@ -64,7 +64,11 @@ class LocalDeployment:
                                if p)
         self.env = os.environ | {"FLWR_HOME": str(self.work / "flwr_home"), "PYTHONPATH": path,
                                  # one base-model cache for all: the caller's (pretrain.py)
-                                 "FSLORA_CACHE": str(default_cache_dir().resolve())}
+                                 "FSLORA_CACHE": str(default_cache_dir().resolve()),
+                                 # Flower posts usage events to its server unless told not to:
+                                 # a local deployment talks to 127.0.0.1 only
+                                 "FLWR_TELEMETRY_ENABLED": os.environ.get(
+                                     "FLWR_TELEMETRY_ENABLED", "0")}
 
     def start(self, name: str, cmd: list[str]) -> subprocess.Popen:
         log = open(self.work / f"{name}.log", "w")
