@@ -58,8 +58,8 @@ def default_clients_per_pass(model: nn.Module, batches: list[Minibatches]) -> in
     """Clients per batched pass: all of them on a GPU; on a CPU, as many as keep the widest
     activation, (clients x rows x tokens, widest layer output), within CPU_PASS_BYTES."""
     weight = next(model.parameters())
-    if weight.device.type != "cpu":
-        return len(batches)
+    if weight.device.type != "cpu" or not batches:
+        return max(len(batches), 1)
     rows, tokens = batches[0].batch_shape
     widest = max(m.out_features for m in model.modules()
                  if isinstance(m, (nn.Linear, LoRALinear)))
@@ -145,8 +145,6 @@ def train_clients(engine: str, model: nn.Module, client_ids: list[int],
     no number beyond float rounding.
     """
     if engine == "batched":
-        if not client_ids:  # every participant dropped out
-            return []
         step = clients_per_pass or default_clients_per_pass(model, batches)
         return [u for s in range(0, len(client_ids), step)
                 for u in train_clients_batched(model, client_ids[s:s + step],

@@ -169,10 +169,11 @@ class Federation:
         self.engine = resolve_engine(fed.engine, next(server.model.parameters()).device)
         self.history = History()
 
-    def run_round(self, t: int) -> RoundRecord:
-        """One round in process: plan it, train the participants that report, close it."""
+    def run_round(self, t: int, plan: RoundPlan | None = None) -> RoundRecord:
+        """One round in process: plan it (unless `plan` is given), train the participants that
+        report, close it."""
         start = time.perf_counter()
-        plan = self.plan_round()
+        plan = self.plan_round() if plan is None else plan
         reporters = [plan.participants[p] for p in plan.live]
         updates = train_clients(self.engine, self.server.model, reporters,
                                 [plan.downlinks[p] for p in plan.live],

@@ -45,14 +45,8 @@ def in_process(clients: int, absent: dict[int, set[int]] | None = None) -> dict:
     federation = federation_for(clients)
     for t in range(1, federation.fed.rounds + 1):
         plan = federation.plan_round()
-        live = [p for p, i in enumerate(plan.participants) if i not in (absent or {}).get(t, ())]
-        who = [plan.participants[p] for p in live]
-        updates = train_clients("sequential", federation.server.model, who,
-                                [plan.downlinks[p] for p in live],
-                                [federation.batch_streams[i] for i in who], lm_batch_loss,
-                                federation.client_cfg,
-                                [len(federation.data.clients[i].train) for i in who])
-        federation.close_round(t, plan, live, updates, 0.0)
+        plan.fails = [i in (absent or {}).get(t, ()) for i in plan.participants]
+        federation.run_round(t, plan)
     return global_factors(federation.server.model)
 
 

@@ -17,7 +17,7 @@ from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from fslora_flower.config import federation_of
-from fslora_flower.strategy import FSLoRAStrategy, factors_record
+from fslora_flower.strategy import FSLoRAStrategy, factor_tensors, factors_record
 
 app = ServerApp()
 RESULT_NAME = "flower_result.pt"
@@ -46,12 +46,12 @@ def discover_clients(grid: Grid, num_clients: int, wait_s: float) -> dict[int, i
 def main(grid: Grid, context: Context) -> None:
     cfg, federation, info = federation_of(context.run_config)
     fed = cfg.federation
-    nodes = discover_clients(grid, fed.num_clients, float(context.run_config.get("wait-for-nodes", 60)))
+    nodes = discover_clients(grid, fed.num_clients,
+                             float(context.run_config.get("wait-for-nodes", 60)))
     strategy = FSLoRAStrategy(federation, nodes)
     strategy.start(grid, factors_record(federation), num_rounds=fed.rounds,
                    timeout=float(context.run_config.get("timeout", 600)))
     out = Path(str(context.run_config.get("out-dir", cfg.out_dir)))
     out.mkdir(parents=True, exist_ok=True)
-    factors = {name: t for name, t in factors_record(federation).to_torch_state_dict().items()}
-    torch.save({"factors": factors, "records": [asdict(r) for r in strategy.records],
+    torch.save({"factors": factor_tensors(federation), "records": [asdict(r) for r in strategy.records],
                 "wire": strategy.wire, "info": info}, out / RESULT_NAME)

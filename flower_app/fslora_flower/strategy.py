@@ -17,6 +17,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable
 
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
@@ -27,12 +28,16 @@ from fslora_min.federation import Federation, RoundPlan, RoundRecord
 from fslora_min.lora import global_factors
 
 
+def factor_tensors(federation: Federation) -> dict[str, torch.Tensor]:
+    """The server's global LoRA factors, named "<module>/B" and "<module>/A"."""
+    return {f"{name}/{which}": t.detach().cpu()
+            for name, (B, A) in global_factors(federation.server.model).items()
+            for which, t in (("B", B), ("A", A))}
+
+
 def factors_record(federation: Federation) -> ArrayRecord:
-    """The server's global LoRA factors B, A of every module."""
-    arrays = {}
-    for name, (B, A) in global_factors(federation.server.model).items():
-        arrays[f"{name}/B"], arrays[f"{name}/A"] = B.detach().cpu(), A.detach().cpu()
-    return ArrayRecord(torch_state_dict=arrays)
+    """`factor_tensors` as the record Flower's strategy loop carries between rounds."""
+    return ArrayRecord(torch_state_dict=factor_tensors(federation))
 
 
 class FSLoRAStrategy(Strategy):
@@ -46,6 +51,7 @@ class FSLoRAStrategy(Strategy):
         self.plan: RoundPlan | None = None
         self.started = 0.0
         self.sent: dict[int, Message] = {}  # participant position -> its message
+        self.round_wire: dict[int, dict] = {}  # participant position -> its bytes this round
         self.records: list[RoundRecord] = []
         self.wire: list[dict] = []  # per round, per participant: message bytes vs accounting
 
@@ -63,16 +69,18 @@ class FSLoRAStrategy(Strategy):
                                             MessageType.TRAIN, self.nodes[i],
                                             str(server_round))
                      for p, i in enumerate(plan.participants) if not plan.fails[p]}
+        self.round_wire = {p: {"client": plan.participants[p], "down_bytes": message_bytes(msg),
+                               "down_payload_bytes": tensor_bytes(
+                                   t for f in plan.downlinks[p].values() for t in (f.b, f.a)),
+                               "up_bytes": 0, "up_payload_bytes": 0}
+                           for p, msg in self.sent.items()}
         return list(self.sent.values())
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message],
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         plan = self.plan
         position = {msg.metadata.message_id: p for p, msg in self.sent.items()}
-        wire = {p: {"client": plan.participants[p], "down_bytes": message_bytes(msg),
-                    "down_payload_bytes": tensor_bytes(t for f in plan.downlinks[p].values()
-                                                       for t in (f.b, f.a)),
-                    "up_bytes": 0, "up_payload_bytes": 0} for p, msg in self.sent.items()}
+        wire = self.round_wire
         got: dict[int, ClientUpdate] = {}  # participant position -> its decoded update
         unreadable: list[tuple[int, str]] = []
         for reply in replies:
