@@ -4,26 +4,30 @@ from __future__ import annotations
 
 import torch
 
-from kernels.lora_linear import DTYPES, check_lora_inputs, lora_linear_triton
+from kernels.lora_linear import DTYPES, GEMMS, check_lora_inputs, lora_linear_triton
 from kernels.reference import lora_linear_reference
 
 
 def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                 lora_B: torch.Tensor, lora_A: torch.Tensor, index: torch.Tensor | None,
-                scale: float, backend: str = "auto", check_index: bool = True) -> torch.Tensor:
+                scale: float, backend: str = "auto", check_index: bool = True,
+                gemm: str = "pointer") -> torch.Tensor:
     """y = x W0^T + bias + scale * (x A[I]^T) B[:, I]^T; backend: 'auto', 'triton' or 'torch'.
 
     'auto' runs the Triton kernels (kernels/lora_linear.py) on CUDA tensors and the PyTorch
     reference elsewhere; 'triton' forces the kernels (CPU tensors only under TRITON_INTERPRET=1);
     'torch' forces the reference. `check_index=False` skips the one device sync that checks the
-    index set's range (kernels/lora_linear.py: check_lora_inputs).
+    index set's range (kernels/lora_linear.py: check_lora_inputs). `gemm` picks the Triton base
+    GEMM: 'pointer' (kernels/matmul.py, any layout) or 'tma' (kernels/matmul_tma.py, Hopper).
     """
     if backend not in ("auto", "torch", "triton"):
         raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
+    if gemm not in GEMMS:
+        raise ValueError(f"gemm must be one of {sorted(GEMMS)}, got {gemm!r}")
     use_triton = backend == "triton" or (backend == "auto" and x.is_cuda)
     # the reference also takes float64 (tests, theory); the kernels take the training dtypes
     check_lora_inputs(x, weight, bias, lora_B, lora_A, index, scale, check_index,
                       DTYPES if use_triton else DTYPES + (torch.float64,))
     if use_triton:
-        return lora_linear_triton(x, weight, bias, lora_B, lora_A, index, scale)
+        return lora_linear_triton(x, weight, bias, lora_B, lora_A, index, scale, gemm)
     return lora_linear_reference(x, weight, bias, lora_B, lora_A, index, scale)

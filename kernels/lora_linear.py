@@ -40,8 +40,12 @@ import math
 import torch
 
 from kernels.matmul import INTERPRET, fused_linear, skinny_matmul
+from kernels.matmul_tma import fused_linear_tma
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# The base GEMM with its LoRA step: pointer loads (any GPU, any strides), or TMA descriptors on a
+# persistent grid (Hopper; 16-byte aligned rows). Both compute the same fused product.
+GEMMS = {"pointer": fused_linear, "tma": fused_linear_tma}
 
 
 def check_lora_inputs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -94,10 +98,11 @@ class LoRALinearFunction(torch.autograd.Function):
     """Autograd for y = x W0^T + bias + c (x A[I]^T) B[:, I]^T on 2-D x (T, n)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_B, lora_A, index, scale, compact):
+    def forward(ctx, x, weight, bias, lora_B, lora_A, index, scale, compact, gemm):
         ctx.scale, ctx.compact = scale, compact  # compact: index is 0..k-1, grads not scattered
+        ctx.gemm = GEMMS[gemm]
         u = skinny_matmul(x, lora_A, index, 0, scale, x.dtype)  # (T, k) = c x A[I]^T
-        y = fused_linear(x, weight.t(), bias, u, lora_B, index, 1)  # (T, m)
+        y = ctx.gemm(x, weight.t(), bias, u, lora_B, index, 1)  # (T, m)
         ctx.save_for_backward(x, weight, lora_B, lora_A, index, u)
         return y
 
@@ -111,14 +116,14 @@ class LoRALinearFunction(torch.autograd.Function):
         if need_x or need_A:
             g = skinny_matmul(dy, lora_B, index, 1, scale, dy.dtype)  # (T, k) = c dy B[:, I]
         if need_x:
-            dx = fused_linear(dy, weight, None, g, lora_A, index, 0)  # (T, n)
+            dx = ctx.gemm(dy, weight, None, g, lora_A, index, 0)  # (T, n)
         if need_A:
             dA_I = skinny_matmul(x.t(), g, _arange(g), 1, 1.0, lora_A.dtype)  # (n, k)
             dA = _scatter(lora_A, 0, None if ctx.compact else index, dA_I.t())  # (r, n)
         if need_B:
             dB_I = skinny_matmul(dy.t(), u, _arange(u), 1, 1.0, lora_B.dtype)  # (m, k)
             dB = _scatter(lora_B, 1, None if ctx.compact else index, dB_I)  # (m, r)
-        return dx, None, None, dB, dA, None, None, None
+        return dx, None, None, dB, dA, None, None, None, None
 
 
 def _arange(t: torch.Tensor) -> torch.Tensor:
@@ -136,10 +141,11 @@ def _scatter(factor: torch.Tensor, dim: int, index: torch.Tensor | None,
 
 def lora_linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                        lora_B: torch.Tensor, lora_A: torch.Tensor, index: torch.Tensor | None,
-                       scale: float) -> torch.Tensor:
+                       scale: float, gemm: str = "pointer") -> torch.Tensor:
     """y = x W0^T + bias + scale (x A[I]^T) B[:, I]^T through the Triton kernels, any (..., n) x.
 
     index=None is the compact form: every column of B / row of A (b (m, k), a (k, n)).
+    gemm: 'pointer' or 'tma', the base GEMM kernel (GEMMS).
     W0 and bias are frozen: asking for their gradient raises instead of silently returning none.
     """
     if x.device.type != "cuda" and not INTERPRET:
@@ -153,6 +159,7 @@ def lora_linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     if compact:
         index = torch.arange(lora_A.shape[0], device=x.device)
     x2 = x.reshape(-1, x.shape[-1])  # (T, n), a view whenever possible
-    y = LoRALinearFunction.apply(x2, weight, bias, lora_B, lora_A, index, float(scale), compact)
+    y = LoRALinearFunction.apply(x2, weight, bias, lora_B, lora_A, index, float(scale), compact,
+                                 gemm)
     return y.reshape(*x.shape[:-1], weight.shape[0])
 

@@ -53,19 +53,56 @@ def input_precision(dtype: torch.dtype) -> str:
     return "tf32"  # ignored for 16-bit inputs
 
 
-def _num_sms(device: torch.device) -> int:
+def num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 2  # interpreter: small, so that small test shapes still take the split path
 
 
 @triton.jit
-def _dot(a, b, acc, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+def dot_acc(a, b, acc, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     """acc + a @ b. UPCAST (interpreter only): triton 3.9's interpreter mis-multiplies bf16 dots,
     so the operands go to fp32 first; a bf16 x bf16 product is exact in fp32 anyway."""
     if UPCAST:
         a, b = a.to(tl.float32), b.to(tl.float32)
     return tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+
+
+@triton.jit
+def tile_coords(tile, T, N, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_T: tl.constexpr):
+    """(row-block, column-block) of output tile number `tile`, in grouped order: GROUP_T
+    row-blocks share each column-block of W while it is in L2."""
+    num_t, num_n = tl.cdiv(T, BLOCK_T), tl.cdiv(N, BLOCK_N)
+    group = tile // (GROUP_T * num_n)
+    first_t = group * GROUP_T
+    group_size = tl.minimum(num_t - first_t, GROUP_T)
+    pid_t = first_t + (tile % (GROUP_T * num_n)) % group_size
+    pid_n = (tile % (GROUP_T * num_n)) // group_size
+    return pid_t, pid_n
+
+
+@triton.jit
+def lora_step_and_bias(acc, offs_t, offs_n, T, N, k, u_ptr, stride_ut, stride_ul, f_ptr,
+                       stride_fl, stride_fn, idx_ptr, bias_ptr, HAS_BIAS: tl.constexpr,
+                       K_PAD: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                       INTERPRET: tl.constexpr):
+    """The end of a fused-linear tile: acc + U[:, :k] F[I, :] (+ bias).
+
+    The LoRA term is one more K_PAD-deep step of the GEMM into the same accumulator, so it
+    costs no pass over y; padded ranks l >= k load zeros. L[l, j] = F[I_l, j] is gathered
+    through the index set in device memory.
+    """
+    in_t, in_n = offs_t < T, offs_n < N
+    offs_l = tl.arange(0, K_PAD)
+    ranks = tl.load(idx_ptr + offs_l, mask=offs_l < k, other=0)  # (K_PAD,)
+    u = tl.load(u_ptr + offs_t[:, None] * stride_ut + offs_l[None, :] * stride_ul,
+                mask=in_t[:, None] & (offs_l[None, :] < k), other=0.0)  # (BLOCK_T, K_PAD)
+    lf = tl.load(f_ptr + ranks[:, None] * stride_fl + offs_n[None, :] * stride_fn,
+                 mask=(offs_l[:, None] < k) & in_n[None, :], other=0.0)  # (K_PAD, BLOCK_N)
+    acc = dot_acc(u, lf, acc, INPUT_PRECISION, INTERPRET)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=in_n, other=0.0).to(tl.float32)[None, :]
+    return acc
 
 
 # ------------------------------------------------------------------------------------------------
@@ -114,7 +151,7 @@ def _skinny_kernel(
                     mask=(offs_r[:, None] < R) & (offs_q[None, :] < q_hi), other=0.0)
         v = tl.load(f_ptr + ranks[None, :] * stride_fl + offs_q[:, None] * stride_fq,
                     mask=(offs_q[:, None] < q_hi) & (offs_l[None, :] < k), other=0.0)
-        acc = _dot(p, v, acc, INPUT_PRECISION, INTERPRET)  # (BLOCK_R, K_PAD)
+        acc = dot_acc(p, v, acc, INPUT_PRECISION, INTERPRET)  # (BLOCK_R, K_PAD)
     out = out_ptr + pid_s * stride_os + offs_r[:, None] * stride_or + offs_l[None, :] * stride_ol
     tl.store(out, acc * scale, mask=(offs_r[:, None] < R) & (offs_l[None, :] < k))
 
@@ -129,7 +166,7 @@ def skinny_matmul(p: torch.Tensor, factor: torch.Tensor, index: torch.Tensor, ra
     block_r, block_q = (16, 16) if INTERPRET else (64, 128)  # block_q: the largest BLOCK_Q
     row_blocks, q_blocks = triton.cdiv(R, block_r), triton.cdiv(Q, block_q)
     if split is None:  # enough programs for two waves over the GPU
-        split = triton.cdiv(2 * _num_sms(p.device), row_blocks)
+        split = triton.cdiv(2 * num_sms(p.device), row_blocks)
     split = max(1, min(split, q_blocks))
     q_per_split = triton.cdiv(q_blocks, split) * block_q
     split = triton.cdiv(Q, q_per_split)  # no empty split
@@ -187,15 +224,7 @@ def _fused_linear_kernel(
     BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_T: tl.constexpr,
     EVEN_K: tl.constexpr,
 ):
-    # Grouped program order: GROUP_T row-blocks share each column-block of W while it is in L2.
-    pid = tl.program_id(0)
-    num_t, num_n = tl.cdiv(T, BLOCK_T), tl.cdiv(N, BLOCK_N)
-    group = pid // (GROUP_T * num_n)
-    first_t = group * GROUP_T
-    group_size = tl.minimum(num_t - first_t, GROUP_T)
-    pid_t = first_t + (pid % (GROUP_T * num_n)) % group_size
-    pid_n = (pid % (GROUP_T * num_n)) // group_size
-
+    pid_t, pid_n = tile_coords(tl.program_id(0), T, N, BLOCK_T, BLOCK_N, GROUP_T)
     offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
@@ -212,22 +241,13 @@ def _fused_linear_kernel(
         else:
             x = tl.load(x_tile, mask=in_t[:, None] & (offs_k[None, :] < K - k0), other=0.0)
             w = tl.load(w_tile, mask=(offs_k[:, None] < K - k0) & in_n[None, :], other=0.0)
-        acc = _dot(x, w, acc, INPUT_PRECISION, INTERPRET)
+        acc = dot_acc(x, w, acc, INPUT_PRECISION, INTERPRET)
         x_tile += BLOCK_K * stride_xk
         w_tile += BLOCK_K * stride_wk
 
-    # LoRA step: one more K_PAD-deep step, acc += U[:, :k] F[I, :]. Same accumulator, no pass
-    # over y; padded ranks l >= k load zeros.
-    offs_l = tl.arange(0, K_PAD)
-    ranks = tl.load(idx_ptr + offs_l, mask=offs_l < k, other=0)  # (K_PAD,)
-    u = tl.load(u_ptr + offs_t[:, None] * stride_ut + offs_l[None, :] * stride_ul,
-                mask=in_t[:, None] & (offs_l[None, :] < k), other=0.0)  # (BLOCK_T, K_PAD)
-    lf = tl.load(f_ptr + ranks[:, None] * stride_fl + offs_n[None, :] * stride_fn,
-                 mask=(offs_l[:, None] < k) & in_n[None, :], other=0.0)  # (K_PAD, BLOCK_N)
-    acc = _dot(u, lf, acc, INPUT_PRECISION, INTERPRET)
-
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=in_n, other=0.0).to(tl.float32)[None, :]
+    acc = lora_step_and_bias(acc, offs_t, offs_n, T, N, k, u_ptr, stride_ut, stride_ul, f_ptr,
+                             stride_fl, stride_fn, idx_ptr, bias_ptr, HAS_BIAS, K_PAD,
+                             INPUT_PRECISION, INTERPRET)
     y = y_ptr + offs_t[:, None] * stride_yt + offs_n[None, :] * stride_yn
     tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=in_t[:, None] & in_n[None, :])
 

@@ -1,0 +1,178 @@
+"""What the kernels compile to on a Hopper GPU, checked on any machine: `python -m kernels.lowering`.
+
+Triton compiles ahead of time for a named target (here CUDA compute capability 9.0, the H100)
+with its own bundled ptxas, so no GPU is needed to see what the GPU would run. For every
+autotuning config of every kernel, at the benchmark's shape (bf16, T = 8192, n = m = 4096,
+k = 16, forward and backward layouts), this reports:
+
+- the tensor-core instruction: `wgmma` (Hopper's warpgroup MMA, the fast path), `mma.sync`
+  (the older per-warp MMA, about half of Hopper's rate at best) or none (FMA);
+- TMA bulk copies (`cp.async.bulk.tensor`) against per-thread async copies (`cp.async`);
+- shared memory per program against the H100's 227 KiB, registers per thread and local-memory
+  bytes (spills: registers that did not fit, a classic slowdown).
+
+It compiles exactly what the JIT would for those arguments: the wrappers (fused_linear, ...) run
+on CPU tensors with the launch captured, and the captured arguments go through Triton's own
+binder and `triton.compile` (Triton internals: checked with Triton 3.6 and 3.9).
+Speed is still only measured on a GPU (kernels/bench.py); this says what code it runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") == "1":
+    raise RuntimeError("kernels.lowering compiles real kernels: run it in a process without "
+                       "TRITON_INTERPRET=1 (python -m kernels.lowering)")
+os.environ["TRITON_INTERPRET"] = "0"  # triton.jit reads it when the kernels are decorated
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource, make_backend  # noqa: E402
+from triton.runtime.autotuner import Autotuner, Heuristics  # noqa: E402
+from triton.runtime.jit import create_function_from_signature  # noqa: E402
+
+from kernels import matmul, matmul_tma  # noqa: E402
+
+H100_SHARED_BYTES = 227 * 1024  # opt-in shared memory per block on sm_90
+
+
+@dataclass
+class Lowering:
+    kernel: str
+    layout: str  # which call: forward or backward operands
+    config: str  # the autotuner config
+    tensor_cores: str  # "wgmma", "mma.sync" or "none"
+    tma_copies: int  # cp.async.bulk.tensor instructions in the PTX
+    async_copies: int  # cp.async (per-thread) instructions in the PTX
+    shared_bytes: int
+    registers: int
+    local_bytes: int  # > 0: spilled registers
+
+
+def capture_launch(kernel: Autotuner, call) -> tuple[tuple, dict]:
+    """Run `call()`, which launches `kernel` once, with the launch replaced by a recorder."""
+    seen = {}
+
+    def record(*args, grid, warmup, **kwargs):
+        seen.update(args=args, kwargs=kwargs)
+
+    kernel.run = record  # the instance attribute shadows Autotuner.run
+    try:
+        call()
+    finally:
+        del kernel.run
+    return seen["args"], seen["kwargs"]
+
+
+def compile_config(kernel: Autotuner, args: tuple, kwargs: dict, config: triton.Config,
+                   target: GPUTarget):
+    """triton.compile of `kernel` for `target` with one config, as the JIT would specialise it."""
+    named = dict(zip(kernel.arg_names, args))
+    kwargs = {**kwargs, **{key: v for key, v in config.all_kwargs().items() if v is not None}}
+    if config.pre_hook:
+        config.pre_hook({**named, **kwargs})
+    fn = kernel.fn
+    while isinstance(fn, Heuristics):
+        kwargs.update({key: rule({**named, **kwargs}) for key, rule in fn.values.items()})
+        fn = fn.fn
+    backend = make_backend(target)
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    bound, specialization, options = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization,
+                                                          options)
+    return triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target,
+                          options=options.__dict__)
+
+
+def resource_usage(cubin: bytes) -> tuple[int, int]:
+    """(registers per thread, local-memory bytes) from the bundled cuobjdump."""
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([str(tool), "--dump-resource-usage", f.name], check=True,
+                              capture_output=True, text=True).stdout
+    regs, local = re.search(r"REG:(\d+)", text), re.search(r"LOCAL:(\d+)", text)
+    return int(regs.group(1)), int(local.group(1))
+
+
+def describe(compiled, kernel: str, layout: str, config: triton.Config) -> Lowering:
+    ptx = compiled.asm["ptx"]
+    cores = "wgmma" if "wgmma.mma_async" in ptx else "mma.sync" if "mma.sync" in ptx else "none"
+    registers, local = resource_usage(compiled.asm["cubin"])
+    tile = ",".join(f"{key}={v}" for key, v in config.kwargs.items())
+    return Lowering(kernel, layout, f"{tile} warps={config.num_warps} stages={config.num_stages}",
+                    cores, len(re.findall(r"cp\.async\.bulk\.tensor", ptx)),
+                    len(re.findall(r"cp\.async\.(?:ca|cg)", ptx)), compiled.metadata.shared,
+                    registers, local)
+
+
+def launches(T: int, n: int, m: int, k: int, r: int = 64) -> list[tuple[str, str, Autotuner, callable]]:
+    """Every kernel launch of the fused layer's forward and backward, on CPU tensors."""
+    bf16 = dict(dtype=torch.bfloat16)
+    x, dy, w0 = torch.empty(T, n, **bf16), torch.empty(T, m, **bf16), torch.empty(m, n, **bf16)
+    lora_B, lora_A = torch.empty(m, r, **bf16), torch.empty(r, n, **bf16)
+    u, index = torch.empty(T, k, **bf16), torch.arange(k)
+    ranks = torch.arange(k)
+    out = []
+    for gemm, kernel in ((matmul.fused_linear, matmul._fused_linear_kernel),
+                         (matmul_tma.fused_linear_tma, matmul_tma._fused_linear_tma_kernel)):
+        out.append((gemm.__name__, "forward", kernel,
+                    lambda g=gemm: g(x, w0.t(), None, u, lora_B, index, 1)))
+        out.append((gemm.__name__, "backward dx", kernel,
+                    lambda g=gemm: g(dy, w0, None, u, lora_A, index, 0)))
+    skinny = matmul._skinny_kernel
+    out += [("skinny_matmul", "shrink u = c x A[I]^T", skinny,
+             lambda: matmul.skinny_matmul(x, lora_A, index, 0, 0.5, x.dtype)),
+            ("skinny_matmul", "factor grad dB = dy^T u", skinny,
+             lambda: matmul.skinny_matmul(dy.t(), u, ranks, 1, 1.0, x.dtype))]
+    return out
+
+
+def lower_all(T: int = 8192, n: int = 4096, m: int = 4096, k: int = 16,
+              capability: int = 90) -> list[Lowering]:
+    target = GPUTarget("cuda", capability, 32)
+    rows = []
+    for name, layout, kernel, call in launches(T, n, m, k):
+        args, kwargs = capture_launch(kernel, call)
+        for config in kernel.configs:
+            rows.append(describe(compile_config(kernel, args, kwargs, config, target), name,
+                                 layout, config))
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--shape", type=int, nargs=4, default=(8192, 4096, 4096, 16),
+                        metavar=("T", "n", "m", "k"), help="tokens, in, out features, sketch size")
+    parser.add_argument("--capability", type=int, default=90, help="CUDA compute capability x10")
+    parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    args = parser.parse_args()
+    rows = lower_all(*args.shape, capability=args.capability)
+    print(f"triton {triton.__version__}, target sm_{args.capability}, shape "
+          f"T n m k = {' '.join(map(str, args.shape))}, bf16")
+    for row in rows:
+        fits = "" if row.shared_bytes <= H100_SHARED_BYTES else "  (over 227 KiB)"
+        print(f"{row.kernel:17} {row.layout:24} {row.config:58} {row.tensor_cores:8} "
+              f"tma {row.tma_copies:3}  cp.async {row.async_copies:3}  "
+              f"smem {row.shared_bytes // 1024:3} KiB  regs {row.registers:3}  "
+              f"local {row.local_bytes}{fits}")
+    if args.json:
+        import json
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"triton": triton.__version__,
+                                         "capability": args.capability, "shape": args.shape,
+                                         "rows": [asdict(r) for r in rows]}, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
