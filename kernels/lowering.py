@@ -20,6 +20,7 @@ Speed is still only measured on a GPU (kernels/bench.py); this says what code it
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import subprocess
@@ -167,10 +168,10 @@ def main() -> None:
               f"smem {row.shared_bytes // 1024:3} KiB  regs {row.registers:3}  "
               f"local {row.local_bytes}{fits}")
     if args.json:
-        import json
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"triton": triton.__version__,
                                          "capability": args.capability, "shape": args.shape,
+                                         "shared_limit_bytes": H100_SHARED_BYTES,
                                          "rows": [asdict(r) for r in rows]}, indent=1) + "\n")
 
 

@@ -27,6 +27,7 @@ from fslora_min.model import TEST_CONFIG, Transformer, lm_loss
 from fslora_min.sketch import sample_module_sketches
 from kernels import lora_linear
 from kernels import matmul
+from kernels.lora_linear import GEMMS
 from kernels.reference import lora_linear_reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -38,6 +39,13 @@ SHAPES = [
     ((37,), 33, 17, 12, 12),  # k = r, r not a power of two
     ((2, 3, 7), 40, 48, 24, 5),  # three leading dims, k not a power of two
 ]
+# gemm='tma' needs 16-byte aligned rows (n, m multiples of 8); still ragged against the tiles
+TMA_SHAPES = [
+    ((3, 5), 24, 40, 6, 1),
+    ((37,), 32, 16, 12, 12),
+    ((2, 3, 7), 40, 48, 24, 5),
+]
+CASES = [("pointer", s) for s in SHAPES] + [("tma", s) for s in TMA_SHAPES]
 
 
 @pytest.fixture(autouse=True)
@@ -70,10 +78,11 @@ def make_inputs(lead, n, m, r, k, dtype, bias, noncontig, seed=0):
     return x, weight, b, lora_B, lora_A, index
 
 
-def check_against_float64(x, weight, b, lora_B, lora_A, index, scale, dtype):
+def check_against_float64(x, weight, b, lora_B, lora_A, index, scale, dtype, gemm="pointer"):
     """Forward and the gradients of x, B and A, with backend='triton' vs float64 reference."""
     leaves = [t.detach().clone().requires_grad_() for t in (x, lora_B, lora_A)]
-    y = lora_linear(leaves[0], weight, b, leaves[1], leaves[2], index, scale, backend="triton")
+    y = lora_linear(leaves[0], weight, b, leaves[1], leaves[2], index, scale, backend="triton",
+                    gemm=gemm)
     dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(dtype).to(DEVICE)
     y.backward(dy)
 
@@ -90,15 +99,16 @@ def check_against_float64(x, weight, b, lora_B, lora_A, index, scale, dtype):
     return leaves
 
 
-@pytest.mark.parametrize("shape", SHAPES, ids=[f"k{s[4]}-r{s[3]}" for s in SHAPES])
+@pytest.mark.parametrize("gemm,shape", CASES, ids=[f"{g}-k{s[4]}-r{s[3]}" for g, s in CASES])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
 @pytest.mark.parametrize("noncontig", [False, True], ids=["contig", "strided"])
-def test_sketched_matches_float64(shape, dtype, bias, noncontig):
+def test_sketched_matches_float64(gemm, shape, dtype, bias, noncontig):
+    """'strided': x a strided view (gemm='tma' copies it once), W0, B and A stored transposed."""
     lead, n, m, r, k = shape
     inputs = make_inputs(lead, n, m, r, k, dtype, bias, noncontig)
     index = inputs[-1]
-    _, grad_B, grad_A = (t.grad for t in check_against_float64(*inputs, 0.75, dtype))
+    _, grad_B, grad_A = (t.grad for t in check_against_float64(*inputs, 0.75, dtype, gemm))
     unselected = torch.ones(r, dtype=torch.bool, device=DEVICE)
     unselected[index] = False
     assert torch.all(grad_B[:, unselected] == 0) and torch.all(grad_A[unselected] == 0)
@@ -106,10 +116,20 @@ def test_sketched_matches_float64(shape, dtype, bias, noncontig):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("k", [1, 7])
-def test_compact_form_matches_float64(dtype, k):
+@pytest.mark.parametrize("gemm,n,m", [("pointer", 21, 18), ("tma", 24, 16)])
+def test_compact_form_matches_float64(dtype, k, gemm, n, m):
     """index=None: the client's own b (m, k), a (k, n), every column used, grads of shape k."""
-    x, weight, b, lora_b, lora_a, _ = make_inputs((29,), 21, 18, k, k, dtype, True, False)
-    check_against_float64(x, weight, b, lora_b, lora_a, None, 1.5, dtype)
+    x, weight, b, lora_b, lora_a, _ = make_inputs((29,), n, m, k, k, dtype, True, False)
+    check_against_float64(x, weight, b, lora_b, lora_a, None, 1.5, dtype, gemm)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_tma_refuses_unaligned_rows(dtype):
+    """An odd n leaves x's and W0's rows off the 16-byte grid TMA needs: a ValueError naming the
+    strides, never a silent fallback."""
+    x, weight, b, lora_B, lora_A, index = make_inputs((5,), 19, 24, 6, 2, dtype, True, False)
+    with pytest.raises(ValueError, match=r"gemm='tma' needs x .* strides \(19, 1\)"):
+        lora_linear(x, weight, b, lora_B, lora_A, index, 1.0, backend="triton", gemm="tma")
 
 
 @pytest.mark.parametrize("split", [1, 2, 5])
@@ -158,11 +178,13 @@ def test_bad_inputs_raise_naming_the_value(backend, message, kwargs):
         lora_linear(**kwargs, backend=backend)
 
 
-def test_unknown_backend_raises():
+@pytest.mark.parametrize("option", [dict(backend="cuda"), dict(gemm="cublas")],
+                         ids=["backend", "gemm"])
+def test_unknown_backend_or_gemm_raises(option):
     x, weight, b, lora_B, lora_A, index = make_inputs((4,), 8, 6, 5, 2, torch.float32, True,
                                                       False)
-    with pytest.raises(ValueError, match="'cuda'"):
-        lora_linear(x, weight, b, lora_B, lora_A, index, 1.0, backend="cuda")
+    with pytest.raises(ValueError, match=repr(next(iter(option.values())))):
+        lora_linear(x, weight, b, lora_B, lora_A, index, 1.0, **option)
 
 
 def test_frozen_weight_is_enforced():
@@ -188,9 +210,12 @@ def test_cpu_routing():
     assert "RAISED backend='triton' needs CUDA tensors" in out.stdout, out.stderr
 
 
+@pytest.mark.parametrize("gemm", ["pointer", "tma"])
 @pytest.mark.parametrize("mode", ["sketched", "compact"])
-def test_training_step_matches_torch_backend(mode):
-    """One real step of the tiny transformer: same loss and LoRA gradients on both backends."""
+def test_training_step_matches_torch_backend(mode, gemm, monkeypatch):
+    """One real step of the tiny transformer: same loss and LoRA gradients on both backends.
+    The layer asks for the default GEMM; 'tma' swaps the TMA kernel in under that name."""
+    monkeypatch.setitem(GEMMS, "pointer", GEMMS[gemm])
     torch.manual_seed(0)
     base = Transformer(TEST_CONFIG)
     models = {}
@@ -232,9 +257,10 @@ def test_training_step_matches_torch_backend(mode):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: compiled tile sizes")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("n,m", [(520, 1030), (1024, 768)], ids=["ragged", "even"])
-def test_gpu_sizes_match_float64(dtype, n, m):
+@pytest.mark.parametrize("n,m", [(520, 1032), (1024, 768)], ids=["ragged", "even"])
+@pytest.mark.parametrize("gemm", ["pointer", "tma"])
+def test_gpu_sizes_match_float64(dtype, n, m, gemm):
     """Shapes large enough for the GPU's real tiles and split reductions; the 'even' one takes
     the unmasked K loop (K a multiple of BLOCK_K) both ways."""
-    inputs = make_inputs((3, 333), n, m, 64, 24, dtype, True, m == 1030)
-    check_against_float64(*inputs, 0.5, dtype)
+    inputs = make_inputs((3, 333), n, m, 64, 24, dtype, True, m == 1032)
+    check_against_float64(*inputs, 0.5, dtype, gemm)
