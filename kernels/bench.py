@@ -28,7 +28,8 @@ import triton
 from triton.testing import do_bench
 
 from kernels.dispatch import lora_linear
-from kernels.matmul import fused_linear, skinny_matmul
+from kernels.lora_linear import GEMMS
+from kernels.matmul import skinny_matmul
 from kernels.reference import lora_linear_reference
 
 R = 64  # global rank
@@ -68,26 +69,52 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out.float() - ref).norm() / ref.norm()).item()
 
 
-def bench_case(T: int, n: int, m: int, k: int, ceilings: dict, compiled, parts: bool) -> dict:
-    g = torch.Generator(device="cuda").manual_seed(T + n + m + k)
+def bench_case(T: int, n: int, m: int, k: int, ceilings: dict, compiled, parts: bool,
+               gemms: list[str], device: str = "cuda") -> dict:
+    """One shape: the baselines once, then the fused path with each base-GEMM kernel."""
+    g = torch.Generator(device=device).manual_seed(T + n + m + k)
 
     def rand(*shape, std=1.0):
-        return (std * torch.randn(*shape, device="cuda", generator=g)).to(torch.bfloat16)
+        return (std * torch.randn(*shape, device=device, generator=g)).to(torch.bfloat16)
 
     x, w0, dy = rand(T, n), rand(m, n, std=n ** -0.5), rand(T, m)
     lora_B, lora_A = rand(m, R, std=0.1), rand(R, n, std=n ** -0.5)
-    index = torch.randperm(R, device="cuda", generator=g)[:k]
+    index = torch.randperm(R, device=device, generator=g)[:k]
     scale = 16.0 / k  # c = s r / k with s = alpha / r, alpha = 16
     leaves = [t.clone().requires_grad_() for t in (x, lora_B, lora_A)]
+    args = (leaves[0], w0, None, leaves[1], leaves[2], index, scale)
+
+    def fwd_bwd(fn, *fn_args):
+        return lambda: fn(*fn_args).backward(dy)
+
+    t = {}
+    with torch.no_grad():
+        t["base_fwd"] = median_ms(lambda: F.linear(x, w0))
+    t["base_fwdbwd"] = median_ms(fwd_bwd(F.linear, leaves[0], w0), grad_to_none=leaves)
+    t["eager_fwdbwd"] = median_ms(fwd_bwd(lora_linear_reference, *args), grad_to_none=leaves)
+    if compiled is not None:
+        t["compiled_fwdbwd"] = median_ms(fwd_bwd(compiled, *args), grad_to_none=leaves)
+    row = {"T": T, "n": n, "m": m, "r": R, "k": k, "ms": t,
+           "fused": {gemm: bench_fused(gemm, args, dy, t, ceilings, parts) for gemm in gemms}}
+    return row
+
+
+def bench_fused(gemm: str, args: tuple, dy: torch.Tensor, base: dict, ceilings: dict,
+                parts: bool) -> dict:
+    """The fused path with one base-GEMM kernel: correctness gate, times, ratios (a)-(d)."""
+    x, w0, _, lora_B, lora_A, index, scale = args
+    leaves = [x, lora_B, lora_A]
+    T, n, m, k = x.shape[0], x.shape[1], w0.shape[0], index.numel()
 
     def fused(check_index=True):
-        return lora_linear(leaves[0], w0, None, leaves[1], leaves[2], index, scale, "triton",
-                           check_index)
+        return lora_linear(*args, backend="triton", check_index=check_index, gemm=gemm)
 
-    # Correctness gate at these shapes: fused and eager bf16 vs an fp32 reference.
-    ref = [t.float().requires_grad_() for t in (x, lora_B, lora_A)]
+    # Correctness gate at these shapes: fused bf16 vs an fp32 reference.
+    ref = [t.detach().float().requires_grad_() for t in leaves]
     y_ref = lora_linear_reference(ref[0], w0.float(), None, ref[1], ref[2], index, scale)
     y_ref.backward(dy.float())
+    for leaf in leaves:
+        leaf.grad = None
     y = fused()
     y.backward(dy)
     errors = {"y": rel_err(y, y_ref)}
@@ -95,52 +122,45 @@ def bench_case(T: int, n: int, m: int, k: int, ceilings: dict, compiled, parts: 
                    for name, leaf, r in zip(("x", "B", "A"), leaves, ref)})
     del ref, y_ref, y
     if not all(e < 2e-2 for e in errors.values()):
-        raise SystemExit(f"correctness gate failed at T={T} n={n} m={m} k={k}: {errors}")
-
-    def fwd_bwd(fn, *args):
-        return lambda: fn(*args).backward(dy)
+        raise SystemExit(f"correctness gate failed for gemm={gemm} at T={T} n={n} m={m} k={k}: "
+                         f"{errors}")
 
     with torch.no_grad():
-        t = {"base_fwd": median_ms(lambda: F.linear(x, w0)),
-             "fused_fwd": median_ms(lambda: fused(False))}
-    t["base_fwdbwd"] = median_ms(fwd_bwd(F.linear, leaves[0], w0), grad_to_none=leaves)
+        t = {"fused_fwd": median_ms(lambda: fused(False))}
     t["fused_fwdbwd"] = median_ms(lambda: fused(False).backward(dy), grad_to_none=leaves)
     t["fused_fwdbwd_checked"] = median_ms(lambda: fused(True).backward(dy), grad_to_none=leaves)
-    args = (leaves[0], w0, None, leaves[1], leaves[2], index, scale)
-    t["eager_fwdbwd"] = median_ms(fwd_bwd(lora_linear_reference, *args), grad_to_none=leaves)
-    if compiled is not None:
-        t["compiled_fwdbwd"] = median_ms(fwd_bwd(compiled, *args), grad_to_none=leaves)
     if parts:  # where the fused forward's time goes
-        u = skinny_matmul(x, lora_A, index, 0, scale, x.dtype)
-        t["part_shrink"] = median_ms(lambda: skinny_matmul(x, lora_A, index, 0, scale, x.dtype))
-        t["part_fused_gemm"] = median_ms(lambda: fused_linear(x, w0.t(), None, u, lora_B,
-                                                              index, 1))
-        ranks = torch.arange(k, device="cuda")
-        t["part_factor_grad"] = median_ms(lambda: skinny_matmul(x.t(), u, ranks, 1, 1.0, x.dtype))
+        xd = x.detach()
+        u = skinny_matmul(xd, lora_A, index, 0, scale, xd.dtype)
+        t["part_shrink"] = median_ms(lambda: skinny_matmul(xd, lora_A, index, 0, scale, xd.dtype))
+        t["part_fused_gemm"] = median_ms(lambda: GEMMS[gemm](xd, w0.t(), None, u, lora_B, index, 1))
+        ranks = torch.arange(k, device=xd.device)
+        t["part_factor_grad"] = median_ms(lambda: skinny_matmul(xd.t(), u, ranks, 1, 1.0, xd.dtype))
 
-    row = {"T": T, "n": n, "m": m, "r": R, "k": k, "ms": t, "rel_err_vs_fp32": errors,
-           "a_fwd_over_base": t["fused_fwd"] / t["base_fwd"],
-           "b_fwdbwd_over_base": t["fused_fwdbwd"] / t["base_fwdbwd"],
-           "c_eager_over_fused": t["eager_fwdbwd"] / t["fused_fwdbwd"]}
-    if compiled is not None:
-        row["d_compiled_over_fused"] = t["compiled_fwdbwd"] / t["fused_fwdbwd"]
+    out = {"ms": t, "rel_err_vs_fp32": errors,
+           "a_fwd_over_base": t["fused_fwd"] / base["base_fwd"],
+           "b_fwdbwd_over_base": t["fused_fwdbwd"] / base["base_fwdbwd"],
+           "c_eager_over_fused": base["eager_fwdbwd"] / t["fused_fwdbwd"]}
+    if "compiled_fwdbwd" in base:
+        out["d_compiled_over_fused"] = base["compiled_fwdbwd"] / t["fused_fwdbwd"]
     for name, backward in (("fused_fwd", False), ("fused_fwdbwd", True)):
         tflops = flops(T, n, m, k, backward) / t[name] / 1e9
         gbps = min_bytes(T, n, m, k, backward) / t[name] / 1e6
-        row[name] = {"tflops": tflops, "share_gemm_rate": tflops / ceilings["gemm_tflops"],
+        out[name] = {"tflops": tflops, "share_gemm_rate": tflops / ceilings["gemm_tflops"],
                      "gbps": gbps, "share_copy_bw": gbps / ceilings["copy_gbps"]}
-    return row
+    return out
 
 
 def print_row(row: dict) -> None:
-    d = row.get("d_compiled_over_fused", float("nan"))
-    print(f"T={row['T']:>5} n={row['n']:>5} m={row['m']:>5} k={row['k']:>2} | "
-          f"(a) {row['a_fwd_over_base']:.3f} (b) {row['b_fwdbwd_over_base']:.3f} "
-          f"(c) {row['c_eager_over_fused']:.3f} (d) {d:.3f} | "
-          f"fwd {row['fused_fwd']['tflops']:.0f} TFLOP/s "
-          f"({100 * row['fused_fwd']['share_gemm_rate']:.0f}% of GEMM), fwd+bwd "
-          f"{row['fused_fwdbwd']['tflops']:.0f} TFLOP/s "
-          f"({100 * row['fused_fwdbwd']['share_gemm_rate']:.0f}%)", flush=True)
+    for gemm, f in row["fused"].items():
+        d = f.get("d_compiled_over_fused", float("nan"))
+        print(f"T={row['T']:>5} n={row['n']:>5} m={row['m']:>5} k={row['k']:>2} {gemm:>7} | "
+              f"(a) {f['a_fwd_over_base']:.3f} (b) {f['b_fwdbwd_over_base']:.3f} "
+              f"(c) {f['c_eager_over_fused']:.3f} (d) {d:.3f} | "
+              f"fwd {f['fused_fwd']['tflops']:.0f} TFLOP/s "
+              f"({100 * f['fused_fwd']['share_gemm_rate']:.0f}% of GEMM), fwd+bwd "
+              f"{f['fused_fwdbwd']['tflops']:.0f} TFLOP/s "
+              f"({100 * f['fused_fwdbwd']['share_gemm_rate']:.0f}%)", flush=True)
 
 
 def cpu_only(out: Path | None) -> None:
@@ -155,7 +175,8 @@ def cpu_only(out: Path | None) -> None:
         times.append(time.perf_counter() - start)
     ms = 1e3 * sorted(times)[len(times) // 2]
     note = ("no CUDA GPU here: the GPU figures (a)-(d) are MISSING; only the PyTorch reference "
-            "was timed on the CPU")
+            "was timed on the CPU (`python -m kernels.lowering` shows, without a GPU, what the "
+            "kernels compile to for an H100)")
     print(f"{note}\nreference forward, fp32, T={T} n={n} m={m} r={R} k={k}: {ms:.3f} ms (median)")
     result = {"gpu": None, "note": note, "cpu": platform.processor() or platform.machine(),
               "torch": torch.__version__, "triton": triton.__version__,
@@ -172,6 +193,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="k in {16, 64}, one grid shape")
     parser.add_argument("--no-compile", action="store_true", help="skip ratio (d)")
+    parser.add_argument("--gemm", nargs="+", choices=sorted(GEMMS), default=sorted(GEMMS),
+                        help="base-GEMM kernels of the fused path to time, side by side "
+                             "(default: all)")
     parser.add_argument("--out", type=Path, default=None, help="JSON path")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -192,17 +216,20 @@ def main() -> None:
               "python": platform.python_version(), "dtype": "bfloat16", "quick": args.quick,
               "ceilings": ceilings, "goals": GOALS, "rows": []}
     for T, n, m, k, parts in cases:
-        row = bench_case(T, n, m, k, ceilings, compiled, parts)
+        row = bench_case(T, n, m, k, ceilings, compiled, parts, args.gemm)
         print_row(row)
         result["rows"].append(row)
         write(result, path)  # after every case: a cut-off run keeps what it measured
         torch.cuda.empty_cache()
-    for key, (op, goal) in GOALS.items():
-        values = [row[key] for row in result["rows"] if key in row]
-        if values:
-            worst = max(values) if op == "<=" else min(values)
-            print(f"{key}: worst {worst:.3f}, goal {op} {goal}: "
-                  f"{'met' if (worst <= goal if op == '<=' else worst >= goal) else 'MISSED'}")
+    for gemm in args.gemm:
+        for key, (op, goal) in GOALS.items():
+            values = [row["fused"][gemm][key] for row in result["rows"]
+                      if key in row["fused"][gemm]]
+            if values:
+                worst = max(values) if op == "<=" else min(values)
+                met = worst <= goal if op == "<=" else worst >= goal
+                print(f"gemm={gemm} {key}: worst {worst:.3f}, goal {op} {goal}: "
+                      f"{'met' if met else 'MISSED'}")
     print(f"wrote {path}")
 
 

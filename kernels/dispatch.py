@@ -17,8 +17,9 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     'auto' runs the Triton kernels (kernels/lora_linear.py) on CUDA tensors and the PyTorch
     reference elsewhere; 'triton' forces the kernels (CPU tensors only under TRITON_INTERPRET=1);
     'torch' forces the reference. `check_index=False` skips the one device sync that checks the
-    index set's range (kernels/lora_linear.py: check_lora_inputs). `gemm` picks the Triton base
-    GEMM: 'pointer' (kernels/matmul.py, any layout) or 'tma' (kernels/matmul_tma.py, Hopper).
+    index set's range (kernels/lora_linear.py: check_lora_inputs). `gemm` picks the base GEMM of
+    the Triton path: 'pointer' (kernels/matmul.py, any layout), 'tma' (kernels/matmul_tma.py,
+    Hopper) or 'cublas' (cuBLAS with the LoRA term as its C input).
     """
     if backend not in ("auto", "torch", "triton"):
         raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")

@@ -39,13 +39,14 @@ import math
 
 import torch
 
-from kernels.matmul import INTERPRET, fused_linear, skinny_matmul
+from kernels.matmul import INTERPRET, fused_linear, fused_linear_cublas, skinny_matmul
 from kernels.matmul_tma import fused_linear_tma
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# The base GEMM with its LoRA step: pointer loads (any GPU, any strides), or TMA descriptors on a
-# persistent grid (Hopper; 16-byte aligned rows). Both compute the same fused product.
-GEMMS = {"pointer": fused_linear, "tma": fused_linear_tma}
+# The base GEMM with its LoRA step, three ways to the same product: Triton with pointer loads
+# (any GPU, any strides), Triton with TMA descriptors on a persistent grid (Hopper, 16-byte
+# aligned rows), or cuBLAS for X W with the Triton LoRA term as its C input.
+GEMMS = {"pointer": fused_linear, "tma": fused_linear_tma, "cublas": fused_linear_cublas}
 
 
 def check_lora_inputs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -145,7 +146,7 @@ def lora_linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     """y = x W0^T + bias + scale (x A[I]^T) B[:, I]^T through the Triton kernels, any (..., n) x.
 
     index=None is the compact form: every column of B / row of A (b (m, k), a (k, n)).
-    gemm: 'pointer' or 'tma', the base GEMM kernel (GEMMS).
+    gemm: 'pointer', 'tma' or 'cublas', the base GEMM (GEMMS).
     W0 and bias are frozen: asking for their gradient raises instead of silently returning none.
     """
     if x.device.type != "cuda" and not INTERPRET:

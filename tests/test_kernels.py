@@ -18,6 +18,7 @@ import copy
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -45,7 +46,7 @@ TMA_SHAPES = [
     ((37,), 32, 16, 12, 12),
     ((2, 3, 7), 40, 48, 24, 5),
 ]
-CASES = [("pointer", s) for s in SHAPES] + [("tma", s) for s in TMA_SHAPES]
+CASES = [(g, s) for g in ("pointer", "cublas") for s in SHAPES] + [("tma", s) for s in TMA_SHAPES]
 
 
 @pytest.fixture(autouse=True)
@@ -116,7 +117,7 @@ def test_sketched_matches_float64(gemm, shape, dtype, bias, noncontig):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("k", [1, 7])
-@pytest.mark.parametrize("gemm,n,m", [("pointer", 21, 18), ("tma", 24, 16)])
+@pytest.mark.parametrize("gemm,n,m", [("pointer", 21, 18), ("cublas", 21, 18), ("tma", 24, 16)])
 def test_compact_form_matches_float64(dtype, k, gemm, n, m):
     """index=None: the client's own b (m, k), a (k, n), every column used, grads of shape k."""
     x, weight, b, lora_b, lora_a, _ = make_inputs((29,), n, m, k, k, dtype, True, False)
@@ -178,7 +179,7 @@ def test_bad_inputs_raise_naming_the_value(backend, message, kwargs):
         lora_linear(**kwargs, backend=backend)
 
 
-@pytest.mark.parametrize("option", [dict(backend="cuda"), dict(gemm="cublas")],
+@pytest.mark.parametrize("option", [dict(backend="cuda"), dict(gemm="cutlass")],
                          ids=["backend", "gemm"])
 def test_unknown_backend_or_gemm_raises(option):
     x, weight, b, lora_B, lora_A, index = make_inputs((4,), 8, 6, 5, 2, torch.float32, True,
@@ -210,11 +211,11 @@ def test_cpu_routing():
     assert "RAISED backend='triton' needs CUDA tensors" in out.stdout, out.stderr
 
 
-@pytest.mark.parametrize("gemm", ["pointer", "tma"])
+@pytest.mark.parametrize("gemm", sorted(GEMMS))
 @pytest.mark.parametrize("mode", ["sketched", "compact"])
 def test_training_step_matches_torch_backend(mode, gemm, monkeypatch):
     """One real step of the tiny transformer: same loss and LoRA gradients on both backends.
-    The layer asks for the default GEMM; 'tma' swaps the TMA kernel in under that name."""
+    The layer asks for the default GEMM; the others are swapped in under that name."""
     monkeypatch.setitem(GEMMS, "pointer", GEMMS[gemm])
     torch.manual_seed(0)
     base = Transformer(TEST_CONFIG)
@@ -258,9 +259,28 @@ def test_training_step_matches_torch_backend(mode, gemm, monkeypatch):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: compiled tile sizes")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("n,m", [(520, 1032), (1024, 768)], ids=["ragged", "even"])
-@pytest.mark.parametrize("gemm", ["pointer", "tma"])
+@pytest.mark.parametrize("gemm", sorted(GEMMS))
 def test_gpu_sizes_match_float64(dtype, n, m, gemm):
     """Shapes large enough for the GPU's real tiles and split reductions; the 'even' one takes
     the unmasked K loop (K a multiple of BLOCK_K) both ways."""
     inputs = make_inputs((3, 333), n, m, 64, 24, dtype, True, m == 1032)
     check_against_float64(*inputs, 0.5, dtype, gemm)
+
+
+def test_kernel_bench_runs_every_gemm(monkeypatch):
+    """The GPU benchmark's own code path (correctness gate, both GEMMs, ratios, parts) at a tiny
+    shape, timed once per call instead of by triton.testing.do_bench."""
+    from kernels import bench
+
+    def time_once(fn, grad_to_none=None):
+        start = time.perf_counter()
+        fn()
+        return 1e3 * (time.perf_counter() - start)
+
+    monkeypatch.setattr(bench, "median_ms", time_once)
+    row = bench.bench_case(24, 32, 48, 8, {"gemm_tflops": 1.0, "copy_gbps": 1.0}, None,
+                           parts=True, gemms=sorted(GEMMS), device=DEVICE)
+    assert set(row["fused"]) == set(GEMMS)
+    for fused in row["fused"].values():
+        assert all(e < 2e-2 for e in fused["rel_err_vs_fp32"].values()), fused
+        assert fused["a_fwd_over_base"] > 0 and "part_fused_gemm" in fused["ms"]
