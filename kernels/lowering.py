@@ -2,8 +2,9 @@
 
 Triton compiles ahead of time for a named target (here CUDA compute capability 9.0, the H100)
 with its own bundled ptxas, so no GPU is needed to see what the GPU would run. For every
-autotuning config of every kernel, at the benchmark's shape (bf16, T = 8192, n = m = 4096,
-k = 16, forward and backward layouts), this reports:
+autotuning config that the autotuner would try for each kernel launch of the fused layer
+(forward and backward layouts) at a given shape and dtype (default: the benchmark's, bf16,
+T = 8192, n = m = 4096, k = 16), this reports:
 
 - the tensor-core instruction: `wgmma` (Hopper's warpgroup MMA, the fast path), `mma.sync`
   (the older per-warp MMA, about half of Hopper's rate at best) or none (FMA);
@@ -117,12 +118,16 @@ def describe(compiled, kernel: str, layout: str, config: triton.Config) -> Lower
                     registers, local)
 
 
-def launches(T: int, n: int, m: int, k: int, r: int = 64) -> list[tuple[str, str, Autotuner, callable]]:
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def launches(T: int, n: int, m: int, k: int, dtype: torch.dtype,
+             r: int = 64) -> list[tuple[str, str, Autotuner, callable]]:
     """Every kernel launch of the fused layer's forward and backward, on CPU tensors."""
-    bf16 = dict(dtype=torch.bfloat16)
-    x, dy, w0 = torch.empty(T, n, **bf16), torch.empty(T, m, **bf16), torch.empty(m, n, **bf16)
-    lora_B, lora_A = torch.empty(m, r, **bf16), torch.empty(r, n, **bf16)
-    u, index = torch.empty(T, k, **bf16), torch.arange(k)
+    like = dict(dtype=dtype)
+    x, dy, w0 = torch.empty(T, n, **like), torch.empty(T, m, **like), torch.empty(m, n, **like)
+    lora_B, lora_A = torch.empty(m, r, **like), torch.empty(r, n, **like)
+    u, index = torch.empty(T, k, **like), torch.arange(k)
     ranks = torch.arange(k)
     out = []
     for gemm, kernel in ((matmul.fused_linear, matmul._fused_linear_kernel),
@@ -139,13 +144,20 @@ def launches(T: int, n: int, m: int, k: int, r: int = 64) -> list[tuple[str, str
     return out
 
 
-def lower_all(T: int = 8192, n: int = 4096, m: int = 4096, k: int = 16,
+def tried_configs(kernel: Autotuner, args: tuple, kwargs: dict) -> list[triton.Config]:
+    """The configs the autotuner would try for these arguments (after its early pruning)."""
+    if kernel.early_config_prune is None:
+        return kernel.configs
+    return kernel.early_config_prune(kernel.configs, dict(zip(kernel.arg_names, args)), **kwargs)
+
+
+def lower_all(T: int = 8192, n: int = 4096, m: int = 4096, k: int = 16, dtype: str = "bf16",
               capability: int = 90) -> list[Lowering]:
     target = GPUTarget("cuda", capability, 32)
     rows = []
-    for name, layout, kernel, call in launches(T, n, m, k):
+    for name, layout, kernel, call in launches(T, n, m, k, DTYPES[dtype]):
         args, kwargs = capture_launch(kernel, call)
-        for config in kernel.configs:
+        for config in tried_configs(kernel, args, kwargs):
             rows.append(describe(compile_config(kernel, args, kwargs, config, target), name,
                                  layout, config))
     return rows
@@ -155,12 +167,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shape", type=int, nargs=4, default=(8192, 4096, 4096, 16),
                         metavar=("T", "n", "m", "k"), help="tokens, in, out features, sketch size")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     parser.add_argument("--capability", type=int, default=90, help="CUDA compute capability x10")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
     args = parser.parse_args()
-    rows = lower_all(*args.shape, capability=args.capability)
+    rows = lower_all(*args.shape, dtype=args.dtype, capability=args.capability)
     print(f"triton {triton.__version__}, target sm_{args.capability}, shape "
-          f"T n m k = {' '.join(map(str, args.shape))}, bf16")
+          f"T n m k = {' '.join(map(str, args.shape))}, {args.dtype}")
     for row in rows:
         fits = "" if row.shared_bytes <= H100_SHARED_BYTES else "  (over 227 KiB)"
         print(f"{row.kernel:17} {row.layout:24} {row.config:58} {row.tensor_cores:8} "
@@ -171,6 +184,7 @@ def main() -> None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"triton": triton.__version__,
                                          "capability": args.capability, "shape": args.shape,
+                                         "dtype": args.dtype,
                                          "shared_limit_bytes": H100_SHARED_BYTES,
                                          "rows": [asdict(r) for r in rows]}, indent=1) + "\n")
 

@@ -40,9 +40,10 @@ def _tma_configs() -> list[triton.Config]:
     if INTERPRET:
         shapes = [(16, 16, 16, 1, 1)]
     else:  # (BLOCK_T, BLOCK_N, BLOCK_K, stages, warps): each fits the H100's 227 KiB of shared
-        # memory with the y tile staged for its TMA store (python -m kernels.lowering)
-        shapes = [(128, 256, 64, 3, 8), (128, 128, 64, 4, 8), (128, 128, 64, 4, 4),
-                  (256, 128, 64, 3, 8)]
+        # memory with the y tile staged for its TMA store (python -m kernels.lowering); the first
+        # is the one tile for fp32 and for small problems
+        shapes = [(64, 64, 32, 3, 4), (128, 256, 64, 3, 8), (128, 128, 64, 4, 8),
+                  (128, 128, 64, 4, 4), (256, 128, 64, 3, 8)]
     return [triton.Config({"BLOCK_T": bt, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_T": 8},
                           num_stages=s, num_warps=w, pre_hook=_set_tile_shapes)
             for bt, bn, bk, s, w in shapes]

@@ -209,7 +209,7 @@ ax.legend(fontsize=8);
 # has 227 KiB) and registers, with any spilled to local memory. The committed report:
 
 # %%
-lowering = json.loads((ROOT / "results/kernels/lowering/sm90_triton3.9.0.json").read_text())
+lowering = json.loads((ROOT / "results/kernels/lowering/sm90_bf16_triton3.9.0.json").read_text())
 limit = lowering["shared_limit_bytes"]
 print(f"triton {lowering['triton']}, sm_{lowering['capability']}, T n m k = {lowering['shape']}")
 for low in lowering["rows"]:
