@@ -118,16 +118,18 @@ def fused_linear_tma(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None
                      rank_dim: int) -> torch.Tensor:
     """matmul.fused_linear through TMA descriptors on a persistent grid (same arguments).
 
-    X is copied once if its last stride is not 1; W may be row-major either way round. Rows
-    not aligned to 16 bytes (an odd n or m in 16-bit types) raise a ValueError.
+    X is copied once if TMA cannot describe it as it is (a strided view, or a view starting off
+    the 16-byte grid); W may be row-major either way round. Rows that no copy can align (an odd
+    n or m in 16-bit types) raise a ValueError.
     """
     T, K = x.shape
     N = w.shape[1]
     k = index.numel()
     w_nk = not aligned_rows(w)  # then describe W^T (N, K), e.g. W0 itself in the forward
     y = new_output((T, N), x.dtype, x.device)
-    descriptors = (describe(x if x.stride(1) == 1 else x.contiguous(), "x"),
-                   describe(w.t() if w_nk else w, "W0"), describe(y, "y"))
+    if not aligned_rows(x):  # a fresh dense copy: last stride 1, an aligned allocation
+        x = x.clone(memory_format=torch.contiguous_format)
+    descriptors = (describe(x, "x"), describe(w.t() if w_nk else w, "W0"), describe(y, "y"))
     tiles = lambda meta: triton.cdiv(T, meta["BLOCK_T"]) * triton.cdiv(N, meta["BLOCK_N"])
     programs = num_sms(x.device)
     _fused_linear_tma_kernel[lambda meta: (min(programs, tiles(meta)),)](

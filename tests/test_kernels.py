@@ -125,6 +125,16 @@ def test_compact_form_matches_float64(dtype, k, gemm, n, m):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_tma_copies_an_x_that_starts_off_the_16_byte_grid(dtype):
+    """x a dense view one element into its storage: TMA cannot describe it, so it is copied."""
+    x, weight, b, lora_B, lora_A, index = make_inputs((13,), 24, 16, 6, 3, dtype, True, False)
+    shifted = torch.empty(x.numel() + 1, dtype=dtype, device=DEVICE)[1:].view_as(x)
+    shifted.copy_(x)
+    assert shifted.data_ptr() % 16 != 0
+    check_against_float64(shifted, weight, b, lora_B, lora_A, index, 1.25, dtype, "tma")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_tma_refuses_unaligned_rows(dtype):
     """An odd n leaves x's and W0's rows off the 16-byte grid TMA needs: a ValueError naming the
     strides, never a silent fallback."""
