@@ -1,4 +1,4 @@
-"""What the kernels compile to on a Hopper GPU, checked on any machine: `python -m kernels.lowering`.
+"""What the kernels compile to for a Hopper GPU, on any machine: `python -m kernels.lowering`.
 
 Triton compiles ahead of time for a named target (here CUDA compute capability 9.0, the H100)
 with its own bundled ptxas, so no GPU is needed to see what the GPU would run. For every

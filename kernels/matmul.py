@@ -183,25 +183,33 @@ def skinny_matmul(p: torch.Tensor, factor: torch.Tensor, index: torch.Tensor, ra
 # 2. fused linear: y (T, N) = X (T, K) @ W (K, N) + bias + U (T, k) @ F[I, :] (k, N)
 # ------------------------------------------------------------------------------------------------
 
-def _gemm_configs() -> list[triton.Config]:
-    if INTERPRET:  # one small tile: the interpreter runs every program in Python
-        return [triton.Config({"BLOCK_T": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_T": 2},
-                              num_warps=1, num_stages=1)]
-    shapes = [(64, 64, 32, 3, 4),  # first: the one tile for fp32 and for small problems
-              (128, 256, 64, 3, 8), (128, 256, 64, 4, 8), (256, 128, 64, 3, 8),
-              (128, 128, 64, 4, 4), (128, 128, 128, 3, 8)]
-    return [triton.Config({"BLOCK_T": bt, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_T": 8},
-                          num_stages=s, num_warps=w) for bt, bn, bk, s, w in shapes]
+def gemm_configs(shapes: list[tuple[int, ...]], pre_hook=None) -> list[triton.Config]:
+    """One autotuning config per (BLOCK_T, BLOCK_N, BLOCK_K, stages, warps); the first must be
+    the one tile for fp32 and for small problems (see `tune_gemm`). The interpreter runs every
+    program in Python, so there it is one small tile."""
+    if INTERPRET:
+        shapes = [(16, 16, 16, 1, 1)]
+    return [triton.Config({"BLOCK_T": bt, "BLOCK_N": bn, "BLOCK_K": bk,
+                           "GROUP_T": 2 if INTERPRET else 8},
+                          num_stages=s, num_warps=w, pre_hook=pre_hook)
+            for bt, bn, bk, s, w in shapes]
 
 
-def _prune_gemm(configs, named_args, **kwargs):
+def tune_gemm(configs: list[triton.Config], named_args: dict, dtype: torch.dtype):
     """Tune only 16-bit problems of at least 2^30 multiply-adds: each config costs a compile,
     and fp32 (exact FMA dots) or small problems gain nothing from the large tiles."""
     big = named_args["T"] * named_args["N"] * named_args["K"] >= 2 ** 30
-    return configs if big and named_args["x_ptr"].dtype != torch.float32 else configs[:1]
+    return configs if big and dtype != torch.float32 else configs[:1]
 
 
-@triton.autotune(configs=_gemm_configs(), key=["T", "N", "K", "k"],
+def _prune_gemm(configs, named_args, **kwargs):
+    return tune_gemm(configs, named_args, named_args["x_ptr"].dtype)
+
+
+@triton.autotune(configs=gemm_configs([(64, 64, 32, 3, 4), (128, 256, 64, 3, 8),
+                                        (128, 256, 64, 4, 8), (256, 128, 64, 3, 8),
+                                        (128, 128, 64, 4, 4), (128, 128, 128, 3, 8)]),
+                 key=["T", "N", "K", "k"],
                  prune_configs_by={"early_config_prune": _prune_gemm})
 @triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
 @triton.jit

@@ -32,21 +32,8 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from kernels.matmul import (INTERPRET, dot_acc, input_precision, k_pad, lora_step_and_bias,
-                            new_output, num_sms, tile_coords)
-
-
-def _tma_configs() -> list[triton.Config]:
-    if INTERPRET:
-        shapes = [(16, 16, 16, 1, 1)]
-    else:  # (BLOCK_T, BLOCK_N, BLOCK_K, stages, warps): each fits the H100's 227 KiB of shared
-        # memory with the y tile staged for its TMA store (python -m kernels.lowering); the first
-        # is the one tile for fp32 and for small problems
-        shapes = [(64, 64, 32, 3, 4), (128, 256, 64, 3, 8), (128, 128, 64, 4, 8),
-                  (128, 128, 64, 4, 4), (256, 128, 64, 3, 8)]
-    return [triton.Config({"BLOCK_T": bt, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_T": 8},
-                          num_stages=s, num_warps=w, pre_hook=_set_tile_shapes)
-            for bt, bn, bk, s, w in shapes]
+from kernels.matmul import (INTERPRET, dot_acc, gemm_configs, input_precision, k_pad,
+                            lora_step_and_bias, new_output, num_sms, tile_coords, tune_gemm)
 
 
 def _set_tile_shapes(nargs: dict) -> None:
@@ -58,12 +45,17 @@ def _set_tile_shapes(nargs: dict) -> None:
 
 
 def _prune_tma(configs, named_args, **kwargs):
-    """Tune only 16-bit problems of at least 2^30 multiply-adds (as matmul._prune_gemm)."""
-    big = named_args["T"] * named_args["N"] * named_args["K"] >= 2 ** 30
-    return configs if big and named_args["x_desc"].base.dtype != torch.float32 else configs[:1]
+    return tune_gemm(configs, named_args, named_args["x_desc"].base.dtype)
 
 
-@triton.autotune(configs=_tma_configs(), key=["T", "N", "K", "k", "W_NK"],
+# (BLOCK_T, BLOCK_N, BLOCK_K, stages, warps): each fits the H100's 227 KiB of shared memory with
+# the y tile staged for its TMA store (python -m kernels.lowering checks)
+TMA_TILES = [(64, 64, 32, 3, 4), (128, 256, 64, 3, 8), (128, 128, 64, 4, 8), (128, 128, 64, 4, 4),
+             (256, 128, 64, 3, 8)]
+
+
+@triton.autotune(configs=gemm_configs(TMA_TILES, pre_hook=_set_tile_shapes),
+                 key=["T", "N", "K", "k", "W_NK"],
                  prune_configs_by={"early_config_prune": _prune_tma})
 @triton.jit
 def _fused_linear_tma_kernel(
