@@ -22,27 +22,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import subprocess
-import sys
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") == "1":
-    raise RuntimeError("kernels.lowering compiles real kernels: run it in a process without "
-                       "TRITON_INTERPRET=1 (python -m kernels.lowering)")
-os.environ["TRITON_INTERPRET"] = "0"  # triton.jit reads it when the kernels are decorated
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource, make_backend
+from triton.runtime.autotuner import Autotuner, Heuristics
+from triton.runtime.jit import create_function_from_signature
 
-import torch  # noqa: E402
-import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource, make_backend  # noqa: E402
-from triton.runtime.autotuner import Autotuner, Heuristics  # noqa: E402
-from triton.runtime.jit import create_function_from_signature  # noqa: E402
-
-from kernels import matmul, matmul_tma  # noqa: E402
+from kernels import matmul, matmul_tma
 
 H100_SHARED_BYTES = 227 * 1024  # opt-in shared memory per block on sm_90
 
@@ -164,6 +157,9 @@ def lower_all(T: int = 8192, n: int = 4096, m: int = 4096, k: int = 16, dtype: s
 
 
 def main() -> None:
+    if matmul.INTERPRET:  # the kernels were decorated for the interpreter: nothing to compile
+        raise SystemExit("kernels.lowering compiles real kernels: run it without "
+                         "TRITON_INTERPRET=1 in the environment")
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shape", type=int, nargs=4, default=(8192, 4096, 4096, 16),
                         metavar=("T", "n", "m", "k"), help="tokens, in, out features, sketch size")
