@@ -285,7 +285,8 @@ def fused_linear_cublas(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | N
 
     The Triton kernel with an empty K loop writes bias + U F[I, :] (the gather stays inside
     it); cuBLAS then adds X W with that as its C input (addmm, beta = 1). cuBLAS's GEMM rate,
-    for one extra write and read of y (2 T N elements) that the fused kernel never makes.
+    for one extra write and read of y (2 T N elements) that the fused kernel never makes, and one
+    more rounding: the LoRA term is stored in y's dtype before X W is added to it.
     """
     y = fused_linear(x[:, :0], w[:0], bias, u, factor, index, rank_dim)
     return y.addmm_(x, w)
