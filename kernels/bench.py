@@ -94,9 +94,17 @@ def bench_case(T: int, n: int, m: int, k: int, ceilings: dict, compiled, parts: 
     t["eager_fwdbwd"] = median_ms(fwd_bwd(lora_linear_reference, *args), grad_to_none=leaves)
     if compiled is not None:
         t["compiled_fwdbwd"] = median_ms(fwd_bwd(compiled, *args), grad_to_none=leaves)
-    row = {"T": T, "n": n, "m": m, "r": R, "k": k, "ms": t,
-           "fused": {gemm: bench_fused(gemm, args, dy, t, ceilings, parts) for gemm in gemms}}
+    row = {"T": T, "n": n, "m": m, "r": R, "k": k, "ms": t, "fused": {}}
+    for gemm in gemms:
+        try:
+            row["fused"][gemm] = bench_fused(gemm, args, dy, t, ceilings, parts)
+        except Exception as error:  # failed to compile, launch or pass its gate: say so, go on
+            row["fused"][gemm] = {"error": f"{type(error).__name__}: {error}"}
     return row
+
+
+class GateFailed(Exception):
+    """The fused path's output or gradients are off the fp32 reference at the bench's shape."""
 
 
 def bench_fused(gemm: str, args: tuple, dy: torch.Tensor, base: dict, ceilings: dict,
@@ -122,7 +130,7 @@ def bench_fused(gemm: str, args: tuple, dy: torch.Tensor, base: dict, ceilings: 
                    for name, leaf, r in zip(("x", "B", "A"), leaves, ref)})
     del ref, y_ref, y
     if not all(e < 2e-2 for e in errors.values()):
-        raise SystemExit(f"correctness gate failed for gemm={gemm} at T={T} n={n} m={m} k={k}: "
+        raise GateFailed(f"correctness gate failed for gemm={gemm} at T={T} n={n} m={m} k={k}: "
                          f"{errors}")
 
     with torch.no_grad():
@@ -153,9 +161,12 @@ def bench_fused(gemm: str, args: tuple, dy: torch.Tensor, base: dict, ceilings: 
 
 def print_row(row: dict) -> None:
     for gemm, f in row["fused"].items():
+        where = f"T={row['T']:>5} n={row['n']:>5} m={row['m']:>5} k={row['k']:>2} {gemm:>7} | "
+        if "error" in f:
+            print(f"{where}FAILED: {f['error']}", flush=True)
+            continue
         d = f.get("d_compiled_over_fused", float("nan"))
-        print(f"T={row['T']:>5} n={row['n']:>5} m={row['m']:>5} k={row['k']:>2} {gemm:>7} | "
-              f"(a) {f['a_fwd_over_base']:.3f} (b) {f['b_fwdbwd_over_base']:.3f} "
+        print(f"{where}(a) {f['a_fwd_over_base']:.3f} (b) {f['b_fwdbwd_over_base']:.3f} "
               f"(c) {f['c_eager_over_fused']:.3f} (d) {d:.3f} | "
               f"fwd {f['fused_fwd']['tflops']:.0f} TFLOP/s "
               f"({100 * f['fused_fwd']['share_gemm_rate']:.0f}% of GEMM), fwd+bwd "
@@ -221,6 +232,8 @@ def main() -> None:
         result["rows"].append(row)
         write(result, path)  # after every case: a cut-off run keeps what it measured
         torch.cuda.empty_cache()
+    failed = sorted({gemm for row in result["rows"] for gemm, f in row["fused"].items()
+                     if "error" in f})
     for gemm in args.gemm:
         for key, (op, goal) in GOALS.items():
             values = [row["fused"][gemm][key] for row in result["rows"]
@@ -231,6 +244,8 @@ def main() -> None:
                 print(f"gemm={gemm} {key}: worst {worst:.3f}, goal {op} {goal}: "
                       f"{'met' if met else 'MISSED'}")
     print(f"wrote {path}")
+    if failed:
+        raise SystemExit(f"FAILED at one shape or more (see above and the JSON): gemm {failed}")
 
 
 if __name__ == "__main__":

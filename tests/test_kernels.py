@@ -278,7 +278,7 @@ def test_gpu_sizes_match_float64(dtype, n, m, gemm):
 
 
 def test_kernel_bench_runs_every_gemm(monkeypatch):
-    """The GPU benchmark's own code path (correctness gate, both GEMMs, ratios, parts) at a tiny
+    """The GPU benchmark's own code path (correctness gate, every GEMM, ratios, parts) at a tiny
     shape, timed once per call instead of by triton.testing.do_bench."""
     from kernels import bench
 
@@ -287,10 +287,15 @@ def test_kernel_bench_runs_every_gemm(monkeypatch):
         fn()
         return 1e3 * (time.perf_counter() - start)
 
+    def off_by_a_little(*args):  # a broken GEMM: its gate must catch it, the others still run
+        return 1.1 * GEMMS["pointer"](*args)
+
     monkeypatch.setattr(bench, "median_ms", time_once)
+    monkeypatch.setitem(GEMMS, "broken", off_by_a_little)
     row = bench.bench_case(24, 32, 48, 8, {"gemm_tflops": 1.0, "copy_gbps": 1.0}, None,
                            parts=True, gemms=sorted(GEMMS), device=DEVICE)
     assert set(row["fused"]) == set(GEMMS)
+    assert row["fused"].pop("broken")["error"].startswith("GateFailed: correctness gate failed")
     for fused in row["fused"].values():
         assert all(e < 2e-2 for e in fused["rel_err_vs_fp32"].values()), fused
         assert fused["a_fwd_over_base"] > 0 and "part_fused_gemm" in fused["ms"]
