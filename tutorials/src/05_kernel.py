@@ -57,7 +57,9 @@ print(f"seed {SEED}, device {device}, torch {torch.__version__}, triton {triton.
 # layer calls. `backend="torch"` is the reference; `"triton"` the fused kernels; `"auto"` (the
 # layer's default) picks Triton for CUDA tensors and the reference otherwise. We draw a sketch
 # (`k = 4` of `r = 16` ranks), a ragged shape (T, n, m not multiples of any tile), and compare
-# both backends, in fp32, with a float64 run of the reference as the judge.
+# both backends, in fp32, with a float64 run of the reference as the judge. The Triton path's
+# base GEMM comes three ways (`gemm=`: Triton with pointer loads, the default; Triton with TMA
+# descriptors; cuBLAS with the LoRA term as its C input); all three must agree too.
 
 # %%
 g = torch.Generator().manual_seed(SEED)
@@ -71,28 +73,30 @@ print(f"x {tuple(x.shape)}, W0 {tuple(W0.shape)}, B {tuple(B.shape)}, A {tuple(A
       f"I = {sk.index.tolist()}, c = {c:g}")
 
 
-def run(backend: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def run(backend: str, dtype: torch.dtype, gemm: str = "pointer") -> dict[str, torch.Tensor]:
     """y and the gradients of sum(y * probe) w.r.t. x, B and A, for one backend."""
     xs, Bs, As = (t.to(device, dtype, copy=True).requires_grad_(True) for t in (x, B, A))
     y = lora_linear(xs, W0.to(device, dtype), bias.to(device, dtype), Bs, As,
-                    sk.index.to(device), c, backend=backend)
+                    sk.index.to(device), c, backend=backend, gemm=gemm)
     probe = torch.linspace(-1, 1, y.numel(), dtype=dtype, device=device).view_as(y)
     (y * probe).sum().backward()
     return {"y": y.detach(), "dx": xs.grad, "dB": Bs.grad, "dA": As.grad}
 
 
 judge = run("torch", torch.float64)
-for backend in ("torch", "triton"):
+for backend, gemm in (("torch", "pointer"), ("triton", "pointer"), ("triton", "tma"),
+                      ("triton", "cublas")):
     start = time.perf_counter()
-    out = run(backend, torch.float32)
+    out = run(backend, torch.float32, gemm)
     seconds = time.perf_counter() - start
     errs = {name: ((out[name].double() - judge[name]).norm() / judge[name].norm()).item()
             for name in judge}
-    print(f"{backend:6s} fp32 vs float64: " + "  ".join(f"{n_} {e:.1e}" for n_, e in errs.items())
-          + f"   ({seconds:.2f} s)")
+    label = backend if backend == "torch" else f"{backend}, gemm={gemm}"
+    print(f"{label:22s} fp32 vs float64: "
+          + "  ".join(f"{n_} {e:.1e}" for n_, e in errs.items()) + f"   ({seconds:.2f} s)")
 
 # %% [markdown]
-# Both agree with float64 to fp32 rounding. (On the CPU the Triton run is slow because every
+# All agree with float64 to fp32 rounding. (On the CPU the Triton run is slow because every
 # program instance is interpreted in Python; on a GPU it is compiled.) The gradients show the
 # masking: only the columns of `B` and the rows of `A` in `I` get a gradient, and the kernel
 # computes exactly those (it never materialises `B[:, I]`).
