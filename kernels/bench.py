@@ -94,10 +94,24 @@ def bench_case(T: int, n: int, m: int, k: int, ceilings: dict, compiled, parts: 
     t["eager_fwdbwd"] = median_ms(fwd_bwd(lora_linear_reference, *args), grad_to_none=leaves)
     if compiled is not None:
         t["compiled_fwdbwd"] = median_ms(fwd_bwd(compiled, *args), grad_to_none=leaves)
+    u = None
+    if parts:  # where the fused forward's time goes, beside the GEMM (timed per GEMM below)
+        u = skinny_matmul(x, lora_A, index, 0, scale, x.dtype)
+        ranks = torch.arange(k, device=device)
+        t["part_shrink"] = median_ms(lambda: skinny_matmul(x, lora_A, index, 0, scale, x.dtype))
+        t["part_factor_grad"] = median_ms(lambda: skinny_matmul(x.t(), u, ranks, 1, 1.0, x.dtype))
+
+    # The correctness gate's judge, the same for every GEMM: fp32 on the same bf16 inputs.
+    ref = [v.float().requires_grad_() for v in (x, lora_B, lora_A)]
+    y_ref = lora_linear_reference(ref[0], w0.float(), None, ref[1], ref[2], index, scale)
+    y_ref.backward(dy.float())
+    judge = {"y": y_ref.detach(), "dx": ref[0].grad, "dB": ref[1].grad, "dA": ref[2].grad}
+    del ref, y_ref
+
     row = {"T": T, "n": n, "m": m, "r": R, "k": k, "ms": t, "fused": {}}
     for gemm in gemms:
         try:
-            row["fused"][gemm] = bench_fused(gemm, args, dy, t, ceilings, parts)
+            row["fused"][gemm] = bench_fused(gemm, args, dy, judge, t, ceilings, u)
         except Exception as error:  # failed to compile, launch or pass its gate: say so, go on
             row["fused"][gemm] = {"error": f"{type(error).__name__}: {error}"}
     return row
@@ -107,9 +121,10 @@ class GateFailed(Exception):
     """The fused path's output or gradients are off the fp32 reference at the bench's shape."""
 
 
-def bench_fused(gemm: str, args: tuple, dy: torch.Tensor, base: dict, ceilings: dict,
-                parts: bool) -> dict:
-    """The fused path with one base-GEMM kernel: correctness gate, times, ratios (a)-(d)."""
+def bench_fused(gemm: str, args: tuple, dy: torch.Tensor, judge: dict, base: dict,
+                ceilings: dict, u: torch.Tensor | None) -> dict:
+    """The fused path with one base-GEMM kernel: correctness gate against `judge`, times,
+    ratios (a)-(d); with `u` (the shrunk x), also the fused GEMM's own time."""
     x, w0, _, lora_B, lora_A, index, scale = args
     leaves = [x, lora_B, lora_A]
     T, n, m, k = x.shape[0], x.shape[1], w0.shape[0], index.numel()
@@ -117,18 +132,15 @@ def bench_fused(gemm: str, args: tuple, dy: torch.Tensor, base: dict, ceilings: 
     def fused(check_index=True):
         return lora_linear(*args, backend="triton", check_index=check_index, gemm=gemm)
 
-    # Correctness gate at these shapes: fused bf16 vs an fp32 reference.
-    ref = [t.detach().float().requires_grad_() for t in leaves]
-    y_ref = lora_linear_reference(ref[0], w0.float(), None, ref[1], ref[2], index, scale)
-    y_ref.backward(dy.float())
+    # Correctness gate at these shapes: fused bf16 vs the fp32 judge.
     for leaf in leaves:
         leaf.grad = None
     y = fused()
     y.backward(dy)
-    errors = {"y": rel_err(y, y_ref)}
-    errors.update({f"d{name}": rel_err(leaf.grad, r.grad)
-                   for name, leaf, r in zip(("x", "B", "A"), leaves, ref)})
-    del ref, y_ref, y
+    errors = {"y": rel_err(y, judge["y"])}
+    errors.update({f"d{name}": rel_err(leaf.grad, judge[f"d{name}"])
+                   for name, leaf in zip(("x", "B", "A"), leaves)})
+    del y
     if not all(e < 2e-2 for e in errors.values()):
         raise GateFailed(f"correctness gate failed for gemm={gemm} at T={T} n={n} m={m} k={k}: "
                          f"{errors}")
@@ -137,13 +149,9 @@ def bench_fused(gemm: str, args: tuple, dy: torch.Tensor, base: dict, ceilings: 
         t = {"fused_fwd": median_ms(lambda: fused(False))}
     t["fused_fwdbwd"] = median_ms(lambda: fused(False).backward(dy), grad_to_none=leaves)
     t["fused_fwdbwd_checked"] = median_ms(lambda: fused(True).backward(dy), grad_to_none=leaves)
-    if parts:  # where the fused forward's time goes
+    if u is not None:
         xd = x.detach()
-        u = skinny_matmul(xd, lora_A, index, 0, scale, xd.dtype)
-        t["part_shrink"] = median_ms(lambda: skinny_matmul(xd, lora_A, index, 0, scale, xd.dtype))
         t["part_fused_gemm"] = median_ms(lambda: GEMMS[gemm](xd, w0.t(), None, u, lora_B, index, 1))
-        ranks = torch.arange(k, device=xd.device)
-        t["part_factor_grad"] = median_ms(lambda: skinny_matmul(xd.t(), u, ranks, 1, 1.0, xd.dtype))
 
     out = {"ms": t, "rel_err_vs_fp32": errors,
            "a_fwd_over_base": t["fused_fwd"] / base["base_fwd"],

@@ -100,7 +100,8 @@ def resource_usage(cubin: bytes) -> tuple[int, int]:
     return int(regs.group(1)), int(local.group(1))
 
 
-def describe(compiled, kernel: str, layout: str, config: triton.Config) -> Lowering:
+def summarize(compiled, kernel: str, layout: str, config: triton.Config) -> Lowering:
+    """What one compiled config runs on: tensor cores, copies, shared memory, registers."""
     ptx = compiled.asm["ptx"]
     cores = "wgmma" if "wgmma.mma_async" in ptx else "mma.sync" if "mma.sync" in ptx else "none"
     registers, local = resource_usage(compiled.asm["cubin"])
@@ -120,8 +121,7 @@ def launches(T: int, n: int, m: int, k: int, dtype: torch.dtype,
     like = dict(dtype=dtype)
     x, dy, w0 = torch.empty(T, n, **like), torch.empty(T, m, **like), torch.empty(m, n, **like)
     lora_B, lora_A = torch.empty(m, r, **like), torch.empty(r, n, **like)
-    u, index = torch.empty(T, k, **like), torch.arange(k)
-    ranks = torch.arange(k)
+    u, index = torch.empty(T, k, **like), torch.arange(k)  # index: also the identity 0..k-1
     out = []
     for gemm, kernel in ((matmul.fused_linear, matmul._fused_linear_kernel),
                          (matmul_tma.fused_linear_tma, matmul_tma._fused_linear_tma_kernel)):
@@ -133,7 +133,7 @@ def launches(T: int, n: int, m: int, k: int, dtype: torch.dtype,
     out += [("skinny_matmul", "shrink u = c x A[I]^T", skinny,
              lambda: matmul.skinny_matmul(x, lora_A, index, 0, 0.5, x.dtype)),
             ("skinny_matmul", "factor grad dB = dy^T u", skinny,
-             lambda: matmul.skinny_matmul(dy.t(), u, ranks, 1, 1.0, x.dtype))]
+             lambda: matmul.skinny_matmul(dy.t(), u, index, 1, 1.0, x.dtype))]
     return out
 
 
@@ -151,7 +151,7 @@ def lower_all(T: int = 8192, n: int = 4096, m: int = 4096, k: int = 16, dtype: s
     for name, layout, kernel, call in launches(T, n, m, k, DTYPES[dtype]):
         args, kwargs = capture_launch(kernel, call)
         for config in tried_configs(kernel, args, kwargs):
-            rows.append(describe(compile_config(kernel, args, kwargs, config, target), name,
+            rows.append(summarize(compile_config(kernel, args, kwargs, config, target), name,
                                  layout, config))
     return rows
 

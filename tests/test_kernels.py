@@ -299,3 +299,4 @@ def test_kernel_bench_runs_every_gemm(monkeypatch):
     for fused in row["fused"].values():
         assert all(e < 2e-2 for e in fused["rel_err_vs_fp32"].values()), fused
         assert fused["a_fwd_over_base"] > 0 and "part_fused_gemm" in fused["ms"]
+    assert {"part_shrink", "part_factor_grad"} <= set(row["ms"])
