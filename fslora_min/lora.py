@@ -126,8 +126,9 @@ class LoRALinear(nn.Module):
         if self.sketch is not None:  # W0 + s (r/k) B[:, I] A[I, :]
             index = self.sketch.index.to(x.device)
             B, scale = _weighted(self.lora_B, self.sketch, index, self.scaling)  # (m, r)
+            # Sketch checked its index when it was made: no range check (a device sync) here
             return lora_linear(x, self.weight, self.bias, B, self.lora_A, index, scale,
-                               self.backend)
+                               self.backend, check_index=False)
         return lora_linear(x, self.weight, self.bias, self.lora_B, self.lora_A, None,
                            self.scaling, self.backend)
 

@@ -28,7 +28,7 @@ import triton
 from triton.testing import do_bench
 
 from kernels.dispatch import lora_linear
-from kernels.lora_linear import GEMMS
+from kernels.lora_linear import GEMM_CHOICES, GEMMS, merged_weight
 from kernels.matmul import skinny_matmul
 from kernels.reference import lora_linear_reference
 
@@ -124,7 +124,8 @@ class GateFailed(Exception):
 def bench_fused(gemm: str, args: tuple, dy: torch.Tensor, judge: dict, base: dict,
                 ceilings: dict, u: torch.Tensor | None) -> dict:
     """The fused path with one base-GEMM kernel: correctness gate against `judge`, times,
-    ratios (a)-(d); with `u` (the shrunk x), also the fused GEMM's own time."""
+    ratios (a)-(d); with `u` (the shrunk x), also the fused GEMM's own time (for 'merged': the
+    merge's)."""
     x, w0, _, lora_B, lora_A, index, scale = args
     leaves = [x, lora_B, lora_A]
     T, n, m, k = x.shape[0], x.shape[1], w0.shape[0], index.numel()
@@ -149,7 +150,10 @@ def bench_fused(gemm: str, args: tuple, dy: torch.Tensor, judge: dict, base: dic
         t = {"fused_fwd": median_ms(lambda: fused(False))}
     t["fused_fwdbwd"] = median_ms(lambda: fused(False).backward(dy), grad_to_none=leaves)
     t["fused_fwdbwd_checked"] = median_ms(lambda: fused(True).backward(dy), grad_to_none=leaves)
-    if u is not None:
+    if u is not None and gemm == "merged":
+        t["part_merge"] = median_ms(lambda: merged_weight(w0, lora_B.detach(), lora_A.detach(),
+                                                          index, scale))
+    elif u is not None:
         xd = x.detach()
         t["part_fused_gemm"] = median_ms(lambda: GEMMS[gemm](xd, w0.t(), None, u, lora_B, index, 1))
 
@@ -212,9 +216,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="k in {16, 64}, one grid shape")
     parser.add_argument("--no-compile", action="store_true", help="skip ratio (d)")
-    parser.add_argument("--gemm", nargs="+", choices=sorted(GEMMS), default=sorted(GEMMS),
-                        help="base-GEMM kernels of the fused path to time, side by side "
-                             "(default: all)")
+    parser.add_argument("--gemm", nargs="+", choices=GEMM_CHOICES, default=list(GEMM_CHOICES),
+                        help="base GEMMs of the fused path to time, side by side (default: all): "
+                             "the three kernels with the LoRA step, and 'merged' (cuBLAS on "
+                             "W0 + c B[:, I] A[I])")
     parser.add_argument("--out", type=Path, default=None, help="JSON path")
     args = parser.parse_args()
     if not torch.cuda.is_available():

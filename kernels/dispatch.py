@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.lora_linear import DTYPES, GEMMS, check_lora_inputs, lora_linear_triton
+from kernels.lora_linear import DTYPES, GEMM_CHOICES, check_lora_inputs, lora_linear_triton
 from kernels.reference import lora_linear_reference
 
 
@@ -19,12 +19,13 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     'torch' forces the reference. `check_index=False` skips the one device sync that checks the
     index set's range (kernels/lora_linear.py: check_lora_inputs). `gemm` picks the base GEMM of
     the Triton path: 'pointer' (kernels/matmul.py, any layout), 'tma' (kernels/matmul_tma.py,
-    Hopper) or 'cublas' (cuBLAS with the LoRA term as its C input).
+    Hopper), 'cublas' (cuBLAS with the LoRA term as its C input) or 'merged' (cuBLAS on the
+    merged weight W0 + scale B[:, I] A[I]).
     """
     if backend not in ("auto", "torch", "triton"):
         raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
-    if gemm not in GEMMS:
-        raise ValueError(f"gemm must be one of {sorted(GEMMS)}, got {gemm!r}")
+    if gemm not in GEMM_CHOICES:
+        raise ValueError(f"gemm must be one of {GEMM_CHOICES}, got {gemm!r}")
     use_triton = backend == "triton" or (backend == "auto" and x.is_cuda)
     # the reference also takes float64 (tests, theory); the kernels take the training dtypes
     check_lora_inputs(x, weight, bias, lora_B, lora_A, index, scale, check_index,

@@ -31,6 +31,20 @@ input-gradient GEMM's traffic, reads of dy and x for the shrink and the two fact
 (2 (2 T m + T n) bytes). At T = 8192, n = m = 4096, k = 64 the GEMMs do about 1600 FLOPs per
 byte (compute-bound on an H100); the three skinny passes do about k FLOPs per byte
 (bandwidth-bound): their 3 x 64 MiB of reads are the overhead over the plain linear.
+
+The other way: merge, then run the plain linear (gemm="merged"). W = W0 + c B[:, I] A[I] is one
+cuBLAS addmm (2 m n k FLOPs, one read of W0 and one write of W: 4 m n bytes in bf16), then
+y = x W^T + bias and dx = dy W are cuBLAS GEMMs with no LoRA term left in them. The backward
+merges again (no (m, n) tensor is kept between the passes) and runs four skinny passes: g, dA, dB
+and u, which the merged forward never needed. Which way is cheaper, at a GEMM rate F and a
+bandwidth BW (their ratio, the ridge, is 736 / 3.0 = 245 FLOP per byte on an H100), over the
+base GEMM's 2 T n m FLOPs and with both GEMMs at the same rate:
+
+    fused forward:  the shrink's read of x, 2 T n bytes:   overhead (F / BW) / m      6% at m = 4096
+    merged forward: the merge, 4 m n bytes:                overhead 2 (F / BW) / T    6% at T = 8192
+
+so merging pays when T > 2 m (many tokens per call, a narrow output), and above all when the
+Triton GEMM is slower than cuBLAS's. These are counts, not timings: kernels/bench.py times both.
 """
 
 from __future__ import annotations
@@ -38,6 +52,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
 from kernels.matmul import INTERPRET, fused_linear, fused_linear_cublas, skinny_matmul
 from kernels.matmul_tma import fused_linear_tma
@@ -47,6 +62,8 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # (any GPU, any strides), Triton with TMA descriptors on a persistent grid (Hopper, 16-byte
 # aligned rows), or cuBLAS for X W with the Triton LoRA term as its C input.
 GEMMS = {"pointer": fused_linear, "tma": fused_linear_tma, "cublas": fused_linear_cublas}
+# ... or no LoRA step in the GEMM at all: cuBLAS on the merged weight W0 + c B[:, I] A[I].
+GEMM_CHOICES = (*GEMMS, "merged")
 
 
 def check_lora_inputs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -101,9 +118,13 @@ class LoRALinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, lora_B, lora_A, index, scale, compact, gemm):
         ctx.scale, ctx.compact = scale, compact  # compact: index is 0..k-1, grads not scattered
-        ctx.gemm = GEMMS[gemm]
-        u = skinny_matmul(x, lora_A, index, 0, scale, x.dtype)  # (T, k) = c x A[I]^T
-        y = ctx.gemm(x, weight.t(), bias, u, lora_B, index, 1)  # (T, m)
+        ctx.gemm = gemm
+        if gemm == "merged":  # no shrink: u is only needed for dB, so the backward makes it
+            u = None
+            y = F.linear(x, merged_weight(weight, lora_B, lora_A, index, scale), bias)
+        else:
+            u = skinny_matmul(x, lora_A, index, 0, scale, x.dtype)  # (T, k) = c x A[I]^T
+            y = GEMMS[gemm](x, weight.t(), bias, u, lora_B, index, 1)  # (T, m)
         ctx.save_for_backward(x, weight, lora_B, lora_A, index, u)
         return y
 
@@ -113,18 +134,34 @@ class LoRALinearFunction(torch.autograd.Function):
         scale = ctx.scale
         need_x, need_B, need_A = ctx.needs_input_grad[0], ctx.needs_input_grad[3], \
             ctx.needs_input_grad[4]
+        merged = ctx.gemm == "merged"
         dx = dB = dA = None
-        if need_x or need_A:
+        if need_A or (need_x and not merged):
             g = skinny_matmul(dy, lora_B, index, 1, scale, dy.dtype)  # (T, k) = c dy B[:, I]
-        if need_x:
-            dx = ctx.gemm(dy, weight, None, g, lora_A, index, 0)  # (T, n)
+        if need_x and merged:
+            dx = dy @ merged_weight(weight, lora_B, lora_A, index, scale)  # (T, n)
+        elif need_x:
+            dx = GEMMS[ctx.gemm](dy, weight, None, g, lora_A, index, 0)  # (T, n)
         if need_A:
             dA_I = skinny_matmul(x.t(), g, _arange(g), 1, 1.0, lora_A.dtype)  # (n, k)
             dA = _scatter(lora_A, 0, None if ctx.compact else index, dA_I.t())  # (r, n)
         if need_B:
+            if u is None:  # the merged forward skipped the shrink
+                u = skinny_matmul(x, lora_A, index, 0, scale, x.dtype)  # (T, k) = c x A[I]^T
             dB_I = skinny_matmul(dy.t(), u, _arange(u), 1, 1.0, lora_B.dtype)  # (m, k)
             dB = _scatter(lora_B, 1, None if ctx.compact else index, dB_I)  # (m, r)
         return dx, None, None, dB, dA, None, None, None, None
+
+
+def merged_weight(weight: torch.Tensor, lora_B: torch.Tensor, lora_A: torch.Tensor,
+                  index: torch.Tensor, scale: float) -> torch.Tensor:
+    """W0 + c B[:, I] A[I] (m, n) in W0's dtype: the sketch merged into the frozen weight.
+
+    One cuBLAS addmm (fp32 accumulation, one rounding at the end) on the gathered (m, k) and
+    (k, n) factors: 2 m n k FLOPs, one read of W0 and one write of the result.
+    """
+    return torch.addmm(weight, lora_B.index_select(1, index), lora_A.index_select(0, index),
+                       alpha=scale)
 
 
 def _arange(t: torch.Tensor) -> torch.Tensor:
@@ -146,7 +183,8 @@ def lora_linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     """y = x W0^T + bias + scale (x A[I]^T) B[:, I]^T through the Triton kernels, any (..., n) x.
 
     index=None is the compact form: every column of B / row of A (b (m, k), a (k, n)).
-    gemm: 'pointer', 'tma' or 'cublas', the base GEMM (GEMMS).
+    gemm: 'pointer', 'tma' or 'cublas', the base GEMM with the LoRA step (GEMMS), or 'merged',
+    cuBLAS on W0 + scale B[:, I] A[I] (merged_weight).
     W0 and bias are frozen: asking for their gradient raises instead of silently returning none.
     """
     if x.device.type != "cuda" and not INTERPRET:

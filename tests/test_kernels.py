@@ -15,6 +15,7 @@ Tolerances are on the relative Frobenius error ||out - ref|| / ||ref||, per dtyp
 from __future__ import annotations
 
 import copy
+import functools
 import os
 import subprocess
 import sys
@@ -28,7 +29,7 @@ from fslora_min.model import TEST_CONFIG, Transformer, lm_loss
 from fslora_min.sketch import sample_module_sketches
 from kernels import lora_linear
 from kernels import matmul
-from kernels.lora_linear import GEMMS
+from kernels.lora_linear import GEMM_CHOICES, GEMMS
 from kernels.reference import lora_linear_reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -46,7 +47,8 @@ TMA_SHAPES = [
     ((37,), 32, 16, 12, 12),
     ((2, 3, 7), 40, 48, 24, 5),
 ]
-CASES = [(g, s) for g in ("pointer", "cublas") for s in SHAPES] + [("tma", s) for s in TMA_SHAPES]
+CASES = [(g, s) for g in ("pointer", "cublas", "merged") for s in SHAPES] + \
+    [("tma", s) for s in TMA_SHAPES]
 
 
 @pytest.fixture(autouse=True)
@@ -117,7 +119,8 @@ def test_sketched_matches_float64(gemm, shape, dtype, bias, noncontig):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("k", [1, 7])
-@pytest.mark.parametrize("gemm,n,m", [("pointer", 21, 18), ("cublas", 21, 18), ("tma", 24, 16)])
+@pytest.mark.parametrize("gemm,n,m", [("pointer", 21, 18), ("cublas", 21, 18), ("merged", 21, 18),
+                                      ("tma", 24, 16)])
 def test_compact_form_matches_float64(dtype, k, gemm, n, m):
     """index=None: the client's own b (m, k), a (k, n), every column used, grads of shape k."""
     x, weight, b, lora_b, lora_a, _ = make_inputs((29,), n, m, k, k, dtype, True, False)
@@ -221,12 +224,12 @@ def test_cpu_routing():
     assert "RAISED backend='triton' needs CUDA tensors" in out.stdout, out.stderr
 
 
-@pytest.mark.parametrize("gemm", sorted(GEMMS))
+@pytest.mark.parametrize("gemm", GEMM_CHOICES)
 @pytest.mark.parametrize("mode", ["sketched", "compact"])
 def test_training_step_matches_torch_backend(mode, gemm, monkeypatch):
-    """One real step of the tiny transformer: same loss and LoRA gradients on both backends.
-    The layer asks for the default GEMM; the others are swapped in under that name."""
-    monkeypatch.setitem(GEMMS, "pointer", GEMMS[gemm])
+    """One real step of the tiny transformer: same loss and LoRA gradients on both backends,
+    the layers' kernel calls pinned to one `gemm`."""
+    monkeypatch.setattr(lora, "lora_linear", functools.partial(lora.lora_linear, gemm=gemm))
     torch.manual_seed(0)
     base = Transformer(TEST_CONFIG)
     models = {}
@@ -269,7 +272,7 @@ def test_training_step_matches_torch_backend(mode, gemm, monkeypatch):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: compiled tile sizes")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("n,m", [(520, 1032), (1024, 768)], ids=["ragged", "even"])
-@pytest.mark.parametrize("gemm", sorted(GEMMS))
+@pytest.mark.parametrize("gemm", GEMM_CHOICES)
 def test_gpu_sizes_match_float64(dtype, n, m, gemm):
     """Shapes large enough for the GPU's real tiles and split reductions; the 'even' one takes
     the unmasked K loop (K a multiple of BLOCK_K) both ways."""
@@ -287,16 +290,19 @@ def test_kernel_bench_runs_every_gemm(monkeypatch):
         fn()
         return 1e3 * (time.perf_counter() - start)
 
+    pointer = GEMMS["pointer"]
+
     def off_by_a_little(*args):  # a broken GEMM: its gate must catch it, the others still run
-        return 1.1 * GEMMS["pointer"](*args)
+        return 1.1 * pointer(*args)
 
     monkeypatch.setattr(bench, "median_ms", time_once)
-    monkeypatch.setitem(GEMMS, "broken", off_by_a_little)
+    monkeypatch.setitem(GEMMS, "cublas", off_by_a_little)
     row = bench.bench_case(24, 32, 48, 8, {"gemm_tflops": 1.0, "copy_gbps": 1.0}, None,
-                           parts=True, gemms=sorted(GEMMS), device=DEVICE)
-    assert set(row["fused"]) == set(GEMMS)
-    assert row["fused"].pop("broken")["error"].startswith("GateFailed: correctness gate failed")
-    for fused in row["fused"].values():
+                           parts=True, gemms=list(GEMM_CHOICES), device=DEVICE)
+    assert set(row["fused"]) == set(GEMM_CHOICES)
+    assert row["fused"].pop("cublas")["error"].startswith("GateFailed: correctness gate failed")
+    for gemm, fused in row["fused"].items():
         assert all(e < 2e-2 for e in fused["rel_err_vs_fp32"].values()), fused
-        assert fused["a_fwd_over_base"] > 0 and "part_fused_gemm" in fused["ms"]
+        part = "part_merge" if gemm == "merged" else "part_fused_gemm"
+        assert fused["a_fwd_over_base"] > 0 and part in fused["ms"], gemm
     assert {"part_shrink", "part_factor_grad"} <= set(row["ms"])

@@ -78,6 +78,24 @@ def test_compact_mode_equals_sketched_mode():
     torch.testing.assert_close(y_sketched, dense_reference(layer, x, sketch).detach())
 
 
+def test_sketched_mode_leaves_the_index_check_to_the_sketch(monkeypatch):
+    """The Sketch checked its index when it was made; the layer must not ask the kernel path to
+    check it again on every forward (on a GPU that check reads the index back: a sync)."""
+    import fslora_min.lora as lora_module
+    calls = []
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("check_index", True))
+        return real(*args, **kwargs)
+
+    real = lora_module.lora_linear
+    monkeypatch.setattr(lora_module, "lora_linear", spy)
+    layer = random_layer(6, 4, 6, seed=3)
+    with sketched(nn.ModuleDict({"l": layer}), {"l": Sketch(torch.tensor([4, 0, 2]), 6)}):
+        layer(torch.randn(5, 4, dtype=torch.float64))
+    assert calls == [False]
+
+
 def test_layer_equals_its_base_at_init():
     base = nn.Linear(9, 6)
     layer = LoRALinear(base, r=4, alpha=8.0)
