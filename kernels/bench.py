@@ -7,7 +7,10 @@ correctness gate at the benchmark's own shapes, medians of `triton.testing.do_be
     (c) eager gather-based LoRA fwd+bwd (kernels/reference.py) / fused fwd+bwd  goal >= 1.25
     (d) torch.compile of that eager version / fused fwd+bwd                     goal >= 1.0
 with useful TFLOP/s, and their share of this GPU's own GEMM rate and copy bandwidth, both
-measured in the same run. Useful FLOPs: forward 2 T n m + 2 T k (n + m); fwd+bwd
+measured in the same run. "Fused" is each `--gemm` way in turn (kernels/lora_linear.py; for
+'merged' the LoRA term rides in the merged weight). Where the time goes: the base
+input-gradient GEMM alone, each skinny pass, and each way's own GEMM in both layouts (or its
+merge), every one timed alone at every shape. Useful FLOPs: forward 2 T n m + 2 T k (n + m); fwd+bwd
 4 T n m + 6 T k (n + m). Bytes: each input read once and each output written once.
 Writes every figure to results/kernels/bench_<gpu>.json. Without a GPU it times the reference
 at a small shape on the CPU and says that the GPU figures are missing.
@@ -69,9 +72,9 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out.float() - ref).norm() / ref.norm()).item()
 
 
-def bench_case(T: int, n: int, m: int, k: int, ceilings: dict, compiled, parts: bool,
-               gemms: list[str], device: str = "cuda") -> dict:
-    """One shape: the baselines once, then the fused path with each base-GEMM kernel."""
+def bench_case(T: int, n: int, m: int, k: int, ceilings: dict, compiled, gemms: list[str],
+               device: str = "cuda") -> dict:
+    """One shape: the baselines and the skinny passes once, then the fused path each way."""
     g = torch.Generator(device=device).manual_seed(T + n + m + k)
 
     def rand(*shape, std=1.0):
@@ -90,16 +93,20 @@ def bench_case(T: int, n: int, m: int, k: int, ceilings: dict, compiled, parts: 
     t = {}
     with torch.no_grad():
         t["base_fwd"] = median_ms(lambda: F.linear(x, w0))
+        t["base_dx"] = median_ms(lambda: dy @ w0)  # the base input-gradient GEMM alone
     t["base_fwdbwd"] = median_ms(fwd_bwd(F.linear, leaves[0], w0), grad_to_none=leaves)
     t["eager_fwdbwd"] = median_ms(fwd_bwd(lora_linear_reference, *args), grad_to_none=leaves)
     if compiled is not None:
         t["compiled_fwdbwd"] = median_ms(fwd_bwd(compiled, *args), grad_to_none=leaves)
-    u = None
-    if parts:  # where the fused forward's time goes, beside the GEMM (timed per GEMM below)
-        u = skinny_matmul(x, lora_A, index, 0, scale, x.dtype)
-        ranks = torch.arange(k, device=device)
-        t["part_shrink"] = median_ms(lambda: skinny_matmul(x, lora_A, index, 0, scale, x.dtype))
-        t["part_factor_grad"] = median_ms(lambda: skinny_matmul(x.t(), u, ranks, 1, 1.0, x.dtype))
+    # Where the time goes besides the GEMMs: the skinny passes, the same whichever way the base
+    # GEMM runs (the GEMMs' own times are taken per way, in bench_fused).
+    u = skinny_matmul(x, lora_A, index, 0, scale, x.dtype)  # (T, k) = c x A[I]^T
+    g = skinny_matmul(dy, lora_B, index, 1, scale, x.dtype)  # (T, k) = c dy B[:, I]
+    ranks = torch.arange(k, device=device)
+    t["part_shrink"] = median_ms(lambda: skinny_matmul(x, lora_A, index, 0, scale, x.dtype))
+    t["part_shrink_dy"] = median_ms(lambda: skinny_matmul(dy, lora_B, index, 1, scale, x.dtype))
+    t["part_grad_A"] = median_ms(lambda: skinny_matmul(x.t(), g, ranks, 1, 1.0, x.dtype))
+    t["part_grad_B"] = median_ms(lambda: skinny_matmul(dy.t(), u, ranks, 1, 1.0, x.dtype))
 
     # The correctness gate's judge, the same for every GEMM: fp32 on the same bf16 inputs.
     ref = [v.float().requires_grad_() for v in (x, lora_B, lora_A)]
@@ -111,7 +118,7 @@ def bench_case(T: int, n: int, m: int, k: int, ceilings: dict, compiled, parts: 
     row = {"T": T, "n": n, "m": m, "r": R, "k": k, "ms": t, "fused": {}}
     for gemm in gemms:
         try:
-            row["fused"][gemm] = bench_fused(gemm, args, dy, judge, t, ceilings, u)
+            row["fused"][gemm] = bench_fused(gemm, args, dy, judge, t, ceilings, u, g)
         except Exception as error:  # failed to compile, launch or pass its gate: say so, go on
             row["fused"][gemm] = {"error": f"{type(error).__name__}: {error}"}
     return row
@@ -122,10 +129,10 @@ class GateFailed(Exception):
 
 
 def bench_fused(gemm: str, args: tuple, dy: torch.Tensor, judge: dict, base: dict,
-                ceilings: dict, u: torch.Tensor | None) -> dict:
-    """The fused path with one base-GEMM kernel: correctness gate against `judge`, times,
-    ratios (a)-(d); with `u` (the shrunk x), also the fused GEMM's own time (for 'merged': the
-    merge's)."""
+                ceilings: dict, u: torch.Tensor, g: torch.Tensor) -> dict:
+    """The fused path one way: correctness gate against `judge`, times, ratios (a)-(d), and
+    the fused GEMM's own time in each layout, given the shrunk x (u) and dy (g); for 'merged',
+    the merge's."""
     x, w0, _, lora_B, lora_A, index, scale = args
     leaves = [x, lora_B, lora_A]
     T, n, m, k = x.shape[0], x.shape[1], w0.shape[0], index.numel()
@@ -150,12 +157,13 @@ def bench_fused(gemm: str, args: tuple, dy: torch.Tensor, judge: dict, base: dic
         t = {"fused_fwd": median_ms(lambda: fused(False))}
     t["fused_fwdbwd"] = median_ms(lambda: fused(False).backward(dy), grad_to_none=leaves)
     t["fused_fwdbwd_checked"] = median_ms(lambda: fused(True).backward(dy), grad_to_none=leaves)
-    if u is not None and gemm == "merged":
+    if gemm == "merged":
         t["part_merge"] = median_ms(lambda: merged_weight(w0, lora_B.detach(), lora_A.detach(),
                                                           index, scale))
-    elif u is not None:
-        xd = x.detach()
-        t["part_fused_gemm"] = median_ms(lambda: GEMMS[gemm](xd, w0.t(), None, u, lora_B, index, 1))
+    else:
+        gemm_fn, xd = GEMMS[gemm], x.detach()
+        t["part_fused_gemm"] = median_ms(lambda: gemm_fn(xd, w0.t(), None, u, lora_B, index, 1))
+        t["part_fused_gemm_dx"] = median_ms(lambda: gemm_fn(dy, w0, None, g, lora_A, index, 0))
 
     out = {"ms": t, "rel_err_vs_fp32": errors,
            "a_fwd_over_base": t["fused_fwd"] / base["base_fwd"],
@@ -232,15 +240,15 @@ def main() -> None:
     print(f"{name}: torch {torch.__version__}, triton {triton.__version__}; measured bf16 GEMM "
           f"{ceilings['gemm_tflops']:.0f} TFLOP/s, copy {ceilings['copy_gbps']:.0f} GB/s")
     ks = (16, 64) if args.quick else (8, 16, 32, 64)
-    cases = [(8192, 4096, 4096, k, True) for k in ks]
+    cases = [(8192, 4096, 4096, k) for k in ks]
     grid_T = (2048,) if args.quick else (2048, 16384)
-    cases += [(T, n, m, 16, False) for T in grid_T for n, m in ((4096, 14336), (14336, 4096))]
+    cases += [(T, n, m, 16) for T in grid_T for n, m in ((4096, 14336), (14336, 4096))]
     path = args.out or Path(f"results/kernels/bench_{name.replace(' ', '_')}.json")
     result = {"gpu": name, "torch": torch.__version__, "triton": triton.__version__,
               "python": platform.python_version(), "dtype": "bfloat16", "quick": args.quick,
               "ceilings": ceilings, "goals": GOALS, "rows": []}
-    for T, n, m, k, parts in cases:
-        row = bench_case(T, n, m, k, ceilings, compiled, parts, args.gemm)
+    for T, n, m, k in cases:
+        row = bench_case(T, n, m, k, ceilings, compiled, args.gemm)
         print_row(row)
         result["rows"].append(row)
         write(result, path)  # after every case: a cut-off run keeps what it measured

@@ -298,11 +298,12 @@ def test_kernel_bench_runs_every_gemm(monkeypatch):
     monkeypatch.setattr(bench, "median_ms", time_once)
     monkeypatch.setitem(GEMMS, "cublas", off_by_a_little)
     row = bench.bench_case(24, 32, 48, 8, {"gemm_tflops": 1.0, "copy_gbps": 1.0}, None,
-                           parts=True, gemms=list(GEMM_CHOICES), device=DEVICE)
+                           gemms=list(GEMM_CHOICES), device=DEVICE)
     assert set(row["fused"]) == set(GEMM_CHOICES)
     assert row["fused"].pop("cublas")["error"].startswith("GateFailed: correctness gate failed")
     for gemm, fused in row["fused"].items():
         assert all(e < 2e-2 for e in fused["rel_err_vs_fp32"].values()), fused
-        part = "part_merge" if gemm == "merged" else "part_fused_gemm"
-        assert fused["a_fwd_over_base"] > 0 and part in fused["ms"], gemm
-    assert {"part_shrink", "part_factor_grad"} <= set(row["ms"])
+        parts = {"part_merge"} if gemm == "merged" else {"part_fused_gemm", "part_fused_gemm_dx"}
+        assert fused["a_fwd_over_base"] > 0 and parts <= set(fused["ms"]), gemm
+    shape_parts = {"base_dx", "part_shrink", "part_shrink_dy", "part_grad_A", "part_grad_B"}
+    assert shape_parts <= set(row["ms"])

@@ -58,8 +58,9 @@ print(f"seed {SEED}, device {device}, torch {torch.__version__}, triton {triton.
 # layer's default) picks Triton for CUDA tensors and the reference otherwise. We draw a sketch
 # (`k = 4` of `r = 16` ranks), a ragged shape (T, n, m not multiples of any tile), and compare
 # both backends, in fp32, with a float64 run of the reference as the judge. The Triton path's
-# base GEMM comes three ways (`gemm=`: Triton with pointer loads, the default; Triton with TMA
-# descriptors; cuBLAS with the LoRA term as its C input); all three must agree too.
+# base GEMM comes four ways (`gemm=`: Triton with pointer loads, the default; Triton with TMA
+# descriptors; cuBLAS with the LoRA term as its C input; cuBLAS on the merged weight
+# `W0 + c B[:, I] A[I]`); all four must agree too.
 
 # %%
 g = torch.Generator().manual_seed(SEED)
@@ -85,7 +86,7 @@ def run(backend: str, dtype: torch.dtype, gemm: str = "pointer") -> dict[str, to
 
 judge = run("torch", torch.float64)
 for backend, gemm in (("torch", "pointer"), ("triton", "pointer"), ("triton", "tma"),
-                      ("triton", "cublas")):
+                      ("triton", "cublas"), ("triton", "merged")):
     start = time.perf_counter()
     out = run(backend, torch.float32, gemm)
     seconds = time.perf_counter() - start
@@ -129,12 +130,13 @@ fig.tight_layout()
 # - (c) eager gather-based LoRA / fused (the speed-up over plain PyTorch; goal >= 1.25);
 # - (d) `torch.compile` of the eager version / fused (goal >= 1.0).
 #
-# The fused path's base GEMM comes three ways (`gemm=` of `kernels.lora_linear`): `"pointer"`
-# (Triton, the default), `"tma"` (Triton with TMA descriptors on a persistent grid) and `"cublas"`
-# (cuBLAS with the Triton LoRA term as its C input). A run times every one it was given; the
-# committed H100 run predates the option and timed the pointer GEMM alone, which is what a row
-# without per-GEMM figures (`row["fused"]`) holds. Below: each (shape, GEMM) of the committed run
-# and each ratio against its goal.
+# The fused path's base GEMM comes four ways (`gemm=` of `kernels.lora_linear`): `"pointer"`
+# (Triton, the default), `"tma"` (Triton with TMA descriptors on a persistent grid), `"cublas"`
+# (cuBLAS with the Triton LoRA term as its C input) and `"merged"` (cuBLAS on
+# `W0 + c B[:, I] A[I]`). A run times every one it was given, and records a way that failed its
+# correctness gate as an error instead; the committed H100 run predates the option and timed the
+# pointer GEMM alone, which is what a row without per-way figures (`row["fused"]`) holds. Below:
+# each (shape, way) of the committed run and each ratio against its goal.
 
 # %%
 path = sorted((ROOT / "results" / "kernels").glob("bench_*.json"))[0]
@@ -142,9 +144,15 @@ bench = json.loads(path.read_text())
 print(f"{path.relative_to(ROOT)}: {bench['gpu']}, torch {bench['torch']}, triton {bench['triton']}, "
       f"{bench['dtype']}; measured ceilings: GEMM {bench['ceilings']['gemm_tflops']:.0f} TFLOP/s, "
       f"copy {bench['ceilings']['copy_gbps']:.0f} GB/s")
-# one record per (shape, base GEMM): the shape's baseline times joined with that GEMM's figures
+# one record per (shape, way): the shape's baseline times joined with that way's figures
 runs = [{**row, **fused, "gemm": gemm, "ms": {**row["ms"], **fused["ms"]}}
-        for row in bench["rows"] for gemm, fused in row.get("fused", {"pointer": row}).items()]
+        for row in bench["rows"] for gemm, fused in row.get("fused", {"pointer": row}).items()
+        if "error" not in fused]
+for row in bench["rows"]:
+    for gemm, fused in row.get("fused", {}).items():
+        if "error" in fused:
+            where = f"T={row['T']} n={row['n']} m={row['m']} k={row['k']} gemm={gemm}"
+            print(f"{where}: {fused['error']}")
 ratios = list(bench["goals"])
 print(f"\n{'T':>6} {'n':>6} {'m':>6} {'k':>3} {'gemm':>8} " + " ".join(f"{q[:22]:>22}" for q in ratios))
 for run_ in runs:
@@ -175,7 +183,7 @@ fig.tight_layout()
 # slower than cuBLAS, the LoRA step is not the problem; the base GEMM is.
 
 # %%
-rows = [run_ for run_ in runs if run_["n"] == run_["m"]]
+rows = [run_ for run_ in runs if run_["n"] == run_["m"] and "part_fused_gemm" in run_["ms"]]
 floor = [2 * row["T"] * row["n"] * row["m"] / (bench["ceilings"]["gemm_tflops"] * 1e12) * 1e3
          for row in rows]
 parts = {"GEMM floor": floor,
@@ -200,10 +208,31 @@ ax.legend(fontsize=8);
 # only). The LoRA step inside the
 # GEMM is cheap; the loss is the Triton base GEMM itself, which runs at about two thirds of the
 # card's measured GEMM rate while cuBLAS's `F.linear` sits at the floor, and the shrink costs
-# about twice its bandwidth floor. `kernels/README.md` gives the full grid. The two next steps
-# it named are built (`gemm="tma"` and `gemm="cublas"`) and tested, but have not been timed on a
-# GPU yet. Until one of them is measured faster, `backend="torch"` is the faster choice on a GPU.
+# about twice its bandwidth floor. `kernels/README.md` gives the full grid. Three other ways are
+# built (`gemm="tma"`, `"cublas"` and `"merged"`) and tested, but have not been timed on a GPU
+# yet. Until one of them is measured faster, `backend="torch"` is the faster choice on a GPU.
 #
+# Why merge? Merging costs one read of `W0` and one write of the merged weight, `4 m n` bytes,
+# whatever the number of tokens T; the fused step's shrink reads `x`, `2 T n` bytes. Over the
+# base GEMM's `2 T n m` FLOPs at a rate F and bandwidth BW, their overheads are `2 (F/BW) / T`
+# and `(F/BW) / m`: merging pays when `T > 2 m`. The cell below draws both against T for the
+# committed run's measured ceilings (counts only, no timing).
+
+# %%
+ridge = bench["ceilings"]["gemm_tflops"] * 1e12 / (bench["ceilings"]["copy_gbps"] * 1e9)
+tokens = np.geomspace(256, 65536, 200)
+fig, ax = plt.subplots(figsize=(7, 3.6))
+ax.loglog(tokens, 2 * ridge / tokens, label="merged: 4 m n bytes (any m)")
+for m_ in (4096, 14336):
+    ax.axhline(ridge / m_, ls="--", color="C1" if m_ == 4096 else "C2",
+               label=f"fused step: the shrink's 2 T n bytes, m = {m_}")
+ax.axhline(0.12, color="k", lw=0.8, label="goal (a): 12% over F.linear")
+ax.set(xlabel="tokens per call T", ylabel="forward overhead over the base GEMM",
+       title=f"counts at {bench['gpu']}'s measured ridge, {ridge:.0f} FLOP/byte")
+ax.legend(fontsize=8)
+print(f"ridge {ridge:.0f} FLOP/byte; merging breaks even with the fused step at T = 2 m")
+
+# %% [markdown]
 # ## What the kernels compile to, without a GPU
 #
 # Triton can compile for a GPU it does not have: `python -m kernels.lowering` compiles every
