@@ -9,7 +9,8 @@ Tolerances are on the relative Frobenius error ||out - ref|| / ||ref||, per dtyp
   use exact fp32 dots unless torch's own TF32 switch is on (kernels/matmul.py).
 - bf16: 2e-2. The inputs are bf16 for both sides, so only the kernel's own rounding counts:
   the shrunk u and g (T, k) are stored in bf16 (relative error 2^-9 each), and so are y and the
-  gradients (2^-9 again); a few such roundings, each ~4e-3, add up to well under 2e-2.
+  gradients (2^-9 again); gemm='merged' rounds the merged weight W0 + c B[:, I] A[I] to bf16
+  instead of u; a few such roundings, each ~4e-3, add up to well under 2e-2.
 """
 
 from __future__ import annotations
