@@ -10,8 +10,8 @@ with useful TFLOP/s, and their share of this GPU's own GEMM rate and copy bandwi
 measured in the same run. "Fused" is each `--gemm` way in turn (kernels/lora_linear.py; for
 'merged' the LoRA term rides in the merged weight). Where the time goes: the base
 input-gradient GEMM alone, each skinny pass, and each way's own GEMM in both layouts (or its
-merge), every one timed alone at every shape. Useful FLOPs: forward 2 T n m + 2 T k (n + m); fwd+bwd
-4 T n m + 6 T k (n + m). Bytes: each input read once and each output written once.
+merge), every one timed alone at every shape. Useful FLOPs: forward 2 T n m + 2 T k (n + m);
+fwd+bwd 4 T n m + 6 T k (n + m). Bytes: each input read once and each output written once.
 Writes every figure to results/kernels/bench_<gpu>.json. Without a GPU it times the reference
 at a small shape on the CPU and says that the GPU figures are missing.
 """
