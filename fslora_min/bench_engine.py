@@ -9,7 +9,8 @@ default client (H = 10 SGD steps on 16 sequences of 64 tokens). The base is left
 init: a round's cost does not depend on the weights. Each timed sample is one `run_round`
 (no evaluation); the engines alternate, sample by sample, so drifts of a shared machine hit
 both alike; the figure is the median over samples after a warm-up round. Peak memory of a
-round, `peak_mib`: on a GPU, torch's peak allocation over the timed rounds; on the CPU, a fresh
+round, `peak_mib`: on a GPU, torch's peak allocation over all rounds of that (engine, clients)
+pair, warm-up included, with both engines' federations held; on the CPU, a fresh
 process builds the federation, resets the kernel's peak-resident-memory mark (writing 5 to
 /proc/self/clear_refs sets VmHWM to the current VmRSS), plays one round and reads VmHWM: the
 set-up's own peak is forgotten, and `round_extra_mib` = `peak_mib` - `rss_before_round_mib`
@@ -39,7 +40,6 @@ import torch
 from fslora_min.budgets import PAPER_RATIOS, ranks_from_ratios
 from fslora_min.client import ClientConfig
 from fslora_min.data import DataConfig, make_federated_data
-from fslora_min.engine import default_clients_per_pass
 from fslora_min.experiment import resolve_device
 from fslora_min.federation import Federation, FederationConfig
 from fslora_min.lora import apply_lora
@@ -107,8 +107,7 @@ def time_engines(num_clients: int, device: torch.device, cfg: BenchConfig) -> di
         out[engine] |= ({"peak_mib": peak[engine] / 2**20} if peak[engine] is not None
                         else cpu_peak_mib(num_clients, engine, cfg))
     fed = feds["batched"]
-    out["batched"]["clients_per_pass"] = min(fed.fed.clients_per_pass or default_clients_per_pass(
-        fed.server.model, fed.batch_streams), num_clients)
+    out["batched"]["clients_per_pass"] = min(fed.clients_per_pass, num_clients)
     return out
 
 

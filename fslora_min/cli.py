@@ -13,7 +13,7 @@ from fslora_min.budgets import DISTRIBUTIONS
 from fslora_min.client import OPTIMIZERS, ClientConfig
 from fslora_min.compare import TABLES, CompareConfig, quick_config, run_compare
 from fslora_min.data import DataConfig
-from fslora_min.engine import ENGINES
+from fslora_min.engine import CPU_PASS_BYTES, ENGINES
 from fslora_min.checkpoint import CHECKPOINT_NAME
 from fslora_min.experiment import (METHODS, PRESETS, ExperimentConfig, preset, run_experiment,
                                    write_outputs)
@@ -133,8 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(fslora_min/engine.py)")
     g.add_argument("--clients-per-pass", type=int, default=d_fed.clients_per_pass,
                    help="batched engine: clients trained together in one pass (0: all on a "
-                        "GPU; on a CPU as many as keep the widest activation within 8 MiB, 4 "
-                        "for the default model)")
+                        "GPU; on a CPU as many as keep the widest activation within "
+                        f"{CPU_PASS_BYTES // 2**20} MiB, 4 for the default model)")
     g.add_argument("--out", default=d_exp.out_dir, help="output folder (created if needed)")
     g.add_argument("--checkpoint-every", type=int, default=d_exp.checkpoint_every,
                    help="rounds between checkpoints in the output folder (0: none)")

@@ -162,8 +162,8 @@ def run_experiment(cfg: ExperimentConfig, progress: bool = True,
     With `resume`, the federation continues from out_dir/checkpoint.pt, which must have been
     written for the same configuration; the result is bit-identical to an uninterrupted run.
     """
-    path = Path(cfg.out_dir) / CHECKPOINT_NAME
-    saved = load_checkpoint(path, resume_key(cfg)) if resume else None  # before any work
+    path, key = Path(cfg.out_dir) / CHECKPOINT_NAME, resume_key(cfg)
+    saved = load_checkpoint(path, key) if resume else None  # before any work
     federation, info = build_federation(cfg, progress)
     if saved is not None:
         restore(federation, saved, path)
@@ -171,7 +171,7 @@ def run_experiment(cfg: ExperimentConfig, progress: bool = True,
         path.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     history = federation.run(progress, cfg.checkpoint_every,
-                             lambda state: save_checkpoint(path, resume_key(cfg), state))
+                             lambda state: save_checkpoint(path, key, state))
     info["wall_seconds"] = time.perf_counter() - start
     info["client_heldout_loss"] = [evaluate(federation.server.model, c.heldout)[0]
                                    for c in federation.data.clients]

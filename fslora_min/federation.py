@@ -31,7 +31,7 @@ from tqdm import tqdm
 from fslora_min.budgets import validate_ranks
 from fslora_min.client import ClientConfig, ClientUpdate
 from fslora_min.data import FederatedData, minibatches, split_inputs_targets
-from fslora_min.engine import ENGINES, resolve_engine, train_clients
+from fslora_min.engine import ENGINES, default_clients_per_pass, resolve_engine, train_clients
 from fslora_min.lora import ALL_TARGETS
 from fslora_min.methods import Downlink, Method
 from fslora_min.model import lm_loss
@@ -58,23 +58,19 @@ class FederationConfig:
     clients_per_pass: int = 0  # batched engine: clients per pass (0: engine.default_clients_per_pass)
 
     def __post_init__(self) -> None:
-        for name in ("num_clients", "participants", "rounds", "rank", "eval_every"):
+        for name, least in (("num_clients", 1), ("participants", 1), ("rounds", 1), ("rank", 1),
+                            ("eval_every", 1), ("clients_per_pass", 0), ("seed", 0)):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            if not isinstance(value, int) or isinstance(value, bool) or value < least:
+                kind = "a positive" if least else "a non-negative"
+                raise ValueError(f"{name} must be {kind} integer, got {value!r}")
         if self.engine not in ENGINES:
             raise ValueError(f"engine must be one of {ENGINES}, got {self.engine!r}")
-        if (not isinstance(self.clients_per_pass, int) or isinstance(self.clients_per_pass, bool)
-                or self.clients_per_pass < 0):
-            raise ValueError(f"clients_per_pass must be a non-negative integer (0: the device's "
-                             f"default), got {self.clients_per_pass!r}")
         if self.participants > self.num_clients:
             raise ValueError(f"participants={self.participants} exceeds "
                              f"num_clients={self.num_clients}")
         if not (math.isfinite(self.lora_alpha) and self.lora_alpha > 0):
             raise ValueError(f"lora_alpha must be positive and finite, got {self.lora_alpha!r}")
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
-            raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
         if not 0.0 <= self.dropout < 1.0:  # also false for NaN
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
 
@@ -167,6 +163,9 @@ class Federation:
                                           generator(fed.seed, MINIBATCHES, i))
                               for i, c in enumerate(data.clients)]
         self.engine = resolve_engine(fed.engine, next(server.model.parameters()).device)
+        # batched engine: fixed by the device, the model and the minibatch shape, so set once
+        self.clients_per_pass = (fed.clients_per_pass
+                                 or default_clients_per_pass(server.model, self.batch_streams))
         self.history = History()
 
     def run_round(self, t: int, plan: RoundPlan | None = None) -> RoundRecord:
@@ -174,14 +173,15 @@ class Federation:
         report, close it."""
         start = time.perf_counter()
         plan = self.plan_round() if plan is None else plan
-        reporters = [plan.participants[p] for p in plan.live]
+        live = plan.live
+        reporters = [plan.participants[p] for p in live]
         updates = train_clients(self.engine, self.server.model, reporters,
-                                [plan.downlinks[p] for p in plan.live],
+                                [plan.downlinks[p] for p in live],
                                 [self.batch_streams[i] for i in reporters], lm_batch_loss,
                                 self.client_cfg,
                                 [len(self.data.clients[i].train) for i in reporters],
-                                self.fed.clients_per_pass)
-        return self.close_round(t, plan, plan.live, updates, start)
+                                self.clients_per_pass)
+        return self.close_round(t, plan, live, updates, start)
 
     def plan_round(self) -> RoundPlan:
         """The server's first half of a round: participants, their downlinks, who drops out."""
@@ -253,13 +253,17 @@ class Federation:
                    disable=not progress)
         for t in bar:
             record = self.run_round(t)
-            h.rounds.append(record)
-            h.coverage = {n: c.tolist() for n, c in self.server.coverage.items()}
+            self.record_round(record)
             if record.heldout_loss is not None:
                 bar.set_postfix(loss=f"{record.heldout_loss:.3f}", acc=f"{record.heldout_acc:.3f}")
             if save is not None and every and (t % every == 0 or t == self.fed.rounds):
                 save(self.state_dict())
         return h
+
+    def record_round(self, record: RoundRecord) -> None:
+        """Add a closed round to the history, with the rank coverage so far."""
+        self.history.rounds.append(record)
+        self.history.coverage = {n: c.tolist() for n, c in self.server.coverage.items()}
 
     def streams(self) -> dict[str, torch.Generator]:
         return {"participants": self.participant_stream, "sketches": self.sketch_stream,

@@ -14,7 +14,8 @@ from fslora_min.federation import History  # noqa: E402
 
 
 def plot_history(history: History, title: str, path: Path) -> None:
-    """Three panels: global held-out loss, accuracy, and bytes per client per round."""
+    """Four panels: global held-out loss, accuracy, KiB each client uploads per round, and
+    how many times each rank index of each module was trained."""
     evaluated = [r for r in history.rounds if r.heldout_loss is not None]
     rounds = [0] + [r.round for r in evaluated]
     loss = [history.initial_loss] + [r.heldout_loss for r in evaluated]
@@ -24,13 +25,14 @@ def plot_history(history: History, title: str, path: Path) -> None:
     axes[0].set(xlabel="round", ylabel="global held-out loss", title="loss")
     axes[1].plot(rounds, acc, marker=".", color="tab:green")
     axes[1].set(xlabel="round", ylabel="next-token accuracy", title="accuracy")
-    sent: dict[int, list[float]] = {}  # client -> KiB uploaded in each round it took part
+    sent: dict[int, list[float]] = {}  # client -> KiB uploaded in each round it reported
     rank_of: dict[int, int] = {}
     for r in history.rounds:
         for client, k, b in zip(r.participants, r.ranks, r.bytes_up):
-            sent.setdefault(client, []).append(b / 1024)
             rank_of[client] = k
-    clients = sorted(sent)
+            if client not in r.dropped:  # a dropped client sent nothing: not a 0-byte upload
+                sent.setdefault(client, []).append(b / 1024)
+    clients = sorted(sent)  # a client that never reported has no bar
     axes[2].bar(range(len(clients)), [np.mean(sent[c]) for c in clients], color="tab:orange")
     axes[2].set_xticks(range(len(clients)), [f"{c}\nk={rank_of[c]}" for c in clients], fontsize=7)
     axes[2].set(xlabel="client", ylabel="KiB per round", title="upload per client (grows with k_i)")

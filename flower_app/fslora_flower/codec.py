@@ -11,13 +11,15 @@ shapes in a ConfigRecord. Flower frames every array it sends (a header, an objec
 about 460 bytes each), so one array per module field would add ~33 KiB per message for the
 default model's 24 modules x 3 fields; packed, a message is its payload, k_i (m + n) numbers per
 module, plus one small fixed cost. `message_bytes` measures a whole serialized message,
-`tensor_bytes` the payload alone.
+`payload_bytes` the packed factors (or deltas) array in it alone.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from math import prod
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
@@ -111,12 +113,15 @@ def decode_update(content: RecordDict, sent: Downlink) -> ClientUpdate:
                         int(counts["num_examples"]), int(counts["trainable_parameters"]))
 
 
-def message_bytes(message: Message | RecordDict) -> int:
+def message_bytes(message: Message) -> int:
     """Bytes Flower pushes for `message`: every object of its tree (message, records, arrays)
     as serialized, without the transport's own framing (HTTP headers, TLS)."""
     return sum(len(obj.deflate()) for obj in get_all_nested_objects(message).values())
 
 
-def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
-    """The payload: bytes of the numbers themselves, as the in-process accounting counts them."""
-    return sum(t.numel() * t.element_size() for t in tensors)
+def payload_bytes(message: Message) -> int:
+    """The payload as encoded in `message`: the bytes of the numbers in its packed factors
+    (downlink) or deltas (update) array, its shape times its dtype's width."""
+    arrays = message.content[ARRAYS]
+    array = arrays["factors"] if "factors" in arrays else arrays["deltas"]
+    return prod(array.shape) * np.dtype(array.dtype).itemsize

@@ -71,9 +71,9 @@ class LocalDeployment:
                                      "FLWR_TELEMETRY_ENABLED", "0")}
 
     def start(self, name: str, cmd: list[str]) -> subprocess.Popen:
-        log = open(self.work / f"{name}.log", "w")
-        p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env,
-                             cwd=self.work, start_new_session=True)
+        with open(self.work / f"{name}.log", "w") as log:  # the child keeps its own copy
+            p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env,
+                                 cwd=self.work, start_new_session=True)
         self.processes.append(p)
         return p
 

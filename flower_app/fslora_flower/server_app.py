@@ -13,11 +13,11 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from fslora_flower.config import federation_of
-from fslora_flower.strategy import FSLoRAStrategy, factor_tensors, factors_record
+from fslora_flower.strategy import FSLoRAStrategy, factor_tensors
 
 app = ServerApp()
 RESULT_NAME = "flower_result.pt"
@@ -26,11 +26,10 @@ RESULT_NAME = "flower_result.pt"
 def discover_clients(grid: Grid, num_clients: int, wait_s: float) -> dict[int, int]:
     """client id -> node id, asking every connected node which client it hosts."""
     deadline = time.monotonic() + wait_s
-    nodes: dict[int, int] = {}
     while True:
         asked = [grid.create_message(RecordDict({"ask": ConfigRecord({})}), MessageType.QUERY,
                                      node, "discover") for node in grid.get_node_ids()]
-        nodes = {}
+        nodes: dict[int, int] = {}
         for reply in grid.send_and_receive(asked, timeout=30):
             if not reply.has_error():
                 i = int(reply.content["client"]["client_id"])
@@ -49,9 +48,10 @@ def main(grid: Grid, context: Context) -> None:
     nodes = discover_clients(grid, fed.num_clients,
                              float(context.run_config.get("wait-for-nodes", 60)))
     strategy = FSLoRAStrategy(federation, nodes)
-    strategy.start(grid, factors_record(federation), num_rounds=fed.rounds,
+    strategy.start(grid, ArrayRecord(), num_rounds=fed.rounds,
                    timeout=float(context.run_config.get("timeout", 600)))
     out = Path(str(context.run_config.get("out-dir", cfg.out_dir)))
     out.mkdir(parents=True, exist_ok=True)
-    torch.save({"factors": factor_tensors(federation), "records": [asdict(r) for r in strategy.records],
+    torch.save({"factors": factor_tensors(federation),
+                "records": [asdict(r) for r in federation.history.rounds],
                 "wire": strategy.wire, "info": info}, out / RESULT_NAME)

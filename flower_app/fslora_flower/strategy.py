@@ -22,9 +22,9 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from fslora_flower.codec import decode_update, encode_downlink, message_bytes, tensor_bytes
+from fslora_flower.codec import decode_update, encode_downlink, message_bytes, payload_bytes
 from fslora_min.client import ClientUpdate
-from fslora_min.federation import Federation, RoundPlan, RoundRecord
+from fslora_min.federation import Federation, RoundPlan
 from fslora_min.lora import global_factors
 
 
@@ -33,11 +33,6 @@ def factor_tensors(federation: Federation) -> dict[str, torch.Tensor]:
     return {f"{name}/{which}": t.detach().cpu()
             for name, (B, A) in global_factors(federation.server.model).items()
             for which, t in (("B", B), ("A", A))}
-
-
-def factors_record(federation: Federation) -> ArrayRecord:
-    """`factor_tensors` as the record Flower's strategy loop carries between rounds."""
-    return ArrayRecord(torch_state_dict=factor_tensors(federation))
 
 
 class FSLoRAStrategy(Strategy):
@@ -52,7 +47,6 @@ class FSLoRAStrategy(Strategy):
         self.started = 0.0
         self.sent: dict[int, Message] = {}  # participant position -> its message
         self.round_wire: dict[int, dict] = {}  # participant position -> its bytes this round
-        self.records: list[RoundRecord] = []
         self.wire: list[dict] = []  # per round, per participant: message bytes vs accounting
 
     def summary(self) -> None:
@@ -70,8 +64,7 @@ class FSLoRAStrategy(Strategy):
                                             str(server_round))
                      for p, i in enumerate(plan.participants) if not plan.fails[p]}
         self.round_wire = {p: {"client": plan.participants[p], "down_bytes": message_bytes(msg),
-                               "down_payload_bytes": tensor_bytes(
-                                   t for f in plan.downlinks[p].values() for t in (f.b, f.a)),
+                               "down_payload_bytes": payload_bytes(msg),
                                "up_bytes": 0, "up_payload_bytes": 0}
                            for p, msg in self.sent.items()}
         return list(self.sent.values())
@@ -93,19 +86,20 @@ class FSLoRAStrategy(Strategy):
             except (KeyError, TypeError, ValueError) as err:
                 unreadable.append((plan.participants[p], f"malformed reply: {err}"))
                 continue
-            wire[p]["up_payload_bytes"] = tensor_bytes(d for pair in got[p].deltas.values()
-                                                       for d in pair)
+            wire[p]["up_payload_bytes"] = payload_bytes(reply)
         live = sorted(got)  # the in-process order, whatever order the replies came in
         record = self.federation.close_round(server_round, plan, live, [got[p] for p in live],
                                              self.started, unreadable)
-        self.records.append(record)
+        self.federation.record_round(record)
         self.wire.append({"round": server_round, "participants": list(wire.values()),
                           "accounted_down_bytes": record.bytes_down,
                           "accounted_up_bytes": record.bytes_up})
         metrics = {"heldout_loss": record.heldout_loss if record.heldout_loss is not None
                    else float("nan"), "rejected": len(record.rejected),
                    "dropped": len(record.dropped)}
-        return factors_record(self.federation), MetricRecord(metrics)
+        # no arrays back to Flower's loop: the global factors live in `federation`, and
+        # serializing them every round would be work nobody reads
+        return None, MetricRecord(metrics)
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
