@@ -21,6 +21,8 @@ from fslora_min.federation import FederationConfig
 from fslora_min.lora import ALL_TARGETS
 from fslora_min.pretrain import PretrainConfig
 from fslora_min.server import AGGREGATIONS, SERVER_OPTIMIZERS, ServerConfig
+from kernels.dispatch import BACKENDS
+from kernels.lora_linear import GEMM_CHOICES
 
 
 def _ratio(text: str) -> float:
@@ -135,6 +137,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="batched engine: clients trained together in one pass (0: all on a "
                         "GPU; on a CPU as many as keep the widest activation within "
                         f"{CPU_PASS_BYTES // 2**20} MiB, 4 for the default model)")
+    g.add_argument("--lora-backend", choices=BACKENDS, default=d_fed.lora_backend,
+                   help="kernel of the LoRA layers outside the batched engine (evaluation, "
+                        "the sequential engine): auto runs the Triton kernels on a GPU and "
+                        "PyTorch elsewhere; triton on a CPU needs TRITON_INTERPRET=1 (slow)")
+    g.add_argument("--lora-gemm", choices=GEMM_CHOICES, default=d_fed.lora_gemm,
+                   help="with the Triton kernels: how the base GEMM meets the LoRA term "
+                        "(kernels/README.md)")
     g.add_argument("--out", default=d_exp.out_dir, help="output folder (created if needed)")
     g.add_argument("--checkpoint-every", type=int, default=d_exp.checkpoint_every,
                    help="rounds between checkpoints in the output folder (0: none)")
@@ -166,7 +175,8 @@ def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
                            rounds=args.rounds, rank=args.rank, lora_alpha=args.lora_alpha,
                            rslora=args.rslora, targets=tuple(args.targets), seed=args.seed,
                            eval_every=args.eval_every, dropout=args.dropout,
-                           engine=args.engine, clients_per_pass=args.clients_per_pass)
+                           engine=args.engine, clients_per_pass=args.clients_per_pass,
+                           lora_backend=args.lora_backend, lora_gemm=args.lora_gemm)
     client = ClientConfig(local_steps=args.local_steps, lr=args.lr,
                           optimizer=args.client_optimizer, batch_size=args.batch_size)
     server = ServerConfig(optimizer=args.server_optimizer, global_lr=args.global_lr,

@@ -29,6 +29,7 @@ from fslora_min.model import TEST_CONFIG, ModelConfig, count_parameters
 from fslora_min.pretrain import PretrainConfig, load_or_pretrain
 from fslora_min.rng import LORA_INIT, generator
 from fslora_min.server import Server, ServerConfig
+from kernels.dispatch import check_backend
 
 
 @dataclass
@@ -129,6 +130,7 @@ def build_federation(cfg: ExperimentConfig, progress: bool = True) -> tuple[Fede
     """
     device = resolve_device(cfg.device)
     fed = cfg.federation
+    check_backend(fed.lora_backend, fed.lora_gemm, device)  # before any pretraining
     budgets = client_budgets(cfg)
     base, cache = load_or_pretrain(cfg.model, cfg.data, cfg.pretrain, progress=progress)
     data = make_federated_data(cfg.data, fed.num_clients)
@@ -138,7 +140,7 @@ def build_federation(cfg: ExperimentConfig, progress: bool = True) -> tuple[Fede
     ranks = method.client_ranks(budgets, fed.rank)
     model = copy.deepcopy(base)
     names = apply_lora(model, global_rank, fed.lora_alpha, fed.targets, fed.rslora,
-                       generator=generator(fed.seed, LORA_INIT))
+                       fed.lora_backend, generator(fed.seed, LORA_INIT), fed.lora_gemm)
     model.to(device)
     server = Server(model, cfg.server)
     shapes = server.shapes

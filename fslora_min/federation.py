@@ -38,6 +38,7 @@ from fslora_min.model import lm_loss
 from fslora_min.rng import DROPOUT, MINIBATCHES, PARTICIPANTS, SKETCHES, generator
 from fslora_min.server import Server, sample_participants
 from fslora_min.validation import screen_updates
+from kernels.dispatch import check_backend
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,8 @@ class FederationConfig:
     dropout: float = 0.0  # probability that a participant fails mid-round (never uploads)
     engine: str = "auto"  # "sequential", "batched" or "auto" (the faster one on the device)
     clients_per_pass: int = 0  # batched engine: clients per pass (0: engine.default_clients_per_pass)
+    lora_backend: str = "auto"  # LoRA kernel, kernels/dispatch.py: "auto", "torch" or "triton"
+    lora_gemm: str = "pointer"  # the Triton path's base GEMM (kernels/README.md: four ways)
 
     def __post_init__(self) -> None:
         for name, least in (("num_clients", 1), ("participants", 1), ("rounds", 1), ("rank", 1),
@@ -64,6 +67,7 @@ class FederationConfig:
             if not isinstance(value, int) or isinstance(value, bool) or value < least:
                 kind = "a positive" if least else "a non-negative"
                 raise ValueError(f"{name} must be {kind} integer, got {value!r}")
+        check_backend(self.lora_backend, self.lora_gemm)
         if self.engine not in ENGINES:
             raise ValueError(f"engine must be one of {ENGINES}, got {self.engine!r}")
         if self.participants > self.num_clients:

@@ -28,6 +28,7 @@ import torch.nn as nn
 from fslora_min.sketch import Sketch, check_rank_pair
 from kernels import lora_linear
 from kernels.batched_lora import batched_lora_linear
+from kernels.dispatch import check_backend
 
 
 def lora_scale(alpha: float, r: int, rslora: bool = False) -> float:
@@ -57,12 +58,19 @@ class BatchedFactors:
 
 
 class LoRALinear(nn.Module):
-    """Drop-in for nn.Linear: frozen W0 (m x n) and bias, LoRA factors B (m x r), A (r x n)."""
+    """Drop-in for nn.Linear: frozen W0 (m x n) and bias, LoRA factors B (m x r), A (r x n).
+
+    `backend` and `gemm` pick the kernel of the global, sketched and compact modes
+    (kernels/dispatch.py: 'auto' runs Triton on CUDA tensors, the PyTorch reference elsewhere);
+    the batched mode always runs kernels/batched_lora.py.
+    """
 
     def __init__(self, base: nn.Linear, r: int, alpha: float, rslora: bool = False,
-                 backend: str = "auto", generator: torch.Generator | None = None) -> None:
+                 backend: str = "auto", generator: torch.Generator | None = None,
+                 gemm: str = "pointer") -> None:
         super().__init__()
         check_rank_pair(r, 1)
+        check_backend(backend, gemm)
         m, n = base.out_features, base.in_features
         self.weight = nn.Parameter(base.weight.detach().clone(), requires_grad=False)  # (m, n)
         self.bias = (None if base.bias is None
@@ -75,7 +83,7 @@ class LoRALinear(nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(m, r, dtype=A.dtype, device=base.weight.device))  # (m, r)
         self.r, self.alpha, self.rslora = r, alpha, rslora
         self.scaling = lora_scale(alpha, r, rslora)  # s
-        self.backend = backend
+        self.backend, self.gemm = backend, gemm
         self.sketch: Sketch | None = None  # set by `sketched(...)`
         self.compact: CompactFactors | None = None  # set by `compact_factors(...)`
         self.batched: BatchedFactors | None = None  # set by `batched_compact_factors(...)`
@@ -122,19 +130,21 @@ class LoRALinear(nn.Module):
         if self.compact is not None:  # client training: W0 + s (r/k) b a
             c = self.compact
             b, scale = _weighted(c.b, c.sketch, None, self.scaling)  # (m, k)
-            return lora_linear(x, self.weight, self.bias, b, c.a, None, scale, self.backend)
+            return lora_linear(x, self.weight, self.bias, b, c.a, None, scale, self.backend,
+                               gemm=self.gemm)
         if self.sketch is not None:  # W0 + s (r/k) B[:, I] A[I, :]
             index = self.sketch.index.to(x.device)
             B, scale = _weighted(self.lora_B, self.sketch, index, self.scaling)  # (m, r)
             # Sketch checked its index when it was made: no range check (a device sync) here
             return lora_linear(x, self.weight, self.bias, B, self.lora_A, index, scale,
-                               self.backend, check_index=False)
+                               self.backend, check_index=False, gemm=self.gemm)
         return lora_linear(x, self.weight, self.bias, self.lora_B, self.lora_A, None,
-                           self.scaling, self.backend)
+                           self.scaling, self.backend, gemm=self.gemm)
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, r={self.r}, "
-                f"scaling={self.scaling:.4g}, rslora={self.rslora}")
+                f"scaling={self.scaling:.4g}, rslora={self.rslora}, backend={self.backend}, "
+                f"gemm={self.gemm}")
 
 
 def _weighted(b: torch.Tensor, sketch: Sketch, index: torch.Tensor | None,
@@ -161,7 +171,7 @@ ALL_TARGETS = ("q", "k", "v", "out", "fc", "proj")
 
 def apply_lora(model: nn.Module, r: int, alpha: float, targets: tuple[str, ...] = ALL_TARGETS,
                rslora: bool = False, backend: str = "auto",
-               generator: torch.Generator | None = None) -> list[str]:
+               generator: torch.Generator | None = None, gemm: str = "pointer") -> list[str]:
     """Replace each nn.Linear whose attribute name is in `targets` by a LoRALinear; freeze the rest.
 
     Returns the qualified names of the new LoRA modules, in model order. Raises if a target names
@@ -177,7 +187,8 @@ def apply_lora(model: nn.Module, r: int, alpha: float, targets: tuple[str, ...] 
     for parent_name, parent in list(model.named_modules()):
         for child_name, child in list(parent.named_children()):
             if child_name in targets and type(child) is nn.Linear:
-                setattr(parent, child_name, LoRALinear(child, r, alpha, rslora, backend, generator))
+                setattr(parent, child_name, LoRALinear(child, r, alpha, rslora, backend,
+                                                                generator, gemm))
                 replaced.append(f"{parent_name}.{child_name}" if parent_name else child_name)
     if not replaced:
         raise ValueError(f"no nn.Linear named one of {targets} found: nothing was adapted")

@@ -5,7 +5,21 @@ from __future__ import annotations
 import torch
 
 from kernels.lora_linear import DTYPES, GEMM_CHOICES, check_lora_inputs, lora_linear_triton
+from kernels.matmul import INTERPRET
 from kernels.reference import lora_linear_reference
+
+BACKENDS = ("auto", "torch", "triton")
+
+
+def check_backend(backend: str, gemm: str, device: torch.device | None = None) -> None:
+    """Raise ValueError naming a bad `backend` or `gemm`, or a forced Triton on a CPU `device`."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if gemm not in GEMM_CHOICES:
+        raise ValueError(f"gemm must be one of {GEMM_CHOICES}, got {gemm!r}")
+    if backend == "triton" and device is not None and device.type != "cuda" and not INTERPRET:
+        raise ValueError(f"backend='triton' on device {str(device)!r} needs CUDA, or "
+                         "TRITON_INTERPRET=1 set before triton is first imported")
 
 
 def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -22,10 +36,7 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     Hopper), 'cublas' (cuBLAS with the LoRA term as its C input) or 'merged' (cuBLAS on the
     merged weight W0 + scale B[:, I] A[I]).
     """
-    if backend not in ("auto", "torch", "triton"):
-        raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
-    if gemm not in GEMM_CHOICES:
-        raise ValueError(f"gemm must be one of {GEMM_CHOICES}, got {gemm!r}")
+    check_backend(backend, gemm)
     use_triton = backend == "triton" or (backend == "auto" and x.is_cuda)
     # the reference also takes float64 (tests, theory); the kernels take the training dtypes
     check_lora_inputs(x, weight, bias, lora_B, lora_A, index, scale, check_index,

@@ -49,6 +49,8 @@ BAD_RUN_ARGUMENTS = [
     (["--out", " "], "the output folder must be a non-empty path"),
     (["--out", "{tmp}/a-file/sub"], "is not writable"),
     (["--resume"], "no checkpoint to resume from in"),
+    (["--lora-backend", "cuda"], "invalid choice: 'cuda'"),
+    (["--lora-gemm", "fast"], "invalid choice: 'fast'"),
     (["--unknown-flag"], "unrecognized arguments: --unknown-flag"),
 ]
 
@@ -85,5 +87,17 @@ def test_help_explains_every_knob(capsys):
                  "--participants", "--rounds", "--local-steps", "--lr", "--client-optimizer",
                  "--server-optimizer", "--global-lr", "--dirichlet-alpha", "--seed", "--device",
                  "--out", "--preset", "--dropout", "--checkpoint-every", "--resume",
-                 "--clients-per-pass"):
+                 "--clients-per-pass", "--lora-backend", "--lora-gemm"):
         assert flag in text
+
+
+def test_forced_triton_on_a_cpu_without_the_interpreter_exits_before_training(
+        capsys, tmp_path, monkeypatch):
+    monkeypatch.setattr("kernels.dispatch.INTERPRET", False)
+    monkeypatch.setattr("fslora_min.experiment.load_or_pretrain",
+                        lambda *a, **k: pytest.fail("pretraining started"))
+    with pytest.raises(SystemExit) as exc:
+        main(["run", "--out", str(tmp_path), "--no-progress", "--device", "cpu",
+              "--lora-backend", "triton"])
+    assert exc.value.code == 2
+    assert "backend='triton' on device 'cpu' needs CUDA" in capsys.readouterr().err

@@ -16,7 +16,6 @@ Tolerances are on the relative Frobenius error ||out - ref|| / ||ref||, per dtyp
 from __future__ import annotations
 
 import copy
-import functools
 import os
 import subprocess
 import sys
@@ -28,9 +27,9 @@ import torch
 import fslora_min.lora as lora
 from fslora_min.model import TEST_CONFIG, Transformer, lm_loss
 from fslora_min.sketch import sample_module_sketches
-from kernels import lora_linear
+from kernels import dispatch, lora_linear
 from kernels import matmul
-from kernels.lora_linear import GEMM_CHOICES, GEMMS
+from kernels.lora_linear import GEMM_CHOICES, GEMMS, lora_linear_triton
 from kernels.reference import lora_linear_reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -229,14 +228,18 @@ def test_cpu_routing():
 @pytest.mark.parametrize("mode", ["sketched", "compact"])
 def test_training_step_matches_torch_backend(mode, gemm, monkeypatch):
     """One real step of the tiny transformer: same loss and LoRA gradients on both backends,
-    the layers' kernel calls pinned to one `gemm`."""
-    monkeypatch.setattr(lora, "lora_linear", functools.partial(lora.lora_linear, gemm=gemm))
+    the Triton layers built with one `gemm` (and every kernel call made with it)."""
+    calls = []
+    def spy(*args):
+        calls.append(args[-1])  # lora_linear_triton(..., scale, gemm)
+        return lora_linear_triton(*args)
+    monkeypatch.setattr(dispatch, "lora_linear_triton", spy)
     torch.manual_seed(0)
     base = Transformer(TEST_CONFIG)
     models = {}
     for backend in ("torch", "triton"):
         models[backend] = copy.deepcopy(base)
-        names = lora.apply_lora(models[backend], r=6, alpha=12.0, backend=backend)
+        names = lora.apply_lora(models[backend], r=6, alpha=12.0, backend=backend, gemm=gemm)
         models[backend].to(DEVICE)
     with torch.no_grad():  # B = 0 at init would hide A's gradient: make both factors random
         for _, module in lora.lora_modules(models["torch"]):
@@ -262,6 +265,7 @@ def test_training_step_matches_torch_backend(mode, gemm, monkeypatch):
             loss = lm_loss(model, tokens[:, :-1], tokens[:, 1:])
         grads = torch.autograd.grad(loss, params)
         results[backend] = (loss, grads)
+    assert calls and set(calls) == {gemm}
     loss_t, grads_t = results["torch"]
     loss_k, grads_k = results["triton"]
     torch.testing.assert_close(loss_k, loss_t, rtol=1e-5, atol=1e-6)
