@@ -21,12 +21,12 @@ from fslora_min.engine import (CPU_PASS_BYTES, default_clients_per_pass, resolve
 from fslora_min.cli import build_parser, config_from_args
 from fslora_min.client import ClientConfig
 from fslora_min.federation import Federation, FederationConfig
-from fslora_min.lora import apply_lora, global_factors, lora_modules
+from fslora_min.lora import apply_lora, global_factors
 from fslora_min.methods import make_method
-from fslora_min.model import TEST_CONFIG, ModelConfig, Transformer
+from fslora_min.model import ModelConfig, Transformer
 from fslora_min.server import Server, ServerConfig
 from kernels.batched_lora import batched_lora_linear, batched_lora_linear_reference
-from tests.tiny import TINY_DATA
+from tests.tiny import TINY_DATA, tiny_lora_model
 
 DEVICES = [("cpu", torch.float64)] + ([("cuda", torch.float32)] if torch.cuda.is_available()
                                       else [])
@@ -72,13 +72,7 @@ def federation(ranks: list[int], engine: str, optimizer: str, method: str, devic
 
     `last_rows` cuts the last client's training set to that many sequences.
     """
-    torch.manual_seed(0)
-    model = Transformer(TEST_CONFIG)
-    apply_lora(model, r, alpha=2.0 * r, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():  # non-zero B so that A also gets a gradient from the first step
-        for _, layer in lora_modules(model):
-            layer.lora_B.normal_(0, 0.1, generator=torch.Generator().manual_seed(1))
-    model.to(device, dtype)
+    model = tiny_lora_model(r).to(device, dtype)
     fed = FederationConfig(num_clients=len(ranks), participants=len(ranks), rounds=2, rank=r,
                            lora_alpha=2.0 * r, engine=engine, clients_per_pass=clients_per_pass)
     client = ClientConfig(local_steps=3, lr=0.3 if optimizer == "sgd" else 0.01,

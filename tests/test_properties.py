@@ -16,7 +16,7 @@ from fslora_min.lora import CompactFactors, LoRALinear
 from fslora_min.server import Server, ServerConfig, average_padded_deltas
 from fslora_min.sketch import Sketch, sample_index_set, sample_module_sketches
 from fslora_min.validation import BadUpdate, check_update
-from tests.test_reliability import BAD, corrupt
+from tests.corruptions import BAD, corrupt
 
 
 def cases(seed: int, n: int, max_r: int = 24) -> list[tuple[int, int]]:

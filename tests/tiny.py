@@ -23,19 +23,24 @@ def tiny_experiment(out_dir: str, **federation) -> ExperimentConfig:
         client=ClientConfig(local_steps=4, lr=0.3, batch_size=4), server=ServerConfig())
 
 
-def tiny_federation(ranks: list[int], r: int, local_steps: int = 2, optimizer: str = "sgd",
-                    method=None) -> Federation:
-    """A random (unpretrained) tiny model with rank-r LoRA, B drawn non-zero so that A also gets
-    a gradient from the first step, and one client per entry of `ranks`, all taking part."""
-    seed = 0
-    torch.manual_seed(seed)
+def tiny_lora_model(r: int) -> Transformer:
+    """A random (unpretrained) tiny model with rank-r LoRA (alpha = 2r), B drawn non-zero so
+    that A also gets a gradient from the first step; the same numbers on every call."""
+    torch.manual_seed(0)
     model = Transformer(TEST_CONFIG)
-    apply_lora(model, r, alpha=2.0 * r, generator=torch.Generator().manual_seed(seed))
+    apply_lora(model, r, alpha=2.0 * r, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         for _, m in lora_modules(model):
-            m.lora_B.normal_(0, 0.1, generator=torch.Generator().manual_seed(seed + 1))
+            m.lora_B.normal_(0, 0.1, generator=torch.Generator().manual_seed(1))
+    return model
+
+
+def tiny_federation(ranks: list[int], r: int, local_steps: int = 2, optimizer: str = "sgd",
+                    method=None) -> Federation:
+    """`tiny_lora_model(r)` and one client per entry of `ranks`, all taking part."""
+    model = tiny_lora_model(r)
     fed = FederationConfig(num_clients=len(ranks), participants=len(ranks), rounds=3, rank=r,
-                           seed=seed)
+                           seed=0)
     client = ClientConfig(local_steps=local_steps, lr=0.3, optimizer=optimizer, batch_size=4)
     data = make_federated_data(TINY_DATA, len(ranks))
     return Federation(Server(model, ServerConfig()), data, ranks, fed, client, method)
