@@ -42,6 +42,7 @@ import triton
 
 from kernels import lora_linear
 from kernels.reference import lora_linear_reference
+from kernels.report import default_json, failures, load_runs
 from fslora_min.sketch import sample_sketch
 
 torch.manual_seed(SEED)
@@ -135,24 +136,20 @@ fig.tight_layout()
 # (cuBLAS with the Triton LoRA term as its C input) and `"merged"` (cuBLAS on
 # `W0 + c B[:, I] A[I]`). A run times every one it was given, and records a way that failed its
 # correctness gate as an error instead; the committed H100 run predates the option and timed the
-# pointer GEMM alone, which is what a row without per-way figures (`row["fused"]`) holds. Below:
-# each (shape, way) of the committed run and each ratio against its goal.
+# pointer GEMM alone, which is what a row without per-way figures (`row["fused"]`) holds.
+# `kernels/report.py` reads either kind of run (`python -m kernels.report` prints its tables in
+# Markdown, `--readme` writes them into `kernels/README.md`). Below: each (shape, way) of the
+# committed run and each ratio against its goal.
 
 # %%
-path = sorted((ROOT / "results" / "kernels").glob("bench_*.json"))[0]
+path = default_json()  # the one GPU run under results/kernels/
 bench = json.loads(path.read_text())
 print(f"{path.relative_to(ROOT)}: {bench['gpu']}, torch {bench['torch']}, triton {bench['triton']}, "
       f"{bench['dtype']}; measured ceilings: GEMM {bench['ceilings']['gemm_tflops']:.0f} TFLOP/s, "
       f"copy {bench['ceilings']['copy_gbps']:.0f} GB/s")
-# one record per (shape, way): the shape's baseline times joined with that way's figures
-runs = [{**row, **fused, "gemm": gemm, "ms": {**row["ms"], **fused["ms"]}}
-        for row in bench["rows"] for gemm, fused in row.get("fused", {"pointer": row}).items()
-        if "error" not in fused]
-for row in bench["rows"]:
-    for gemm, fused in row.get("fused", {}).items():
-        if "error" in fused:
-            where = f"T={row['T']} n={row['n']} m={row['m']} k={row['k']} gemm={gemm}"
-            print(f"{where}: {fused['error']}")
+runs = load_runs(bench)  # one record per (shape, way): the shape's times joined with the way's
+for line in failures(bench):
+    print(f"FAILED {line}")
 ratios = list(bench["goals"])
 print(f"\n{'T':>6} {'n':>6} {'m':>6} {'k':>3} {'gemm':>8} " + " ".join(f"{q[:22]:>22}" for q in ratios))
 for run_ in runs:

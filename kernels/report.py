@@ -1,0 +1,180 @@
+"""Tables from a `kernels.bench` JSON: `python -m kernels.report [JSON] [--readme]`.
+
+Prints, in Markdown, what kernels/README.md shows of a GPU run:
+- `goal_table`: ratios (a)-(d) per shape and way against the goals, with useful TFLOP/s;
+- `parts_table`: where the time goes, every part timed alone (base GEMMs, skinny passes, each
+  way's own GEMM in both layouts or its merge);
+- `fastest_table`: per shape, the fastest way forward+backward next to the way the byte counts
+  pick (`rule_way`: merge when T > 2 m).
+With `--readme` it rewrites the blocks between `<!-- report:NAME -->` and `<!-- /report:NAME -->`
+in kernels/README.md, so every figure there comes from the JSON; tests/test_kernel_report.py
+fails when the committed README and JSON disagree.
+
+Older runs (before the `gemm` option) hold one way's figures in the row itself: the pointer way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parents[1] / "results" / "kernels"
+README = Path(__file__).resolve().parent / "README.md"
+RATIOS = ("a_fwd_over_base", "b_fwdbwd_over_base", "c_eager_over_fused", "d_compiled_over_fused")
+
+
+def default_json() -> Path:
+    """The one GPU run under results/kernels/ (bench_cpu.json, a CPU run, holds no GPU figures)."""
+    found = sorted(p for p in RESULTS.glob("bench_*.json") if p.name != "bench_cpu.json")
+    if len(found) != 1:
+        raise ValueError(f"expected one GPU bench JSON in {RESULTS}, found "
+                         f"{[p.name for p in found]}: name one")
+    return found[0]
+
+
+def ways(row: dict) -> dict[str, dict]:
+    """{gemm: that way's figures} of one shape (errors included)."""
+    return row.get("fused", {"pointer": row})
+
+
+def load_runs(bench: dict) -> list[dict]:
+    """One record per (shape, way) that passed its gate: the shape's baseline times joined with
+    the way's own figures, and `gemm` naming the way."""
+    return [{**row, **fused, "gemm": gemm, "ms": {**row["ms"], **fused["ms"]}}
+            for row in bench["rows"] for gemm, fused in ways(row).items() if "error" not in fused]
+
+
+def failures(bench: dict) -> list[str]:
+    """One line per (shape, way) that failed to compile, launch or pass its gate."""
+    return [f"T={row['T']} n={row['n']} m={row['m']} k={row['k']} gemm={gemm}: {fused['error']}"
+            for row in bench["rows"] for gemm, fused in ways(row).items() if "error" in fused]
+
+
+def rule_way(T: int, m: int) -> str:
+    """The byte counts' choice: the merge (4 m n bytes) beats the shrink (2 T n) when T > 2 m."""
+    return "merged" if T > 2 * m else "fused step"
+
+
+def markdown(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + " ---: |" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def _ratio(value: float | None) -> str:
+    return "-" if value is None or math.isnan(value) else f"{value:.2f}"
+
+
+def _ms(times: dict, key: str) -> str:
+    return f"{times[key]:.3f}" if key in times else "-"
+
+
+def goal_table(bench: dict) -> str:
+    """Ratios (a)-(d) of every (shape, way), the goals in the last row."""
+    rows = []
+    for run in load_runs(bench):
+        rates = [f"{run[name]['tflops']:.0f} ({run[name]['share_gemm_rate']:.0%})"
+                 for name in ("fused_fwd", "fused_fwdbwd")]
+        rows.append([str(run[d]) for d in "Tnmk"] + [run["gemm"]]
+                    + [_ratio(run.get(q)) for q in RATIOS] + rates)
+    goals = [f"{op} {value}" for op, value in (bench["goals"][q] for q in RATIOS)]
+    rows.append(["goal", "", "", "", ""] + goals + ["", ""])
+    return markdown(["T", "n", "m", "k", "gemm", "(a) fwd / F.linear", "(b) fwd+bwd / base",
+                     "(c) eager / fused", "(d) compiled / fused", "fused fwd TFLOP/s",
+                     "fused fwd+bwd TFLOP/s"], rows)
+
+
+def run_summary(bench: dict) -> str:
+    """The run's device, versions and measured ceilings, and each way's error range."""
+    c = bench["ceilings"]
+    lines = [f"- {bench['gpu']}, torch {bench['torch']}, Triton {bench['triton']}, "
+             f"{bench['dtype']}, r = {bench['rows'][0]['r']}; measured in the same run: GEMM "
+             f"{c['gemm_tflops']:.0f} TFLOP/s (8192^3, random data), copy "
+             f"{c['copy_gbps']:.0f} GB/s (read + write)"]
+    runs = load_runs(bench)
+    for gemm in dict.fromkeys(run["gemm"] for run in runs):
+        errs = [run["rel_err_vs_fp32"] for run in runs if run["gemm"] == gemm]
+        spans = ", ".join(f"{name} {min(e[name] for e in errs):.1e} to "
+                          f"{max(e[name] for e in errs):.1e}" for name in errs[0])
+        lines.append(f"- `{gemm}`: relative error vs the fp32 reference {spans}")
+    lines += [f"- FAILED {line}" for line in failures(bench)]
+    return "\n".join(lines)
+
+
+PARTS = [("base_fwd", "F.linear"), ("base_fwdbwd", "F.linear fwd+bwd"), ("base_dx", "dy W0"), ("part_shrink", "shrink x"),
+         ("part_shrink_dy", "shrink dy"), ("part_grad_A", "dA"), ("part_grad_B", "dB"),
+         ("part_factor_grad", "one factor grad")]
+WAY_PARTS = [("part_fused_gemm", "GEMM fwd"), ("part_fused_gemm_dx", "GEMM dx"),
+             ("part_merge", "merge"), ("fused_fwd", "fwd"), ("fused_fwdbwd", "fwd+bwd")]
+
+
+def parts_table(bench: dict) -> str:
+    """Milliseconds of every part timed alone, per shape and way (- where a run did not time it)."""
+    runs = load_runs(bench)
+    shared = [(key, label) for key, label in PARTS if any(key in r["ms"] for r in runs)]
+    own = [(key, label) for key, label in WAY_PARTS if any(key in r["ms"] for r in runs)]
+    rows = [[str(run[d]) for d in "Tnmk"] + [run["gemm"]]
+            + [_ms(run["ms"], key) for key, _ in shared + own] for run in runs]
+    return markdown(["T", "n", "m", "k", "gemm"] + [label for _, label in shared + own], rows)
+
+
+def fastest_table(bench: dict) -> str:
+    """Per shape: the fastest way forward+backward, its time, the others', and the count rule's
+    pick."""
+    rows = []
+    for row in bench["rows"]:
+        timed = {gemm: f["ms"]["fused_fwdbwd"] for gemm, f in ways(row).items() if "error" not in f}
+        if not timed:
+            continue
+        best = min(timed, key=timed.get)
+        others = ", ".join(f"{g} {t / timed[best]:.2f}x" for g, t in timed.items() if g != best)
+        rows.append([str(row[d]) for d in "Tnmk"]
+                    + [best, f"{timed[best]:.3f}", others or "(the only way timed)",
+                       rule_way(row["T"], row["m"])])
+    return markdown(["T", "n", "m", "k", "fastest fwd+bwd", "ms", "others (times the fastest)",
+                     "count rule"], rows)
+
+
+TABLES = {"run": run_summary, "goals": goal_table, "parts": parts_table, "fastest": fastest_table}
+
+
+def block(name: str) -> re.Pattern:
+    return re.compile(rf"(<!-- report:{name} -->\n)(.*?)(<!-- /report:{name} -->)", re.S)
+
+
+def readme_blocks(text: str) -> dict[str, str]:
+    """{table name: the text between its markers} of a README."""
+    return {name: m.group(2).removesuffix("\n") for name in TABLES
+            if (m := block(name).search(text))}
+
+
+def update_readme(text: str, bench: dict) -> str:
+    """`text` with every marked block replaced by its table from `bench`; raises if one is missing."""
+    for name, table in TABLES.items():
+        if not block(name).search(text):
+            raise ValueError(f"no <!-- report:{name} --> block to fill")
+        text = block(name).sub(lambda m: m.group(1) + table(bench) + "\n" + m.group(3), text)
+    return text
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("json", type=Path, nargs="?", default=None,
+                        help="a kernels.bench result (default: the one GPU run in results/kernels)")
+    parser.add_argument("--readme", action="store_true",
+                        help=f"rewrite the marked tables of {README.name} instead of printing")
+    args = parser.parse_args()
+    path = args.json or default_json()
+    bench = json.loads(path.read_text())
+    if args.readme:
+        README.write_text(update_readme(README.read_text(), bench))
+        print(f"rewrote the tables of {README} from {path}")
+        return
+    for name, table in TABLES.items():
+        print(f"\n{name}:\n{table(bench)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,105 @@
+"""kernels/report.py: the tables drawn from a bench JSON, and kernels/README.md's agreement with
+the committed GPU run."""
+
+import json
+import random
+
+import pytest
+import torch
+
+from kernels import bench, report
+from kernels.lora_linear import GEMMS
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def cells(table: str) -> list[list[str]]:
+    """The body rows of a Markdown table, split into stripped cells."""
+    return [[c.strip() for c in line.strip("|").split("|")] for line in table.splitlines()[2:]]
+
+
+@pytest.fixture(scope="module")
+def fake_run():
+    """A bench result made by the bench's own code at two tiny shapes (one with T > 2 m), with
+    random times in place of do_bench and the cublas way broken so that its gate fails."""
+    rng = random.Random()
+    pointer = GEMMS["pointer"]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(bench, "median_ms", lambda fn, grad_to_none=None: rng.uniform(0.1, 2.0))
+        mp.setitem(GEMMS, "cublas", lambda *args: 1.1 * pointer(*args))
+        ceilings = {"gemm_tflops": rng.uniform(1, 9), "copy_gbps": rng.uniform(1, 9)}
+        rows = [bench.bench_case(T, 32, m, 8, ceilings, None, ["pointer", "cublas", "merged"],
+                                 device=DEVICE) for T, m in ((24, 48), (112, 40))]
+    return {"gpu": "a test GPU", "torch": torch.__version__, "triton": "x", "dtype": "bfloat16",
+            "ceilings": ceilings, "goals": bench.GOALS, "rows": rows}
+
+
+def test_goal_table_holds_every_passing_way_with_its_ratios(fake_run):
+    table = cells(report.goal_table(fake_run))
+    assert table[-1][5:9] == [f"{op} {v}" for op, v in bench.GOALS.values()]
+    body = {(int(r[0]), int(r[2]), r[4]): r for r in table[:-1]}
+    assert set(body) == {(T, m, g) for T, m in ((24, 48), (112, 40)) for g in ("pointer", "merged")}
+    for row in fake_run["rows"]:
+        for gemm in ("pointer", "merged"):
+            ms = row["fused"][gemm]["ms"]
+            a = ms["fused_fwd"] / row["ms"]["base_fwd"]
+            b = ms["fused_fwdbwd"] / row["ms"]["base_fwdbwd"]
+            c = row["ms"]["eager_fwdbwd"] / ms["fused_fwdbwd"]
+            assert body[row["T"], row["m"], gemm][5:9] == [f"{a:.2f}", f"{b:.2f}", f"{c:.2f}", "-"]
+
+
+def test_fastest_table_picks_the_least_time_and_states_the_count_rule(fake_run):
+    table = cells(report.fastest_table(fake_run))
+    for row, line in zip(fake_run["rows"], table):
+        times = {g: f["ms"]["fused_fwdbwd"] for g, f in row["fused"].items() if "error" not in f}
+        best = min(times, key=times.get)
+        assert line[4:6] == [best, f"{times[best]:.3f}"]
+        assert "cublas" not in line[6]
+        assert line[7] == ("merged" if row["T"] > 2 * row["m"] else "fused step")
+
+
+def test_failed_ways_are_named_and_left_out_of_the_tables(fake_run):
+    lines = report.failures(fake_run)
+    assert len(lines) == 2 and all("gemm=cublas: GateFailed" in line for line in lines)
+    assert "FAILED T=24 n=32 m=48 k=8 gemm=cublas" in report.run_summary(fake_run)
+    assert {run["gemm"] for run in report.load_runs(fake_run)} == {"pointer", "merged"}
+
+
+def test_parts_table_has_every_shared_part_and_each_ways_own(fake_run):
+    table = report.parts_table(fake_run)
+    header = [c.strip() for c in table.splitlines()[0].strip("|").split("|")]
+    rows = [dict(zip(header, r)) for r in cells(table)]
+    assert len(rows) == 4 and "one factor grad" not in header  # an old run's part, absent here
+    for row in rows:
+        assert all(row[label] != "-" for key, label in report.PARTS if label in header)
+        own, other = (("merge", "GEMM fwd") if row["gemm"] == "merged" else ("GEMM fwd", "merge"))
+        assert row[own] != "-" and row[other] == "-"
+
+
+def test_readme_blocks_are_rewritten_in_place_and_a_missing_one_is_named(fake_run):
+    text = "intro\n" + "".join(f"<!-- report:{n} -->\nold\n<!-- /report:{n} -->\nmid\n"
+                               for n in report.TABLES)
+    new = report.update_readme(text, fake_run)
+    assert report.readme_blocks(new) == {n: t(fake_run) for n, t in report.TABLES.items()}
+    assert new.startswith("intro\n") and new.count("mid\n") == len(report.TABLES)
+    with pytest.raises(ValueError, match="report:fastest"):
+        report.update_readme(text.replace("report:fastest", "report:other"), fake_run)
+
+
+def test_default_json_needs_exactly_one_gpu_run(tmp_path, monkeypatch):
+    monkeypatch.setattr(report, "RESULTS", tmp_path)
+    (tmp_path / "bench_cpu.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"found \[\]"):
+        report.default_json()
+    for name in ("bench_A.json", "bench_B.json"):
+        (tmp_path / name).write_text("{}")
+    with pytest.raises(ValueError, match="bench_A.json"):
+        report.default_json()
+
+
+def test_kernels_readme_shows_the_committed_gpu_run():
+    """Every figure in kernels/README.md's measured blocks is the committed JSON's."""
+    committed = json.loads(report.default_json().read_text())
+    blocks = report.readme_blocks(report.README.read_text())
+    assert blocks == {name: table(committed) for name, table in report.TABLES.items()}, (
+        "kernels/README.md differs from the bench JSON: run `python -m kernels.report --readme`")
