@@ -1,14 +1,16 @@
 """Tables from a `kernels.bench` JSON: `python -m kernels.report [JSON] [--readme]`.
 
 Prints, in Markdown, what kernels/README.md shows of a GPU run:
+- `goal_ranges`: per way, each ratio's range over the shapes against its goal (also in the
+  project's README.md);
 - `goal_table`: ratios (a)-(d) per shape and way against the goals, with useful TFLOP/s;
 - `parts_table`: where the time goes, every part timed alone (base GEMMs, skinny passes, each
   way's own GEMM in both layouts or its merge);
 - `fastest_table`: per shape, the fastest way forward+backward next to the way the byte counts
   pick (`rule_way`: merge when T > 2 m).
 With `--readme` it rewrites the blocks between `<!-- report:NAME -->` and `<!-- /report:NAME -->`
-in kernels/README.md, so every figure there comes from the JSON; tests/test_kernel_report.py
-fails when the committed README and JSON disagree.
+in kernels/README.md and README.md, so every figure there comes from the JSON;
+tests/test_kernel_report.py fails when a committed README and the JSON disagree.
 
 Older runs (before the `gemm` option) hold one way's figures in the row itself: the pointer way.
 """
@@ -21,8 +23,8 @@ import math
 import re
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parents[1] / "results" / "kernels"
-README = Path(__file__).resolve().parent / "README.md"
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "results" / "kernels"
 RATIOS = ("a_fwd_over_base", "b_fwdbwd_over_base", "c_eager_over_fused", "d_compiled_over_fused")
 
 
@@ -69,6 +71,23 @@ def _ratio(value: float | None) -> str:
 
 def _ms(times: dict, key: str) -> str:
     return f"{times[key]:.3f}" if key in times else "-"
+
+
+def goal_ranges(bench: dict) -> str:
+    """Per way: each ratio's range over the shapes, and at how many of them its goal is met."""
+    runs, lines = load_runs(bench), []
+    for gemm in dict.fromkeys(run["gemm"] for run in runs):
+        spans = []
+        for q, label in zip(RATIOS, "abcd"):
+            values = [run[q] for run in runs if run["gemm"] == gemm and q in run]
+            if not values:
+                continue
+            op, goal = bench["goals"][q]
+            met = sum(v <= goal if op == "<=" else v >= goal for v in values)
+            spans.append(f"({label}) {min(values):.2f}-{max(values):.2f} (goal {op} {goal}, "
+                         f"met at {met} of {len(values)})")
+        lines.append(f"- `{gemm}`: " + "; ".join(spans))
+    return "\n".join(lines)
 
 
 def goal_table(bench: dict) -> str:
@@ -137,11 +156,15 @@ def fastest_table(bench: dict) -> str:
                      "count rule"], rows)
 
 
-TABLES = {"run": run_summary, "goals": goal_table, "parts": parts_table, "fastest": fastest_table}
+TABLES = {"run": run_summary, "ranges": goal_ranges, "goals": goal_table, "parts": parts_table, "fastest": fastest_table}
 
 
 def block(name: str) -> re.Pattern:
     return re.compile(rf"(<!-- report:{name} -->\n)(.*?)(<!-- /report:{name} -->)", re.S)
+
+
+# the READMEs that show the run, and the blocks each must have
+READMES = {ROOT / "kernels" / "README.md": tuple(TABLES), ROOT / "README.md": ("ranges",)}
 
 
 def readme_blocks(text: str) -> dict[str, str]:
@@ -150,11 +173,14 @@ def readme_blocks(text: str) -> dict[str, str]:
             if (m := block(name).search(text))}
 
 
-def update_readme(text: str, bench: dict) -> str:
-    """`text` with every marked block replaced by its table from `bench`; raises if one is missing."""
+def update_readme(text: str, bench: dict, required: tuple[str, ...] = tuple(TABLES)) -> str:
+    """`text` with every marked block replaced by its table from `bench`; raises if one of
+    `required` is missing."""
     for name, table in TABLES.items():
         if not block(name).search(text):
-            raise ValueError(f"no <!-- report:{name} --> block to fill")
+            if name in required:
+                raise ValueError(f"no <!-- report:{name} --> block to fill")
+            continue
         text = block(name).sub(lambda m: m.group(1) + table(bench) + "\n" + m.group(3), text)
     return text
 
@@ -164,13 +190,15 @@ def main() -> None:
     parser.add_argument("json", type=Path, nargs="?", default=None,
                         help="a kernels.bench result (default: the one GPU run in results/kernels)")
     parser.add_argument("--readme", action="store_true",
-                        help=f"rewrite the marked tables of {README.name} instead of printing")
+                        help="rewrite the marked tables of kernels/README.md and README.md "
+                             "instead of printing")
     args = parser.parse_args()
     path = args.json or default_json()
     bench = json.loads(path.read_text())
     if args.readme:
-        README.write_text(update_readme(README.read_text(), bench))
-        print(f"rewrote the tables of {README} from {path}")
+        for readme, required in READMES.items():
+            readme.write_text(update_readme(readme.read_text(), bench, required))
+            print(f"rewrote the tables of {readme} from {path}")
         return
     for name, table in TABLES.items():
         print(f"\n{name}:\n{table(bench)}")

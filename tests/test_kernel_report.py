@@ -82,8 +82,11 @@ def test_readme_blocks_are_rewritten_in_place_and_a_missing_one_is_named(fake_ru
     new = report.update_readme(text, fake_run)
     assert report.readme_blocks(new) == {n: t(fake_run) for n, t in report.TABLES.items()}
     assert new.startswith("intro\n") and new.count("mid\n") == len(report.TABLES)
+    without = text.replace("report:fastest", "report:other")
     with pytest.raises(ValueError, match="report:fastest"):
-        report.update_readme(text.replace("report:fastest", "report:other"), fake_run)
+        report.update_readme(without, fake_run)
+    partial = report.update_readme(without, fake_run, required=("ranges",))
+    assert set(report.readme_blocks(partial)) == set(report.TABLES) - {"fastest"}
 
 
 def test_default_json_needs_exactly_one_gpu_run(tmp_path, monkeypatch):
@@ -97,9 +100,11 @@ def test_default_json_needs_exactly_one_gpu_run(tmp_path, monkeypatch):
         report.default_json()
 
 
-def test_kernels_readme_shows_the_committed_gpu_run():
-    """Every figure in kernels/README.md's measured blocks is the committed JSON's."""
+@pytest.mark.parametrize("readme", list(report.READMES), ids=lambda p: str(p.relative_to(report.ROOT)))
+def test_readmes_show_the_committed_gpu_run(readme):
+    """Every figure in a README's report blocks is the committed JSON's."""
     committed = json.loads(report.default_json().read_text())
-    blocks = report.readme_blocks(report.README.read_text())
-    assert blocks == {name: table(committed) for name, table in report.TABLES.items()}, (
-        "kernels/README.md differs from the bench JSON: run `python -m kernels.report --readme`")
+    blocks = report.readme_blocks(readme.read_text())
+    assert set(report.READMES[readme]) <= set(blocks)
+    assert blocks == {name: report.TABLES[name](committed) for name in blocks}, (
+        f"{readme} differs from the bench JSON: run `python -m kernels.report --readme`")
