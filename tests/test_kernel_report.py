@@ -108,3 +108,14 @@ def test_readmes_show_the_committed_gpu_run(readme):
     assert set(report.READMES[readme]) <= set(blocks)
     assert blocks == {name: report.TABLES[name](committed) for name in blocks}, (
         f"{readme} differs from the bench JSON: run `python -m kernels.report --readme`")
+
+
+def test_goal_ranges_give_each_ways_span_and_how_often_each_goal_is_met(fake_run):
+    lines = report.goal_ranges(fake_run).splitlines()
+    assert [line.split("`")[1] for line in lines] == ["pointer", "merged"]
+    for line, gemm in zip(lines, ("pointer", "merged")):
+        values = [row["fused"][gemm]["b_fwdbwd_over_base"] for row in fake_run["rows"]]
+        met = sum(v <= 1.15 for v in values)
+        assert (f"(b) {min(values):.2f}-{max(values):.2f} (goal <= 1.15, met at {met} of 2)"
+                in line)
+        assert "(d)" not in line  # no compiled baseline in this run
