@@ -1,5 +1,8 @@
 """Command line: `python -m fslora_min` runs the demo; `python -m fslora_min run --help` lists
-every knob; `python -m fslora_min compare [--quick]` compares every method (fslora_min/compare.py). Every value is validated (by argparse types or the config dataclasses, whose errors name the value), and so are the output folder and the checkpoint to resume from, all before any training."""
+every knob; `python -m fslora_min compare [--quick]` compares every method
+(fslora_min/compare.py). Every value is validated (by argparse types or the config dataclasses,
+whose errors name the value), and so are the output folder and the checkpoint to resume from,
+all before any training."""
 
 from __future__ import annotations
 
@@ -194,14 +197,14 @@ def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
 def print_summary(cfg: ExperimentConfig, history, info: dict) -> None:
     last = history.rounds[-1]
     ranks = info["client_ranks"]
+    up = [b for r in history.rounds for b in r.bytes_up]
     rows = [("device", info["device"]), ("seed", cfg.federation.seed),
             ("method", cfg.method), ("global rank r", cfg.federation.rank),
             ("client ranks k_i", " ".join(map(str, ranks))),
             ("global LoRA parameters", info["global_lora_parameters"]),
             ("client trainable params", f"{min(info['client_trainable_parameters'])} .. "
                                         f"{max(info['client_trainable_parameters'])}"),
-            ("KiB up per client-round", f"{min(min(r.bytes_up) for r in history.rounds) / 1024:.1f}"
-                                        f" .. {max(max(r.bytes_up) for r in history.rounds) / 1024:.1f}"),
+            ("KiB up per client-round", f"{min(up) / 1024:.1f} .. {max(up) / 1024:.1f}"),
             ("held-out loss", f"{history.initial_loss:.4f} -> {last.heldout_loss:.4f}"),
             ("held-out accuracy", f"{history.initial_acc:.4f} -> {last.heldout_acc:.4f}"),
             ("mean client held-out loss",

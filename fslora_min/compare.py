@@ -293,8 +293,8 @@ def ablations(cfg: CompareConfig, base: ExperimentConfig,
                          for c in cfg.rank_multiples])
         sections.append(("global_rank", f"Global rank r, every client k_i = {k}", rows, None))
     if "sketch_ratio" in cfg.tables:
-        rows = rows_for([(f"k/r={ratio:g}",
-                          replace(base, budgets=[max(1, round(ratio * cfg.rank))] * cfg.num_clients))
+        rows = rows_for([(f"k/r={ratio:g}", replace(
+                             base, budgets=[max(1, round(ratio * cfg.rank))] * cfg.num_clients))
                          for ratio in cfg.ratio_sweep])
         sections.append(("sketch_ratio", f"Sketching ratio k/r (every client the same), "
                                          f"r = {cfg.rank}", rows, None))

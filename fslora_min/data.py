@@ -69,7 +69,7 @@ def make_topic_tables(n_topics: int, vocab: int, successors: int, noise: float,
 
 def shift_topic_tables(tables: torch.Tensor, shift: float, successors: int, noise: float,
                        generator: torch.Generator) -> torch.Tensor:
-    """Copies of `tables` whose rows are redrawn with probability `shift`: the fine-tuning topics."""
+    """Copies of `tables` whose rows are redrawn with probability `shift` (fine-tuning topics)."""
     n_topics, vocab, _ = tables.shape
     fresh = make_topic_tables(n_topics, vocab, successors, noise, generator)
     redraw = torch.rand(n_topics, vocab, 1, generator=generator) < shift  # (topics, V, 1)

@@ -56,7 +56,7 @@ class FederationConfig:
     eval_every: int = 1  # rounds between global held-out evaluations (the last is always done)
     dropout: float = 0.0  # probability that a participant fails mid-round (never uploads)
     engine: str = "auto"  # "sequential", "batched" or "auto" (the faster one on the device)
-    clients_per_pass: int = 0  # batched engine: clients per pass (0: engine.default_clients_per_pass)
+    clients_per_pass: int = 0  # batched engine: clients per pass (0: default_clients_per_pass)
     lora_backend: str = "auto"  # LoRA kernel, kernels/dispatch.py: "auto", "torch" or "triton"
     lora_gemm: str = "pointer"  # the Triton path's base GEMM (kernels/README.md: four ways)
 
@@ -235,7 +235,8 @@ class Federation:
 
     def aggregate(self, updates: list[ClientUpdate], clients: list[int],
                   downlinks: list[Downlink]) -> list[tuple[int, str]]:
-        """Screen the uploads, aggregate the valid ones (if any); return (client, reason) refused."""
+        """Screen the uploads, aggregate the valid ones (if any); return the refused as
+        (client, reason)."""
         good, rejected = screen_updates(updates, clients, downlinks, self.server.rank)
         for client, reason in rejected:
             log.warning("rejected the update of client %d: %s", client, reason)

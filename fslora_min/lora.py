@@ -80,7 +80,8 @@ class LoRALinear(nn.Module):
         A = torch.empty(r, n, dtype=base.weight.dtype)
         nn.init.kaiming_uniform_(A, a=math.sqrt(5), generator=generator)
         self.lora_A = nn.Parameter(A.to(base.weight.device))  # (r, n)
-        self.lora_B = nn.Parameter(torch.zeros(m, r, dtype=A.dtype, device=base.weight.device))  # (m, r)
+        self.lora_B = nn.Parameter(torch.zeros(m, r, dtype=A.dtype,
+                                               device=base.weight.device))  # (m, r)
         self.r, self.alpha, self.rslora = r, alpha, rslora
         self.scaling = lora_scale(alpha, r, rslora)  # s
         self.backend, self.gemm = backend, gemm
@@ -225,7 +226,8 @@ def sketched(model: nn.Module, sketches: dict[str, Sketch]) -> AbstractContextMa
     return _mode(model, "sketch", sketches, check)
 
 
-def compact_factors(model: nn.Module, factors: dict[str, CompactFactors]) -> AbstractContextManager[None]:
+def compact_factors(model: nn.Module,
+                    factors: dict[str, CompactFactors]) -> AbstractContextManager[None]:
     """Run the model's LoRA layers on client-owned compact factors: W0 + s (r/k) b a."""
     def check(name: str, layer: LoRALinear, f: CompactFactors) -> None:
         k = f.sketch.k
@@ -236,7 +238,8 @@ def compact_factors(model: nn.Module, factors: dict[str, CompactFactors]) -> Abs
     return _mode(model, "compact", factors, check)
 
 
-def batched_compact_factors(model: nn.Module, factors: dict[str, BatchedFactors]) -> AbstractContextManager[None]:
+def batched_compact_factors(model: nn.Module,
+                            factors: dict[str, BatchedFactors]) -> AbstractContextManager[None]:
     """Run the model's LoRA layers on P clients' padded factors at once (the batched mode).
 
     The model's input must then hold the P clients' sequences in client order, equally many each.

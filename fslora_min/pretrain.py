@@ -59,7 +59,8 @@ def pretrain(model_cfg: ModelConfig, data_cfg: DataConfig, cfg: PretrainConfig,
 
 
 def load_or_pretrain(model_cfg: ModelConfig, data_cfg: DataConfig, cfg: PretrainConfig,
-                     cache_dir: Path | None = None, progress: bool = True) -> tuple[Transformer, Path]:
+                     cache_dir: Path | None = None,
+                     progress: bool = True) -> tuple[Transformer, Path]:
     """The cached base model for these configs, pretraining (and caching) it if absent."""
     key = json.dumps([asdict(model_cfg), asdict(data_cfg), asdict(cfg)], sort_keys=True)
     cache_dir = Path(cache_dir or default_cache_dir())

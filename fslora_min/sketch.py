@@ -49,8 +49,8 @@ class Sketch:
             raise ValueError(f"sketch index has repeated entries: {self.index.tolist()}")
         if isinstance(self.weight, torch.Tensor):
             if self.weight.shape != self.index.shape:
-                raise ValueError(f"per-index sketch weights must have shape {tuple(self.index.shape)}"
-                                 f", got {tuple(self.weight.shape)}")
+                raise ValueError(f"per-index sketch weights must have shape "
+                                 f"{tuple(self.index.shape)}, got {tuple(self.weight.shape)}")
             if not bool(torch.isfinite(self.weight).all() and (self.weight > 0).all()):
                 raise ValueError(f"sketch weights must be positive and finite, "
                                  f"got {self.weight.tolist()}")

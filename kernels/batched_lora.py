@@ -13,9 +13,9 @@ small ones); the low-rank terms differ per client, so they run as two batched ma
 (K - k_p) / K of a term that is already small next to the base.
 
 Why the padding is inert: c_p is 0 at a padded rank j, so j contributes nothing to y_p, and
-its gradients dL/db_p[:, j] = (dy_p^T x_p a_p[j]^T) c_pj and dL/da_p[j] = c_pj (dy_p b_p[:, j])^T x_p
-are exactly 0: a padded rank can never move under SGD or AdamW (whose step is 0 for a zero
-gradient and zero state).
+its gradients dL/db_p[:, j] = (dy_p^T x_p a_p[j]^T) c_pj and
+dL/da_p[j] = c_pj (dy_p b_p[:, j])^T x_p are exactly 0: a padded rank can never move under SGD
+or AdamW (whose step is 0 for a zero gradient and zero state).
 
 `batched_lora_linear_reference` runs the same thing one client at a time through the plain
 single-client reference (kernels/reference.py); tests/test_engine.py compares the two.

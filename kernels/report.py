@@ -122,9 +122,9 @@ def run_summary(bench: dict) -> str:
     return "\n".join(lines)
 
 
-PARTS = [("base_fwd", "F.linear"), ("base_fwdbwd", "F.linear fwd+bwd"), ("base_dx", "dy W0"), ("part_shrink", "shrink x"),
-         ("part_shrink_dy", "shrink dy"), ("part_grad_A", "dA"), ("part_grad_B", "dB"),
-         ("part_factor_grad", "one factor grad")]
+PARTS = [("base_fwd", "F.linear"), ("base_fwdbwd", "F.linear fwd+bwd"), ("base_dx", "dy W0"),
+         ("part_shrink", "shrink x"), ("part_shrink_dy", "shrink dy"), ("part_grad_A", "dA"),
+         ("part_grad_B", "dB"), ("part_factor_grad", "one factor grad")]
 WAY_PARTS = [("part_fused_gemm", "GEMM fwd"), ("part_fused_gemm_dx", "GEMM dx"),
              ("part_merge", "merge"), ("fused_fwd", "fwd"), ("fused_fwdbwd", "fwd+bwd")]
 
@@ -156,7 +156,8 @@ def fastest_table(bench: dict) -> str:
                      "count rule"], rows)
 
 
-TABLES = {"run": run_summary, "ranges": goal_ranges, "goals": goal_table, "parts": parts_table, "fastest": fastest_table}
+TABLES = {"run": run_summary, "ranges": goal_ranges, "goals": goal_table, "parts": parts_table,
+          "fastest": fastest_table}
 
 
 def block(name: str) -> re.Pattern:

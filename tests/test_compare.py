@@ -6,7 +6,8 @@ import json
 import pytest
 
 from fslora_min.cli import main
-from fslora_min.compare import MAIN_METHODS, CompareConfig, flops_per_local_step, module_shapes, task
+from fslora_min.compare import (MAIN_METHODS, CompareConfig, flops_per_local_step, module_shapes,
+                                task)
 from fslora_min.profiles import (DEFAULT_PROFILES, DeviceProfile, budgets_from_profiles,
                                  memory_bytes, rank_budget, upload_bytes)
 

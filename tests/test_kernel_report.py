@@ -100,7 +100,8 @@ def test_default_json_needs_exactly_one_gpu_run(tmp_path, monkeypatch):
         report.default_json()
 
 
-@pytest.mark.parametrize("readme", list(report.READMES), ids=lambda p: str(p.relative_to(report.ROOT)))
+@pytest.mark.parametrize("readme", list(report.READMES),
+                         ids=lambda p: str(p.relative_to(report.ROOT)))
 def test_readmes_show_the_committed_gpu_run(readme):
     """Every figure in a README's report blocks is the committed JSON's."""
     committed = json.loads(report.default_json().read_text())

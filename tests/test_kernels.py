@@ -213,7 +213,8 @@ def test_cpu_routing():
     """'auto' on CPU is the reference; 'triton' on CPU without the interpreter says why not."""
     code = ("import os; os.environ['TRITON_INTERPRET'] = '0'\n"
             "import torch; from kernels import lora_linear\n"
-            "x, w, B, A = torch.randn(3, 4), torch.randn(5, 4), torch.randn(5, 2), torch.randn(2, 4)\n"
+            "x, w = torch.randn(3, 4), torch.randn(5, 4)\n"
+            "B, A = torch.randn(5, 2), torch.randn(2, 4)\n"
             "lora_linear(x, w, None, B, A, None, 1.0, backend='auto')\n"
             "try:\n    lora_linear(x, w, None, B, A, None, 1.0, backend='triton')\n"
             "except RuntimeError as e:\n    print('RAISED', e)\n")

@@ -45,7 +45,7 @@ def test_forward_and_gradients_match_dense_float64(rslora, k):
             y = layer(x)
     expected_scale = 3.0 / r ** 0.5 if rslora else 3.0 / r
     assert layer.scaling == pytest.approx(expected_scale)
-    B, A = layer.lora_B.detach().clone().requires_grad_(), layer.lora_A.detach().clone().requires_grad_()
+    B, A = (p.detach().clone().requires_grad_() for p in (layer.lora_B, layer.lora_A))
     x2 = x.detach().clone().requires_grad_()
     S = torch.diag(sketch.diagonal()) if sketch else torch.eye(r, dtype=torch.float64)
     y_ref = x2 @ (layer.weight + layer.scaling * B @ S @ A).T + layer.bias

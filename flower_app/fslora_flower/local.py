@@ -4,8 +4,8 @@
 
 starts `flower-superlink` and one `flower-supernode` per client (`--clients`) as subprocesses,
 each with its own port and `client-id`, submits this app with `flwr run`, prints its log when
-it ends, and stops every process it started, also on failure or Ctrl-C. Across machines the same three commands run on
-their own hosts (flower_app/README.md). tests/test_flower.py uses `LocalDeployment`.
+it ends, and stops every process it started, also on failure or Ctrl-C. Across machines the
+same three commands run on their own hosts (flower_app/README.md). tests/test_flower.py uses `LocalDeployment`.
 """
 
 from __future__ import annotations
