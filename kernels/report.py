@@ -9,8 +9,9 @@ Prints, in Markdown, what kernels/README.md shows of a GPU run:
 - `fastest_table`: per shape, the fastest way forward+backward next to the way the byte counts
   pick (`rule_way`: merge when T > 2 m).
 With `--readme` it rewrites the blocks between `<!-- report:NAME -->` and `<!-- /report:NAME -->`
-in kernels/README.md and README.md, so every figure there comes from the JSON;
-tests/test_kernel_report.py fails when a committed README and the JSON disagree.
+in kernels/README.md and README.md, and their `<!-- report:source PATH -->` marker, so every
+figure there comes from the JSON named; tests/test_kernel_report.py fails when a committed
+README and that JSON disagree.
 
 Older runs (before the `gemm` option) hold one way's figures in the row itself: the pointer way.
 """
@@ -168,15 +169,31 @@ def block(name: str) -> re.Pattern:
 READMES = {ROOT / "kernels" / "README.md": tuple(TABLES), ROOT / "README.md": ("ranges",)}
 
 
+SOURCE = re.compile(r"<!-- report:source (\S*) -->")  # the JSON a README's blocks come from
+
+
+def readme_source(text: str) -> Path:
+    """The bench JSON named by a README's source marker; ValueError if it names none."""
+    m = SOURCE.search(text)
+    if m is None or not m.group(1):
+        raise ValueError("no <!-- report:source PATH --> marker naming the bench JSON")
+    return ROOT / m.group(1)
+
+
 def readme_blocks(text: str) -> dict[str, str]:
     """{table name: the text between its markers} of a README."""
     return {name: m.group(2).removesuffix("\n") for name in TABLES
             if (m := block(name).search(text))}
 
 
-def update_readme(text: str, bench: dict, required: tuple[str, ...] = tuple(TABLES)) -> str:
-    """`text` with every marked block replaced by its table from `bench`; raises if one of
-    `required` is missing."""
+def update_readme(text: str, bench: dict, source: str,
+                  required: tuple[str, ...] = tuple(TABLES)) -> str:
+    """`text` with every marked block replaced by its table from `bench` and the source marker
+    naming `source` (a path under the repository); raises if the marker or one of `required` is
+    missing."""
+    if not SOURCE.search(text):
+        raise ValueError("no <!-- report:source PATH --> marker to fill")
+    text = SOURCE.sub(f"<!-- report:source {source} -->", text)
     for name, table in TABLES.items():
         if not block(name).search(text):
             if name in required:
@@ -194,11 +211,12 @@ def main() -> None:
                         help="rewrite the marked tables of kernels/README.md and README.md "
                              "instead of printing")
     args = parser.parse_args()
-    path = args.json or default_json()
+    path = (args.json or default_json()).resolve()
     bench = json.loads(path.read_text())
     if args.readme:
         for readme, required in READMES.items():
-            readme.write_text(update_readme(readme.read_text(), bench, required))
+            text = update_readme(readme.read_text(), bench, str(path.relative_to(ROOT)), required)
+            readme.write_text(text)
             print(f"rewrote the tables of {readme} from {path}")
         return
     for name, table in TABLES.items():

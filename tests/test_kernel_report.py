@@ -77,16 +77,20 @@ def test_parts_table_has_every_shared_part_and_each_ways_own(fake_run):
 
 
 def test_readme_blocks_are_rewritten_in_place_and_a_missing_one_is_named(fake_run):
-    text = "intro\n" + "".join(f"<!-- report:{n} -->\nold\n<!-- /report:{n} -->\nmid\n"
-                               for n in report.TABLES)
-    new = report.update_readme(text, fake_run)
+    text = "intro <!-- report:source old.json -->\n" + "".join(
+        f"<!-- report:{n} -->\nold\n<!-- /report:{n} -->\nmid\n" for n in report.TABLES)
+    new = report.update_readme(text, fake_run, "results/new.json")
     assert report.readme_blocks(new) == {n: t(fake_run) for n, t in report.TABLES.items()}
-    assert new.startswith("intro\n") and new.count("mid\n") == len(report.TABLES)
+    assert report.readme_source(new) == report.ROOT / "results/new.json"
+    assert new.startswith("intro <!-- report:source results/new.json -->\n")
+    assert new.count("mid\n") == len(report.TABLES)
     without = text.replace("report:fastest", "report:other")
     with pytest.raises(ValueError, match="report:fastest"):
-        report.update_readme(without, fake_run)
-    partial = report.update_readme(without, fake_run, required=("ranges",))
+        report.update_readme(without, fake_run, "x.json")
+    partial = report.update_readme(without, fake_run, "x.json", required=("ranges",))
     assert set(report.readme_blocks(partial)) == set(report.TABLES) - {"fastest"}
+    with pytest.raises(ValueError, match="report:source PATH"):
+        report.update_readme(text.replace("report:source", "source"), fake_run, "x.json")
 
 
 def test_default_json_needs_exactly_one_gpu_run(tmp_path, monkeypatch):
@@ -103,9 +107,10 @@ def test_default_json_needs_exactly_one_gpu_run(tmp_path, monkeypatch):
 @pytest.mark.parametrize("readme", list(report.READMES),
                          ids=lambda p: str(p.relative_to(report.ROOT)))
 def test_readmes_show_the_committed_gpu_run(readme):
-    """Every figure in a README's report blocks is the committed JSON's."""
-    committed = json.loads(report.default_json().read_text())
-    blocks = report.readme_blocks(readme.read_text())
+    """Every figure in a README's report blocks is that of the committed JSON it names."""
+    text = readme.read_text()
+    committed = json.loads(report.readme_source(text).read_text())
+    blocks = report.readme_blocks(text)
     assert set(report.READMES[readme]) <= set(blocks)
     assert blocks == {name: report.TABLES[name](committed) for name in blocks}, (
         f"{readme} differs from the bench JSON: run `python -m kernels.report --readme`")
