@@ -34,6 +34,7 @@ from kernels.dispatch import lora_linear
 from kernels.lora_linear import GEMM_CHOICES, GEMMS, merged_weight
 from kernels.matmul import skinny_matmul
 from kernels.reference import lora_linear_reference
+from kernels.report import goal_ranges
 
 R = 64  # global rank
 GOALS = {"a_fwd_over_base": ("<=", 1.12), "b_fwdbwd_over_base": ("<=", 1.15),
@@ -255,16 +256,8 @@ def main() -> None:
         torch.cuda.empty_cache()
     failed = sorted({gemm for row in result["rows"] for gemm, f in row["fused"].items()
                      if "error" in f})
-    for gemm in args.gemm:
-        for key, (op, goal) in GOALS.items():
-            values = [row["fused"][gemm][key] for row in result["rows"]
-                      if key in row["fused"][gemm]]
-            if values:
-                worst = max(values) if op == "<=" else min(values)
-                met = worst <= goal if op == "<=" else worst >= goal
-                print(f"gemm={gemm} {key}: worst {worst:.3f}, goal {op} {goal}: "
-                      f"{'met' if met else 'MISSED'}")
-    print(f"wrote {path}")
+    print(goal_ranges(result))
+    print(f"wrote {path}; `python -m kernels.report {path}` prints its tables")
     if failed:
         raise SystemExit(f"FAILED at one shape or more (see above and the JSON): gemm {failed}")
 

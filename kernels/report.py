@@ -61,6 +61,12 @@ def rule_way(T: int, m: int) -> str:
     return "merged" if T > 2 * m else "fused step"
 
 
+def meets(value: float, goal: tuple[str, float]) -> bool:
+    """Whether a ratio meets its goal, given as (op, bound) with op '<=' or '>='."""
+    op, bound = goal
+    return value <= bound if op == "<=" else value >= bound
+
+
 def markdown(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + " ---: |" * len(header)]
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
@@ -84,7 +90,7 @@ def goal_ranges(bench: dict) -> str:
             if not values:
                 continue
             op, goal = bench["goals"][q]
-            met = sum(v <= goal if op == "<=" else v >= goal for v in values)
+            met = sum(meets(v, (op, goal)) for v in values)
             spans.append(f"({label}) {min(values):.2f}-{max(values):.2f} (goal {op} {goal}, "
                          f"met at {met} of {len(values)})")
         lines.append(f"- `{gemm}`: " + "; ".join(spans))

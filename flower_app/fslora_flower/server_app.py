@@ -17,7 +17,9 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from fslora_flower.config import federation_of
-from fslora_flower.strategy import FSLoRAStrategy, factor_tensors
+from fslora_flower.strategy import FSLoRAStrategy
+from fslora_min.federation import Federation
+from fslora_min.lora import global_factors
 
 app = ServerApp()
 RESULT_NAME = "flower_result.pt"
@@ -39,6 +41,13 @@ def discover_clients(grid: Grid, num_clients: int, wait_s: float) -> dict[int, i
         if len(nodes) >= num_clients or time.monotonic() > deadline:
             return nodes
         time.sleep(1.0)
+
+
+def factor_tensors(federation: Federation) -> dict[str, torch.Tensor]:
+    """The server's global LoRA factors, named "<module>/B" and "<module>/A"."""
+    return {f"{name}/{which}": t.detach().cpu()
+            for name, (B, A) in global_factors(federation.server.model).items()
+            for which, t in (("B", B), ("A", A))}
 
 
 @app.main()

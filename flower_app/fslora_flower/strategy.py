@@ -17,7 +17,6 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable
 
-import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
@@ -25,14 +24,6 @@ from flwr.serverapp.strategy import Strategy
 from fslora_flower.codec import decode_update, encode_downlink, message_bytes, payload_bytes
 from fslora_min.client import ClientUpdate
 from fslora_min.federation import Federation, RoundPlan
-from fslora_min.lora import global_factors
-
-
-def factor_tensors(federation: Federation) -> dict[str, torch.Tensor]:
-    """The server's global LoRA factors, named "<module>/B" and "<module>/A"."""
-    return {f"{name}/{which}": t.detach().cpu()
-            for name, (B, A) in global_factors(federation.server.model).items()
-            for which, t in (("B", B), ("A", A))}
 
 
 class FSLoRAStrategy(Strategy):

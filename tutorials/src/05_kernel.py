@@ -42,7 +42,7 @@ import triton
 
 from kernels import lora_linear
 from kernels.reference import lora_linear_reference
-from kernels.report import failures, load_runs, readme_source
+from kernels.report import failures, goal_table, load_runs, meets, readme_source
 from fslora_min.sketch import sample_sketch
 
 torch.manual_seed(SEED)
@@ -150,19 +150,15 @@ print(f"{path.relative_to(ROOT)}: {bench['gpu']}, torch {bench['torch']}, triton
 runs = load_runs(bench)  # one record per (shape, way): the shape's times joined with the way's
 for line in failures(bench):
     print(f"FAILED {line}")
+print(goal_table(bench))  # the table kernels/README.md shows (Markdown)
 ratios = list(bench["goals"])
-print(f"\n{'T':>6} {'n':>6} {'m':>6} {'k':>3} {'gemm':>8} " + " ".join(f"{q[:22]:>22}" for q in ratios))
-for run_ in runs:
-    print(f"{run_['T']:6d} {run_['n']:6d} {run_['m']:6d} {run_['k']:3d} {run_['gemm']:>8} "
-          + " ".join(f"{run_.get(q, float('nan')):22.2f}" for q in ratios))
-print(f"{'goal':>33} " + " ".join(f"{rel + ' ' + str(v):>22}" for rel, v in bench["goals"].values()))
 
 labels = [f"{r_['T']}x{r_['n']}x{r_['m']}, k={r_['k']}, {r_['gemm']}" for r_ in runs]  # T x n x m
 fig, axes = plt.subplots(2, 2, figsize=(12, 8))
 for ax, q in zip(axes.flat, ratios):
     rel, goal = bench["goals"][q]
     vals = [run_.get(q, float("nan")) for run_ in runs]
-    met = [(v <= goal) if rel == "<=" else (v >= goal) for v in vals]
+    met = [meets(v, (rel, goal)) for v in vals]
     ax.bar(range(len(vals)), vals, color=["tab:green" if ok else "tab:red" for ok in met])
     ax.axhline(goal, color="k", ls="--", label=f"goal {rel} {goal}")
     ax.set_xticks(range(len(vals)), labels, fontsize=7, rotation=30, ha="right")
