@@ -234,3 +234,11 @@ def test_sketch_bias_formulas():
         predicted_fixed_point("fslora", sigma, 4, (5,))
     with pytest.raises(ValueError, match="method"):
         predicted_fixed_point("lora", sigma, 4, (2,))
+
+
+def test_a_bad_distort_names_the_flag():
+    with pytest.raises(SystemExit, match="--distort 'sigma=0.1'"):
+        convergence.parse_distort(["sigma=0.1"])
+    with pytest.raises(SystemExit, match="--distort 'L=x'"):
+        convergence.parse_distort(["L=x"])
+    assert convergence.parse_distort(["sigma_g2=0.01", "L=2"]) == {"sigma_g2": 0.01, "L": 2.0}

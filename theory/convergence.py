@@ -49,6 +49,14 @@ def parse_distort(items: list[str]) -> dict[str, float]:
     return out
 
 
+def add_distort_argument(parser, example: str) -> None:
+    """--distort NAME=FACTOR (repeatable): multiply a measured constant in the bound, to show a
+    check fails; `example` says which distortion must FAIL."""
+    parser.add_argument("--distort", action="append", default=[], metavar="NAME=FACTOR",
+                        help=f"multiply a measured constant in the bound by FACTOR ({example} "
+                             f"must FAIL); repeatable")
+
+
 def bound_curves(out: Outcome, H: int, distort: dict) -> tuple[np.ndarray, np.ndarray]:
     """Theorem 4.4's bound for T = 1..len(observed), with L_tilde and with L_bar."""
     c = out.constants.scaled(**distort)
@@ -185,9 +193,7 @@ def plot_all(ratios, Hs, Ns, rate, distort: dict, folder: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = script_parser(__doc__)
     parser.add_argument("--rounds", type=int, default=2000, help="T of the sweeps")
-    parser.add_argument("--distort", action="append", default=[], metavar="NAME=FACTOR",
-                        help="multiply a measured constant by FACTOR in the bound, e.g. L=0.01 "
-                             "(with gap=0.01 the checks must FAIL); repeatable")
+    add_distort_argument(parser, "L=0.01 with gap=0.01")
     args = parser.parse_args(argv)
     args.distort = parse_distort(args.distort)
     effort = Effort()
