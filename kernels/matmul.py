@@ -281,7 +281,8 @@ def shrink_dy(dy: torch.Tensor, lora_B: torch.Tensor, index: torch.Tensor, clien
     once for both. By default enough token ranges for two waves of programs over the GPU."""
     T, M = dy.shape
     k = index.numel()
-    block_t, block_m = (16, 16) if INTERPRET else (64, 128)
+    # 256 columns: half the g partials of 128 (in fp32, 128 keeps the tiles in shared memory)
+    block_t, block_m = (16, 16) if INTERPRET else (64, 128 if dy.dtype == torch.float32 else 256)
     m_blocks, t_blocks = triton.cdiv(M, block_m), triton.cdiv(T, block_t)
     if split is None:
         split = triton.cdiv(2 * num_sms(dy.device), m_blocks)
@@ -295,7 +296,7 @@ def shrink_dy(dy: torch.Tensor, lora_B: torch.Tensor, index: torch.Tensor, clien
         dy.stride(0), dy.stride(1), lora_B.stride(0), lora_B.stride(1), u_arg.stride(0),
         u_arg.stride(1), *g_parts.stride(), *db_parts.stride(), GRAD_B=u is not None,
         BLOCK_T=block_t, BLOCK_M=block_m, K_PAD=k_pad(k), INPUT_PRECISION=input_precision(dy.dtype),
-        INTERPRET=INTERPRET, num_warps=1 if INTERPRET else 4)
+        INTERPRET=INTERPRET, num_warps=1 if INTERPRET else 8)
     g = reduce_partials(g_parts, client_scale, new_output((T, k), dy.dtype, dy.device), 1)
     return g, (db_parts if u is not None else None)
 
