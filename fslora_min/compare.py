@@ -28,6 +28,7 @@ from fslora_min.client import ClientConfig
 from fslora_min.data import DataConfig
 from fslora_min.experiment import ExperimentConfig, run_experiment
 from fslora_min.federation import FederationConfig
+from fslora_min.lora import LoRAConfig
 from fslora_min.model import ModelConfig
 from fslora_min.pretrain import PretrainConfig
 from fslora_min.profiles import (DEFAULT_PROFILES, budgets_from_profiles, memory_bytes,
@@ -77,9 +78,9 @@ def task(cfg: CompareConfig) -> ExperimentConfig:
     data = DataConfig(vocab_size=32, seq_len=16, n_base_topics=4, successors=2, train_seqs=32,
                       heldout_seqs=8, global_heldout_seqs=64)
     fed = FederationConfig(num_clients=cfg.num_clients, participants=cfg.num_clients,
-                           rounds=cfg.rounds, rank=cfg.rank, lora_alpha=cfg.lora_alpha,
-                           eval_every=max(1, cfg.rounds // 10))
+                           rounds=cfg.rounds, eval_every=max(1, cfg.rounds // 10))
     return ExperimentConfig(model=model, data=data, federation=fed,
+                            lora=LoRAConfig(rank=cfg.rank, alpha=cfg.lora_alpha),
                             pretrain=PretrainConfig(steps=cfg.pretrain_steps, batch_size=32,
                                                     lr=1e-2),
                             client=ClientConfig(local_steps=cfg.local_steps,
@@ -289,7 +290,7 @@ def ablations(cfg: CompareConfig, base: ExperimentConfig,
     k, sections = cfg.rank_ablation_k, []
     if "global_rank" in cfg.tables:
         rows = rows_for([(f"r={k * c}", replace(base, budgets=[k] * cfg.num_clients,
-                                                federation=replace(base.federation, rank=k * c)))
+                                                lora=replace(base.lora, rank=k * c)))
                          for c in cfg.rank_multiples])
         sections.append(("global_rank", f"Global rank r, every client k_i = {k}", rows, None))
     if "sketch_ratio" in cfg.tables:
@@ -308,7 +309,8 @@ def ablations(cfg: CompareConfig, base: ExperimentConfig,
                                                       federation=long_fed)),
         (f"no sketch k=r={cfg.rank}, T", replace(base, budgets=[cfg.rank] * cfg.num_clients)),
         (f"no sketch k=r={half}, 2T", replace(base, budgets=[half] * cfg.num_clients,
-                                              federation=replace(long_fed, rank=half))),
+                                              federation=long_fed,
+                                              lora=replace(base.lora, rank=half))),
     ])
     upload = {"MiB up in total": [f"{np.mean([r['bytes_up_total'] for r in row.runs]) / 2**20:.2f}"
                                   for row in sketch_rows]}

@@ -19,11 +19,8 @@ clients' sequences must all have one shape (true for `minibatches` over equal-si
 sets); the model's dropout, if any, draws different masks in the two engines.
 
 On a CPU the batched engine trains the round in passes of as many clients as keep the widest
-activation (tokens x widest layer output) within CPU_PASS_BYTES. One pass of 16 default clients
-makes (16384, 512) activations of 32 MiB, which glibc's malloc serves with fresh mmap'd pages
-every time: the page faults made a GELU over them 4x slower per element than over a 4-client
-pass's 8 MiB (measured: 4.4-5.3 GB/s against 21-27 GB/s). At 16 default clients, passes of 4,
-8 and 16 clients measured 1.28x, 1.13x and 1.08x the sequential loop (results/engine/).
+activation (tokens x widest layer output) within CPU_PASS_BYTES: larger activations are served
+from fresh pages every time and run slower per element (results/engine/README.md).
 """
 
 from __future__ import annotations
@@ -32,25 +29,21 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from fslora_min.compute import CPU_PASS_BYTES
 from fslora_min.client import ClientConfig, ClientUpdate, LossFn, make_optimizer, train_client
 from fslora_min.data import Minibatches, split_inputs_targets
 from fslora_min.lora import (BatchedFactors, CompactFactors, LoRALinear, batched_compact_factors,
                              lora_modules)
 
-ENGINES = ("auto", "sequential", "batched")
-# What "auto" picks per device type, from results/engine/ (bench_engine.py): on an H100 batched
-# is 6.4x (4 clients) to 21x (64) faster; on 2 CPU threads, in passes of 4, 1.64x / 1.22x / 1.17x
-# at 4 / 16 / 64 clients.
+# What "auto" picks per device type: the engine bench_engine.py measured faster there
+# (results/engine/README.md).
 FASTER_ENGINE = {"cpu": "batched", "cuda": "batched"}
-CPU_PASS_BYTES = 8 * 2**20  # the widest activation of one CPU pass (the docstring says why)
 
 Downlink = dict[str, CompactFactors]
 
 
 def resolve_engine(engine: str, device: torch.device) -> str:
     """'sequential' or 'batched'; 'auto' is the one the benchmark measured faster on `device`."""
-    if engine not in ENGINES:
-        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
     return FASTER_ENGINE.get(device.type, "sequential") if engine == "auto" else engine
 
 

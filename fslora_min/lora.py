@@ -25,10 +25,30 @@ from typing import Any, Callable, Iterator
 import torch
 import torch.nn as nn
 
+from fslora_min.compute import ComputeConfig
+from fslora_min.knobs import ConfigError, check_knobs, knob
 from fslora_min.sketch import Sketch, check_rank_pair
 from kernels import lora_linear
 from kernels.batched_lora import batched_lora_linear
-from kernels.dispatch import check_backend
+
+# Which projections of the transformer to adapt: names of nn.Linear attributes inside a block.
+ALL_TARGETS = ("q", "k", "v", "out", "fc", "proj")
+
+
+@dataclass
+class LoRAConfig:
+    rank: int = knob(16, "global LoRA rank r, held by the server", check="positive integer")
+    alpha: float = knob(32.0, "LoRA alpha: scale s = alpha / r", flag="--lora-alpha",
+                        check="positive")
+    rslora: bool = knob(False, "use s = alpha / sqrt(r) (rsLoRA)")
+    targets: tuple[str, ...] = knob(ALL_TARGETS, "projections to adapt in every block",
+                                    choices=ALL_TARGETS)
+
+    def __post_init__(self) -> None:
+        self.targets = tuple(self.targets)
+        check_knobs(self)
+        if len(set(self.targets)) != len(self.targets):
+            raise ConfigError(self, "targets", f"must not repeat a name, got {self.targets}")
 
 
 def lora_scale(alpha: float, r: int, rslora: bool = False) -> float:
@@ -66,11 +86,11 @@ class LoRALinear(nn.Module):
     """
 
     def __init__(self, base: nn.Linear, r: int, alpha: float, rslora: bool = False,
-                 backend: str = "auto", generator: torch.Generator | None = None,
-                 gemm: str = "pointer") -> None:
+                 backend: str = ComputeConfig.lora_backend,
+                 generator: torch.Generator | None = None,
+                 gemm: str = ComputeConfig.lora_gemm) -> None:
         super().__init__()
-        check_rank_pair(r, 1)
-        check_backend(backend, gemm)
+        self.scaling = lora_scale(alpha, r, rslora)  # s; checks r and alpha
         m, n = base.out_features, base.in_features
         self.weight = nn.Parameter(base.weight.detach().clone(), requires_grad=False)  # (m, n)
         self.bias = (None if base.bias is None
@@ -83,7 +103,6 @@ class LoRALinear(nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(m, r, dtype=A.dtype,
                                                device=base.weight.device))  # (m, r)
         self.r, self.alpha, self.rslora = r, alpha, rslora
-        self.scaling = lora_scale(alpha, r, rslora)  # s
         self.backend, self.gemm = backend, gemm
         self.sketch: Sketch | None = None  # set by `sketched(...)`
         self.compact: CompactFactors | None = None  # set by `compact_factors(...)`
@@ -166,13 +185,10 @@ def _weighted(b: torch.Tensor, sketch: Sketch, index: torch.Tensor | None,
     return b * full[None, :], scaling  # (m, r); only the columns at index are used
 
 
-# Which projections of the transformer to adapt: names of nn.Linear attributes inside a block.
-ALL_TARGETS = ("q", "k", "v", "out", "fc", "proj")
-
-
 def apply_lora(model: nn.Module, r: int, alpha: float, targets: tuple[str, ...] = ALL_TARGETS,
-               rslora: bool = False, backend: str = "auto",
-               generator: torch.Generator | None = None, gemm: str = "pointer") -> list[str]:
+               rslora: bool = False, backend: str = ComputeConfig.lora_backend,
+               generator: torch.Generator | None = None,
+               gemm: str = ComputeConfig.lora_gemm) -> list[str]:
     """Replace each nn.Linear whose attribute name is in `targets` by a LoRALinear; freeze the rest.
 
     Returns the qualified names of the new LoRA modules, in model order. Raises if a target names

@@ -129,10 +129,11 @@ class ReweightedImportance(Method):
                 for name, m in server.modules.items()}
 
 
-def client_scale_weight(server: Server, alpha: float, r: int, rslora: bool, k: int) -> float:
-    """The diagonal value that gives a rank-k client the FSLoRA scale s(r) * r / k (= alpha/k)."""
+def client_scale_weight(server: Server, r: int, k: int) -> float:
+    """The diagonal value that gives a rank-k client the FSLoRA scale s(r) * r / k (= alpha/k),
+    with the layers' own alpha and rsLoRA choice (their rank R may differ from r)."""
     layer = next(iter(server.modules.values()))
-    return lora_scale(alpha, r, rslora) * r / k / layer.scaling
+    return lora_scale(layer.alpha, r, layer.rslora) * r / k / layer.scaling
 
 
 class ProductMethod(Method):
@@ -143,8 +144,8 @@ class ProductMethod(Method):
     over the participants.
     """
 
-    def __init__(self, alpha: float, r: int, rslora: bool, seed_generator: torch.Generator) -> None:
-        self.alpha, self.r, self.rslora = alpha, r, rslora
+    def __init__(self, r: int, seed_generator: torch.Generator) -> None:
+        self.r = r  # the configured global rank, whose FSLoRA scale the clients get
         self.init_stream = seed_generator  # fresh LoRA initialisations
 
     def state_dict(self) -> dict:
@@ -154,7 +155,7 @@ class ProductMethod(Method):
         self.init_stream.set_state(state["init_stream"])
 
     def sketches(self, server: Server, k: int, generator: torch.Generator) -> dict[str, Sketch]:
-        w = client_scale_weight(server, self.alpha, self.r, self.rslora, k)
+        w = client_scale_weight(server, self.r, k)
         return {name: Sketch(torch.arange(k), server.rank, weight=w)
                 for name in server.module_names}
 
@@ -195,8 +196,8 @@ class FlexLoRA(ProductMethod):
 
     name = "flexlora"
 
-    def __init__(self, alpha: float, r: int, rslora: bool, seed_generator: torch.Generator) -> None:
-        super().__init__(alpha, r, rslora, seed_generator)
+    def __init__(self, r: int, seed_generator: torch.Generator) -> None:
+        super().__init__(r, seed_generator)
         self.svds: dict[str, SVD] = {}  # SVD of each module's dW, computed once per round
 
     def state_dict(self) -> dict:
@@ -260,8 +261,8 @@ class FLoRA(ProductMethod):
 
     name = "flora"
 
-    def __init__(self, alpha: float, r: int, rslora: bool, seed_generator: torch.Generator) -> None:
-        super().__init__(alpha, r, rslora, seed_generator)
+    def __init__(self, r: int, seed_generator: torch.Generator) -> None:
+        super().__init__(r, seed_generator)
         self.stack_numbers = 0  # size of the last broadcast stack
 
     def state_dict(self) -> dict:
@@ -307,8 +308,7 @@ METHODS = ("fslora", "fedavg-min", "fedavg-full", "hetlora", "flexlora", "flora"
            "fslora-topk", "fslora-importance")
 
 
-def make_method(name: str, alpha: float, r: int, rslora: bool,
-                init_stream: torch.Generator) -> Method:
+def make_method(name: str, r: int, init_stream: torch.Generator) -> Method:
     """The strategy object for a method name (`init_stream` seeds fresh LoRAs of FlexLoRA/FLoRA)."""
     if name == "fslora":
         return Method()
@@ -317,9 +317,9 @@ def make_method(name: str, alpha: float, r: int, rslora: bool,
     if name == "hetlora":
         return HetLoRA()
     if name == "flexlora":
-        return FlexLoRA(alpha, r, rslora, init_stream)
+        return FlexLoRA(r, init_stream)
     if name == "flora":
-        return FLoRA(alpha, r, rslora, init_stream)
+        return FLoRA(r, init_stream)
     if name == "fslora-topk":
         return TopKImportance()
     if name == "fslora-importance":

@@ -61,7 +61,7 @@ def weighted_products(server: Server, downs, ups) -> torch.Tensor:
 
 def test_flora_stack_equals_weighted_sum_of_products_and_is_merged_into_w0():
     server = one_layer(7, 5, 4)
-    method = FLoRA(alpha=4.0, r=4, rslora=False, seed_generator=torch.Generator().manual_seed(0))
+    method = FLoRA(r=4, seed_generator=torch.Generator().manual_seed(0))
     downs, ups = random_updates(server, method, [1, 3, 4], [10, 30, 20])
     b_st, a_st = stack_factors(server, ups, downs)["l"]
     assert b_st.shape == (7, 8) and a_st.shape == (8, 5)
@@ -78,8 +78,7 @@ def test_flexlora_with_k_equal_r_reproduces_the_averaged_product_exactly():
     m, n = 7, 5
     R = min(m, n)  # FlexLoRA's server rank: any m x n update is a rank-R LoRA
     server = one_layer(m, n, R)
-    method = FlexLoRA(alpha=float(R), r=R, rslora=False,
-                      seed_generator=torch.Generator().manual_seed(0))
+    method = FlexLoRA(r=R, seed_generator=torch.Generator().manual_seed(0))
     downs, ups = random_updates(server, method, [R, R], [10, 30])
     expected = weighted_products(server, downs, ups)
     method.aggregate(server, ups, downs)
@@ -93,7 +92,7 @@ def test_flexlora_with_k_equal_r_reproduces_the_averaged_product_exactly():
 
 def test_flexlora_sends_the_best_rank_k_approximation():
     server = one_layer(6, 6, 6)
-    method = FlexLoRA(alpha=6.0, r=6, rslora=False, seed_generator=torch.Generator())
+    method = FlexLoRA(r=6, seed_generator=torch.Generator())
     downs, ups = random_updates(server, method, [6, 6], [1, 1])
     method.aggregate(server, ups, downs)
     dw = server.modules["l"].delta_weight().detach()

@@ -159,7 +159,8 @@ def test_a_run_on_the_triton_kernels_matches_the_pytorch_run(cache, triton_calls
     for backend in ("torch", "triton"):
         cfg = tiny_experiment(str(cache / backend), rounds=2, num_clients=2, participants=2,
                               engine="sequential", lora_backend=backend, lora_gemm="merged")
-        cfg = dataclasses.replace(cfg, device="cuda" if torch.cuda.is_available() else "cpu")
+        cfg = dataclasses.replace(cfg, compute=dataclasses.replace(
+            cfg.compute, device="cuda" if torch.cuda.is_available() else "cpu"))
         history, _ = run_experiment(cfg, progress=False)
         losses[backend] = [history.initial_loss] + [r.heldout_loss for r in history.rounds]
     assert triton_calls and set(triton_calls) == {"merged"}  # what the config named, in every kernel call

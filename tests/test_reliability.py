@@ -203,8 +203,8 @@ def test_damaged_checkpoint_is_refused_with_a_clear_error(kind, needle, saved_ru
 
 
 @pytest.mark.parametrize("change, needle", [
-    (lambda c: dataclasses.replace(c, federation=dataclasses.replace(c.federation, rank=8)),
-     "federation.rank: checkpoint 4, this run 8"),
+    (lambda c: dataclasses.replace(c, lora=dataclasses.replace(c.lora, rank=8)),
+     "lora.rank: checkpoint 4, this run 8"),
     (lambda c: dataclasses.replace(c, model=dataclasses.replace(c.model, d_model=32)),
      "model.d_model: checkpoint 16, this run 32"),
     (lambda c: dataclasses.replace(c, method="flora"), "method: checkpoint 'fslora'"),
