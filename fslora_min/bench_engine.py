@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from fslora_min.budgets import PAPER_RATIOS, ranks_from_ratios
+from fslora_min.ranks import PAPER_RATIOS, ranks_from_ratios
 from fslora_min.client import ClientConfig
 from fslora_min.compute import ComputeConfig
 from fslora_min.data import DataConfig, make_federated_data

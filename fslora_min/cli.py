@@ -194,7 +194,7 @@ def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
 
 def print_summary(cfg: ExperimentConfig, history, info: dict) -> None:
     last = history.rounds[-1]
-    ranks = info["client_ranks"]
+    ranks = info["trained_ranks"]
     up = [b for r in history.rounds for b in r.bytes_up]
     rows = [("device", info["device"]), ("seed", cfg.federation.seed),
             ("method", cfg.method), ("global rank r", cfg.lora.rank),

@@ -59,12 +59,12 @@ def default_clients_per_pass(model: nn.Module, batches: list[Minibatches]) -> in
     return max(1, CPU_PASS_BYTES // (rows * tokens * widest * weight.element_size()))
 
 
-def stack_downlinks(downlinks: list[Downlink], scalings: dict[str, float],
+def stack_downlinks(downlinks: list[Downlink], scales: dict[str, float],
                     device: torch.device) -> dict[str, BatchedFactors]:
     """Per module: the P clients' (b_p, a_p) zero-padded to K = max k_p and stacked, trainable.
 
-    coef[p, :k_p] = s * diag(S_p) at client p's ranks (r / k_p, or its own per-index values),
-    0 beyond: the forward of fslora_min/lora.py's compact mode, client by client.
+    client_scale[p, :k_p] = s * diag(S_p) at client p's ranks (r / k_p, or its own per-index
+    values), 0 beyond: the forward of fslora_min/lora.py's compact mode, client by client.
     """
     out = {}
     for name in downlinks[0]:
@@ -73,12 +73,13 @@ def stack_downlinks(downlinks: list[Downlink], scalings: dict[str, float],
         (m, _), (_, n) = fs[0].b.shape, fs[0].a.shape
         b = torch.zeros(P, m, K, dtype=fs[0].b.dtype, device=device)  # (P, m, K)
         a = torch.zeros(P, K, n, dtype=fs[0].a.dtype, device=device)  # (P, K, n)
-        coef = torch.zeros(P, K, dtype=b.dtype, device=device)  # (P, K)
+        client_scale = torch.zeros(P, K, dtype=b.dtype, device=device)  # (P, K)
         for p, f in enumerate(fs):
             k, w = f.sketch.k, f.sketch.per_index
             b[p, :, :k], a[p, :k] = f.b, f.a
-            coef[p, :k] = scalings[name] * (f.sketch.scale if w is None else w.to(coef))
-        out[name] = BatchedFactors(b.requires_grad_(True), a.requires_grad_(True), coef)
+            client_scale[p, :k] = scales[name] * (f.sketch.sketch_weight if w is None
+                                                  else w.to(client_scale))
+        out[name] = BatchedFactors(b.requires_grad_(True), a.requires_grad_(True), client_scale)
     return out
 
 
@@ -98,8 +99,8 @@ def train_clients_batched(model: nn.Module, client_ids: list[int], downlinks: li
     if not downlinks:  # every participant dropped out
         return []
     device = next(model.parameters()).device
-    scalings = {name: layer.scaling for name, layer in lora_modules(model)}
-    factors = stack_downlinks(downlinks, scalings, device)
+    scales = {name: layer.scale for name, layer in lora_modules(model)}
+    factors = stack_downlinks(downlinks, scales, device)
     params = [t for f in factors.values() for t in (f.b, f.a)]
     opt = make_optimizer(params, cfg)  # elementwise: P independent SGD or AdamW optimizers
     with batched_compact_factors(model, factors):

@@ -1,4 +1,5 @@
-"""One experiment, end to end: base model, data, budgets, LoRA, server, federation, outputs.
+"""One experiment, end to end: base model, data, client ranks, LoRA, server, federation,
+outputs.
 
 `ExperimentConfig` gathers every knob (one dataclass per part); `run_experiment` builds the
 pieces from it and plays the federation, checkpointing to out_dir/checkpoint.pt every
@@ -18,7 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from fslora_min.budgets import (DISTRIBUTIONS, PAPER_RATIOS, ranks_from_distribution,
+from fslora_min.ranks import (DISTRIBUTIONS, PAPER_RATIOS, ranks_from_distribution,
                                 ranks_from_ratios)
 from fslora_min.checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint, save_checkpoint
 from fslora_min.client import ClientConfig
@@ -55,7 +56,7 @@ class ExperimentConfig:
                                parse=_ratio, default_factory=lambda: list(PAPER_RATIOS))
     rank_distribution: str | None = knob(None, "draw k_i from this distribution over 1..r "
                                                "instead of --ratios", choices=DISTRIBUTIONS)
-    budgets: list[int] | None = None  # instead of both: k_i per client (e.g. from profiles)
+    client_ranks: list[int] | None = None  # instead of both: k_i per client (e.g. profiles)
     out_dir: str = knob("runs/demo", "output folder (created if needed)", flag="--out")
     checkpoint_every: int = knob(0, "rounds between checkpoints in the output folder (0: none)",
                                  check="non-negative integer")
@@ -78,7 +79,7 @@ class ExperimentConfig:
         if self.data.vocab_size != self.model.vocab_size:
             raise ValueError(f"data vocab_size={self.data.vocab_size} differs from the model's "
                              f"{self.model.vocab_size}")
-        if self.budgets is None and self.rank_distribution is None:
+        if self.client_ranks is None and self.rank_distribution is None:
             try:  # every ratio in (0, 1] and giving at least rank 1 of r: checked here, once
                 ranks_from_ratios(self.ratios, len(self.ratios), self.lora.rank)
             except ValueError as err:
@@ -100,14 +101,14 @@ def preset(name: str) -> tuple[ModelConfig, DataConfig, PretrainConfig]:
     raise ValueError(f"preset must be one of {PRESETS}, got {name!r}")
 
 
-def client_budgets(cfg: ExperimentConfig) -> list[int]:
+def assign_client_ranks(cfg: ExperimentConfig) -> list[int]:
     """k_i per client: given, or from the distribution, or from the ratios."""
     fed, r = cfg.federation, cfg.lora.rank
-    if cfg.budgets is not None:
-        if len(cfg.budgets) != fed.num_clients:
-            raise ValueError(f"{len(cfg.budgets)} client budgets given for "
+    if cfg.client_ranks is not None:
+        if len(cfg.client_ranks) != fed.num_clients:
+            raise ValueError(f"{len(cfg.client_ranks)} client ranks given for "
                              f"num_clients={fed.num_clients}")
-        return list(cfg.budgets)
+        return list(cfg.client_ranks)
     if cfg.rank_distribution is not None:
         return ranks_from_distribution(cfg.rank_distribution, fed.num_clients, r, fed.seed)
     return ranks_from_ratios(cfg.ratios, fed.num_clients, r)
@@ -141,12 +142,12 @@ def build_federation(cfg: ExperimentConfig, progress: bool = True) -> tuple[Fede
     """
     device = cfg.compute.torch_device()  # before any pretraining
     fed, lora, compute = cfg.federation, cfg.lora, cfg.compute
-    budgets = client_budgets(cfg)
+    client_ranks = assign_client_ranks(cfg)
     base, cache = load_or_pretrain(cfg.model, cfg.data, cfg.pretrain, progress=progress)
     data = make_federated_data(cfg.data, fed.num_clients)
     method = make_method(cfg.method, lora.rank, generator(fed.seed, LORA_INIT, 1))
-    global_rank = method.global_rank(lora.rank, budgets, full_rank(base, lora.targets))
-    ranks = method.client_ranks(budgets, lora.rank)
+    global_rank = method.global_rank(lora.rank, client_ranks, full_rank(base, lora.targets))
+    trained = method.trained_ranks(client_ranks, lora.rank)
     model = copy.deepcopy(base)
     names = apply_lora(model, global_rank, lora.alpha, lora.targets, lora.rslora,
                        compute.lora_backend, generator(fed.seed, LORA_INIT), compute.lora_gemm)
@@ -159,11 +160,11 @@ def build_federation(cfg: ExperimentConfig, progress: bool = True) -> tuple[Fede
         "method": cfg.method, "global_rank": global_rank,
         "lora_modules": len(names), "global_lora_parameters": count_lora_parameters(model),
         "module_shapes": list(shapes.values()),
-        "client_budgets": budgets, "client_ranks": ranks,
+        "client_ranks": client_ranks, "trained_ranks": trained,
         "client_trainable_parameters": [sum(k * (m + n) for m, n in shapes.values())
-                                        for k in ranks],
+                                        for k in trained],
     }
-    return Federation(server, data, ranks, fed, cfg.client, method, compute), info
+    return Federation(server, data, trained, fed, cfg.client, method, compute), info
 
 
 def run_experiment(cfg: ExperimentConfig, progress: bool = True,

@@ -27,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from fslora_min.budgets import validate_ranks
+from fslora_min.ranks import validate_ranks
 from fslora_min.client import ClientConfig, ClientUpdate
 from fslora_min.data import FederatedData, minibatches, split_inputs_targets
 from fslora_min.compute import ComputeConfig
@@ -69,7 +69,7 @@ class FederationConfig:
 class RoundRecord:
     round: int  # 1-based: the global model after this many rounds
     participants: list[int]
-    ranks: list[int]  # k_i of each participant
+    client_ranks: list[int]  # k_i of each participant
     numbers_down: list[int]  # per participant, summed over modules: k_i (m + n)
     numbers_up: list[int]  # 0 for a participant that dropped out
     bytes_down: list[int]  # numbers at the factors' dtype
@@ -134,16 +134,16 @@ def lm_batch_loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
 
 
 class Federation:
-    """N clients with budgets k_i around one server; `run()` plays T rounds."""
+    """N clients of ranks k_i around one server; `run()` plays T rounds."""
 
-    def __init__(self, server: Server, data: FederatedData, ranks: list[int],
+    def __init__(self, server: Server, data: FederatedData, client_ranks: list[int],
                  fed: FederationConfig, client: ClientConfig, method: Method | None = None,
                  compute: ComputeConfig | None = None) -> None:
-        if len(data.clients) != fed.num_clients or len(ranks) != fed.num_clients:
+        if len(data.clients) != fed.num_clients or len(client_ranks) != fed.num_clients:
             raise ValueError(f"num_clients={fed.num_clients}, but {len(data.clients)} client "
-                             f"data sets and {len(ranks)} client ranks were given")
-        validate_ranks(ranks, server.rank)
-        self.server, self.data, self.ranks = server, data, ranks
+                             f"data sets and {len(client_ranks)} client ranks were given")
+        validate_ranks(client_ranks, server.rank)
+        self.server, self.data, self.client_ranks = server, data, client_ranks
         self.fed, self.client_cfg = fed, client
         self.method = Method() if method is None else method  # FSLoRA by default
         self.participant_stream = generator(fed.seed, PARTICIPANTS)
@@ -180,7 +180,7 @@ class Federation:
         participants = sample_participants(self.fed.num_clients, self.fed.participants,
                                            self.participant_stream)
         # local training never moves the server's factors, so all downlinks can be made first
-        downlinks = [method.downlink(server, method.sketches(server, self.ranks[i],
+        downlinks = [method.downlink(server, method.sketches(server, self.client_ranks[i],
                                                              self.sketch_stream))
                      for i in participants]
         # one draw per participant, always, so the other streams never depend on `dropout`
@@ -210,7 +210,8 @@ class Federation:
         refused = {i for i, _ in unreadable}
         dropped = [i for p, i in enumerate(plan.participants)
                    if p not in live and i not in refused]
-        record = RoundRecord(t, plan.participants, [self.ranks[i] for i in plan.participants],
+        ranks = [self.client_ranks[i] for i in plan.participants]
+        record = RoundRecord(t, plan.participants, ranks,
                              down, up, [n * width for n in down], [n * width for n in up],
                              time.perf_counter() - start, dropped=dropped,
                              rejected=[i for i, _ in rejected],

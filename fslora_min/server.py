@@ -31,7 +31,7 @@ class ServerConfig:
     optimizer: str = knob("avg", "avg: X <- X + eta_g D; sgdm / adam: FedOpt steps on the "
                                  "pseudo-gradient -D", flag="--server-optimizer",
                           choices=SERVER_OPTIMIZERS)
-    global_lr: float = knob(1.0, "server step eta_g", check="positive")
+    server_lr: float = knob(1.0, "server step eta_g", aliases=("--global-lr",), check="positive")
     momentum: float = knob(0.9, "the sgdm server optimizer's momentum", flag="--server-momentum",
                            check="probability")
     aggregation: str = knob("participants", "divide each rank's summed deltas by the "
@@ -103,10 +103,10 @@ class Server:
         self.coverage = {n: torch.zeros(self.rank, dtype=torch.long) for n in self.modules}
         params = [p for m in self.modules.values() for p in (m.lora_B, m.lora_A)]
         if cfg.optimizer == "adam":
-            self.optimizer = torch.optim.Adam(params, lr=cfg.global_lr)
+            self.optimizer = torch.optim.Adam(params, lr=cfg.server_lr)
         else:  # "avg" is SGD without momentum on -D: X - eta_g (-D) = X + eta_g D
             momentum = cfg.momentum if cfg.optimizer == "sgdm" else 0.0
-            self.optimizer = torch.optim.SGD(params, lr=cfg.global_lr, momentum=momentum)
+            self.optimizer = torch.optim.SGD(params, lr=cfg.server_lr, momentum=momentum)
 
     @property
     def module_names(self) -> list[str]:

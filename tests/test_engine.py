@@ -124,7 +124,8 @@ def test_padding_is_zero_with_zero_coefficient_and_updates_have_each_clients_sha
     factors = stack_downlinks(downlinks, {n: 1.0 for n in server.module_names},
                               torch.device("cpu"))
     for f in factors.values():  # zero, and multiplied by 0: no gradient (see the first test)
-        assert f.b.shape[2] == 4 and not f.coef[0, 1:].any() and (f.coef[1] > 0).all()
+        assert f.b.shape[2] == 4 and not f.client_scale[0, 1:].any()
+        assert (f.client_scale[1] > 0).all()
         assert not f.b[0, :, 1:].any() and not f.a[0, 1:].any()
     updates = train_clients_batched(server.model, [0, 1], downlinks,
                                     [fed.batch_streams[i] for i in (0, 1)], fed.client_cfg,

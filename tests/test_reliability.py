@@ -242,7 +242,7 @@ def test_interrupted_write_leaves_the_previous_checkpoint(tmp_path, monkeypatch)
 def round_of_updates(fedn: Federation):
     """Three participants' real downlinks and updates, from the federation's own streams."""
     server, clients = fedn.server, [0, 1, 2]
-    downs = [server.downlink(fedn.method.sketches(server, fedn.ranks[i], fedn.sketch_stream))
+    downs = [server.downlink(fedn.method.sketches(server, fedn.client_ranks[i], fedn.sketch_stream))
              for i in clients]
     updates = train_clients("sequential", server.model, clients, downs,
                             [fedn.batch_streams[i] for i in clients], lm_batch_loss,

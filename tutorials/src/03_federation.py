@@ -31,7 +31,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-from fslora_min.budgets import PAPER_RATIOS, ranks_from_ratios
+from fslora_min.ranks import PAPER_RATIOS, ranks_from_ratios
 from fslora_min.client import ClientConfig, train_client
 from fslora_min.data import DataConfig, make_federated_data
 from fslora_min.federation import Federation, FederationConfig, evaluate, lm_batch_loss
@@ -131,7 +131,7 @@ records = [fed.run_round(t) for t in range(2, fed_cfg.rounds + 1)]
 print(f"{'round':>5} {'participants':>14} {'k_i':>12} {'KiB up per participant':>28} {'loss':>7}")
 for rec in records[:5] + records[-2:]:
     kib = " ".join(f"{b / 1024:.1f}" for b in rec.bytes_up)
-    print(f"{rec.round:5d} {str(rec.participants):>14} {str(rec.ranks):>12} {kib:>28} "
+    print(f"{rec.round:5d} {str(rec.participants):>14} {str(rec.client_ranks):>12} {kib:>28} "
           f"{rec.heldout_loss:7.4f}")
 full = 4 * lora_cfg.rank * sum(m + n for m, n in server.shapes.values()) / 1024
 print(f"(a full-rank client, k = r = {lora_cfg.rank}, would move {full:.1f} KiB each way)")
@@ -156,7 +156,7 @@ for rec in records:
         up_per_client[i] += b
 coverage = np.array([server.coverage[nm].numpy() for nm in names])  # (modules, r)
 expected = (sum(ranks[i] for i in participants)
-            + sum(sum(rec.ranks) for rec in records)) / lora_cfg.rank
+            + sum(sum(rec.client_ranks) for rec in records)) / lora_cfg.rank
 print(f"coverage: mean {coverage.mean():.1f}, min {coverage.min()}, max {coverage.max()} "
       f"(expected {expected:.1f} per index)")
 print("KiB uploaded per client over the run:", np.round(up_per_client / 1024, 1).tolist())
@@ -179,4 +179,4 @@ fig.tight_layout()
 # The first point of the loss curve is the pretrained base model (LoRA starts at `B = 0`). The
 # loss falls although most participants train only 1 or 2 of the 8 ranks per module, and the
 # heatmap is flat up to sampling noise. Notebook 4 asks whether this beats the baselines at
-# the same per-client budgets.
+# the same client ranks k_i.
