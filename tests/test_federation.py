@@ -166,7 +166,8 @@ def test_a_run_on_the_triton_kernels_matches_the_pytorch_run(cache, triton_calls
     for backend in ("torch", "triton"):
         cfg = tiny_experiment(str(cache / backend), rounds=1, num_clients=2, participants=2,
                               engine="sequential", lora_backend=backend, lora_gemm="merged")
-        cfg = dataclasses.replace(cfg, device="cuda" if torch.cuda.is_available() else "cpu",
+        cfg = dataclasses.replace(cfg, compute=dataclasses.replace(
+            cfg.compute, device="cuda" if torch.cuda.is_available() else "cpu"),
                                   client=dataclasses.replace(cfg.client, local_steps=2))
         history, _ = run_experiment(cfg, progress=False)
         losses[backend] = [history.initial_loss] + [r.heldout_loss for r in history.rounds]
