@@ -166,9 +166,10 @@ def test_a_run_on_the_triton_kernels_matches_the_pytorch_run(cache, triton_calls
     for backend in ("torch", "triton"):
         cfg = tiny_experiment(str(cache / backend), rounds=1, num_clients=2, participants=2,
                               engine="sequential", lora_backend=backend, lora_gemm="merged")
-        cfg = dataclasses.replace(cfg, compute=dataclasses.replace(
-            cfg.compute, device="cuda" if torch.cuda.is_available() else "cpu"),
-                                  client=dataclasses.replace(cfg.client, local_steps=2))
+        cfg = dataclasses.replace(
+            cfg, client=dataclasses.replace(cfg.client, local_steps=2),
+            compute=dataclasses.replace(cfg.compute,
+                                        device="cuda" if torch.cuda.is_available() else "cpu"))
         history, _ = run_experiment(cfg, progress=False)
         losses[backend] = [history.initial_loss] + [r.heldout_loss for r in history.rounds]
     assert triton_calls and set(triton_calls) == {"merged"}  # what the config named, in every kernel call
