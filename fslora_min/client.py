@@ -1,11 +1,11 @@
-"""The client side of one FSLoRA round (FSLORA.md section 3, steps 3 and 4).
+"""The client side of one FSLoRA round (docs/method.md section 3, steps 3 and 4).
 
 Client i receives, per adapted module, its compact factors b = B[:, I] (m x k_i) and
 a = A[I, :] (k_i x n) with the index set I. It trains only them, for H local steps, in the
 forward W0 + s (r/k_i) b a, and uploads the deltas (b_H - b_0, a_H - a_0). Its trainable
 parameters and optimizer state are the compact factors: they scale with k_i, never with r.
 Training b, a directly is exact for any optimizer, where "train B S with gradients scaled by
-S^2" is exact only for plain SGD (FSLORA.md section 3, last paragraph).
+S^2" is exact only for plain SGD (docs/method.md section 3, last paragraph).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 # %% [markdown]
 # # 3. A tiny federation, round by round
 #
-# FSLoRA's round (FSLORA.md section 3): the server samples participants; for each participant
+# FSLoRA's round (docs/method.md section 3): the server samples participants; for each participant
 # and each LoRA module it draws an index set `I` of size `k_i` and sends `B[:, I]` and `A[I, :]`;
 # the client trains those compact factors for `H` local steps and sends back their deltas; the
 # server zero-pads the deltas to rank `r` and averages them over the participants.
