@@ -7,7 +7,7 @@ The loop (fslora_min/federation.py) asks a `Method` four things each round:
   4. `aggregate(server, updates, downlinks)`: how the server turns the uploads into its new state.
 Before the run, `global_rank(r, client_ranks, full_rank)` and `trained_ranks(client_ranks, r)`
 say what
-rank the server holds and what rank each client actually trains (FSLORA.md section 4).
+rank the server holds and what rank each client actually trains (docs/method.md section 5).
 
 LoRA scale convention (one for all methods): the global model is W0 + s B A with s = alpha / R
 (R the server's rank); a client trains W0 + s_i b a with s_i = s * (diagonal value of its
@@ -38,7 +38,8 @@ def payload_numbers(downlink: Downlink) -> int:
 
 
 class Method:
-    """FSLoRA (FSLORA.md section 3): uniform random k_i-subsets at scale r / k_i, padded average.
+    """FSLoRA (docs/method.md section 3): uniform random k_i-subsets at sketch weight r / k_i,
+    padded average.
 
     The other methods override only the pieces in which they differ.
     """

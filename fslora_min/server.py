@@ -1,4 +1,4 @@
-"""The server side of one FSLoRA round (FSLORA.md section 3, steps 1, 2 and 5).
+"""The server side of one FSLoRA round (docs/method.md section 3, steps 1, 2 and 5).
 
 The server holds the global factors X = [B; A] (the LoRA layers of its model), samples the
 participants, sends each its compact factors b = B[:, I], a = A[I, :], zero-pads the deltas
@@ -63,7 +63,7 @@ def pad_delta(db: torch.Tensor, da: torch.Tensor, index: torch.Tensor,
 
 def average_padded_deltas(updates: list[ClientUpdate], r: int,
                           per_index: bool = False) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """D = (1/|P|) sum_i pad_I_i(d_i) per module (FSLORA.md section 3, step 5).
+    """D = (1/|P|) sum_i pad_I_i(d_i) per module (docs/method.md section 3, step 5).
 
     With `per_index`, rank j is divided by the number of participants that drew it instead of
     |P| (the variant; an index nobody drew stays zero either way).
