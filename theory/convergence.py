@@ -1,4 +1,4 @@
-"""Theorem 4.4 and Corollary 4.5 checked on the least-squares LoRA problem (FSLORA.md section 5).
+"""Theorem 4.4 and Corollary 4.5 checked on the least-squares LoRA problem (docs/method.md section 6).
 
 For each setting (sketching ratio k/r, the paper's mixed ratios k_i = 1, 2, 4, 6 of 8, local
 steps H, clients N) we measure the constants over the region the runs visit, run FSLoRA at the

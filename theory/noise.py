@@ -1,4 +1,4 @@
-"""Theorem 4.4 where its noise terms carry the inequality (FSLORA.md section 5; docs/method.md).
+"""Theorem 4.4 where its noise terms carry the inequality (docs/method.md section 6).
 
 The checks of theory/convergence.py start far from a stationary point and run deterministic-
 looking descent: the gap term 4 (f^S(X^0) - f*) / (gamma T H) alone already bounds what they
