@@ -168,10 +168,16 @@ def plot(spectrum: tuple[float, ...], runs: dict[tuple[int, int], float], folder
     axes[0].legend(fontsize=8)
     r = 8
     ks = np.arange(1, r + 1)
-    for j, method in enumerate(FIXED_POINT_METHODS[:4]):
+    labels = {"fslora": "fslora (closed form)",  # with every client at k, fedavg-min, hetlora
+              "fedavg-min": "rank-k LoRA: fedavg-min = hetlora = flexlora",  # and flexlora agree
+              "fedavg-full": "rank-r LoRA: fedavg-full (flora: also 0)"}
+    for j, (method, label) in enumerate(labels.items()):
         vals = [predicted_fixed_point(method, spectrum, r, (k,)).excess_loss for k in ks]
         axes[1].plot(ks / r, vals, "o-" if method == "fslora" else "s--", color=f"C{j + 3}",
-                     label=method if method != "hetlora" else "hetlora = flexlora (same k)")
+                     label=label)
+    axes[1].plot([runs_k / 8 for runs_k, rr in runs if rr == 8],
+                 [v for (runs_k, rr), v in runs.items() if rr == 8], "o", color="C3", mfc="none",
+                 ms=10, label="long FSLoRA runs")
     axes[1].set(xlabel="sketching ratio k/r (every client alike), r = 8",
                 ylabel="excess loss at the fixed point", title="against k/r, with the baselines")
     axes[1].legend(fontsize=8)
