@@ -74,10 +74,11 @@ def train_client(model: nn.Module, client_id: int, downlink: dict[str, CompactFa
     server's tensors are never written here.
     """
     device = next(model.parameters()).device
-    local = {name: CompactFactors(f.b.detach().clone().to(device).requires_grad_(True),
-                                  f.a.detach().clone().to(device).requires_grad_(True), f.sketch)
+    local = {name: CompactFactors(f.b.detach().clone().to(device).requires_grad_(f.train_b),
+                                  f.a.detach().clone().to(device).requires_grad_(f.train_a),
+                                  f.sketch, f.fold, f.train_b, f.train_a)  # a fold stays frozen
              for name, f in downlink.items()}
-    params = [t for f in local.values() for t in (f.b, f.a)]  # sum_modules k_i (m + n) numbers
+    params = [t for f in local.values() for t in (f.b, f.a) if t.requires_grad]
     opt = make_optimizer(params, cfg)
     with compact_factors(model, local):
         for _ in range(cfg.local_steps):

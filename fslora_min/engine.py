@@ -68,25 +68,45 @@ def default_clients_per_pass(model: nn.Module, batches: list[Minibatches]) -> in
 
 def stack_downlinks(downlinks: list[Downlink], scalings: dict[str, float],
                     device: torch.device) -> dict[str, BatchedFactors]:
-    """Per module: the P clients' (b_p, a_p) zero-padded to K = max k_p and stacked, trainable.
+    """Per module: the P clients' (b_p, a_p) zero-padded to K = max k_p and stacked, trainable
+    (each factor unless the clients' downlinks freeze it).
 
     coef[p, :k_p] = s * diag(S_p) at client p's ranks (r / k_p, or its own per-index values),
-    0 beyond: the forward of fslora_min/lora.py's compact mode, client by client.
+    0 beyond: the forward of fslora_min/lora.py's compact mode, client by client. The clients'
+    frozen folds (if any) are stacked the same way, never trainable.
     """
     out = {}
     for name in downlinks[0]:
         fs = [d[name] for d in downlinks]
-        P, K = len(fs), max(f.sketch.k for f in fs)
-        (m, _), (_, n) = fs[0].b.shape, fs[0].a.shape
-        b = torch.zeros(P, m, K, dtype=fs[0].b.dtype, device=device)  # (P, m, K)
-        a = torch.zeros(P, K, n, dtype=fs[0].a.dtype, device=device)  # (P, K, n)
-        coef = torch.zeros(P, K, dtype=b.dtype, device=device)  # (P, K)
-        for p, f in enumerate(fs):
-            k, w = f.sketch.k, f.sketch.per_index
-            b[p, :, :k], a[p, :k] = f.b, f.a
-            coef[p, :k] = scalings[name] * (f.sketch.scale if w is None else w.to(coef))
-        out[name] = BatchedFactors(b.requires_grad_(True), a.requires_grad_(True), coef)
+        out[name] = stack_client_factors(fs, scalings[name], device)
+        for factor in ("b", "a"):  # one optimizer over the stack: one choice for all clients
+            trains = {getattr(f, f"train_{factor}") for f in fs}
+            if len(trains) > 1:
+                raise ValueError(f"module {name}: some clients train {factor} and some do not; "
+                                 f"the batched engine needs one choice per pass")
+            getattr(out[name], factor).requires_grad_(trains.pop())
+        folds = [f.fold for f in fs]
+        if any(f is not None for f in folds):
+            out[name].fold = stack_client_factors(folds, scalings[name], device)  # frozen
     return out
+
+
+def stack_client_factors(fs: list[CompactFactors | None], scaling: float,
+                         device: torch.device) -> BatchedFactors:
+    """(P, m, K), (P, K, n) and coef (P, K) of P clients' factors (None: rank 0), no grad."""
+    given = [f for f in fs if f is not None]
+    P, K = len(fs), max(f.sketch.k for f in given)
+    (m, _), (_, n) = given[0].b.shape, given[0].a.shape
+    b = torch.zeros(P, m, K, dtype=given[0].b.dtype, device=device)  # (P, m, K)
+    a = torch.zeros(P, K, n, dtype=given[0].a.dtype, device=device)  # (P, K, n)
+    coef = torch.zeros(P, K, dtype=b.dtype, device=device)  # (P, K)
+    for p, f in enumerate(fs):
+        if f is None:
+            continue
+        k, w = f.sketch.k, f.sketch.per_index
+        b[p, :, :k], a[p, :k] = f.b, f.a
+        coef[p, :k] = scaling * (f.sketch.scale if w is None else w.to(coef))
+    return BatchedFactors(b, a, coef)
 
 
 def client_losses(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
@@ -107,7 +127,7 @@ def train_clients_batched(model: nn.Module, client_ids: list[int], downlinks: li
     device = next(model.parameters()).device
     scalings = {name: layer.scaling for name, layer in lora_modules(model)}
     factors = stack_downlinks(downlinks, scalings, device)
-    params = [t for f in factors.values() for t in (f.b, f.a)]
+    params = [t for f in factors.values() for t in (f.b, f.a) if t.requires_grad]
     opt = make_optimizer(params, cfg)  # elementwise: P independent SGD or AdamW optimizers
     with batched_compact_factors(model, factors):
         for _ in range(cfg.local_steps):
@@ -127,7 +147,8 @@ def train_clients_batched(model: nn.Module, client_ids: list[int], downlinks: li
             k = f.sketch.k
             db = factors[name].b.detach()[p, :, :k] - f.b.to(device)  # (m, k)
             da = factors[name].a.detach()[p, :k] - f.a.to(device)  # (k, n)
-            deltas[name], numbers = (db, da), numbers + db.numel() + da.numel()
+            deltas[name] = (db, da)
+            numbers += db.numel() * f.train_b + da.numel() * f.train_a
         updates.append(ClientUpdate(i, {n: f.sketch for n, f in down.items()}, deltas,
                                     num_examples[p], numbers))
     return updates

@@ -151,8 +151,8 @@ def build_federation(cfg: ExperimentConfig, progress: bool = True) -> tuple[Fede
         "lora_modules": len(names), "global_lora_parameters": count_lora_parameters(model),
         "module_shapes": list(shapes.values()),
         "client_budgets": budgets, "client_ranks": ranks,
-        "client_trainable_parameters": [sum(k * (m + n) for m, n in shapes.values())
-                                        for k in ranks],
+        "client_trainable_parameters": [sum(method.trainable_numbers(k, global_rank, m, n)
+                                            for m, n in shapes.values()) for k in ranks],
     }
     return Federation(server, data, ranks, fed, cfg.client, method), info
 

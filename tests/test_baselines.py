@@ -168,7 +168,7 @@ def test_every_method_sees_the_same_participants_and_learns(tmp_path):
         budgets = budgets or info["client_budgets"]
         assert info["client_budgets"] == budgets
         assert all(math.isfinite(rec.heldout_loss) for rec in history.rounds)
-        if method == "fedavg-min":
+        if method in ("fedavg-min", "ffa-lora", "rolora", "fedex-lora"):  # rank min_i k_i
             assert set(info["client_ranks"]) == {min(budgets)}
             assert info["global_rank"] == min(budgets)
         elif method != "fedavg-full":
