@@ -89,7 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "r/k_i; fedavg-min / fedavg-full: every client trains rank min_i k_i / r; "
                         "hetlora: the first k_i ranks; flexlora: SVD of the averaged product; "
                         "flora: stacking merged into W0; fslora-topk / fslora-importance: "
-                        "importance-based index sets without / with 1/pi reweighting")
+                        "importance-based index sets without / with 1/pi reweighting; "
+                        "fed-plora: k_i random ranks trained, the rest folded into W0; flasc: "
+                        "dense rank-r local LoRA, top-k messages of FSLoRA's bytes; ffa-lora / "
+                        "rolora / fedex-lora (rank min_i k_i): A frozen / A and B in alternate "
+                        "rounds / the averaging residual folded into W0")
     g.add_argument("--rank", type=int, default=d_fed.rank, help="global LoRA rank r")
     g.add_argument("--ratios", type=_ratio, nargs="+", default=d_exp.ratios,
                    help="sketching ratios k_i/r in (0, 1], given to clients in turn")
@@ -122,7 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="avg: X += eta_g D; sgdm/adam: FedOpt on the pseudo-gradient -D")
     g.add_argument("--global-lr", type=float, default=d_srv.global_lr, help="eta_g")
     g.add_argument("--aggregation", choices=AGGREGATIONS, default=d_srv.aggregation,
-                   help="divide by the participants, or per rank by the clients that drew it")
+                   help="per rank index: divide by the participants (the paper), by the "
+                        "clients that drew it (coverage), or weight by the data of the clients "
+                        "that drew it (data: RB-LoRA)")
     g = run.add_argument_group("run")
     g.add_argument("--preset", choices=PRESETS, default="default",
                    help="model and data size: default (the demo) or tiny (seconds, for tests)")

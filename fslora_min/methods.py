@@ -1,12 +1,19 @@
 """FSLoRA and its baselines as small strategy objects plugged into ONE federation loop.
 
-The loop (fslora_min/federation.py) asks a `Method` four things each round:
+The loop (fslora_min/federation.py) asks a `Method` these things each round:
   1. `sketches(server, k_i, generator)`: which ranks client i trains, at which diagonal values;
-  2. `downlink(server, sketches)`: the compact factors b_0 (m x k_i), a_0 (k_i x n) it starts at;
+  2. `downlink(server, sketches)`: the compact factors b_0 (m x k_i), a_0 (k_i x n) it starts at,
+     which of them it trains, and any frozen ranks it folds beside W0 (CompactFactors);
   3. `numbers_down(downlink)`: how many numbers that message costs;
-  4. `aggregate(server, updates, downlinks)`: how the server turns the uploads into its new state.
+  4. `client_upload(update, downlink)` and `numbers_up(update, downlink)`: what the client
+     sends of its trained deltas, and how many numbers that costs;
+  5. `aggregate(server, updates, downlinks)`: how the server turns the uploads into its new state.
 Before the run, `global_rank(r, budgets, full_rank)` and `client_ranks(budgets, r)` say what
-rank the server holds and what rank each client actually trains (FSLORA.md section 4).
+rank the server holds and what rank each client actually trains (FSLORA.md section 4), and
+`trainable_numbers(k, R, m, n)` what a client trains per module (its memory).
+The last section holds the methods published since FSLoRA (Fed-PLoRA, FLASC, FFA-LoRA, RoLoRA,
+FedEx-LoRA); the per-rank normalizer (RB-LoRA's data weighting among them) is the server's
+switch, ServerConfig.aggregation.
 
 LoRA scale convention (one for all methods): the global model is W0 + s B A with s = alpha / R
 (R the server's rank); a client trains W0 + s_i b a with s_i = s * (diagonal value of its
@@ -33,10 +40,13 @@ Downlink = dict[str, CompactFactors]
 
 
 def payload_numbers(downlink: Downlink) -> int:
-    """Numbers in a message of per-module factor pairs and their folds (Fed-PLoRA's frozen
-    ranks travel too); index sets, a few bytes, are not counted."""
-    return sum(f.b.numel() + f.a.numel() + (0 if f.fold is None else payload_numbers({"": f.fold}))
-               for f in downlink.values())
+    """Numbers in a message of per-module factor pairs (index sets, a few bytes, not counted)."""
+    return sum(factor_numbers(f) for f in downlink.values())
+
+
+def factor_numbers(f: CompactFactors) -> int:
+    """b and a, and the fold's factors when there is one (Fed-PLoRA's frozen ranks travel too)."""
+    return f.b.numel() + f.a.numel() + (0 if f.fold is None else factor_numbers(f.fold))
 
 
 class Method:
