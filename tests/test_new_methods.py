@@ -12,7 +12,7 @@ from fslora_min.cli import build_parser
 from fslora_min.client import ClientUpdate
 from fslora_min.lora import LoRALinear, compact_factors, global_factors
 from fslora_min.methods import (FLASC, METHODS, FedAvgLoRA, FedExLoRA, FedPLoRA, FFALoRA,
-                                Method, RoLoRA, fold_weights, top_k_entries)
+                                HetLoRA, Method, RoLoRA, fold_weights, top_k_entries)
 from fslora_min.server import AGGREGATIONS, Server, ServerConfig, average_padded_deltas
 from fslora_min.sketch import Sketch
 from tests.test_engine import federation, rel
@@ -81,13 +81,17 @@ def test_fed_plora_fold_is_the_dense_folded_weight_forward_and_backward():
     assert f.fold.b.grad is None and f.fold.a.grad is None  # the fold stays frozen
 
 
-def test_fed_plora_with_every_n_i_equal_r_is_fedavg_lora_step_for_step():
+@pytest.mark.parametrize("make", [FedPLoRA, HetLoRA, lambda: FLASC(position_numbers=0)],
+                         ids=["fed-plora", "hetlora", "flasc, positions free"])
+def test_with_every_budget_r_it_is_fedavg_lora_step_for_step(make):
+    """Fed-PLoRA with every N_i = R folds nothing; HetLoRA's prefix is every rank; FLASC with
+    the whole budget for values sends everything. Each is then FedAvg-LoRA, bit for bit."""
     r = 4
-    plora = tiny_federation([r, r, r], r, method=FedPLoRA())
+    new = tiny_federation([r, r, r], r, method=make())
     avg = tiny_federation([r, r, r], r, method=FedAvgLoRA(full=True))
     for t in range(1, 4):
-        plora.run_round(t), avg.run_round(t)
-        assert same_model(plora.server.model, avg.server.model), t
+        new.run_round(t), avg.run_round(t)
+        assert same_model(new.server.model, avg.server.model), t
 
 
 # ---------------------------------------------------------------- per-rank normalizers
@@ -256,15 +260,6 @@ def test_flasc_moves_the_bytes_of_fslora_at_the_same_budgets_and_trains_dense():
             assert f.sketch.k == 4 and f.sketch.entries == k * (m + n) // 2
             assert int(f.b.count_nonzero() + f.a.count_nonzero()) <= f.sketch.entries
     assert FLASC().trainable_numbers(1, 4, 16, 64) == 4 * 80  # dense local LoRA: rank R memory
-
-
-def test_flasc_without_sparsity_is_fedavg_lora_step_for_step():
-    r = 4
-    flasc = tiny_federation([r, r], r, method=FLASC(position_numbers=0))
-    avg = tiny_federation([r, r], r, method=FedAvgLoRA(full=True))
-    for t in (1, 2):
-        flasc.run_round(t), avg.run_round(t)
-        assert same_model(flasc.server.model, avg.server.model), t
 
 
 # ---------------------------------------------------------------- the one loop and its accounting
