@@ -4,19 +4,24 @@ FedAvg-LoRA where one exists, and what it moves and trains by the one accounting
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn as nn
 
 from fslora_min.cli import build_parser
 from fslora_min.client import ClientUpdate
+from fslora_min.experiment import run_experiment
+from fslora_min.federation import Federation
 from fslora_min.lora import LoRALinear, compact_factors, global_factors
 from fslora_min.methods import (FLASC, METHODS, FedAvgLoRA, FedExLoRA, FedPLoRA, FFALoRA,
                                 HetLoRA, Method, RoLoRA, fold_weights, top_k_entries)
 from fslora_min.server import AGGREGATIONS, Server, ServerConfig, average_padded_deltas
 from fslora_min.sketch import Sketch
 from tests.test_engine import federation, rel
-from tests.tiny import TEST_CONFIG, tiny_federation, tiny_lora_model
+from tests.test_reliability import Interrupt, assert_same_model, final_state, without_timing
+from tests.tiny import TEST_CONFIG, tiny_experiment, tiny_federation, tiny_lora_model
 
 NEW_METHODS = ("fed-plora", "flasc", "ffa-lora", "rolora", "fedex-lora")
 
@@ -323,3 +328,27 @@ def test_cli_offers_every_method_by_name(capsys):
         parser.parse_args(["run", "--method", "fed-lora"])
     err = capsys.readouterr().err  # argparse lists the choices: METHODS
     assert all(f"'{m}'" in err for m in NEW_METHODS)
+
+
+@pytest.mark.parametrize("method", ["rolora", "fedex-lora"])  # the new methods with state
+def test_interrupted_and_resumed_run_equals_uninterrupted_run(method, tmp_path, monkeypatch):
+    """Cut after round 1 (RoLoRA's next factor is A; FedEx-LoRA owes round 1's residual)."""
+    def config(out: str):
+        cfg = tiny_experiment(out, rounds=3, participants=3)
+        return dataclasses.replace(cfg, method=method, checkpoint_every=1)
+
+    full, _ = run_experiment(config(str(tmp_path / "full")), progress=False)
+    play = Federation.run_round
+
+    def crash_in_round_2(self, t):
+        if t == 2:
+            raise Interrupt
+        return play(self, t)
+
+    with monkeypatch.context() as mp:
+        mp.setattr(Federation, "run_round", crash_in_round_2)
+        with pytest.raises(Interrupt):
+            run_experiment(config(str(tmp_path / "cut")), progress=False)
+    resumed, _ = run_experiment(config(str(tmp_path / "cut")), progress=False, resume=True)
+    assert without_timing(resumed.to_dict()) == without_timing(full.to_dict())
+    assert_same_model(final_state(tmp_path / "cut"), final_state(tmp_path / "full"))
