@@ -88,9 +88,9 @@ class Method:
                       + da.numel() * (f is None or f.train_a))
         return total
 
-    def trainable_numbers(self, k: int, rank: int, m: int, n: int) -> int:
-        """Numbers a client of rank k trains on one m x n module (its memory scales with it)."""
-        return k * (m + n)
+    def trainable_numbers(self, client_rank: int, rank: int, m: int, n: int) -> int:
+        """Numbers a client of rank k_i trains on one m x n module (its memory scales with it)."""
+        return client_rank * (m + n)
 
     def aggregate(self, server: Server, updates: list[ClientUpdate],
                   downlinks: list[Downlink]) -> None:
@@ -390,8 +390,10 @@ class FedPLoRA(Method):
 
     name = "fed-plora"
 
-    def sketches(self, server: Server, k: int, generator: torch.Generator) -> dict[str, Sketch]:
-        return {name: Sketch(sample_index_set(server.rank, k, generator), server.rank, weight=1.0)
+    def sketches(self, server: Server, client_rank: int,
+                 generator: torch.Generator) -> dict[str, Sketch]:
+        return {name: Sketch(sample_index_set(server.rank, client_rank, generator),
+                             server.rank, weight=1.0)
                 for name in server.module_names}
 
     def downlink(self, server: Server, sketches: dict[str, Sketch]) -> Downlink:
@@ -458,16 +460,17 @@ class FLASC(Method):
     def __init__(self, position_numbers: int = 1) -> None:
         self.position_numbers = position_numbers
 
-    def entries(self, k: int, rank: int, m: int, n: int) -> int:
-        """d = min(k (m + n) // (1 + position numbers), R (m + n)): entries per message."""
-        return min(k * (m + n) // (1 + self.position_numbers), rank * (m + n))
+    def entries(self, client_rank: int, rank: int, m: int, n: int) -> int:
+        """d_i = min(k_i (m + n) // (1 + position numbers), R (m + n)): entries per message."""
+        return min(client_rank * (m + n) // (1 + self.position_numbers), rank * (m + n))
 
-    def trainable_numbers(self, k: int, rank: int, m: int, n: int) -> int:
+    def trainable_numbers(self, client_rank: int, rank: int, m: int, n: int) -> int:
         return rank * (m + n)
 
-    def sketches(self, server: Server, k: int, generator: torch.Generator) -> dict[str, Sketch]:
+    def sketches(self, server: Server, client_rank: int,
+                 generator: torch.Generator) -> dict[str, Sketch]:
         return {name: SparseSketch(torch.arange(server.rank), server.rank, 1.0,
-                                  self.entries(k, server.rank, *server.shapes[name]))
+                                  self.entries(client_rank, server.rank, *server.shapes[name]))
                 for name in server.module_names}
 
     def downlink(self, server: Server, sketches: dict[str, Sketch]) -> Downlink:
@@ -494,7 +497,7 @@ class FFALoRA(FedAvgLoRA):
 
     With A shared, sum_i p_i B_i A = (sum_i p_i B_i) A: averaging is exact. Choices: every
     client at rank R = min_i k_i (feasible, as fedavg-min); the download is B only (A is
-    regenerated from the shared init seed), the upload dB only, the memory k m per module.
+    regenerated from the shared init seed), the upload dB only, the memory R m per module.
     """
 
     def __init__(self) -> None:
@@ -510,8 +513,8 @@ class FFALoRA(FedAvgLoRA):
     def numbers_down(self, downlink: Downlink) -> int:
         return sum(f.b.numel() for f in downlink.values())
 
-    def trainable_numbers(self, k: int, rank: int, m: int, n: int) -> int:
-        return k * m
+    def trainable_numbers(self, client_rank: int, rank: int, m: int, n: int) -> int:
+        return client_rank * m
 
 
 class RoLoRA(FedAvgLoRA):
@@ -522,7 +525,7 @@ class RoLoRA(FedAvgLoRA):
     averages. Choices: B first (at init B = 0, so A's gradient s B^T G is zero and an A round
     would be wasted); the phase moves on at each aggregation (a round in which nobody reports
     retries the same factor); every client at rank R = min_i k_i; the download is both
-    factors, the upload the trained one; memory max(k m, k n) per module.
+    factors, the upload the trained one; memory R max(m, n) per module.
     """
 
     def __init__(self) -> None:
@@ -541,8 +544,8 @@ class RoLoRA(FedAvgLoRA):
         server.apply_updates(updates)
         self.train_b = not self.train_b
 
-    def trainable_numbers(self, k: int, rank: int, m: int, n: int) -> int:
-        return k * max(m, n)
+    def trainable_numbers(self, client_rank: int, rank: int, m: int, n: int) -> int:
+        return client_rank * max(m, n)
 
     def state_dict(self) -> dict:
         return {"train_b": self.train_b}
