@@ -12,13 +12,13 @@ It counts the numbers each client moves and how often each rank index was traine
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
 from fslora_min.client import ClientUpdate
+from fslora_min.knobs import check_knobs, knob
 from fslora_min.lora import CompactFactors, lora_modules
 from fslora_min.sketch import Sketch
 
@@ -28,23 +28,20 @@ AGGREGATIONS = ("participants", "coverage", "data")  # per-rank normalizers
 
 @dataclass
 class ServerConfig:
-    optimizer: str = "avg"  # "avg": X <- X + eta_g D; "sgdm" and "adam" step on -D (FedOpt)
-    global_lr: float = 1.0  # eta_g
-    momentum: float = 0.9  # sgdm only
-    aggregation: str = "participants"  # per-rank divisor: server.index_normalizer
+    optimizer: str = knob("avg", "avg: X <- X + eta_g D; sgdm / adam: FedOpt steps on the "
+                                 "pseudo-gradient -D", flag="--server-optimizer",
+                          choices=SERVER_OPTIMIZERS)
+    server_lr: float = knob(1.0, "server step eta_g", aliases=("--global-lr",), check="positive")
+    momentum: float = knob(0.9, "the sgdm server optimizer's momentum", flag="--server-momentum",
+                           check="probability")
+    aggregation: str = knob("participants", "per rank index: divide the summed deltas by the "
+                                            "participants (participants, the paper), by the "
+                                            "clients that drew it (coverage), or weight them "
+                                            "by the data of the clients that drew it (data: "
+                                            "RB-LoRA)", choices=AGGREGATIONS)
 
     def __post_init__(self) -> None:
-        if self.optimizer not in SERVER_OPTIMIZERS:
-            raise ValueError(f"server optimizer must be one of {SERVER_OPTIMIZERS}, "
-                             f"got {self.optimizer!r}")
-        if not (math.isfinite(self.global_lr) and self.global_lr > 0):
-            raise ValueError(f"global learning rate must be positive and finite, "
-                             f"got {self.global_lr!r}")
-        if not 0 <= self.momentum < 1:
-            raise ValueError(f"server momentum must be in [0, 1), got {self.momentum!r}")
-        if self.aggregation not in AGGREGATIONS:
-            raise ValueError(f"aggregation must be one of {AGGREGATIONS}, "
-                             f"got {self.aggregation!r}")
+        check_knobs(self)
 
 
 def sample_participants(num_clients: int, participants: int,
@@ -70,7 +67,7 @@ def index_normalizer(drawn: torch.Tensor, data_drawn: torch.Tensor, participants
                      normalizer: str) -> torch.Tensor:
     """The per-rank divisor c_j of D_j = (1 / c_j) sum_{i in P, j in I_i} w_i d_ij, shape (r,).
 
-    "participants" (the paper, FSLORA.md section 3, step 5): c_j = |P|, w_i = 1;
+    "participants" (FSLoRA, arXiv 2501.19389): c_j = |P|, w_i = 1;
     "coverage": c_j = #{i in P : j in I_i}, w_i = 1 (the mean over the clients that drew j);
     "data" (RB-LoRA, Findings of EACL 2026, as this project reads it): c_j = sum_{i in P, j in
     I_i} n_i, w_i = n_i (the data-weighted mean over the clients that drew j).
@@ -127,10 +124,10 @@ class Server:
         self.coverage = {n: torch.zeros(self.rank, dtype=torch.long) for n in self.modules}
         params = [p for m in self.modules.values() for p in (m.lora_B, m.lora_A)]
         if cfg.optimizer == "adam":
-            self.optimizer = torch.optim.Adam(params, lr=cfg.global_lr)
+            self.optimizer = torch.optim.Adam(params, lr=cfg.server_lr)
         else:  # "avg" is SGD without momentum on -D: X - eta_g (-D) = X + eta_g D
             momentum = cfg.momentum if cfg.optimizer == "sgdm" else 0.0
-            self.optimizer = torch.optim.SGD(params, lr=cfg.global_lr, momentum=momentum)
+            self.optimizer = torch.optim.SGD(params, lr=cfg.server_lr, momentum=momentum)
 
     @property
     def module_names(self) -> list[str]:

@@ -11,7 +11,7 @@ W0: (m, n)):
     dx = dy W0 + c (dy B[:, I]) A[I]         dA[I] = c (dy B[:, I])^T x
     dB[:, I] = c dy^T (x A[I]^T)             (W0 and bias are frozen; other ranks get 0)
 
-Pseudo-code (kernels/matmul.py has the kernels):
+Pseudo-code (kernels/skinny.py and kernels/matmul.py have the kernels):
 
     forward:  u = c x A[I]^T                  (T, k)  `shrink`: one read of x, one launch
               y = fused(x, W0^T, bias, u, B[:, I]^T)  base GEMM whose K loop ends with one
@@ -45,8 +45,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from kernels.matmul import (INTERPRET, fused_linear, new_output, reduce_partials, shrink,
-                            shrink_dy, skinny_partials)
+from kernels.matmul import INTERPRET, fused_linear, new_output
+from kernels.skinny import reduce_partials, shrink, shrink_dy, skinny_partials
 from kernels.matmul_tma import fused_linear_tma
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)

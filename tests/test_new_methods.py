@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from fslora_min.cli import build_parser
+from fslora_min.cli import build_parser, config_from_args
 from fslora_min.client import ClientUpdate
 from fslora_min.experiment import run_experiment
 from fslora_min.federation import Federation
@@ -74,9 +74,9 @@ def test_fed_plora_fold_is_the_dense_folded_weight_forward_and_backward():
     f.b.requires_grad_(True), f.a.requires_grad_(True)
     x = torch.randn(3, n, dtype=torch.float64)
     b_ref, a_ref = (t.detach().clone().requires_grad_(True) for t in (f.b, f.a))
-    w_i = fold_weights(layer.weight, layer.scaling, layer.lora_B.detach(),
+    w_i = fold_weights(layer.weight, layer.scale, layer.lora_B.detach(),
                        layer.lora_A.detach(), f.sketch.index)  # W0_i, dense
-    ref = x @ (w_i + layer.scaling * b_ref @ a_ref).T + layer.bias
+    ref = x @ (w_i + layer.scale * b_ref @ a_ref).T + layer.bias
     with compact_factors(server.model, {"l": f}):
         out = layer(x)
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
@@ -177,7 +177,7 @@ def random_round(server: Server, method: Method, ks: list[int], sizes: list[int]
 
 def mean_product(server: Server, downs, ups, weights: list[float]) -> torch.Tensor:
     """sum_i p_i s (b_0 + db_i)(a_0 + da_i): the average of the clients' LoRA updates."""
-    s = server.modules["l"].scaling
+    s = server.modules["l"].scale
     return sum(p * s * (d["l"].b + u.deltas["l"][0]) @ (d["l"].a + u.deltas["l"][1])
                for d, u, p in zip(downs, ups, weights))
 
@@ -212,19 +212,19 @@ def test_ffa_lora_never_moves_a_and_rolora_alternates_b_then_a():
             assert torch.equal(B, before[n][0]) == (moved == "A"), (t, n)
 
 
-@pytest.mark.parametrize("global_lr, normalizer", [(1.0, "participants"), (1.0, "data"),
+@pytest.mark.parametrize("server_lr, normalizer", [(1.0, "participants"), (1.0, "data"),
                                                    (0.5, "participants")])
-def test_fedex_lora_folds_the_exact_residual_into_w0_on_non_square_modules(global_lr, normalizer):
+def test_fedex_lora_folds_the_exact_residual_into_w0_on_non_square_modules(server_lr, normalizer):
     m, n, R = 7, 5, 3  # non-square: the residual must be (m, n), not its transpose
     sizes = [10, 30, 20]
-    server = one_layer(m, n, R, global_lr=global_lr, aggregation=normalizer)
-    twin = one_layer(m, n, R, global_lr=global_lr, aggregation=normalizer)  # FedAvg-LoRA
+    server = one_layer(m, n, R, server_lr=server_lr, aggregation=normalizer)
+    twin = one_layer(m, n, R, server_lr=server_lr, aggregation=normalizer)  # FedAvg-LoRA
     layer = server.modules["l"]
     before = layer.weight.detach() + layer.delta_weight().detach()  # W0 + s B_0 A_0
     method = FedExLoRA()
     downs, ups = random_round(server, method, [R] * 3, sizes)
     p = ([s / sum(sizes) for s in sizes] if normalizer == "data" else [1 / 3] * 3)
-    target = (1 - global_lr) * before + global_lr * (layer.weight.detach()
+    target = (1 - server_lr) * before + server_lr * (layer.weight.detach()
                                                      + mean_product(server, downs, ups, p))
     method.aggregate(server, ups, downs)
     FedAvgLoRA(full=False).aggregate(twin, ups, downs)
@@ -323,7 +323,8 @@ def test_every_new_method_counts_what_it_moves_trains_and_covers():
 def test_cli_offers_every_method_by_name(capsys):
     parser = build_parser()
     for method in METHODS:
-        assert parser.parse_args(["run", "--method", method]).method == method
+        args = parser.parse_args(["run", "--method", method])
+        assert config_from_args(args).method == method
     with pytest.raises(SystemExit):
         parser.parse_args(["run", "--method", "fed-lora"])
     err = capsys.readouterr().err  # argparse lists the choices: METHODS

@@ -1,7 +1,7 @@
 # %% [markdown]
 # # 4. FSLoRA against the baselines
 #
-# Every method gets the same per-client budgets `k_i` and differs only in what a client trains
+# Every method gets the same client ranks `k_i` and differs only in what a client trains
 # and how the server aggregates (FSLORA.md section 4; `fslora_min/methods.py`: small strategy
 # objects plugged into the one federation loop of notebook 3):
 #
@@ -12,7 +12,7 @@
 # | `flexlora` | the full product | a rank-`k_i` truncated SVD of the global update | averages the clients' products `b a` |
 # | `flora` | merged into `W0` | a fresh rank-`k_i` LoRA each round | stacks the factors (exact sum), merges |
 # | `fedavg-min` | rank `min_i k_i` | all of it | averages (the feasible FedAvg) |
-# | `fedavg-full` | rank `r` | all of it, ignoring the budgets | averages (an upper reference) |
+# | `fedavg-full` | rank `r` | all of it, ignoring the client ranks | averages (an upper reference) |
 # | `fed-plora` | rank `r` | a uniform random `k_i` of the `r` ranks at the global scale, the others *folded* into its frozen weights | zero-pads and averages |
 # | `flasc` | rank `r` | all of it, from a top-entries copy; sends its top entries (FSLoRA's bytes at `k_i`) | averages the sparse deltas |
 # | `ffa-lora` | rank `min_i k_i` | `B` only (`A` frozen at its init) | averages `B` (exact) |
@@ -105,7 +105,7 @@ def show_result(name: str) -> None:
 #
 # Global held-out loss and accuracy (mean ± std over the evaluation seeds) after `T` rounds, the
 # KiB each client moves per round, its trainable numbers and its FLOPs per local step. Reading
-# guide: FSLoRA, HetLoRA, FlexLoRA and FLoRA all respect the budgets (the same `k_i`, the same
+# guide: FSLoRA, HetLoRA, FlexLoRA and FLoRA all respect the client ranks (the same `k_i`, the same
 # upload, except FLoRA's larger download of the stacked factors); `fedavg-min` is cheaper
 # (every client at `k = 2`) and `fedavg-full` breaks the budgets (every client at `k = 16`).
 # Of the newer methods, `fed-plora` has FSLoRA's upload and memory but downloads the whole
@@ -124,7 +124,7 @@ print((out / "main.md").read_text().split("## Client budgets from device profile
 # Three questions from the paper (FSLORA.md section 6), each a table and curves:
 #
 # - **global rank**: every client at `k = 4`, the server's `r` from `k` up (a larger `r` with the
-#   same budgets: each client sees a different slice of a bigger LoRA);
+#   same client ranks: each client sees a different slice of a bigger LoRA);
 # - **sketching ratio**: every client at the same `k / r`, `r = 16` (a larger ratio is less
 #   sketch noise, at a higher per-client cost);
 # - **same total upload**: sketching at ratio 1/2 for `2T` rounds against no sketching for `T`
@@ -151,9 +151,9 @@ ax.imshow(img)
 ax.axis("off");
 
 # %% [markdown]
-# ## Rescale or fold: FSLoRA against Fed-PLoRA on the same budgets
+# ## Rescale or fold: FSLoRA against Fed-PLoRA at the same client ranks
 #
-# Fed-PLoRA (Zhang, Hu, Xu, ICLR 2026) is FSLoRA's closest rival: the same budgets, the same
+# Fed-PLoRA (Zhang, Hu, Xu, ICLR 2026) is FSLoRA's closest rival: the same client ranks, the same
 # kind of message up (the deltas of `k_i` of the `r` ranks), and on one seed the very same index
 # sets (both draw them from the same random stream). The one difference is what a client does
 # with the `r - k_i` ranks it does not train:
@@ -167,9 +167,9 @@ ax.axis("off");
 #   the whole rank-`r` LoRA.
 #
 # First, where a client starts. We train the global model with FSLoRA for `T` rounds on the
-# comparison's task and budgets, then build each budget's downlink both ways (the same index
-# sets) and measure how far the client's starting output is from the global model's on
-# held-out sequences, with what each costs.
+# comparison's task and client ranks, then build each client rank's downlink both ways (the
+# same index sets) and measure how far the client's starting output is from the global
+# model's on held-out sequences, with what each costs.
 
 # %%
 from fslora_min.compare import budget_table
@@ -178,19 +178,19 @@ from fslora_min.lora import compact_factors
 from fslora_min.methods import FedPLoRA, Method, payload_numbers
 
 exp = task(cfg)
-budgets = budget_table(exp, cfg)[1]
-exp = replace(exp, budgets=budgets, client=replace(exp.client, lr=0.3))
+client_ranks = budget_table(exp, cfg)[1]
+exp = replace(exp, client_ranks=client_ranks, client=replace(exp.client, lr=0.3))
 fed, info = build_federation(exp, progress=False)
 fed.run(progress=False)
 x = fed.data.global_heldout[:32, :-1]  # (32, L) held-out inputs
 shapes = fed.server.shapes.values()
-print(f"FSLoRA, T={cfg.rounds} rounds, budgets k_i {budgets} of r={cfg.rank}, seed "
+print(f"FSLoRA, T={cfg.rounds} rounds, client ranks k_i {client_ranks} of r={cfg.rank}, seed "
       f"{exp.federation.seed}\n")
 print("k_i | start gap FSLoRA | start gap Fed-PLoRA | KiB down FSLoRA / Fed-PLoRA | KiB up (both) "
       "| trained numbers (both)")
 with torch.no_grad():
     ref = fed.server.model(x)  # (32, L, V) the global model's logits
-    for k in sorted(set(budgets)):
+    for k in sorted(set(client_ranks)):
         gap, kib_down = {}, {}
         for method in (Method(), FedPLoRA()):
             down = method.downlink(fed.server, method.sketches(fed.server, k,
@@ -200,25 +200,25 @@ with torch.no_grad():
             kib_down[method.name] = 4 * payload_numbers(down) / 1024
         numbers = sum(k * (m + n) for m, n in shapes)
         print(f"{k:3d} | {gap['fslora']:16.3e} | {gap['fed-plora']:19.3e} | "
-              f"{kib_down['fslora']:11.1f} / {kib_down['fed-plora']:9.1f} | {4 * numbers / 1024:13.1f}"
-              f" | {numbers}")
+              f"{kib_down['fslora']:11.1f} / {kib_down['fed-plora']:9.1f} | "
+              f"{4 * numbers / 1024:13.1f} | {numbers}")
 
 # %% [markdown]
 # The gap is the relative distance `||f_client(x) - f_global(x)|| / ||f_global(x)||` of the
-# logits: float rounding for Fed-PLoRA at every budget, and for FSLoRA largest at the smallest
-# budget (a `k_i = 2` client sees 2 of 16 ranks, blown up 8 times). Upload and client memory are
-# the same; Fed-PLoRA's download is the whole global LoRA whatever `k_i`.
+# logits: float rounding for Fed-PLoRA at every client rank, and for FSLoRA largest at the
+# smallest (a `k_i = 2` client sees 2 of 16 ranks, blown up 8 times). Upload and client memory
+# are the same; Fed-PLoRA's download is the whole global LoRA whatever `k_i`.
 #
-# Then, what training makes of it. Both methods were in the comparison run above, tuned the same
-# way on the same budgets and seeds; its `runs.jsonl` holds each run's curve. We plot both rows'
-# evaluation seeds.
+# Then, what training makes of it. Both methods were in the comparison run above, tuned the
+# same way at the same client ranks and seeds; its `runs.jsonl` holds each run's curve. We plot
+# both rows' evaluation seeds.
 
 # %%
 runs = [json.loads(line)["summary"] for line in (out / "runs.jsonl").read_text().splitlines()]
 fig, ax = plt.subplots(figsize=(6.5, 3.5))
 for name, color in (("fslora", "C0"), ("fed-plora", "C3")):
     mine = [r for r in runs if r["method"] == name and r["seed"] in cfg.seeds
-            and r["budgets"] == budgets and r["rounds"] == cfg.rounds]
+            and r["client_ranks"] == client_ranks and r["rounds"] == cfg.rounds]
     for r in mine:
         t, loss = np.array(r["curve"]).T
         ax.plot(t, loss, color=color, alpha=0.8,
@@ -255,10 +255,10 @@ for name in ("main", "global_rank", "sketch_ratio", "sketch_vs_nosketch", "impor
 # - **FSLoRA does not win at this size.** It is next to last among the main methods (only
 #   FFA-LoRA, every client at rank 2 with `A` frozen, ends higher), behind HetLoRA, FlexLoRA,
 #   FLoRA, both FedAvg rows and the newer methods, with the largest spread over seeds. The paper's
-#   ordering (FSLoRA first at equal budgets, after hundreds of rounds on RoBERTa and LLaMA) is not
+#   ordering (FSLoRA first at equal client ranks, after hundreds of rounds on RoBERTa and LLaMA) is not
 #   reproduced by 12 rounds of a width-32 toy: each client's update is a sketch whose variance
 #   grows like `r / k` (notebook 2), and 12 rounds of 4 clients average few of them.
-# - **Folding beats rescaling here**: on the same budgets, index draws and upload, Fed-PLoRA
+# - **Folding beats rescaling here**: at the same client ranks, index draws and upload, Fed-PLoRA
 #   ends far below FSLoRA, second only to the infeasible `fedavg-full`, for a download 2.5 times
 #   FSLoRA's. Its clients start at the global model; FSLoRA's start up to about one global
 #   output's norm away (the start-gap table).
