@@ -35,7 +35,8 @@ from fslora_min.pretrain import PretrainConfig
 from fslora_min.profiles import (DEFAULT_PROFILES, budgets_from_profiles, memory_bytes,
                                  upload_bytes)
 
-MAIN_METHODS = ("fslora", "hetlora", "flexlora", "flora", "fedavg-min", "fedavg-full")
+MAIN_METHODS = ("fslora", "hetlora", "flexlora", "flora", "fedavg-min", "fedavg-full", "fed-plora",
+                "flasc", "ffa-lora", "rolora", "fedex-lora")
 IMPORTANCE_METHODS = ("fslora", "fslora-topk", "fslora-importance")
 TABLES = ("main", "global_rank", "sketch_ratio", "sketch_vs_nosketch")  # main: + importance
 

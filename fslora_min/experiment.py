@@ -51,7 +51,11 @@ class ExperimentConfig:
                   "fedavg-min / fedavg-full: every client trains rank min_i k_i / r; hetlora: "
                   "the first k_i ranks; flexlora: SVD of the averaged product; flora: stacking "
                   "merged into W0; fslora-topk / fslora-importance: importance-based index sets "
-                  "without / with 1/pi reweighting", choices=METHODS)
+                  "without / with 1/pi reweighting; fed-plora: k_i random ranks trained, the "
+                  "rest folded into W0; flasc: dense rank-r local LoRA, top-k messages of "
+                  "FSLoRA's bytes; ffa-lora / rolora / fedex-lora (rank min_i k_i): A frozen / "
+                  "A and B in alternate rounds / the averaging residual folded into W0",
+        choices=METHODS)
     ratios: list[float] = knob(help="sketching ratios k_i / r in (0, 1], given to clients in turn",
                                parse=_ratio, default_factory=lambda: list(PAPER_RATIOS))
     rank_distribution: str | None = knob(None, "draw k_i from this distribution over 1..r "
@@ -161,8 +165,8 @@ def build_federation(cfg: ExperimentConfig, progress: bool = True) -> tuple[Fede
         "lora_modules": len(names), "global_lora_parameters": count_lora_parameters(model),
         "module_shapes": list(shapes.values()),
         "client_ranks": client_ranks, "trained_ranks": trained,
-        "client_trainable_parameters": [sum(k * (m + n) for m, n in shapes.values())
-                                        for k in trained],
+        "client_trainable_parameters": [sum(method.trainable_numbers(k, global_rank, m, n)
+                                            for m, n in shapes.values()) for k in trained],
     }
     return Federation(server, data, trained, fed, cfg.client, method, compute), info
 

@@ -166,6 +166,8 @@ class Federation:
                                 [self.batch_streams[i] for i in reporters], self.client_cfg,
                                 [len(self.data.clients[i].train) for i in reporters],
                                 self.clients_per_pass)
+        updates = [self.method.client_upload(u, plan.downlinks[p])  # e.g. FLASC's top-k
+                   for u, p in zip(updates, live)]
         return self.close_round(t, plan, live, updates, start)
 
     def plan_round(self) -> RoundPlan:
@@ -197,7 +199,7 @@ class Federation:
         down = [self.method.numbers_down(downlink) for downlink in plan.downlinks]
         up = [0] * len(plan.participants)
         for p, u in zip(live, updates):
-            up[p] = sum(db.numel() + da.numel() for db, da in u.deltas.values())
+            up[p] = self.method.numbers_up(u, plan.downlinks[p])
         rejected = self.aggregate(updates, reporters, [plan.downlinks[p] for p in live])
         rejected += list(unreadable)
         width = next(iter(server.modules.values())).lora_B.element_size()

@@ -18,7 +18,13 @@ from fslora_min.experiment import ExperimentConfig, build_federation
 from fslora_min.federation import Federation
 
 UNSUPPORTED_METHODS = {"flora": "FLoRA merges into every client's W0 each round, which these "
-                                "messages do not carry"}
+                                "messages do not carry",
+                       "fedex-lora": "FedEx-LoRA folds a residual into every client's W0 each "
+                                     "round, which these messages do not carry",
+                       "fed-plora": "these messages carry no folded ranks",
+                       "flasc": "the ClientApp sends its deltas dense, not FLASC's top-k",
+                       "ffa-lora": "these messages do not say which factor is frozen",
+                       "rolora": "these messages do not say which factor is frozen"}
 
 
 def experiment_config(run_config: UserConfig) -> ExperimentConfig:
