@@ -24,6 +24,7 @@ from fslora_min.federation import FederationConfig
 from fslora_min.lora import ALL_TARGETS
 from fslora_min.pretrain import PretrainConfig
 from fslora_min.server import AGGREGATIONS, SERVER_OPTIMIZERS, ServerConfig
+from fslora_min.tasks import TASKS
 from kernels.dispatch import BACKENDS
 from kernels.lora_linear import GEMM_CHOICES
 
@@ -107,8 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--rounds", type=int, default=d_fed.rounds, help="communication rounds T")
     g.add_argument("--eval-every", type=int, default=d_fed.eval_every,
                    help="rounds between global held-out evaluations")
-    g.add_argument("--dirichlet-alpha", type=float, default=d_data.dirichlet_alpha,
-                   help="client topic skew: Dirichlet concentration (small = strong skew)")
+    g.add_argument("--dirichlet-alpha", type=float, default=None,
+                   help=f"synthetic task: client topic skew, the Dirichlet concentration "
+                        f"(small = strong skew; default {d_data.dirichlet_alpha})")
     g.add_argument("--dropout", type=float, default=d_fed.dropout,
                    help="probability that a participant fails mid-round, in [0, 1)")
     g = run.add_argument_group("local training (clients)")
@@ -126,6 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
     g = run.add_argument_group("run")
     g.add_argument("--preset", choices=PRESETS, default="default",
                    help="model and data size: default (the demo) or tiny (seconds, for tests)")
+    g.add_argument("--task", choices=TASKS, default="synthetic",
+                   help="synthetic: the topic-Markov language (fslora_min/data.py); shakespeare: "
+                        "LEAF's next-character task, one client per speaking role of a tragedy "
+                        "(fslora_min/shakespeare.py, the text in data/shakespeare/)")
     g.add_argument("--pretrain-steps", type=int, default=None,
                    help=f"base-model pretraining steps, cached by configuration (default: the "
                         f"preset's, {d_pre.steps} for default)")
@@ -156,6 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
     cmp = sub.add_parser("compare", help="all methods and the ablations over several seeds, "
                                          "with tables and figures (fslora_min/compare.py)",
                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    cmp.add_argument("--task", choices=TASKS, default="synthetic",
+                     help="the data every run learns from (see 'run --help')")
     cmp.add_argument("--quick", action="store_true",
                      help="2 seeds, 1 lr, 3 rounds, 4 clients: every output in a few minutes")
     cmp.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd",
@@ -184,13 +192,18 @@ def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
                           optimizer=args.client_optimizer, batch_size=args.batch_size)
     server = ServerConfig(optimizer=args.server_optimizer, global_lr=args.global_lr,
                           aggregation=args.aggregation)
-    model, data, pretrain = preset(args.preset)
+    model, data, pretrain = preset(args.preset, args.task)
     if args.pretrain_steps is not None:
         pretrain = replace(pretrain, steps=args.pretrain_steps)
+    if args.dirichlet_alpha is not None:
+        if args.task != "synthetic":
+            raise ValueError(f"--dirichlet-alpha sets the synthetic task's topic skew; the "
+                             f"{args.task} task's clients are its roles")
+        data = replace(data, dirichlet_alpha=args.dirichlet_alpha)
     return ExperimentConfig(
         method=args.method, ratios=list(args.ratios), rank_distribution=args.rank_distribution,
         device=args.device, out_dir=args.out, checkpoint_every=args.checkpoint_every,
-        model=model, data=replace(data, dirichlet_alpha=args.dirichlet_alpha),
+        model=model, data=data,
         pretrain=pretrain, federation=fed, client=client, server=server)
 
 
@@ -198,7 +211,7 @@ def print_summary(cfg: ExperimentConfig, history, info: dict) -> None:
     last = history.rounds[-1]
     ranks = info["client_ranks"]
     up = [b for r in history.rounds for b in r.bytes_up]
-    rows = [("device", info["device"]), ("seed", cfg.federation.seed),
+    rows = [("device", info["device"]), ("seed", cfg.federation.seed), ("task", info["task"]),
             ("method", cfg.method), ("global rank r", cfg.federation.rank),
             ("client ranks k_i", " ".join(map(str, ranks))),
             ("global LoRA parameters", info["global_lora_parameters"]),
@@ -216,6 +229,21 @@ def print_summary(cfg: ExperimentConfig, history, info: dict) -> None:
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         print(f"{key:<{width}}  {value}")
+    print_clients(history, info)
+
+
+def print_clients(history, info: dict) -> None:
+    """Per client: its training sequences, k_i, and its own held-out loss and accuracy before
+    round 1 and after the last round."""
+    names = info["client_names"]
+    width = max(len("client"), *map(len, names))
+    last = history.rounds[-1]
+    print(f"{'client':<{width}}  train seqs  k_i  held-out loss     held-out accuracy")
+    for i, name in enumerate(names):
+        print(f"{name:<{width}}  {info['client_train_sequences'][i]:>10}  "
+              f"{info['client_ranks'][i]:>3}  {history.initial_client_loss[i]:.4f} -> "
+              f"{last.client_heldout_loss[i]:.4f}  {history.initial_client_acc[i]:.4f} -> "
+              f"{last.client_heldout_acc[i]:.4f}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -228,8 +256,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "compare":
 
         out = args.out or ("results/compare-quick" if args.quick else CompareConfig().out_dir)
+        if args.task != "synthetic" and args.out is None:
+            out += f"-{args.task}"  # never mixed with the synthetic task's runs
         cfg = quick_config(out) if args.quick else CompareConfig(out_dir=out)
-        cfg = replace(cfg, optimizer=args.optimizer, tables=tuple(args.tables),
+        cfg = replace(cfg, task=args.task, optimizer=args.optimizer, tables=tuple(args.tables),
                       lr_grid=tuple(args.lr_grid) if args.lr_grid else cfg.lr_grid,
                       rounds=args.rounds or cfg.rounds)
         run_compare(cfg)

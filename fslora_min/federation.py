@@ -91,6 +91,8 @@ class RoundRecord:
     seconds: float
     heldout_loss: float | None = None
     heldout_acc: float | None = None
+    client_heldout_loss: list[float] | None = None  # each client's own held-out set, in order
+    client_heldout_acc: list[float] | None = None
     dropped: list[int] = field(default_factory=list)  # participants that failed mid-round
     rejected: list[int] = field(default_factory=list)  # participants whose update was refused
     reasons: list[str] = field(default_factory=list)  # why, one line per rejected update
@@ -116,6 +118,8 @@ class History:
     initial_loss: float = float("nan")
     initial_acc: float = float("nan")
     coverage: dict[str, list[int]] = field(default_factory=dict)  # times each rank was trained
+    initial_client_loss: list[float] = field(default_factory=list)  # before round 1, per client
+    initial_client_acc: list[float] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -123,7 +127,8 @@ class History:
     @classmethod
     def from_dict(cls, d: dict) -> History:
         return cls([RoundRecord(**r) for r in d["rounds"]], d["initial_loss"],
-                   d["initial_acc"], d["coverage"])
+                   d["initial_acc"], d["coverage"], d["initial_client_loss"],
+                   d["initial_client_acc"])
 
 
 @torch.no_grad()
@@ -141,6 +146,13 @@ def evaluate(model: nn.Module, seqs: torch.Tensor, batch_size: int = 64) -> tupl
         count += y.numel()
     model.train(was_training)
     return loss_sum / count, correct / count
+
+
+def evaluate_clients(model: nn.Module, data: FederatedData) -> tuple[list[float], list[float]]:
+    """Each client's held-out loss and accuracy on its own held-out set (its own distribution:
+    a role's style, a client's topic mix), beside the global set's pooled numbers."""
+    losses, accs = zip(*(evaluate(model, c.heldout) for c in data.clients))
+    return list(losses), list(accs)
 
 
 def lm_batch_loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
@@ -231,6 +243,8 @@ class Federation:
         if t % self.fed.eval_every == 0 or t == self.fed.rounds:
             record.heldout_loss, record.heldout_acc = evaluate(server.model,
                                                                self.data.global_heldout)
+            record.client_heldout_loss, record.client_heldout_acc = evaluate_clients(server.model,
+                                                                                     self.data)
         return record
 
     def aggregate(self, updates: list[ClientUpdate], clients: list[int],
@@ -254,6 +268,8 @@ class Federation:
         h = self.history
         if not h.rounds:
             h.initial_loss, h.initial_acc = evaluate(self.server.model, self.data.global_heldout)
+            h.initial_client_loss, h.initial_client_acc = evaluate_clients(self.server.model,
+                                                                           self.data)
         bar = tqdm(range(len(h.rounds) + 1, self.fed.rounds + 1), desc="rounds",
                    disable=not progress)
         for t in bar:

@@ -1,13 +1,20 @@
 """The Shakespeare task: the shipped text and its checksum, the parser on a hand-made snippet,
 the LEAF split (no empty client, deterministic by seed, held-out from the end of each role with
-no leakage into training windows or the pretraining text)."""
+no leakage into training windows or the pretraining text), and a tiny federation on it through
+the same code path as the synthetic task (run, compare, the Flower app's configuration)."""
 
 import hashlib
 import lzma
 
+import numpy as np
 import pytest
 import torch
 
+from fslora_min.cli import main
+from fslora_min.client import ClientConfig
+from fslora_min.compare import CompareConfig, task
+from fslora_min.experiment import ExperimentConfig, preset, run_experiment
+from fslora_min.federation import FederationConfig
 from fslora_min.shakespeare import (VOCAB, ShakespeareConfig, char_windows, decode, encode,
                                     make_shakespeare_data, parse_play, parsed_plays,
                                     pretraining_text, role_lines,
@@ -163,3 +170,59 @@ def test_bad_values_are_refused_by_name():
         ShakespeareConfig(heldout_fraction=1.0)
     with pytest.raises(ValueError, match="min_chars"):
         ShakespeareConfig(min_chars=0)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    model, data, pretrain = preset("tiny", "shakespeare")
+    cfg = ExperimentConfig(
+        ratios=[0.25, 0.5, 1.0], out_dir=str(tmp_path_factory.mktemp("run")), model=model,
+        data=data, pretrain=pretrain,
+        federation=FederationConfig(num_clients=4, participants=4, rounds=3, rank=4,
+                                    lora_alpha=8.0, seed=0),
+        client=ClientConfig(local_steps=8, lr=0.01, optimizer="adamw", batch_size=8))
+    return cfg, *run_experiment(cfg, progress=False)
+
+
+def test_a_tiny_federation_learns_and_reports_every_client(tiny_run):
+    cfg, history, info = tiny_run
+    assert info["task"] == "shakespeare" and len(set(info["client_names"])) == 4
+    data = make_shakespeare_data(cfg.data, 4)
+    assert info["client_train_sequences"] == [len(c.train) for c in data.clients]
+    sizes = [len(c.heldout) for c in data.clients]  # windows of equal length
+    evaluations = [(history.initial_loss, history.initial_acc, history.initial_client_loss,
+                    history.initial_client_acc)]
+    evaluations += [(r.heldout_loss, r.heldout_acc, r.client_heldout_loss, r.client_heldout_acc)
+                    for r in history.rounds]
+    assert len(evaluations) == 4
+    for loss, acc, client_loss, client_acc in evaluations:
+        # the global set pools the clients' held-out windows: its mean is their weighted mean
+        assert loss == pytest.approx(np.average(client_loss, weights=sizes), rel=1e-5)
+        assert acc == pytest.approx(np.average(client_acc, weights=sizes), rel=1e-9)
+    assert history.rounds[-1].heldout_loss < history.initial_loss - 0.002
+    assert info["client_heldout_loss"] == history.rounds[-1].client_heldout_loss
+
+
+def test_the_cli_offers_the_task_and_refuses_what_does_not_fit_it(capsys, tmp_path, monkeypatch):
+    monkeypatch.setattr("fslora_min.experiment.load_or_pretrain",
+                        lambda *a, **k: pytest.fail("pretraining started"))
+    for args, needle in ((["--dirichlet-alpha", "0.3"], "--dirichlet-alpha sets the synthetic"),
+                         (["--clients", "500"], "--clients 500: the Shakespeare task has")):
+        with pytest.raises(SystemExit) as exc:
+            main(["run", "--task", "shakespeare", "--preset", "tiny", "--out", str(tmp_path),
+                  "--no-progress", *args])
+        assert exc.value.code == 2 and needle in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["run", "--task", "poems"])
+    assert "invalid choice: 'poems'" in capsys.readouterr().err
+
+
+def test_compare_and_the_flower_app_build_the_same_task():
+    exp = task(CompareConfig(task="shakespeare"))
+    assert isinstance(exp.data, ShakespeareConfig) and exp.model.vocab_size == len(VOCAB)
+    with pytest.raises(ValueError, match="--task must be one of"):
+        CompareConfig(task="poems")
+    pytest.importorskip("flwr", reason="flwr is not installed: it is an optional extra")
+    from fslora_flower.config import experiment_config
+    cfg = experiment_config({"fslora-args": "--task shakespeare --preset tiny --clients 3"})
+    assert cfg.data == preset("tiny", "shakespeare")[1]
