@@ -10,13 +10,13 @@ S^2" is exact only for plain SGD (FSLORA.md section 3, last paragraph).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
 import torch.nn as nn
 
+from fslora_min.knobs import check_knobs, knob
 from fslora_min.lora import CompactFactors, compact_factors
 from fslora_min.sketch import Sketch
 
@@ -25,24 +25,17 @@ OPTIMIZERS = ("sgd", "adamw")
 
 @dataclass
 class ClientConfig:
-    local_steps: int = 10  # H
-    lr: float = 0.2  # eta_l
-    optimizer: str = "sgd"  # "sgd" (the paper's analysis) or "adamw"; state is fresh each round
-    weight_decay: float = 0.0  # AdamW only
-    batch_size: int = 16
+    local_steps: int = knob(10, "H, the local optimizer steps each participant takes per round",
+                            check="positive integer")
+    lr: float = knob(0.2, "local learning rate eta", check="positive")
+    optimizer: str = knob("sgd", "local optimizer: sgd (the paper's analysis) or adamw; its "
+                                 "state is fresh every round", flag="--client-optimizer",
+                          choices=OPTIMIZERS)
+    weight_decay: float = knob(0.0, "AdamW's weight decay", check="non-negative")
+    batch_size: int = knob(16, "sequences per local minibatch", check="positive integer")
 
     def __post_init__(self) -> None:
-        if not isinstance(self.local_steps, int) or self.local_steps < 1:
-            raise ValueError(f"local steps H must be a positive integer, got {self.local_steps!r}")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"local learning rate must be positive and finite, got {self.lr!r}")
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"client optimizer must be one of {OPTIMIZERS}, "
-                             f"got {self.optimizer!r}")
-        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
-            raise ValueError(f"weight decay must be >= 0 and finite, got {self.weight_decay!r}")
-        if not isinstance(self.batch_size, int) or self.batch_size < 1:
-            raise ValueError(f"batch size must be a positive integer, got {self.batch_size!r}")
+        check_knobs(self)
 
 
 @dataclass

@@ -80,7 +80,7 @@ def test_codec_round_trips_downlinks_and_updates(method):
             assert torch.equal(back[name].b, f.b) and torch.equal(back[name].a, f.a)
             assert torch.equal(back[name].sketch.index, f.sketch.index)
             if f.sketch.per_index is None:
-                assert back[name].sketch.scale == f.sketch.scale
+                assert back[name].sketch.sketch_weight == f.sketch.sketch_weight
             else:
                 assert torch.equal(back[name].sketch.per_index, f.sketch.per_index)
     i = plan.participants[0]

@@ -15,6 +15,7 @@ from fslora_min.client import ClientConfig
 from fslora_min.compare import CompareConfig, task
 from fslora_min.experiment import ExperimentConfig, preset, run_experiment
 from fslora_min.federation import FederationConfig
+from fslora_min.lora import LoRAConfig
 from fslora_min.shakespeare import (VOCAB, ShakespeareConfig, char_windows, decode, encode,
                                     make_shakespeare_data, parse_play, parsed_plays,
                                     pretraining_text, role_lines,
@@ -177,9 +178,8 @@ def tiny_run(tmp_path_factory):
     model, data, pretrain = preset("tiny", "shakespeare")
     cfg = ExperimentConfig(
         ratios=[0.25, 0.5, 1.0], out_dir=str(tmp_path_factory.mktemp("run")), model=model,
-        data=data, pretrain=pretrain,
-        federation=FederationConfig(num_clients=4, participants=4, rounds=3, rank=4,
-                                    lora_alpha=8.0, seed=0),
+        data=data, pretrain=pretrain, lora=LoRAConfig(rank=4, alpha=8.0),
+        federation=FederationConfig(num_clients=4, participants=4, rounds=3, seed=0),
         client=ClientConfig(local_steps=8, lr=0.01, optimizer="adamw", batch_size=8))
     return cfg, *run_experiment(cfg, progress=False)
 
@@ -206,7 +206,7 @@ def test_a_tiny_federation_learns_and_reports_every_client(tiny_run):
 def test_the_cli_offers_the_task_and_refuses_what_does_not_fit_it(capsys, tmp_path, monkeypatch):
     monkeypatch.setattr("fslora_min.experiment.load_or_pretrain",
                         lambda *a, **k: pytest.fail("pretraining started"))
-    for args, needle in ((["--dirichlet-alpha", "0.3"], "--dirichlet-alpha sets the synthetic"),
+    for args, needle in ((["--dirichlet-alpha", "0.3"], "--dirichlet-alpha: sets the synthetic"),
                          (["--clients", "500"], "--clients 500: the Shakespeare task has")):
         with pytest.raises(SystemExit) as exc:
             main(["run", "--task", "shakespeare", "--preset", "tiny", "--out", str(tmp_path),

@@ -174,7 +174,7 @@ x = np.arange(N)
 axes[1].bar(x - 0.2, np.full(N, 1 / N), 0.4, label="FSLoRA, HetLoRA, FedAvg: 1 / M")
 axes[1].bar(x + 0.2, n / n.sum(), 0.4, label="FlexLoRA, FLoRA: n_i / sum n_j")
 axes[1].set_xticks(x, [f"{name.split('/')[1]}\nk={k}" for name, k in
-                       zip(info["client_names"], info["client_ranks"])], fontsize=7)
+                       zip(info["client_names"], info["trained_ranks"])], fontsize=7)
 axes[1].set(ylabel="aggregation weight", title="who counts how much in the server's average")
 axes[1].legend(fontsize=7)
 fig.tight_layout()
@@ -182,6 +182,6 @@ plt.show()
 print(f"global held-out loss {history.initial_loss:.4f} -> {history.rounds[-1].heldout_loss:.4f},"
       f" accuracy {history.initial_acc:.4f} -> {history.rounds[-1].heldout_acc:.4f} "
       f"({len(history.rounds)} rounds, {info['wall_seconds']:.1f} s)")
-for name, k, a, b in zip(info["client_names"], info["client_ranks"],
+for name, k, a, b in zip(info["client_names"], info["trained_ranks"],
                          history.initial_client_loss, history.rounds[-1].client_heldout_loss):
     print(f"{name:<34} k={k:<3} held-out loss {a:.4f} -> {b:.4f}")
