@@ -185,3 +185,15 @@ print(f"global held-out loss {history.initial_loss:.4f} -> {history.rounds[-1].h
 for name, k, a, b in zip(info["client_names"], info["trained_ranks"],
                          history.initial_client_loss, history.rounds[-1].client_heldout_loss):
     print(f"{name:<34} k={k:<3} held-out loss {a:.4f} -> {b:.4f}")
+
+# %% [markdown]
+# ## What this shows
+#
+# In this run the pooled held-out loss moves only from 2.347 to 2.343 nats per character in 20
+# rounds, and one of the 8 roles (Menenius, k = 2) ends worse than it started: at this scale the
+# base model, pretrained on the comedies and histories, already predicts the tragedies' roles
+# about as well as a small LoRA can adapt it to them in a few local steps, and the roles differ
+# from each other by only a few millibits of character distribution. The task is real and
+# non-IID, but at the tiny model's size its signal for fine-tuning is small; the comparison of
+# methods on it (`python -m fslora_min compare --task shakespeare`) should be read with that in
+# mind.
