@@ -1,4 +1,5 @@
-"""A fair comparison of FSLoRA with its baselines, and the ablations of FSLORA.md section 6.
+"""A fair comparison of FSLoRA with its baselines, and ablations of the paper's empirical claims
+(arXiv 2501.19389 v1, Section 5; docs/method.md section 7).
 
 Fair by construction: every run of one seed uses the same base model (one cached pretraining),
 the same data partition, the same client ranks k_i (from device profiles), the same sequence

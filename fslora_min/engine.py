@@ -27,13 +27,14 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
+from fslora_min.client import (ClientConfig, ClientUpdate, client_update, make_optimizer,
+                               train_client)
 from fslora_min.compute import CPU_PASS_BYTES
-from fslora_min.client import ClientConfig, ClientUpdate, LossFn, make_optimizer, train_client
 from fslora_min.data import Minibatches, split_inputs_targets
 from fslora_min.lora import (BatchedFactors, CompactFactors, LoRALinear, batched_compact_factors,
                              lora_modules)
+from fslora_min.model import lm_loss
 
 # What "auto" picks per device type: the engine bench_engine.py measured faster there
 # (results/engine/README.md).
@@ -103,19 +104,11 @@ def stack_client_factors(fs: list[CompactFactors | None], scale: float,
     return BatchedFactors(b, a, client_scale)
 
 
-def client_losses(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
-    """(P, b, L + 1) sequences of P clients -> (P,) each client's mean next-token loss."""
-    P = batch.shape[0]
-    inputs, targets = split_inputs_targets(batch.flatten(0, 1))  # (P b, L) each
-    logits = model(inputs)  # (P b, L, V)
-    loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none")
-    return loss.view(P, -1).mean(1)  # (P,)
-
-
 def train_clients_batched(model: nn.Module, client_ids: list[int], downlinks: list[Downlink],
                           batches: list[Minibatches], cfg: ClientConfig,
                           num_examples: list[int]) -> list[ClientUpdate]:
-    """H local steps of all P clients at once; the same ClientUpdates as `train_client` gives."""
+    """H local steps of all P clients at once (step 3 of a round, the default engine); the same
+    ClientUpdates as `train_client`, the one-client reference, gives."""
     if not downlinks:  # every participant dropped out
         return []
     device = next(model.parameters()).device
@@ -130,34 +123,26 @@ def train_clients_batched(model: nn.Module, client_ids: list[int], downlinks: li
                 raise ValueError(f"the batched engine needs equal minibatch shapes, got "
                                  f"{sorted({tuple(x.shape) for x in mine})}: use the "
                                  f"sequential engine")
-            loss = client_losses(model, torch.stack(mine).to(device)).sum()
+            batch = torch.stack(mine).to(device)  # (P, b, L + 1)
+            inputs, targets = split_inputs_targets(batch.flatten(0, 1))  # (P b, L) each
+            loss = lm_loss(model, inputs, targets, groups=len(mine)).sum()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-    updates = []
-    for p, (i, down) in enumerate(zip(client_ids, downlinks)):
-        deltas, numbers = {}, 0
-        for name, f in down.items():
-            k = f.sketch.k
-            db = factors[name].b.detach()[p, :, :k] - f.b.to(device)  # (m, k)
-            da = factors[name].a.detach()[p, :k] - f.a.to(device)  # (k, n)
-            deltas[name] = (db, da)
-            numbers += db.numel() * f.train_b + da.numel() * f.train_a
-        updates.append(ClientUpdate(i, {n: f.sketch for n, f in down.items()}, deltas,
-                                    num_examples[p], numbers))
-    return updates
+    return [client_update(i, down, {name: (factors[name].b[p, :, :f.sketch.k],  # (m, k)
+                                           factors[name].a[p, :f.sketch.k])  # (k, n)
+                                     for name, f in down.items()}, num_examples[p])
+            for p, (i, down) in enumerate(zip(client_ids, downlinks))]
 
 
 def train_clients(engine: str, model: nn.Module, client_ids: list[int],
-                  downlinks: list[Downlink], batches: list[Minibatches],
-                  loss_fn: LossFn, cfg: ClientConfig, num_examples: list[int],
-                  clients_per_pass: int = 0) -> list[ClientUpdate]:
+                  downlinks: list[Downlink], batches: list[Minibatches], cfg: ClientConfig,
+                  num_examples: list[int], clients_per_pass: int = 0) -> list[ClientUpdate]:
     """The round's local training with either engine ('sequential': one client at a time).
 
-    `loss_fn` is the sequential engine's per-minibatch loss; the batched engine uses the same
-    mean next-token loss per client (`client_losses`), `clients_per_pass` clients at a time
-    (0: `default_clients_per_pass`). Every client draws from its own streams, so passes change
-    no number beyond float rounding.
+    The batched engine trains `clients_per_pass` clients at a time (0:
+    `default_clients_per_pass`). Every client draws from its own streams, so passes change no
+    number beyond float rounding.
     """
     if engine == "batched":
         step = clients_per_pass or default_clients_per_pass(model, batches)
@@ -167,5 +152,5 @@ def train_clients(engine: str, model: nn.Module, client_ids: list[int],
                                                num_examples[s:s + step])]
     if engine != "sequential":
         raise ValueError(f"engine must be 'sequential' or 'batched', got {engine!r}")
-    return [train_client(model, i, down, stream, loss_fn, cfg, n)
+    return [train_client(model, i, down, stream, cfg, n)
             for i, down, stream, n in zip(client_ids, downlinks, batches, num_examples)]

@@ -27,14 +27,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from fslora_min.ranks import validate_ranks
 from fslora_min.client import ClientConfig, ClientUpdate
-from fslora_min.data import FederatedData, minibatches, split_inputs_targets
 from fslora_min.compute import ComputeConfig
+from fslora_min.data import FederatedData, minibatches, split_inputs_targets
 from fslora_min.engine import default_clients_per_pass, resolve_engine, train_clients
 from fslora_min.knobs import ConfigError, check_knobs, knob
 from fslora_min.methods import Downlink, Method
-from fslora_min.model import lm_loss
+from fslora_min.ranks import validate_ranks
 from fslora_min.rng import DROPOUT, MINIBATCHES, PARTICIPANTS, SKETCHES, generator
 from fslora_min.server import Server, sample_participants
 from fslora_min.validation import screen_updates
@@ -129,10 +128,6 @@ def evaluate(model: nn.Module, seqs: torch.Tensor, batch_size: int = 64) -> tupl
     return loss_sum / count, correct / count
 
 
-def lm_batch_loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
-    return lm_loss(model, *split_inputs_targets(batch))
-
-
 class Federation:
     """N clients of ranks k_i around one server; `run()` plays T rounds."""
 
@@ -168,8 +163,7 @@ class Federation:
         reporters = [plan.participants[p] for p in live]
         updates = train_clients(self.engine, self.server.model, reporters,
                                 [plan.downlinks[p] for p in live],
-                                [self.batch_streams[i] for i in reporters], lm_batch_loss,
-                                self.client_cfg,
+                                [self.batch_streams[i] for i in reporters], self.client_cfg,
                                 [len(self.data.clients[i].train) for i in reporters],
                                 self.clients_per_pass)
         updates = [self.method.client_upload(u, plan.downlinks[p])  # e.g. FLASC's top-k

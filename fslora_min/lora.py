@@ -1,4 +1,4 @@
-"""A hand-written LoRA linear layer that can run on a sketch of its ranks (FSLORA.md section 1).
+"""A hand-written LoRA linear layer that can run on a sketch of its ranks (docs/method.md, 1).
 
     W = W0 + s * B @ A                      (plain LoRA, all r ranks; s = alpha/r or alpha/sqrt(r))
     W = W0 + s * (r/k) * B[:, I] @ A[I, :]  (with a sketch: W0 + s * B S A)

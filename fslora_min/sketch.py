@@ -1,4 +1,4 @@
-"""Sketches: which of the r global rank indices a client trains this round (FSLORA.md section 1).
+"""Sketches: which of the r global rank indices a client trains this round (docs/method.md, 1).
 
 A sketch for client i is the r x r diagonal matrix
 
@@ -95,7 +95,7 @@ def sample_sketch(r: int, k: int, generator: torch.Generator) -> Sketch:
 
 def sample_module_sketches(module_names: list[str], r: int, k: int,
                            generator: torch.Generator) -> dict[str, Sketch]:
-    """One independent sketch per adapted module (FSLORA.md section 3, step 2)."""
+    """One independent sketch per adapted module (docs/method.md section 3, step 2)."""
     return {name: sample_sketch(r, k, generator) for name in module_names}
 
 

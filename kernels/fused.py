@@ -64,8 +64,10 @@ def check_lora_inputs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
                       dtypes: tuple[torch.dtype, ...] = DTYPES) -> None:
     """Raise a ValueError that names the bad value unless the inputs describe a valid layer.
 
-    `check_index` reads the index set's min and max back from the device (one sync) so an
-    out-of-range rank raises here instead of faulting inside a kernel.
+    `check_index` reads the index set's min, max and number of repeats back from the device
+    (one sync) so that an out-of-range rank raises here instead of faulting inside a
+    kernel, and a repeated one instead of losing a gradient: the kernels write each rank's
+    gradient once, where the reference would add up a repeated rank's.
     """
     if weight.dim() != 2:
         raise ValueError(f"weight must be 2-D (m, n), got shape {tuple(weight.shape)}")
@@ -100,9 +102,12 @@ def check_lora_inputs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     if index.device != x.device:
         raise ValueError(f"index is on {index.device} but x is on {x.device}")
     if check_index:
-        lo, hi = torch.stack([index.min(), index.max()]).tolist()
+        repeats = (index.sort().values.diff() == 0).sum()
+        lo, hi, repeats = torch.stack([index.min(), index.max(), repeats]).tolist()
         if lo < 0 or hi >= r:
             raise ValueError(f"index out of range [0, {r}): min {lo}, max {hi}")
+        if repeats:
+            raise ValueError(f"index must hold distinct ranks, got {index.tolist()}")
 
 
 class LoRALinearFunction(torch.autograd.Function):

@@ -272,6 +272,8 @@ def _bad_inputs():
         ("lora_B must be", dict(good, lora_B=lora_B[:, :4])),
         ("index out of range", dict(good, index=torch.tensor([0, 5], device=DEVICE))),
         ("index out of range", dict(good, index=torch.tensor([-1], device=DEVICE))),
+        ("index must hold distinct ranks", dict(good, index=torch.tensor([1, 3, 1],
+                                                                         device=DEVICE))),
         ("index must hold between 1", dict(good, index=index[:0])),
         ("index must be a 1-D int64", dict(good, index=index.int())),
         ("has dtype torch.float64", dict(good, lora_A=lora_A.double())),

@@ -22,7 +22,7 @@ from fslora_min.checkpoint import (CHECKPOINT_NAME, HEADER, MAGIC, CheckpointErr
                                    save_checkpoint)
 from fslora_min.engine import train_clients
 from fslora_min.experiment import run_experiment
-from fslora_min.federation import Federation, lm_batch_loss
+from fslora_min.federation import Federation
 
 from tests.corruptions import BAD, corrupt
 from tests.tiny import tiny_experiment, tiny_federation
@@ -245,8 +245,8 @@ def round_of_updates(fedn: Federation):
     downs = [server.downlink(fedn.method.sketches(server, fedn.client_ranks[i], fedn.sketch_stream))
              for i in clients]
     updates = train_clients("sequential", server.model, clients, downs,
-                            [fedn.batch_streams[i] for i in clients], lm_batch_loss,
-                            fedn.client_cfg, [12] * 3)
+                            [fedn.batch_streams[i] for i in clients], fedn.client_cfg,
+                            [12] * 3)
     return clients, downs, updates
 
 

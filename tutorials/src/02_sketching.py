@@ -104,7 +104,7 @@ fig.tight_layout()
 # %% [markdown]
 # ## The variance against the sketching ratio
 #
-# One sketch is unbiased but noisy. The exact variance (FSLORA.md section 5, with `b_j` column
+# One sketch is unbiased but noisy. The exact variance (docs/method.md section 6, with `b_j` column
 # `j` of `B` and `a_j` row `j` of `A`) is
 #
 #     E||B S A - B A||^2 = (r/k - 1) * ( sum_j |b_j|^2 |a_j|^2 - 1/(r-1) sum_{j != l} (b_j.b_l)(a_j.a_l) )

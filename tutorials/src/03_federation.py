@@ -1,7 +1,7 @@
 # %% [markdown]
 # # 3. A tiny federation, round by round
 #
-# FSLoRA's round (FSLORA.md section 3): the server samples participants; for each participant
+# FSLoRA's round (docs/method.md section 3): the server samples participants; for each participant
 # and each LoRA module it draws an index set `I` of size `k_i` and sends `B[:, I]` and `A[I, :]`;
 # the client trains those compact factors for `H` local steps and sends back their deltas; the
 # server zero-pads the deltas to rank `r` and averages them over the participants.
@@ -34,7 +34,7 @@ import torch
 from fslora_min.ranks import PAPER_RATIOS, ranks_from_ratios
 from fslora_min.client import ClientConfig, train_client
 from fslora_min.data import DataConfig, make_federated_data
-from fslora_min.federation import Federation, FederationConfig, evaluate, lm_batch_loss
+from fslora_min.federation import Federation, FederationConfig, evaluate
 from fslora_min.lora import LoRAConfig, apply_lora, count_lora_parameters
 from fslora_min.methods import payload_numbers
 from fslora_min.model import ModelConfig
@@ -99,7 +99,7 @@ updates, downlinks = [], []
 for i in participants:
     sketches = fed.method.sketches(server, ranks[i], fed.sketch_stream)  # one I per module
     downlink = fed.method.downlink(server, sketches)  # b = B[:, I], a = A[I, :]
-    update = train_client(server.model, i, downlink, fed.batch_streams[i], lm_batch_loss,
+    update = train_client(server.model, i, downlink, fed.batch_streams[i],
                           client_cfg, len(data.clients[i].train))
     numbers = payload_numbers(downlink)
     up = sum(db.numel() + da.numel() for db, da in update.deltas.values())

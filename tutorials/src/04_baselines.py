@@ -2,7 +2,7 @@
 # # 4. FSLoRA against the baselines
 #
 # Every method gets the same client ranks `k_i` and differs only in what a client trains
-# and how the server aggregates (FSLORA.md section 4; `fslora_min/methods.py`: small strategy
+# and how the server aggregates (docs/method.md section 5; `fslora_min/methods.py`: small strategy
 # objects plugged into the one federation loop of notebook 3):
 #
 # | method | the server holds | client `i` trains | the server |
@@ -121,7 +121,7 @@ print((out / "main.md").read_text().split("## Client budgets from device profile
 # %% [markdown]
 # ## Ablations
 #
-# Three questions from the paper (FSLORA.md section 6), each a table and curves:
+# Three questions from the paper (its Section 5; docs/method.md section 7), each a table and curves:
 #
 # - **global rank**: every client at `k = 4`, the server's `r` from `k` up (a larger `r` with the
 #   same client ranks: each client sees a different slice of a bigger LoRA);
