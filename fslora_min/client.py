@@ -65,10 +65,10 @@ def client_update(client_id: int, downlink: dict[str, CompactFactors],
     deltas = {name: (b.detach() - downlink[name].b.to(b.device),
                      a.detach() - downlink[name].a.to(a.device))
               for name, (b, a) in trained.items()}
-    trainable = sum(db.numel() * downlink[name].train_b + da.numel() * downlink[name].train_a
-                    for name, (db, da) in deltas.items())  # a frozen factor is not trained
+    numbers = sum(db.numel() * downlink[n].train_b + da.numel() * downlink[n].train_a
+                  for n, (db, da) in deltas.items())  # what was trained; frozen factors stay home
     return ClientUpdate(client_id, {n: f.sketch for n, f in downlink.items()}, deltas,
-                        num_examples, trainable)
+                        num_examples, numbers)
 
 
 def train_client(model: nn.Module, client_id: int, downlink: dict[str, CompactFactors],

@@ -9,8 +9,8 @@ The loop (fslora_min/federation.py) asks a `Method` these things each round:
      sends of its trained deltas, and how many numbers that costs;
   5. `aggregate(server, updates, downlinks)`: how the server turns the uploads into its new state.
 Before the run, `global_rank(r, client_ranks, full_rank)` and `trained_ranks(client_ranks, r)`
-say what rank the server holds and what rank each client actually trains (docs/method.md
-section 5), and `trainable_numbers(k, R, m, n)` what a client trains per module (its memory).
+say what rank the server holds and what rank each client actually trains (docs/method.md section 5),
+and `trainable_numbers(k, R, m, n)` what a client trains per module (its memory).
 The last section holds the methods published since FSLoRA (Fed-PLoRA, FLASC, FFA-LoRA, RoLoRA,
 FedEx-LoRA); the per-rank normalizer (RB-LoRA's data weighting among them) is the server's
 switch, ServerConfig.aggregation.

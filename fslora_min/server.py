@@ -67,7 +67,7 @@ def index_normalizer(drawn: torch.Tensor, data_drawn: torch.Tensor, participants
                      normalizer: str) -> torch.Tensor:
     """The per-rank divisor c_j of D_j = (1 / c_j) sum_{i in P, j in I_i} w_i d_ij, shape (r,).
 
-    "participants" (FSLoRA, docs/method.md section 3, step 5): c_j = |P|, w_i = 1;
+    "participants" (FSLoRA, arXiv 2501.19389): c_j = |P|, w_i = 1;
     "coverage": c_j = #{i in P : j in I_i}, w_i = 1 (the mean over the clients that drew j);
     "data" (RB-LoRA, Findings of EACL 2026, as this project reads it): c_j = sum_{i in P, j in
     I_i} n_i, w_i = n_i (the data-weighted mean over the clients that drew j).
@@ -82,8 +82,8 @@ def index_normalizer(drawn: torch.Tensor, data_drawn: torch.Tensor, participants
 def average_padded_deltas(updates: list[ClientUpdate], r: int,
                           normalizer: str = "participants",
                           ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """D = (1/|P|) sum_i pad_I_i(d_i) per module (docs/method.md section 3, step 5), or per rank
-    j the mean over the clients that drew j, plain or data-weighted (`index_normalizer`)."""
+    """D = (1/|P|) sum_i pad_I_i(d_i) per module (docs/method.md section 3, step 5), or per rank j
+    the mean over the clients that drew j, plain or data-weighted (`index_normalizer`)."""
     if not updates:
         raise ValueError("cannot aggregate an empty list of client updates")
     if normalizer not in AGGREGATIONS:

@@ -3,7 +3,7 @@
 The run config carries `fslora-args`: the very flags of `python -m fslora_min run` (for
 example "--preset tiny --clients 2 --rounds 2"), parsed by that CLI's own parser and checks.
 Server and clients build the same federation from them (`build_federation`: the base model,
-the synthetic data, the method), so a client holds the base W0 and its own data shard, and
+the task's data, the method), so a client holds the base W0 and its own data shard, and
 the server its global factors; what a client trains comes only in its messages.
 """
 
