@@ -209,7 +209,8 @@ def tuning_table(rows: list[Row]) -> str:
 def budget_table(exp: ExperimentConfig, cfg: CompareConfig) -> tuple[str, list[int]]:
     """Each client's device budgets, its k_i, and the memory and upload that k_i uses."""
     shapes = module_shapes(exp)
-    assigned = budgets_from_profiles(DEFAULT_PROFILES, cfg.num_clients, shapes, cfg.rank)
+    assigned = budgets_from_profiles(DEFAULT_PROFILES, cfg.num_clients, shapes, cfg.rank,
+                                     optimizer=exp.client.optimizer)
     lines = ["| client | device | memory budget (KiB) | upload budget (KiB/round) | k_i | "
              "memory used (KiB) | upload used (KiB/round) |", "|" + "---|" * 7]
     for i, (p, k) in enumerate(assigned):

@@ -6,7 +6,8 @@ import json
 import pytest
 
 from fslora_min.cli import main
-from fslora_min.compare import (MAIN_METHODS, CompareConfig, flops_per_local_step, module_shapes,
+from fslora_min.compare import (MAIN_METHODS, CompareConfig, budget_table, flops_per_local_step,
+                                module_shapes,
                                 task)
 from fslora_min.profiles import (DEFAULT_PROFILES, DeviceProfile, budgets_from_profiles,
                                  memory_bytes, rank_budget, upload_bytes)
@@ -53,3 +54,20 @@ def test_quick_compare_writes_every_table_and_figure(tmp_path):
     before = len(runs)
     assert main(["compare", "--quick", "--out", str(out)]) == 0  # resumes: nothing re-run
     assert len((out / "runs.jsonl").read_text().splitlines()) == before
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_client_budgets_use_the_clients_optimizer_memory(optimizer):
+    cfg = CompareConfig(optimizer=optimizer, num_clients=4)
+    exp = task(cfg)
+    shapes = module_shapes(exp)
+    md, ks = budget_table(exp, cfg)
+    for profile, k in zip(DEFAULT_PROFILES, ks):
+        used = memory_bytes(k, shapes, 4, optimizer)
+        assert used <= profile.memory_bytes, (profile.name, k, used)
+        if k < cfg.rank:
+            assert (memory_bytes(k + 1, shapes, 4, optimizer) > profile.memory_bytes
+                    or upload_bytes(k + 1, shapes, 4) > profile.upload_bytes)
+        assert f"| {profile.name} |" in md and f"| {k} | {used / 1024:.1f} |" in md
+    if optimizer == "adamw":
+        assert ks == [1, 2, 8, 12]  # AdamW's two moments halve the memory-limited budgets
