@@ -6,7 +6,7 @@ it gets back to full rank at I and averages them over the participants,
 
     D = (1 / |P_t|) * sum_{i in P_t} pad_I(d_i),       X <- X + eta_g * D,
 
-or hands -D as a pseudo-gradient to a server optimizer (SGD with momentum, Adam: FedOpt).
+or hands -D as a pseudo-gradient to a server optimizer (SGD with momentum, Adam, AdamW: FedOpt).
 It counts the numbers each client moves and how often each rank index was trained.
 """
 
@@ -22,7 +22,7 @@ from fslora_min.client import ClientUpdate
 from fslora_min.lora import CompactFactors, lora_modules
 from fslora_min.sketch import Sketch
 
-SERVER_OPTIMIZERS = ("avg", "sgdm", "adam")
+SERVER_OPTIMIZERS = ("avg", "sgdm", "adam", "adamw")
 AGGREGATIONS = ("participants", "coverage")
 
 
@@ -31,6 +31,7 @@ class ServerConfig:
     optimizer: str = "avg"  # "avg": X <- X + eta_g D; "sgdm" and "adam" step on -D (FedOpt)
     global_lr: float = 1.0  # eta_g
     momentum: float = 0.9  # sgdm only
+    weight_decay: float = 0.01  # adamw only (torch's default, as the FSLoRA authors' code runs)
     aggregation: str = "participants"  # or "coverage": average each index over who drew it
 
     def __post_init__(self) -> None:
@@ -40,6 +41,9 @@ class ServerConfig:
         if not (math.isfinite(self.global_lr) and self.global_lr > 0):
             raise ValueError(f"global learning rate must be positive and finite, "
                              f"got {self.global_lr!r}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ValueError(f"server weight decay must be >= 0 and finite, "
+                             f"got {self.weight_decay!r}")
         if not 0 <= self.momentum < 1:
             raise ValueError(f"server momentum must be in [0, 1), got {self.momentum!r}")
         if self.aggregation not in AGGREGATIONS:
@@ -109,6 +113,9 @@ class Server:
         params = [p for m in self.modules.values() for p in (m.lora_B, m.lora_A)]
         if cfg.optimizer == "adam":
             self.optimizer = torch.optim.Adam(params, lr=cfg.global_lr)
+        elif cfg.optimizer == "adamw":
+            self.optimizer = torch.optim.AdamW(params, lr=cfg.global_lr,
+                                               weight_decay=cfg.weight_decay)
         else:  # "avg" is SGD without momentum on -D: X - eta_g (-D) = X + eta_g D
             momentum = cfg.momentum if cfg.optimizer == "sgdm" else 0.0
             self.optimizer = torch.optim.SGD(params, lr=cfg.global_lr, momentum=momentum)
