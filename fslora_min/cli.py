@@ -26,7 +26,7 @@ from fslora_min.lora import ALL_TARGETS
 from fslora_min.pretrain import PretrainConfig
 from fslora_min.server import AGGREGATIONS, SERVER_OPTIMIZERS, ServerConfig
 from kernels.dispatch import BACKENDS
-from kernels.lora_linear import GEMM_CHOICES
+from kernels.fused import GEMM_CHOICES
 
 
 def _ratio(text: str) -> float:
