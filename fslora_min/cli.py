@@ -155,20 +155,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue from the output folder's checkpoint (same arguments)")
     g.add_argument("--no-progress", action="store_true", help="hide progress bars")
     cmp = sub.add_parser("compare", help="the reproduction study: every claim tuned, over "
-                                         "seeds and horizons, with verdicts (fslora_min/compare.py)",
-                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                         "seeds and horizons, with verdicts (fslora_min/compare.py)")
     d_cmp = CompareConfig()
     cmp.add_argument("--quick", action="store_true",
-                     help="the main table in under a minute: 4 clients, 2 + 2 seeds, one grid "
-                          "point, 3 rounds")
+                     help="the main table in miniature (the tests run it): 4 clients, 2 + 2 "
+                          "seeds, one grid point, 3 rounds")
     cmp.add_argument("--task", choices=TASKS, default=d_cmp.task,
                      help="synthetic: the topic-Markov task; planted: text from a teacher with a "
-                          "planted rank-R* update of one layer (rank binds)")
+                          f"planted rank-R* update of one layer (rank binds); default: "
+                          f"{d_cmp.task}")
     cmp.add_argument("--tables", nargs="+", choices=sorted({t for ts in TABLES.values()
                                                             for t in ts}), default=None,
                      help="which of the task's tables (default: all of them)")
     cmp.add_argument("--methods", nargs="+", choices=METHODS, default=list(d_cmp.methods),
-                     help="rows of the method tables (fslora among them)")
+                     help=f"rows of the method tables, fslora among them (default: "
+                          f"{' '.join(d_cmp.methods)})")
     cmp.add_argument("--lr-grid", type=_positive_float, nargs="+", default=None,
                      help=f"client learning rates (SGD) every row is tuned over "
                           f"(default: {' '.join(map(str, d_cmp.lr_grid))})")
