@@ -154,8 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--resume", action="store_true",
                    help="continue from the output folder's checkpoint (same arguments)")
     g.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    cmp = sub.add_parser("compare", help="the reproduction study: every claim tuned, over "
-                                         "seeds and horizons, with verdicts (fslora_min/compare.py)")
+    cmp = sub.add_parser("compare", help="the reproduction study: every row tuned, every claim "
+                                         "over seeds and horizons, with verdicts "
+                                         "(fslora_min/compare.py)")
     d_cmp = CompareConfig()
     cmp.add_argument("--quick", action="store_true",
                      help="the main table in miniature (the tests run it): 4 clients, 2 + 2 "

@@ -40,7 +40,7 @@ from fslora_min.client import ClientConfig
 from fslora_min.data import DataConfig
 from fslora_min.experiment import ExperimentConfig, build_federation
 from fslora_min.federation import Federation, FederationConfig, evaluate
-from fslora_min.methods import METHODS
+from fslora_min.methods import METHODS, Method, make_method
 from fslora_min.model import ModelConfig
 from fslora_min.planted import PlantedConfig, make_planted_data
 from fslora_min.pretrain import PretrainConfig, load_or_pretrain
@@ -405,6 +405,13 @@ def claim_results(table: TableSpec, rows: dict[str, Row]) -> list[dict]:
     return out
 
 
+def server_steps(method: str, grid: tuple[float, ...]) -> tuple[float, ...]:
+    """The server-step grid of a method's row: eta_g = 1 alone when its server sets the global
+    factors itself (FlexLoRA's SVD, FLoRA's merge) instead of stepping them by eta_g D."""
+    steps_by_eta_g = type(make_method(method, 1.0, 1, False, torch.Generator())).aggregate
+    return grid if steps_by_eta_g is Method.aggregate else (1.0,)
+
+
 def build_tables(cfg: CompareConfig) -> list[TableSpec]:
     """The task's tables: their rows (configs and grids), claims, seeds and horizons."""
     base = task(cfg)
@@ -419,7 +426,7 @@ def build_tables(cfg: CompareConfig) -> list[TableSpec]:
 
     def method_rows(exp: ExperimentConfig, lrs: tuple, steps: tuple,
                     methods: tuple[str, ...]) -> list[RowSpec]:
-        return [RowSpec(m, replace(exp, method=m), lrs, steps) for m in methods]
+        return [RowSpec(m, replace(exp, method=m), lrs, server_steps(m, steps)) for m in methods]
 
     def vs_baselines(rows: list[RowSpec], a: str = "fslora") -> list[tuple[str, str]]:
         return [(a, r.label) for r in rows if r.label in BASELINES]
@@ -429,7 +436,8 @@ def build_tables(cfg: CompareConfig) -> list[TableSpec]:
     tables = []
     if cfg.task == "planted":
         exp = replace(sgd, federation=replace(sgd.federation, rank=cfg.rank))
-        ladder = [RowSpec(f"r={r}", replace(exp, method="fedavg-full", budgets=[r] * cfg.num_clients,
+        ladder = [RowSpec(f"r={r}", replace(exp, method="fedavg-full",
+                                            budgets=[r] * cfg.num_clients,
                                             federation=replace(exp.federation, rank=r)),
                           cfg.lr_grid, avg_grid) for r in sorted({2, 4, cfg.planted.rank})]
         small = replace(exp, budgets=[1 + i % 4 for i in range(cfg.num_clients)])

@@ -10,15 +10,21 @@ import re
 from dataclasses import replace
 
 import pytest
+import torch
+import torch.nn as nn
 
 from fslora_min.cli import main
+from fslora_min.client import ClientUpdate
 from fslora_min.compare import (COMMITTED, MAIN_METHODS, CompareConfig, Row, RowSpec, RunCache,
-                                TableSpec, block_pattern, budget_table, claim_results,
-                                flops_per_local_step, module_shapes, readme_blocks, run_key,
-                                task, tune, with_run)
+                                TableSpec, block_pattern, budget_table, build_tables,
+                                claim_results, flops_per_local_step, module_shapes,
+                                readme_blocks, run_key, server_steps, task, tune, with_run)
+from fslora_min.lora import LoRALinear
 from fslora_min.protocol import Choice, paired_interval
 from fslora_min.profiles import (DEFAULT_PROFILES, DeviceProfile, budgets_from_profiles,
                                  memory_bytes, rank_budget, upload_bytes)
+from fslora_min.server import Server, ServerConfig
+from fslora_min.sketch import Sketch
 
 
 def test_profiles_give_the_largest_rank_that_fits_both_budgets():
@@ -186,6 +192,14 @@ def test_bad_compare_invocations_exit_with_a_message(args, needle, capsys):
     assert needle in err and "Traceback" not in err
 
 
+def test_methods_whose_server_ignores_eta_g_are_not_tuned_over_it():
+    grid = (1.0, 2.0, 4.0)
+    assert server_steps("fslora", grid) == server_steps("hetlora", grid) == grid
+    assert server_steps("flexlora", grid) == server_steps("flora", grid) == (1.0,)
+    rows = {r.label: r for t in build_tables(CompareConfig(tables=("main",))) for r in t.rows}
+    assert rows["flora"].step_grid == (1.0,) and len(rows["fslora"].step_grid) == 4
+
+
 def test_compare_writes_under_runs_by_default():
     assert CompareConfig().out_dir == "runs/compare"
 
@@ -203,3 +217,23 @@ def test_readmes_match_the_committed_runs():
             assert found.group(2) == blocks[name], (
                 f"{path}'s {name} block differs from the committed runs: "
                 f"run python -m fslora_min compare --readme")
+
+
+def test_server_adamw_decays_the_factors_and_steps_by_the_sign_of_the_average():
+    """The 'as published' row's server: AdamW on the pseudo-gradient -D; its first step is
+    X <- X (1 - eta wd) + eta D / (|D| + eps) elementwise (Adam's first step is the sign)."""
+    m, n, r = 3, 4, 4
+    layer = LoRALinear(nn.Linear(n, m).double(), r, alpha=float(r))
+    with torch.no_grad():
+        layer.lora_B.copy_(torch.randn(m, r, dtype=torch.float64))
+    lr, wd = random.uniform(0.001, 0.1), random.uniform(0.001, 0.1)
+    server = Server(nn.ModuleDict({"l": layer}), ServerConfig(optimizer="adamw", global_lr=lr,
+                                                              weight_decay=wd))
+    B0, A0 = layer.lora_B.detach().clone(), layer.lora_A.detach().clone()
+    d = (torch.randn(m, r, dtype=torch.float64), torch.randn(r, n, dtype=torch.float64))
+    server.apply_updates([ClientUpdate(0, {"l": Sketch(torch.arange(r), r)}, {"l": d}, 1, 0)])
+    for x0, dx, x1 in ((B0, d[0], layer.lora_B), (A0, d[1], layer.lora_A)):
+        want = x0 * (1 - lr * wd) + lr * dx / (dx.abs() + 1e-8)
+        torch.testing.assert_close(x1.detach(), want, rtol=1e-10, atol=1e-10)
+    with pytest.raises(ValueError, match="server weight decay"):
+        ServerConfig(optimizer="adamw", weight_decay=-1.0)
