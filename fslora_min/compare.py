@@ -40,6 +40,7 @@ from fslora_min.client import ClientConfig
 from fslora_min.data import DataConfig
 from fslora_min.experiment import ExperimentConfig, build_federation
 from fslora_min.federation import Federation, FederationConfig, evaluate
+from fslora_min.lora import LoRAConfig
 from fslora_min.methods import METHODS, Method, make_method
 from fslora_min.model import ModelConfig
 from fslora_min.planted import PlantedConfig, make_planted_data
@@ -131,9 +132,9 @@ def task(cfg: CompareConfig) -> ExperimentConfig:
     data = DataConfig(vocab_size=32, seq_len=16, n_base_topics=4, successors=2, train_seqs=32,
                       heldout_seqs=8, global_heldout_seqs=64)
     fed = FederationConfig(num_clients=cfg.num_clients, participants=cfg.num_clients,
-                           rounds=cfg.horizons[2], rank=cfg.rank, lora_alpha=cfg.lora_alpha,
-                           eval_every=1)
+                           rounds=cfg.horizons[2], eval_every=1)
     return ExperimentConfig(model=model, data=data, federation=fed,
+                            lora=LoRAConfig(rank=cfg.rank, alpha=cfg.lora_alpha),
                             pretrain=PretrainConfig(steps=cfg.pretrain_steps, batch_size=32,
                                                     lr=1e-2),
                             client=ClientConfig(local_steps=cfg.local_steps,
@@ -212,15 +213,15 @@ def train_run(exp: ExperimentConfig, spec: dict) -> dict:
         base, _ = load_or_pretrain(exp.model, exp.data, exp.pretrain, progress=False)
         planted = PlantedConfig(**{k: v for k, v in spec.items() if k != "name"})
         data = make_planted_data(base, exp.data, exp.federation.num_clients, planted)
-        federation = Federation(federation.server, data, federation.ranks, exp.federation,
-                                exp.client, federation.method)
+        federation = Federation(federation.server, data, federation.client_ranks,
+                                exp.federation, exp.client, federation.method, exp.compute)
     start = time.perf_counter()
     history = federation.run(progress=False)
     wall = time.perf_counter() - start
     return {
         "method": exp.method, "seed": exp.federation.seed, "lr": exp.client.lr,
-        "server_lr": exp.server.global_lr, "rank": info["global_rank"],
-        "budgets": info["client_budgets"], "client_ranks": info["client_ranks"],
+        "server_lr": exp.server.server_lr, "rank": info["global_rank"],
+        "client_ranks": info["client_ranks"], "trained_ranks": info["trained_ranks"],
         "curve": [_finite(history.initial_loss)] + [_finite(r.heldout_loss)
                                                     for r in history.rounds],
         "acc": history.rounds[-1].heldout_acc,
@@ -229,7 +230,7 @@ def train_run(exp: ExperimentConfig, spec: dict) -> dict:
         "bytes_down": float(np.mean([b for r in history.rounds for b in r.bytes_down])),
         "bytes_up": float(np.mean([b for r in history.rounds for b in r.bytes_up])),
         "trainable": info["client_trainable_parameters"],
-        "flops": [flops_per_local_step(exp, k) for k in info["client_ranks"]],
+        "flops": [flops_per_local_step(exp, k) for k in info["trained_ranks"]],
         "wall": wall, "coverage": history.coverage,
     }
 
@@ -331,7 +332,7 @@ def with_run(exp: ExperimentConfig, seed: int, lr: float, step: float,
     """`exp` at one seed (its data and its federation), client lr, server step and horizon."""
     return replace(exp, data=replace(exp.data, seed=seed),
                    federation=replace(exp.federation, seed=seed, rounds=rounds),
-                   client=replace(exp.client, lr=lr), server=replace(exp.server, global_lr=step))
+                   client=replace(exp.client, lr=lr), server=replace(exp.server, server_lr=step))
 
 
 def tune(row: RowSpec, tune_seeds: tuple[int, ...], middle: int, cfg: CompareConfig,
@@ -408,7 +409,7 @@ def claim_results(table: TableSpec, rows: dict[str, Row]) -> list[dict]:
 def server_steps(method: str, grid: tuple[float, ...]) -> tuple[float, ...]:
     """The server-step grid of a method's row: eta_g = 1 alone when its server sets the global
     factors itself (FlexLoRA's SVD, FLoRA's merge) instead of stepping them by eta_g D."""
-    steps_by_eta_g = type(make_method(method, 1.0, 1, False, torch.Generator())).aggregate
+    steps_by_eta_g = type(make_method(method, 1, torch.Generator())).aggregate
     return grid if steps_by_eta_g is Method.aggregate else (1.0,)
 
 
@@ -417,11 +418,11 @@ def build_tables(cfg: CompareConfig) -> list[TableSpec]:
     base = task(cfg)
     full, reduced = (cfg.seeds, cfg.horizons), (cfg.reduced_seeds, cfg.reduced_horizons)
 
-    def budgets(exp: ExperimentConfig) -> ExperimentConfig:
-        return replace(exp, budgets=budget_table(exp, cfg)[1])
+    def profile_ranks(exp: ExperimentConfig) -> ExperimentConfig:
+        return replace(exp, client_ranks=budget_table(exp, cfg)[1])
 
-    sgd = budgets(base)
-    adamw = budgets(replace(base, client=replace(base.client, optimizer="adamw")))
+    sgd = profile_ranks(base)
+    adamw = profile_ranks(replace(base, client=replace(base.client, optimizer="adamw")))
     avg_grid, adam_grid = cfg.server_lr_grid, cfg.adam_server_lr_grid
 
     def method_rows(exp: ExperimentConfig, lrs: tuple, steps: tuple,
@@ -435,12 +436,12 @@ def build_tables(cfg: CompareConfig) -> list[TableSpec]:
     pair = tuple(m for m in ("fslora", "hetlora") if m in methods)
     tables = []
     if cfg.task == "planted":
-        exp = replace(sgd, federation=replace(sgd.federation, rank=cfg.rank))
+        exp = sgd
         ladder = [RowSpec(f"r={r}", replace(exp, method="fedavg-full",
-                                            budgets=[r] * cfg.num_clients,
-                                            federation=replace(exp.federation, rank=r)),
+                                            client_ranks=[r] * cfg.num_clients,
+                                            lora=replace(exp.lora, rank=r)),
                           cfg.lr_grid, avg_grid) for r in sorted({2, 4, cfg.planted.rank})]
-        small = replace(exp, budgets=[1 + i % 4 for i in range(cfg.num_clients)])
+        small = replace(exp, client_ranks=[1 + i % 4 for i in range(cfg.num_clients)])
         small_rows = method_rows(small, cfg.lr_grid, avg_grid, methods)
         ratio_rows = method_rows(exp, cfg.lr_grid, avg_grid, methods)
         biggest = ladder[-1].label
@@ -459,16 +460,17 @@ def build_tables(cfg: CompareConfig) -> list[TableSpec]:
     adamw_rows = method_rows(adamw, cfg.adamw_lr_grid, avg_grid, methods)
     published = RowSpec("fslora as published", replace(
         adamw, method="fedavg-full", client=replace(adamw.client, weight_decay=0.01),
-        federation=replace(adamw.federation, rslora=True),
+        lora=replace(adamw.lora, rslora=True),
         server=ServerConfig(optimizer="adamw", weight_decay=0.01)), cfg.adamw_lr_grid, adam_grid)
     adam_exp = replace(sgd, server=ServerConfig(optimizer="adam"))
     coverage = replace(sgd, server=ServerConfig(aggregation="coverage"))
     k = 4
-    rank_rows = [RowSpec(f"r={k * c}", replace(sgd, budgets=[k] * cfg.num_clients,
-                                               federation=replace(sgd.federation, rank=k * c)),
+    rank_rows = [RowSpec(f"r={k * c}", replace(sgd, client_ranks=[k] * cfg.num_clients,
+                                               lora=replace(sgd.lora, rank=k * c)),
                          cfg.lr_grid, avg_grid) for c in (1, 2, 4)]
     ratio_rows = [RowSpec(f"k/r={ratio:g}", replace(
-        sgd, budgets=[max(1, round(ratio * cfg.rank))] * cfg.num_clients), cfg.lr_grid, avg_grid)
+        sgd, client_ranks=[max(1, round(ratio * cfg.rank))] * cfg.num_clients), cfg.lr_grid,
+        avg_grid)
         for ratio in (1 / 8, 1 / 4, 1 / 2, 3 / 4)]
     imp_rows = method_rows(sgd, cfg.lr_grid, avg_grid, IMPORTANCE_METHODS)
     tables = [
@@ -532,7 +534,7 @@ def row_table(table: TableSpec, rows: list[Row]) -> str:
     for row in rows:
         r0 = row.runs[0] if row.runs else None
         cells = [row.label, str(r0["rank"]) if r0 else "-",
-                 ",".join(map(str, sorted(set(r0["client_ranks"])))) if r0 else "-",
+                 ",".join(map(str, sorted(set(r0["trained_ranks"])))) if r0 else "-",
                  f"{row.lr:g}", f"{row.server_lr:g}",
                  ", ".join(row.choice.edges) or ("no" if row.choice.point else "all diverged"),
                  f"{len(row.runs)} of {len(table.seeds)}"]

@@ -36,8 +36,8 @@ from triton.testing import do_bench
 from kernels import matmul_tma
 from kernels.dispatch import lora_linear
 from kernels.fused import GEMM_CHOICES, GEMMS, factor_grad, merged_weight
-from kernels.matmul import (_fused_linear_kernel, _skinny_kernel, chosen_config, shrink, shrink_dy,
-                            skinny_partials)
+from kernels.matmul import _fused_linear_kernel, chosen_config
+from kernels.skinny import _skinny_kernel, shrink, shrink_dy, skinny_partials
 from kernels.reference import lora_linear_reference
 from kernels.report import goal_ranges
 

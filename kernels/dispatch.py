@@ -32,7 +32,7 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     'auto' runs the Triton kernels (kernels/fused.py) on CUDA tensors and the PyTorch reference
     elsewhere; 'triton' forces the kernels (CPU tensors only under TRITON_INTERPRET=1); 'torch'
     forces the reference. `check_index=False` skips the one device sync that checks the index
-    set's range (kernels/fused.py: check_lora_inputs). `gemm` picks the base GEMM of the Triton
+    set's range and that its ranks are distinct (kernels/fused.py: check_lora_inputs). `gemm` picks the base GEMM of the Triton
     path: 'pointer' (kernels/matmul.py, any layout), 'tma' (kernels/matmul_tma.py, Hopper) or
     'merged' (cuBLAS on the merged weight W0 + c B[:, I] A[I]).
     """

@@ -11,7 +11,7 @@ W0: (m, n)):
     dx = dy W0 + c (dy B[:, I]) A[I]         dA[I] = c (dy B[:, I])^T x
     dB[:, I] = c dy^T (x A[I]^T)             (W0 and bias are frozen; other ranks get 0)
 
-Pseudo-code (kernels/matmul.py has the kernels):
+Pseudo-code (kernels/skinny.py and kernels/matmul.py have the kernels):
 
     forward:  u = c x A[I]^T                  (T, k)  `shrink`: one read of x, one launch
               y = fused(x, W0^T, bias, u, B[:, I]^T)  base GEMM whose K loop ends with one
@@ -45,8 +45,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from kernels.matmul import (INTERPRET, fused_linear, new_output, reduce_partials, shrink,
-                            shrink_dy, skinny_partials)
+from kernels.matmul import INTERPRET, fused_linear, new_output
+from kernels.skinny import reduce_partials, shrink, shrink_dy, skinny_partials
 from kernels.matmul_tma import fused_linear_tma
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -64,8 +64,10 @@ def check_lora_inputs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
                       dtypes: tuple[torch.dtype, ...] = DTYPES) -> None:
     """Raise a ValueError that names the bad value unless the inputs describe a valid layer.
 
-    `check_index` reads the index set's min and max back from the device (one sync) so an
-    out-of-range rank raises here instead of faulting inside a kernel.
+    `check_index` reads the index set's min, max and number of repeats back from the device
+    (one sync) so that an out-of-range rank raises here instead of faulting inside a
+    kernel, and a repeated one instead of losing a gradient: the kernels write each rank's
+    gradient once, where the reference would add up a repeated rank's.
     """
     if weight.dim() != 2:
         raise ValueError(f"weight must be 2-D (m, n), got shape {tuple(weight.shape)}")
@@ -100,9 +102,12 @@ def check_lora_inputs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     if index.device != x.device:
         raise ValueError(f"index is on {index.device} but x is on {x.device}")
     if check_index:
-        lo, hi = torch.stack([index.min(), index.max()]).tolist()
+        repeats = (index.sort().values.diff() == 0).sum()
+        lo, hi, repeats = torch.stack([index.min(), index.max(), repeats]).tolist()
         if lo < 0 or hi >= r:
             raise ValueError(f"index out of range [0, {r}): min {lo}, max {hi}")
+        if repeats:
+            raise ValueError(f"index must hold distinct ranks, got {index.tolist()}")
 
 
 class LoRALinearFunction(torch.autograd.Function):

@@ -50,7 +50,8 @@ def run_tests(interpret: bool) -> dict:
 
 def clocks() -> dict:
     """nvidia-smi's clocks, power and temperature now, or why there are none."""
-    query = "clocks.sm,clocks.max.sm,clocks.mem,power.draw,temperature.gpu,clocks_throttle_reasons.active"
+    query = ("clocks.sm,clocks.max.sm,clocks.mem,power.draw,temperature.gpu,"
+             "clocks_throttle_reasons.active")
     try:
         out = subprocess.run(["nvidia-smi", f"--query-gpu={query}", "--format=csv,noheader"],
                              capture_output=True, text=True, timeout=30)

@@ -35,7 +35,7 @@ from triton.compiler import ASTSource, make_backend
 from triton.runtime.autotuner import Autotuner, Heuristics
 from triton.runtime.jit import create_function_from_signature
 
-from kernels import matmul, matmul_tma
+from kernels import matmul, matmul_tma, skinny
 
 H100_SHARED_BYTES = 227 * 1024  # opt-in shared memory per block on sm_90
 
@@ -136,15 +136,15 @@ def launches(T: int, n: int, m: int, k: int, dtype: torch.dtype,
                     lambda g=gemm: g(x, w0.t(), None, u, lora_B, index, 1)))
         out.append((gemm.__name__, "backward dx", kernel,
                     lambda g=gemm: g(dy, w0, None, u, lora_A, index, 0)))
-    skinny, parts = matmul._skinny_kernel, torch.empty(3, n, k)
-    out += [("shrink", "u = c x A[I]^T", skinny,
-             lambda: matmul.shrink(x, lora_A, index, 0, 0.5, x.dtype)),
-            ("skinny_partials", "dA[I]^T = x^T g", skinny,
-             lambda: matmul.skinny_partials(x.t(), u, index, 1)),
-            ("shrink_dy", "g = c dy B[:, I], dy^T u", matmul._shrink_dy_kernel,
-             lambda: matmul.shrink_dy(dy, lora_B, index, 0.5, u)),
-            ("reduce_partials", "dA[I] from partials", matmul._reduce_kernel,
-             lambda: matmul.reduce_partials(parts, 1.0, lora_A, 0, index))]
+    parts = torch.empty(3, n, k)
+    out += [("shrink", "u = c x A[I]^T", skinny._skinny_kernel,
+             lambda: skinny.shrink(x, lora_A, index, 0, 0.5, x.dtype)),
+            ("skinny_partials", "dA[I]^T = x^T g", skinny._skinny_kernel,
+             lambda: skinny.skinny_partials(x.t(), u, index, 1)),
+            ("shrink_dy", "g = c dy B[:, I], dy^T u", skinny._shrink_dy_kernel,
+             lambda: skinny.shrink_dy(dy, lora_B, index, 0.5, u)),
+            ("reduce_partials", "dA[I] from partials", skinny._reduce_kernel,
+             lambda: skinny.reduce_partials(parts, 1.0, lora_A, 0, index))]
     return out
 
 

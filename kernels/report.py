@@ -43,7 +43,8 @@ def load_runs(bench: dict) -> list[dict]:
     """One record per (shape, way) that passed its gate: the shape's baseline times joined with
     the way's own figures, and `gemm` naming the way."""
     return [{**row, **fused, "gemm": gemm, "ms": {**row["ms"], **fused["ms"]}}
-            for row in bench["rows"] for gemm, fused in row["fused"].items() if "error" not in fused]
+            for row in bench["rows"] for gemm, fused in row["fused"].items()
+            if "error" not in fused]
 
 
 def failures(bench: dict) -> list[str]:
@@ -151,7 +152,8 @@ def fastest_table(bench: dict) -> str:
     pick."""
     rows = []
     for row in bench["rows"]:
-        timed = {gemm: f["ms"]["fused_fwdbwd"] for gemm, f in row["fused"].items() if "error" not in f}
+        timed = {gemm: f["ms"]["fused_fwdbwd"] for gemm, f in row["fused"].items()
+                 if "error" not in f}
         if not timed:
             continue
         best = min(timed, key=timed.get)

@@ -96,7 +96,7 @@ class FakeCache:
         self.asked: list[tuple[float, float, int, int]] = []
 
     def get(self, exp, spec):
-        lr, step, seed, t = (exp.client.lr, exp.server.global_lr, exp.federation.seed,
+        lr, step, seed, t = (exp.client.lr, exp.server.server_lr, exp.federation.seed,
                              exp.federation.rounds)
         self.asked.append((lr, step, seed, t))
         if lr * step > self.diverge_above:
@@ -180,7 +180,7 @@ def test_quick_compare_writes_its_tables_and_replays_without_training(tmp_path, 
 
 
 @pytest.mark.parametrize("args,needle", [
-    (["--out", "/proc/x"], "output folder '/proc/x' is not writable"),
+    (["--out", "/proc/x"], "argument --out: '/proc/x' is not writable"),
     (["--task", "planted", "--tables", "main"], "are not tables of task 'planted'"),
     (["--methods", "hetlora"], "--methods must include fslora"),
 ])
@@ -227,7 +227,7 @@ def test_server_adamw_decays_the_factors_and_steps_by_the_sign_of_the_average():
     with torch.no_grad():
         layer.lora_B.copy_(torch.randn(m, r, dtype=torch.float64))
     lr, wd = random.uniform(0.001, 0.1), random.uniform(0.001, 0.1)
-    server = Server(nn.ModuleDict({"l": layer}), ServerConfig(optimizer="adamw", global_lr=lr,
+    server = Server(nn.ModuleDict({"l": layer}), ServerConfig(optimizer="adamw", server_lr=lr,
                                                               weight_decay=wd))
     B0, A0 = layer.lora_B.detach().clone(), layer.lora_A.detach().clone()
     d = (torch.randn(m, r, dtype=torch.float64), torch.randn(r, n, dtype=torch.float64))
@@ -235,5 +235,5 @@ def test_server_adamw_decays_the_factors_and_steps_by_the_sign_of_the_average():
     for x0, dx, x1 in ((B0, d[0], layer.lora_B), (A0, d[1], layer.lora_A)):
         want = x0 * (1 - lr * wd) + lr * dx / (dx.abs() + 1e-8)
         torch.testing.assert_close(x1.detach(), want, rtol=1e-10, atol=1e-10)
-    with pytest.raises(ValueError, match="server weight decay"):
+    with pytest.raises(ValueError, match="weight_decay: must be >= 0"):
         ServerConfig(optimizer="adamw", weight_decay=-1.0)

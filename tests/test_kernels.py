@@ -26,7 +26,7 @@ import torch
 import fslora_min.lora as lora
 from fslora_min.model import TEST_CONFIG, Transformer, lm_loss
 from fslora_min.sketch import sample_module_sketches
-from kernels import lora_linear, matmul, matmul_tma
+from kernels import lora_linear, matmul, matmul_tma, skinny
 from kernels.fused import GEMM_CHOICES
 from kernels.reference import lora_linear_reference
 
@@ -58,8 +58,8 @@ def poison_outputs(monkeypatch):
 # Each Triton kernel and the arguments it writes through. A scattering reduce writes only the
 # ranks I of a zero-filled full-size gradient: the other ranks must stay exact zeros (checked
 # in test_sketched_matches_float64), and the ranks I are compared with float64.
-KERNEL_OUTPUTS = {matmul._skinny_kernel: ("out_ptr",), matmul._shrink_dy_kernel: ("g_ptr",
-                  "part_ptr"), matmul._reduce_kernel: ("out_ptr",),
+KERNEL_OUTPUTS = {skinny._skinny_kernel: ("out_ptr",), skinny._shrink_dy_kernel: ("g_ptr",
+                  "part_ptr"), skinny._reduce_kernel: ("out_ptr",),
                   matmul._fused_linear_kernel: ("y_ptr",),
                   matmul_tma._fused_linear_tma_kernel: ("y_desc",)}
 
@@ -178,19 +178,19 @@ def test_split_reductions_give_the_unsplit_result(split):
     factor = torch.randn(9, 70, generator=g).to(DEVICE)
     index = torch.tensor([4, 0, 7], device=DEVICE)
     ref = 0.5 * p.double() @ factor.double()[index].t()  # (45, 3)
-    parts = matmul.skinny_partials(p, factor, index, 0, split=split)
+    parts = skinny.skinny_partials(p, factor, index, 0, split=split)
     assert parts.shape[0] == split
-    compact = matmul.reduce_partials(parts, 0.5, torch.empty(45, 3, device=DEVICE), 1)
-    scattered = matmul.reduce_partials(parts, 0.5, torch.zeros(9, 45, device=DEVICE), 0, index)
+    compact = skinny.reduce_partials(parts, 0.5, torch.empty(45, 3, device=DEVICE), 1)
+    scattered = skinny.reduce_partials(parts, 0.5, torch.zeros(9, 45, device=DEVICE), 0, index)
     assert rel_err(compact, ref) < TOL[torch.float32]
     assert rel_err(scattered[index].t(), ref) < TOL[torch.float32]
     assert torch.all(scattered[[1, 2, 3, 5, 6, 8]] == 0)
 
     dy, u = p.t()[:, :33], torch.randn(70, 3, generator=g).to(DEVICE)  # dy (T, m), u (T, k)
     lora_B = factor[:, :33].t()  # (m, r), a transposed view
-    g_out, dB_parts = matmul.shrink_dy(dy, lora_B, index, 0.5, u, split=split)
+    g_out, dB_parts = skinny.shrink_dy(dy, lora_B, index, 0.5, u, split=split)
     assert dB_parts.shape[0] == split
-    dB = matmul.reduce_partials(dB_parts, 1.0, torch.empty(33, 3, device=DEVICE), 1)
+    dB = skinny.reduce_partials(dB_parts, 1.0, torch.empty(33, 3, device=DEVICE), 1)
     assert rel_err(g_out, 0.5 * dy.double() @ lora_B.double()[:, index]) < TOL[torch.float32]
     assert rel_err(dB, dy.double().t() @ u.double()) < TOL[torch.float32]
 
@@ -272,6 +272,8 @@ def _bad_inputs():
         ("lora_B must be", dict(good, lora_B=lora_B[:, :4])),
         ("index out of range", dict(good, index=torch.tensor([0, 5], device=DEVICE))),
         ("index out of range", dict(good, index=torch.tensor([-1], device=DEVICE))),
+        ("index must hold distinct ranks", dict(good, index=torch.tensor([1, 3, 1],
+                                                                         device=DEVICE))),
         ("index must hold between 1", dict(good, index=index[:0])),
         ("index must be a 1-D int64", dict(good, index=index.int())),
         ("has dtype torch.float64", dict(good, lora_A=lora_A.double())),

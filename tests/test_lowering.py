@@ -4,7 +4,8 @@ Every config the autotuner would try, for every kernel launch of the fused layer
 H100's shared memory and spill no registers, or it would fail to launch or run slowly on the
 GPU. In bf16 at the benchmark's shape, every one with a dot must also use Hopper's warpgroup MMA
 (wgmma); the TMA GEMM must load through TMA bulk copies only and the other kernels with a dot
-through per-thread async copies. fp32 (exact FMA dots unless TF32 is on) is checked at the GPU test's shape.
+through per-thread async copies. fp32 (exact FMA dots unless TF32 is on) is checked at the GPU
+test's shape.
 """
 
 from __future__ import annotations

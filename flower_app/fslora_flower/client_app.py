@@ -24,7 +24,6 @@ from fslora_flower.codec import decode_downlink, encode_update
 from fslora_flower.config import federation_of
 from fslora_min.client import train_client
 from fslora_min.data import Minibatches
-from fslora_min.federation import lm_batch_loss
 
 app = ClientApp()
 STREAM = "minibatches"
@@ -78,7 +77,7 @@ def train(msg: Message, context: Context) -> Message:
     _, federation, _ = federation_of(context.run_config)
     stream = federation.batch_streams[mine]
     load_stream(stream, context.state)
-    update = train_client(federation.server.model, mine, downlink, stream, lm_batch_loss,
+    update = train_client(federation.server.model, mine, downlink, stream,
                           federation.client_cfg, len(federation.data.clients[mine].train))
     save_stream(stream, context.state)
     if fault_now(context, "nan", server_round):

@@ -1,8 +1,8 @@
 # %% [markdown]
 # # 4. FSLoRA against the baselines
 #
-# Every method gets the same per-client budgets `k_i` and differs only in what a client trains
-# and how the server aggregates (FSLORA.md section 4; `fslora_min/methods.py`: small strategy
+# Every method gets the same client ranks `k_i` and differs only in what a client trains
+# and how the server aggregates (docs/method.md section 5; `fslora_min/methods.py`: small strategy
 # objects plugged into the one federation loop of notebook 3):
 #
 # | method | the server holds | client `i` trains | the server |
@@ -12,7 +12,7 @@
 # | `flexlora` | the full product | a rank-`k_i` truncated SVD of the global update | averages the clients' products `b a` |
 # | `flora` | merged into `W0` | a fresh rank-`k_i` LoRA each round | stacks the factors (exact sum), merges |
 # | `fedavg-min` | rank `min_i k_i` | all of it | averages (the feasible FedAvg) |
-# | `fedavg-full` | rank `r` | all of it, ignoring the budgets | averages (an upper reference) |
+# | `fedavg-full` | rank `r` | all of it, ignoring the client ranks | averages (an upper reference) |
 #
 # `fslora_min.compare` runs them as a reproduction study: every row tuned the same way (a grid
 # of client learning rate x server step `eta_g`, by successive halving, on tuning seeds that are
