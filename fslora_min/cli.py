@@ -19,7 +19,7 @@ from typing import Callable, get_args, get_origin, get_type_hints
 
 from fslora_min.checkpoint import CHECKPOINT_NAME
 from fslora_min.client import OPTIMIZERS, ClientConfig
-from fslora_min.compare import (TABLES, TASKS, CompareConfig, quick_config, run_compare,
+from fslora_min.compare import (STUDY_TASKS, TABLES, CompareConfig, quick_config, run_compare,
                                 update_readmes)
 from fslora_min.compute import ComputeConfig
 from fslora_min.data import DataConfig
@@ -31,6 +31,7 @@ from fslora_min.lora import LoRAConfig
 from fslora_min.methods import METHODS
 from fslora_min.pretrain import PretrainConfig
 from fslora_min.server import ServerConfig
+from fslora_min.tasks import TASKS
 
 
 def _positive_int(text: str) -> int:
@@ -152,6 +153,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model and data sizes; " + "; ".join(f"{p}: {describe_preset(p)}"
                                                             for p in PRESETS)
                         + " (default: default)")
+    g.add_argument("--task", choices=TASKS, default="synthetic",
+                   help="the data, with the preset's sizes for it: synthetic, the topic-Markov "
+                        "language (fslora_min/data.py); shakespeare, LEAF's next-character task, "
+                        "one client per speaking role of a tragedy, the base pretrained on the "
+                        "other plays (fslora_min/shakespeare.py; the text in data/shakespeare/) "
+                        "(default: synthetic)")
     g.add_argument("--resume", action="store_true",
                    help="continue from the output folder's checkpoint (same arguments)")
     g.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -163,10 +170,10 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--quick", action="store_true",
                      help="the main table in miniature (the tests run it): 4 clients, 2 + 2 "
                           "seeds, one grid point, 3 rounds")
-    cmp.add_argument("--task", choices=TASKS, default=d_cmp.task,
+    cmp.add_argument("--task", choices=STUDY_TASKS, default=d_cmp.task,
                      help="synthetic: the topic-Markov task; planted: text from a teacher with a "
-                          f"planted rank-R* update of one layer (rank binds); default: "
-                          f"{d_cmp.task}")
+                          "planted rank-R* update of one layer (rank binds); shakespeare: LEAF's "
+                          f"next-character task; default: {d_cmp.task}")
     cmp.add_argument("--tables", nargs="+", choices=sorted({t for ts in TABLES.values()
                                                             for t in ts}), default=None,
                      help="which of the task's tables (default: all of them)")
@@ -203,7 +210,11 @@ def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
         attr, _, name = dest.partition(".")
         if name:
             given[attr][name] = value
-    from_preset = dict(zip(PRESET_PARTS, preset(args.preset)))
+    from_preset = dict(zip(PRESET_PARTS, preset(args.preset, args.task)))
+    if given["data"] and args.task != "synthetic":  # the data knobs are the synthetic task's
+        flag = args.flags[DataConfig, next(iter(given["data"]))]
+        raise ValueError(f"argument {flag}: sets the synthetic task's data; the {args.task} "
+                         f"task's clients are its roles")
     parts = {attr: (replace(from_preset[attr], **given[attr]) if attr in from_preset
                     else cls(**given[attr]))
              for _, attr, cls in PARTS if attr != "experiment"}
@@ -214,7 +225,7 @@ def print_summary(cfg: ExperimentConfig, history, info: dict) -> None:
     last = history.rounds[-1]
     ranks = info["trained_ranks"]
     up = [b for r in history.rounds for b in r.bytes_up]
-    rows = [("device", info["device"]), ("seed", cfg.federation.seed),
+    rows = [("device", info["device"]), ("seed", cfg.federation.seed), ("task", info["task"]),
             ("method", cfg.method), ("global rank r", cfg.lora.rank),
             ("client ranks k_i", " ".join(map(str, ranks))),
             ("global LoRA parameters", info["global_lora_parameters"]),
@@ -232,6 +243,21 @@ def print_summary(cfg: ExperimentConfig, history, info: dict) -> None:
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         print(f"{key:<{width}}  {value}")
+    print_clients(history, info)
+
+
+def print_clients(history, info: dict) -> None:
+    """Per client: its training sequences, k_i, and its own held-out loss and accuracy before
+    round 1 and after the last round."""
+    names = info["client_names"]
+    width = max(len("client"), *map(len, names))
+    last = history.rounds[-1]
+    print(f"{'client':<{width}}  train seqs  k_i  held-out loss     held-out accuracy")
+    for i, name in enumerate(names):
+        print(f"{name:<{width}}  {info['client_train_sequences'][i]:>10}  "
+              f"{info['trained_ranks'][i]:>3}  {history.initial_client_loss[i]:.4f} -> "
+              f"{last.client_heldout_loss[i]:.4f}  {history.initial_client_acc[i]:.4f} -> "
+              f"{last.client_heldout_acc[i]:.4f}")
 
 
 def main(argv: list[str] | None = None) -> int:

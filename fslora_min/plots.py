@@ -14,13 +14,18 @@ from fslora_min.federation import History  # noqa: E402
 
 
 def plot_history(history: History, title: str, path: Path) -> None:
-    """Four panels: global held-out loss, accuracy, KiB each client uploads per round, and
-    how many times each rank index of each module was trained."""
+    """Four panels: global held-out loss and accuracy (each client's own in thin grey), KiB each
+    client uploads per round, and how many times each rank index of each module was trained."""
     evaluated = [r for r in history.rounds if r.heldout_loss is not None]
     rounds = [0] + [r.round for r in evaluated]
     loss = [history.initial_loss] + [r.heldout_loss for r in evaluated]
     acc = [history.initial_acc] + [r.heldout_acc for r in evaluated]
     fig, axes = plt.subplots(1, 4, figsize=(17, 3.6))
+    for ax, first, key in ((axes[0], history.initial_client_loss, "client_heldout_loss"),
+                           (axes[1], history.initial_client_acc, "client_heldout_acc")):
+        per_round = [first] + [getattr(r, key) for r in evaluated]  # (rounds + 1, clients)
+        if first:
+            ax.plot(rounds, per_round, color="0.75", linewidth=0.7)
     axes[0].plot(rounds, loss, marker=".")
     axes[0].set(xlabel="round", ylabel="global held-out loss", title="loss")
     axes[1].plot(rounds, acc, marker=".", color="tab:green")
