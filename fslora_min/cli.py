@@ -8,18 +8,17 @@ from __future__ import annotations
 
 import argparse
 import math
+import shlex
 import sys
 from dataclasses import replace
-from pathlib import Path
 
 from fslora_min.budgets import DISTRIBUTIONS
 from fslora_min.client import OPTIMIZERS, ClientConfig
 from fslora_min.compare import TABLES, CompareConfig, quick_config, run_compare
 from fslora_min.data import DataConfig
 from fslora_min.engine import CPU_PASS_BYTES, ENGINES
-from fslora_min.checkpoint import CHECKPOINT_NAME
-from fslora_min.experiment import (METHODS, PRESETS, ExperimentConfig, preset, run_experiment,
-                                   write_outputs)
+from fslora_min.experiment import (METHODS, PRESETS, ExperimentConfig, Interrupted,
+                                   output_folder, preset, run_experiment, write_outputs)
 from fslora_min.federation import FederationConfig
 from fslora_min.lora import ALL_TARGETS
 from fslora_min.pretrain import PretrainConfig
@@ -59,19 +58,6 @@ def _positive_float(text: str) -> float:
     return value
 
 
-def check_out_dir(out: str) -> None:
-    """Create the output folder if needed and prove it writable, before any training."""
-    if not out.strip():
-        raise ValueError("the output folder must be a non-empty path")
-    probe = Path(out) / ".write-test"
-    try:
-        probe.parent.mkdir(parents=True, exist_ok=True)
-        probe.write_text("")
-        probe.unlink()
-    except OSError as err:
-        raise ValueError(f"output folder {out!r} is not writable: {err.strerror}") from None
-
-
 def build_parser() -> argparse.ArgumentParser:
     d_exp, d_fed, d_cli = ExperimentConfig(), FederationConfig(), ClientConfig()
     d_srv, d_data, d_pre = ServerConfig(), DataConfig(), PretrainConfig()
@@ -91,8 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "flora: stacking merged into W0; fslora-topk / fslora-importance: "
                         "importance-based index sets without / with 1/pi reweighting")
     g.add_argument("--rank", type=int, default=d_fed.rank, help="global LoRA rank r")
-    g.add_argument("--ratios", type=_ratio, nargs="+", default=d_exp.ratios,
-                   help="sketching ratios k_i/r in (0, 1], given to clients in turn")
+    g.add_argument("--ratios", type=_ratio, nargs="+", default=None,
+                   help="sketching ratios k_i/r in (0, 1], given to clients in turn (default: "
+                        f"{' '.join(f'{x:g}' for x in d_exp.ratios)})")
     g.add_argument("--rank-distribution", choices=DISTRIBUTIONS, default=None,
                    help="draw k_i from this distribution over 1..r instead of --ratios")
     g.add_argument("--lora-alpha", type=float, default=d_fed.lora_alpha,
@@ -152,6 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="rounds between checkpoints in the output folder (0: none)")
     g.add_argument("--resume", action="store_true",
                    help="continue from the output folder's checkpoint (same arguments)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace the run the output folder holds (else it is refused)")
     g.add_argument("--no-progress", action="store_true", help="hide progress bars")
     cmp = sub.add_parser("compare", help="all methods and the ablations over several seeds, "
                                          "with tables and figures (fslora_min/compare.py)",
@@ -188,7 +177,7 @@ def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
     if args.pretrain_steps is not None:
         pretrain = replace(pretrain, steps=args.pretrain_steps)
     return ExperimentConfig(
-        method=args.method, ratios=list(args.ratios), rank_distribution=args.rank_distribution,
+        method=args.method, ratios=args.ratios, rank_distribution=args.rank_distribution,
         device=args.device, out_dir=args.out, checkpoint_every=args.checkpoint_every,
         model=model, data=replace(data, dirichlet_alpha=args.dirichlet_alpha),
         pretrain=pretrain, federation=fed, client=client, server=server)
@@ -236,14 +225,21 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         cfg = config_from_args(args)
-        check_out_dir(cfg.out_dir)
-        if args.resume and not (Path(cfg.out_dir) / CHECKPOINT_NAME).is_file():
-            raise ValueError(f"--resume: no checkpoint to resume from in {cfg.out_dir!r} "
-                             f"(run with --checkpoint-every N first)")
-        history, info = run_experiment(cfg, progress=not args.no_progress, resume=args.resume)
-        out = write_outputs(cfg, history, info)
+        with output_folder(cfg.out_dir, args.resume, args.overwrite):
+            history, info = run_experiment(cfg, not args.no_progress, args.resume,
+                                           args.overwrite)
+            out = write_outputs(cfg, history, info)
     except ValueError as err:
         parser.error(str(err))
+    except Interrupted as stop:
+        again = [a for a in argv or ["run"] if a != "--overwrite"]
+        print(stop.line(shlex.join(["python", "-m", "fslora_min", *again]
+                                   + ([] if args.resume else ["--resume"]))), file=sys.stderr)
+        return 130
     print_summary(cfg, history, info)
     print(f"wrote {out / 'metrics.json'} and {out / 'curves.png'}")
+    stalled = history.stalled()
+    if stalled:
+        print(stalled, file=sys.stderr)
+        return 1
     return 0

@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 
 from fslora_min.lora import CompactFactors, compact_factors
+from fslora_min.model import dropout_masks
 from fslora_min.sketch import Sketch
 
 OPTIMIZERS = ("sgd", "adamw")
@@ -67,11 +68,13 @@ LossFn = Callable[[nn.Module, torch.Tensor], torch.Tensor]  # (model, batch) -> 
 
 def train_client(model: nn.Module, client_id: int, downlink: dict[str, CompactFactors],
                  batches: Iterator[torch.Tensor], loss_fn: LossFn, cfg: ClientConfig,
-                 num_examples: int) -> ClientUpdate:
-    """H local steps on the compact factors; returns their deltas.
+                 num_examples: int, masks: torch.Generator | None = None) -> ClientUpdate:
+    """H local steps on the compact factors, in train mode; returns their deltas.
 
     `downlink` holds the server's copies of b_0, a_0; the client trains clones of them, so the
-    server's tensors are never written here.
+    server's tensors are never written here. `masks` draws the model's dropout masks (the
+    federation passes this round's and client's stream, fslora_min/rng.py; None: torch's
+    global generator).
     """
     device = next(model.parameters()).device
     local = {name: CompactFactors(f.b.detach().clone().to(device).requires_grad_(True),
@@ -79,7 +82,7 @@ def train_client(model: nn.Module, client_id: int, downlink: dict[str, CompactFa
              for name, f in downlink.items()}
     params = [t for f in local.values() for t in (f.b, f.a)]  # sum_modules k_i (m + n) numbers
     opt = make_optimizer(params, cfg)
-    with compact_factors(model, local):
+    with compact_factors(model, local), dropout_masks(model, None if masks is None else [masks]):
         for _ in range(cfg.local_steps):
             loss = loss_fn(model, next(batches).to(device))
             opt.zero_grad(set_to_none=True)

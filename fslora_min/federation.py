@@ -35,7 +35,7 @@ from fslora_min.engine import ENGINES, default_clients_per_pass, resolve_engine,
 from fslora_min.lora import ALL_TARGETS
 from fslora_min.methods import Downlink, Method
 from fslora_min.model import lm_loss
-from fslora_min.rng import DROPOUT, MINIBATCHES, PARTICIPANTS, SKETCHES, generator
+from fslora_min.rng import DROPOUT, MASKS, MINIBATCHES, PARTICIPANTS, SKETCHES, generator
 from fslora_min.server import Server, sample_participants
 from fslora_min.validation import screen_updates
 from kernels.dispatch import check_backend
@@ -120,6 +120,19 @@ class History:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def stalled(self) -> str | None:
+        """A one-line summary if no round applied any update (so the global model is the
+        initial one: every upload rejected, or every participant dropped), else None."""
+        dropped = sum(len(r.dropped) for r in self.rounds)
+        reported = sum(len(r.participants) for r in self.rounds) - dropped
+        rejected = [(c, why) for r in self.rounds for c, why in zip(r.rejected, r.reasons)]
+        if not self.rounds or len(rejected) < reported:
+            return None
+        first = f" (the first: client {rejected[0][0]}, {rejected[0][1]})" if rejected else ""
+        return (f"no update was applied in {len(self.rounds)} rounds: {len(rejected)} of "
+                f"{reported} uploads were rejected{first} and {dropped} participants dropped "
+                f"out, so the global model is the initial one")
+
     @classmethod
     def from_dict(cls, d: dict) -> History:
         return cls([RoundRecord(**r) for r in d["rounds"]], d["initial_loss"],
@@ -141,6 +154,12 @@ def evaluate(model: nn.Module, seqs: torch.Tensor, batch_size: int = 64) -> tupl
         count += y.numel()
     model.train(was_training)
     return loss_sum / count, correct / count
+
+
+def mask_stream(seed: int, t: int, client: int, device: torch.device) -> torch.Generator:
+    """Client `client`'s dropout masks in round t: a stream of its own, so the masks do not
+    depend on the engine, on the other clients or on a resume (fslora_min/model.py `Dropout`)."""
+    return generator(seed, MASKS, t, client, device=device)
 
 
 def lm_batch_loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
@@ -179,12 +198,14 @@ class Federation:
         plan = self.plan_round() if plan is None else plan
         live = plan.live
         reporters = [plan.participants[p] for p in live]
+        device = next(self.server.model.parameters()).device
         updates = train_clients(self.engine, self.server.model, reporters,
                                 [plan.downlinks[p] for p in live],
                                 [self.batch_streams[i] for i in reporters], lm_batch_loss,
                                 self.client_cfg,
                                 [len(self.data.clients[i].train) for i in reporters],
-                                self.clients_per_pass)
+                                self.clients_per_pass,
+                                [mask_stream(self.fed.seed, t, i, device) for i in reporters])
         return self.close_round(t, plan, live, updates, start)
 
     def plan_round(self) -> RoundPlan:

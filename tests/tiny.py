@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from fslora_min.client import ClientConfig
@@ -23,11 +25,11 @@ def tiny_experiment(out_dir: str, **federation) -> ExperimentConfig:
         client=ClientConfig(local_steps=4, lr=0.3, batch_size=4), server=ServerConfig())
 
 
-def tiny_lora_model(r: int) -> Transformer:
+def tiny_lora_model(r: int, dropout: float = 0.0) -> Transformer:
     """A random (unpretrained) tiny model with rank-r LoRA (alpha = 2r), B drawn non-zero so
     that A also gets a gradient from the first step; the same numbers on every call."""
     torch.manual_seed(0)
-    model = Transformer(TEST_CONFIG)
+    model = Transformer(replace(TEST_CONFIG, dropout=dropout))
     apply_lora(model, r, alpha=2.0 * r, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         for _, m in lora_modules(model):
