@@ -251,6 +251,8 @@ def run_compare(cfg: CompareConfig) -> Path:
             rows.append(Row(label, lr, runs, tuning))
         return rows
 
+    what = (f"{len(cfg.seeds)} seeds, {cfg.num_clients} clients, {cfg.rounds} rounds of "
+            f"H = {cfg.local_steps}, r = {cfg.rank}, {cfg.optimizer}")  # for figure titles
     header = (f"seeds {list(cfg.seeds)} (lr tuned on seed {cfg.tune_seed} over "
               f"{list(cfg.lr_grid)} by the clients' held-out loss), T={cfg.rounds}, "
               f"N={cfg.num_clients} (all participate), H={cfg.local_steps}, "
@@ -268,6 +270,7 @@ def run_compare(cfg: CompareConfig) -> Path:
                       None)]
         plots_compare.plot_coverage([by_method[m] for m in ("fslora", "hetlora", "fslora-topk",
                                                             "fslora-importance")],
+                                    f"How often each rank index was trained ({what})",
                                     out / "coverage.png")
     sections += ablations(cfg, base, rows_for)
     bar.close()
@@ -278,7 +281,7 @@ def run_compare(cfg: CompareConfig) -> Path:
         if name == "main":
             md += "\n## Client budgets from device profiles\n\n" + budgets_md
         (out / f"{name}.md").write_text(md)
-        plots_compare.plot_curves(rows, title, out / f"{name}.png")
+        plots_compare.plot_curves(rows, f"{title}\n{what}", out / f"{name}.png")
     print(f"compare: {time.perf_counter() - start:.0f} s; wrote {out}/*.md and *.png")
     return out
 

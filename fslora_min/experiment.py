@@ -87,6 +87,16 @@ def preset(name: str) -> tuple[ModelConfig, DataConfig, PretrainConfig]:
     raise ValueError(f"preset must be one of {PRESETS}, got {name!r}")
 
 
+def describe(cfg: ExperimentConfig) -> str:
+    """What was run, in one line (a figure's title): method, model, r, N, M, T, H, seed."""
+    fed, m = cfg.federation, cfg.model
+    name = next((p for p in PRESETS if preset(p) == (cfg.model, cfg.data, cfg.pretrain)), None)
+    model = f"{m.n_layer} layer{'s' * (m.n_layer != 1)}, width {m.d_model}"
+    return (f"{cfg.method} on {f'the {name} preset ({model})' if name else model}: "
+            f"r = {fed.rank}, {fed.num_clients} clients ({fed.participants} a round), "
+            f"{fed.rounds} rounds of H = {cfg.client.local_steps} local steps, seed {fed.seed}")
+
+
 def resolve_device(name: str) -> torch.device:
     """'auto' picks CUDA when available; an unavailable CUDA request is an error, not a fallback."""
     if name == "auto":
@@ -310,5 +320,5 @@ def write_outputs(cfg: ExperimentConfig, history: History, info: dict) -> Path:
     tmp = out / "metrics.json.tmp"
     tmp.write_text(json.dumps(metrics, indent=1))
     tmp.replace(out / "metrics.json")
-    plot_history(history, f"{cfg.method}, r={cfg.federation.rank}", out / "curves.png")
+    plot_history(history, describe(cfg), out / "curves.png")
     return out
