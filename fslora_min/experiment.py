@@ -196,7 +196,8 @@ def check_rank(cfg: ExperimentConfig) -> None:
     most min(m, n), so the extra ranks would only add parameters. Needs only the model's shapes
     (an untrained model), so it runs before any pretraining."""
     r = cfg.federation.rank
-    layers = adapted_layers(Transformer(cfg.model), cfg.federation.targets)
+    with torch.device("meta"):  # shapes only: no memory, no initialisation work
+        layers = adapted_layers(Transformer(cfg.model), cfg.federation.targets)
     name, layer = min(layers.items(), key=lambda kv: min(kv[1].in_features, kv[1].out_features))
     m, n = layer.out_features, layer.in_features
     if r > min(m, n):
