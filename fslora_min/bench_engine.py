@@ -1,4 +1,4 @@
-"""Benchmark: rounds per second of the batched engine against the sequential loop (issue 6).
+"""Benchmark: rounds per second of the batched engine against the sequential loop.
 
     python -m fslora_min.bench_engine                     # the device in use, 4, 16, 64 clients
     python -m fslora_min.bench_engine --device cpu --clients 4 16 --repeats 3
@@ -37,10 +37,10 @@ from pathlib import Path
 
 import torch
 
-from fslora_min.budgets import PAPER_RATIOS, ranks_from_ratios
+from fslora_min.ranks import PAPER_RATIOS, ranks_from_ratios
 from fslora_min.client import ClientConfig
+from fslora_min.compute import ComputeConfig
 from fslora_min.data import DataConfig, make_federated_data
-from fslora_min.experiment import resolve_device
 from fslora_min.federation import Federation, FederationConfig
 from fslora_min.lora import apply_lora
 from fslora_min.model import ModelConfig, Transformer
@@ -67,12 +67,12 @@ def build(num_clients: int, engine: str, device: torch.device, rank: int,
     model = Transformer(ModelConfig())
     apply_lora(model, rank, alpha=2.0 * rank, generator=torch.Generator().manual_seed(0))
     model.to(device)
-    fed = FederationConfig(num_clients=num_clients, participants=num_clients, rank=rank,
-                           lora_alpha=2.0 * rank, rounds=10**9, eval_every=10**9, engine=engine,
-                           clients_per_pass=clients_per_pass)
+    fed = FederationConfig(num_clients=num_clients, participants=num_clients, rounds=10**9,
+                           eval_every=10**9)
     data = make_federated_data(DataConfig(), num_clients)
     ranks = ranks_from_ratios(list(PAPER_RATIOS), num_clients, rank)
-    return Federation(Server(model, ServerConfig()), data, ranks, fed, ClientConfig())
+    return Federation(Server(model, ServerConfig()), data, ranks, fed, ClientConfig(),
+                      compute=ComputeConfig(engine=engine, clients_per_pass=clients_per_pass))
 
 
 def sync(device: torch.device) -> None:
@@ -144,7 +144,7 @@ def device_name(device: torch.device) -> str:
 
 
 def run_benchmark(cfg: BenchConfig) -> dict:
-    device = resolve_device(cfg.device)
+    device = ComputeConfig(device=cfg.device).torch_device()
     name = device_name(device)
     print(f"device: {name}; torch {torch.__version__}; clients {cfg.clients}; "
           f"{cfg.repeats} timed rounds each (medians)", flush=True)

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from fslora_min.pretrain import load_failure
+
 MAGIC = b"FSLORAck"
 VERSION = 1
 HEADER = len(MAGIC) + 8 + 32  # magic, payload length, SHA-256
@@ -70,7 +72,8 @@ def read_payload(path: Path) -> dict:
         state = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
         raise CheckpointError(f"{path} holds something other than plain tensors and numbers; "
-                              f"refused to unpickle it (weights_only): {err}") from None
+                              f"refused to unpickle it (weights_only): {load_failure(err)}"
+                              ) from None
     if not isinstance(state, dict) or tuple(sorted(state)) != tuple(sorted(KEYS)):
         keys = sorted(state) if isinstance(state, dict) else type(state).__name__
         raise CheckpointError(f"{path} has top-level keys {keys}, expected {sorted(KEYS)}")

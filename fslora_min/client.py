@@ -1,24 +1,25 @@
-"""The client side of one FSLoRA round (FSLORA.md section 3, steps 3 and 4).
+"""The client side of one FSLoRA round (docs/method.md section 3, steps 3 and 4).
 
 Client i receives, per adapted module, its compact factors b = B[:, I] (m x k_i) and
 a = A[I, :] (k_i x n) with the index set I. It trains only them, for H local steps, in the
 forward W0 + s (r/k_i) b a, and uploads the deltas (b_H - b_0, a_H - a_0). Its trainable
 parameters and optimizer state are the compact factors: they scale with k_i, never with r.
 Training b, a directly is exact for any optimizer, where "train B S with gradients scaled by
-S^2" is exact only for plain SGD (FSLORA.md section 3, last paragraph).
+S^2" is exact only for plain SGD (docs/method.md section 3, last paragraph).
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Iterator
 
 import torch
 import torch.nn as nn
 
+from fslora_min.data import split_inputs_targets
+from fslora_min.knobs import check_knobs, knob
 from fslora_min.lora import CompactFactors, compact_factors
-from fslora_min.model import dropout_masks
+from fslora_min.model import dropout_masks, lm_loss
 from fslora_min.sketch import Sketch
 
 OPTIMIZERS = ("sgd", "adamw")
@@ -26,24 +27,17 @@ OPTIMIZERS = ("sgd", "adamw")
 
 @dataclass
 class ClientConfig:
-    local_steps: int = 10  # H
-    lr: float = 0.2  # eta_l
-    optimizer: str = "sgd"  # "sgd" (the paper's analysis) or "adamw"; state is fresh each round
-    weight_decay: float = 0.0  # AdamW only
-    batch_size: int = 16
+    local_steps: int = knob(10, "H, the local optimizer steps each participant takes per round",
+                            check="positive integer")
+    lr: float = knob(0.2, "local learning rate eta", check="positive")
+    optimizer: str = knob("sgd", "local optimizer: sgd (the paper's analysis) or adamw; its "
+                                 "state is fresh every round", flag="--client-optimizer",
+                          choices=OPTIMIZERS)
+    weight_decay: float = knob(0.0, "AdamW's weight decay", check="non-negative")
+    batch_size: int = knob(16, "sequences per local minibatch", check="positive integer")
 
     def __post_init__(self) -> None:
-        if not isinstance(self.local_steps, int) or self.local_steps < 1:
-            raise ValueError(f"local steps H must be a positive integer, got {self.local_steps!r}")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"local learning rate must be positive and finite, got {self.lr!r}")
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"client optimizer must be one of {OPTIMIZERS}, "
-                             f"got {self.optimizer!r}")
-        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
-            raise ValueError(f"weight decay must be >= 0 and finite, got {self.weight_decay!r}")
-        if not isinstance(self.batch_size, int) or self.batch_size < 1:
-            raise ValueError(f"batch size must be a positive integer, got {self.batch_size!r}")
+        check_knobs(self)
 
 
 @dataclass
@@ -63,18 +57,29 @@ def make_optimizer(params: list[torch.Tensor], cfg: ClientConfig) -> torch.optim
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-LossFn = Callable[[nn.Module, torch.Tensor], torch.Tensor]  # (model, batch) -> scalar loss
+def client_update(client_id: int, downlink: dict[str, CompactFactors],
+                  trained: dict[str, tuple[torch.Tensor, torch.Tensor]],
+                  num_examples: int) -> ClientUpdate:
+    """Step 4 of a round (docs/method.md): the upload db = b_H - b_0, da = a_H - a_0 per module,
+    from the factors `trained` ends with and the `downlink` it started from."""
+    deltas = {name: (b.detach() - downlink[name].b.to(b.device),
+                     a.detach() - downlink[name].a.to(a.device))
+              for name, (b, a) in trained.items()}
+    return ClientUpdate(client_id, {n: f.sketch for n, f in downlink.items()}, deltas,
+                        num_examples, sum(db.numel() + da.numel() for db, da in deltas.values()))
 
 
 def train_client(model: nn.Module, client_id: int, downlink: dict[str, CompactFactors],
-                 batches: Iterator[torch.Tensor], loss_fn: LossFn, cfg: ClientConfig,
+                 batches: Iterator[torch.Tensor], cfg: ClientConfig,
                  num_examples: int, masks: torch.Generator | None = None) -> ClientUpdate:
-    """H local steps on the compact factors, in train mode; returns their deltas.
+    """H local steps of one client on its compact factors (step 3 of a round), in train mode;
+    its upload. `masks` draws the model's dropout masks (the federation passes this round's and
+    client's stream, fslora_min/rng.py; None: torch's global generator).
 
-    `downlink` holds the server's copies of b_0, a_0; the client trains clones of them, so the
-    server's tensors are never written here. `masks` draws the model's dropout masks (the
-    federation passes this round's and client's stream, fslora_min/rng.py; None: torch's
-    global generator).
+    The one-client reference: by default a round's clients are trained together by
+    `engine.train_clients_batched`, which is tested against this. `downlink` holds the server's
+    copies of b_0, a_0; the client trains clones of them, so the server's tensors are never
+    written here.
     """
     device = next(model.parameters()).device
     local = {name: CompactFactors(f.b.detach().clone().to(device).requires_grad_(True),
@@ -84,12 +89,9 @@ def train_client(model: nn.Module, client_id: int, downlink: dict[str, CompactFa
     opt = make_optimizer(params, cfg)
     with compact_factors(model, local), dropout_masks(model, None if masks is None else [masks]):
         for _ in range(cfg.local_steps):
-            loss = loss_fn(model, next(batches).to(device))
+            loss = lm_loss(model, *split_inputs_targets(next(batches).to(device)))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-    deltas = {name: (f.b.detach() - downlink[name].b.to(device),
-                     f.a.detach() - downlink[name].a.to(device))
-              for name, f in local.items()}
-    return ClientUpdate(client_id, {n: f.sketch for n, f in downlink.items()}, deltas,
-                        num_examples, sum(p.numel() for p in params))
+    return client_update(client_id, downlink, {n: (f.b, f.a) for n, f in local.items()},
+                         num_examples)

@@ -1,7 +1,8 @@
-"""A fair comparison of FSLoRA with its baselines, and the ablations of FSLORA.md section 6.
+"""A fair comparison of FSLoRA with its baselines, and ablations of the paper's empirical claims
+(arXiv 2501.19389 v1, Section 5; docs/method.md section 7).
 
 Fair by construction: every run of one seed uses the same base model (one cached pretraining),
-the same data partition, the same client budgets k_i (from device profiles), the same sequence
+the same data partition, the same client ranks k_i (from device profiles), the same sequence
 of participants and the same minibatch order (named random streams, fslora_min/rng.py). Every
 row of every table gets the same tuning budget: each local learning rate of `lr_grid` on a
 tuning seed that is not an evaluation seed, chosen by the clients' own held-out loss (never
@@ -28,6 +29,7 @@ from fslora_min.client import ClientConfig
 from fslora_min.data import DataConfig
 from fslora_min.experiment import ExperimentConfig, run_experiment
 from fslora_min.federation import FederationConfig
+from fslora_min.lora import LoRAConfig
 from fslora_min.model import ModelConfig
 from fslora_min.pretrain import PretrainConfig
 from fslora_min.profiles import (DEFAULT_PROFILES, budgets_from_profiles, memory_bytes,
@@ -77,9 +79,9 @@ def task(cfg: CompareConfig) -> ExperimentConfig:
     data = DataConfig(vocab_size=32, seq_len=16, n_base_topics=4, successors=2, train_seqs=32,
                       heldout_seqs=8, global_heldout_seqs=64)
     fed = FederationConfig(num_clients=cfg.num_clients, participants=cfg.num_clients,
-                           rounds=cfg.rounds, rank=cfg.rank, lora_alpha=cfg.lora_alpha,
-                           eval_every=max(1, cfg.rounds // 10))
+                           rounds=cfg.rounds, eval_every=max(1, cfg.rounds // 10))
     return ExperimentConfig(model=model, data=data, federation=fed,
+                            lora=LoRAConfig(rank=cfg.rank, alpha=cfg.lora_alpha),
                             pretrain=PretrainConfig(steps=cfg.pretrain_steps, batch_size=32,
                                                     lr=1e-2),
                             client=ClientConfig(local_steps=cfg.local_steps,
@@ -120,7 +122,7 @@ def one_run(exp: ExperimentConfig, log: Path, done: dict[str, dict]) -> dict:
     summary = {
         "method": exp.method, "seed": exp.federation.seed, "lr": exp.client.lr,
         "rank": info["global_rank"], "rounds": exp.federation.rounds,
-        "budgets": info["client_budgets"], "client_ranks": info["client_ranks"],
+        "client_ranks": info["client_ranks"], "trained_ranks": info["trained_ranks"],
         "loss": _finite(last.heldout_loss), "acc": last.heldout_acc,
         "val_loss": _finite(float(np.mean(info["client_heldout_loss"]))),
         "curve": [[0, history.initial_loss]] + [[r.round, _finite(r.heldout_loss)]
@@ -129,7 +131,7 @@ def one_run(exp: ExperimentConfig, log: Path, done: dict[str, dict]) -> dict:
         "bytes_up": float(np.mean([b for r in history.rounds for b in r.bytes_up])),
         "bytes_up_total": float(sum(sum(r.bytes_up) for r in history.rounds)),
         "trainable": info["client_trainable_parameters"],
-        "flops": [flops_per_local_step(exp, k) for k in info["client_ranks"]],
+        "flops": [flops_per_local_step(exp, k) for k in info["trained_ranks"]],
         "wall": info["wall_seconds"], "coverage": history.coverage,
     }
     with log.open("a") as f:
@@ -182,7 +184,7 @@ def results_table(rows: list[Row], extra: dict[str, list[str]] | None = None) ->
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for i, row in enumerate(rows):
         r0 = row.runs[0]
-        ks = sorted(set(r0["client_ranks"]))
+        ks = sorted(set(r0["trained_ranks"]))
         cells = [row.label, str(r0["rank"]), ",".join(map(str, ks)), f"{row.lr:g}",
                  mean_std([r["loss"] for r in row.runs]), mean_std([r["acc"] for r in row.runs]),
                  f"{r0['bytes_down'] / 1024:.1f}", f"{r0['bytes_up'] / 1024:.1f}",
@@ -234,8 +236,8 @@ def run_compare(cfg: CompareConfig) -> Path:
             entry = json.loads(line)
             done[entry["key"]] = entry["summary"]
     base = task(cfg)
-    budgets_md, budgets = budget_table(base, cfg)
-    base = replace(base, budgets=budgets)
+    budgets_md, client_ranks = budget_table(base, cfg)
+    base = replace(base, client_ranks=client_ranks)
     sizes = {"main": len(MAIN_METHODS) + 2, "global_rank": len(cfg.rank_multiples),
              "sketch_ratio": len(cfg.ratio_sweep), "sketch_vs_nosketch": 3}
     n_rows = sum(sizes[t] for t in cfg.tables)
@@ -263,7 +265,7 @@ def run_compare(cfg: CompareConfig) -> Path:
         methods = list(dict.fromkeys(MAIN_METHODS + IMPORTANCE_METHODS))
         by_method = {r.label: r for r in rows_for([(m, replace(base, method=m))
                                                    for m in methods])}
-        sections += [("main", "FSLoRA against the baselines at the same client budgets",
+        sections += [("main", "FSLoRA against the baselines at the same client ranks k_i",
                       [by_method[m] for m in MAIN_METHODS], None),
                      ("importance", "Uniform index sets vs importance without / with "
                                     "reweighting", [by_method[m] for m in IMPORTANCE_METHODS],
@@ -291,13 +293,14 @@ def ablations(cfg: CompareConfig, base: ExperimentConfig,
     """(name, title, rows, extra columns) of the requested ablations among cfg.tables."""
     k, sections = cfg.rank_ablation_k, []
     if "global_rank" in cfg.tables:
-        rows = rows_for([(f"r={k * c}", replace(base, budgets=[k] * cfg.num_clients,
-                                                federation=replace(base.federation, rank=k * c)))
+        rows = rows_for([(f"r={k * c}", replace(base, client_ranks=[k] * cfg.num_clients,
+                                                lora=replace(base.lora, rank=k * c)))
                          for c in cfg.rank_multiples])
         sections.append(("global_rank", f"Global rank r, every client k_i = {k}", rows, None))
     if "sketch_ratio" in cfg.tables:
         rows = rows_for([(f"k/r={ratio:g}", replace(
-                             base, budgets=[max(1, round(ratio * cfg.rank))] * cfg.num_clients))
+                             base,
+                             client_ranks=[max(1, round(ratio * cfg.rank))] * cfg.num_clients))
                          for ratio in cfg.ratio_sweep])
         sections.append(("sketch_ratio", f"Sketching ratio k/r (every client the same), "
                                          f"r = {cfg.rank}", rows, None))
@@ -307,11 +310,12 @@ def ablations(cfg: CompareConfig, base: ExperimentConfig,
     long_fed = replace(base.federation, rounds=2 * cfg.rounds,
                        eval_every=max(1, 2 * cfg.rounds // 10))
     sketch_rows = rows_for([
-        (f"sketch r={cfg.rank} k={half}, 2T", replace(base, budgets=[half] * cfg.num_clients,
+        (f"sketch r={cfg.rank} k={half}, 2T", replace(base, client_ranks=[half] * cfg.num_clients,
                                                       federation=long_fed)),
-        (f"no sketch k=r={cfg.rank}, T", replace(base, budgets=[cfg.rank] * cfg.num_clients)),
-        (f"no sketch k=r={half}, 2T", replace(base, budgets=[half] * cfg.num_clients,
-                                              federation=replace(long_fed, rank=half))),
+        (f"no sketch k=r={cfg.rank}, T", replace(base, client_ranks=[cfg.rank] * cfg.num_clients)),
+        (f"no sketch k=r={half}, 2T", replace(base, client_ranks=[half] * cfg.num_clients,
+                                              federation=long_fed,
+                                              lora=replace(base.lora, rank=half))),
     ])
     upload = {"MiB up in total": [f"{np.mean([r['bytes_up_total'] for r in row.runs]) / 2**20:.2f}"
                                   for row in sketch_rows]}

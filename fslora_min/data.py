@@ -14,13 +14,13 @@ A sequence of `seq_len + 1` tokens gives inputs x = s[:-1] and next-token target
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
 import torch
 
+from fslora_min.knobs import check_knobs, knob
 from fslora_min.rng import (DATA_CLIENT, DATA_HELDOUT, DATA_TOPICS, DIRICHLET, PRETRAIN,
                             generator, numpy_rng)
 
@@ -33,7 +33,9 @@ class DataConfig:
     successors: int = 3  # likely next tokens per (topic, token)
     noise: float = 0.05  # probability mass spread uniformly over the vocabulary
     shift: float = 0.5  # fraction of each table's rows given new successors for fine-tuning
-    dirichlet_alpha: float = 0.5  # client topic-mixture concentration (small: strong skew)
+    dirichlet_alpha: float = knob(0.5, "client topic skew: the Dirichlet concentration of each "
+                                       "client's topic mixture (small: strong skew)",
+                                  check="positive")
     train_seqs: int = 48  # per client
     heldout_seqs: int = 16  # per client
     global_heldout_seqs: int = 128
@@ -51,9 +53,7 @@ class DataConfig:
             raise ValueError(f"noise must be in [0, 1], got {self.noise!r}")
         if not 0.0 <= self.shift <= 1.0:
             raise ValueError(f"shift must be in [0, 1], got {self.shift!r}")
-        if not (math.isfinite(self.dirichlet_alpha) and self.dirichlet_alpha > 0):
-            raise ValueError(f"dirichlet_alpha must be a positive finite number, "
-                             f"got {self.dirichlet_alpha!r}")
+        check_knobs(self)
 
 
 def make_topic_tables(n_topics: int, vocab: int, successors: int, noise: float,

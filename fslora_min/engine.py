@@ -20,39 +20,32 @@ sets). The model's dropout draws each client's masks from that client's own gene
 (fslora_min/model.py `Dropout`), so the two engines also train on the same masks.
 
 On a CPU the batched engine trains the round in passes of as many clients as keep the widest
-activation (tokens x widest layer output) within CPU_PASS_BYTES. One pass of 16 default clients
-makes (16384, 512) activations of 32 MiB, which glibc's malloc serves with fresh mmap'd pages
-every time: the page faults made a GELU over them 4x slower per element than over a 4-client
-pass's 8 MiB (measured: 4.4-5.3 GB/s against 21-27 GB/s). At 16 default clients, passes of 4,
-8 and 16 clients measured 1.28x, 1.13x and 1.08x the sequential loop (results/engine/).
+activation (tokens x widest layer output) within CPU_PASS_BYTES: larger activations are served
+from fresh pages every time and run slower per element (results/engine/README.md).
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from fslora_min.client import ClientConfig, ClientUpdate, LossFn, make_optimizer, train_client
+from fslora_min.client import (ClientConfig, ClientUpdate, client_update, make_optimizer,
+                               train_client)
+from fslora_min.compute import CPU_PASS_BYTES
 from fslora_min.data import Minibatches, split_inputs_targets
 from fslora_min.lora import (BatchedFactors, CompactFactors, LoRALinear, batched_compact_factors,
                              lora_modules)
-from fslora_min.model import dropout_masks
+from fslora_min.model import dropout_masks, lm_loss
 
-ENGINES = ("auto", "sequential", "batched")
-# What "auto" picks per device type, from results/engine/ (bench_engine.py): on an H100 batched
-# is 6.4x (4 clients) to 21x (64) faster; on 2 CPU threads, in passes of 4, 1.64x / 1.22x / 1.17x
-# at 4 / 16 / 64 clients.
+# What "auto" picks per device type: the engine bench_engine.py measured faster there
+# (results/engine/README.md).
 FASTER_ENGINE = {"cpu": "batched", "cuda": "batched"}
-CPU_PASS_BYTES = 8 * 2**20  # the widest activation of one CPU pass (the docstring says why)
 
 Downlink = dict[str, CompactFactors]
 
 
 def resolve_engine(engine: str, device: torch.device) -> str:
     """'sequential' or 'batched'; 'auto' is the one the benchmark measured faster on `device`."""
-    if engine not in ENGINES:
-        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
     return FASTER_ENGINE.get(device.type, "sequential") if engine == "auto" else engine
 
 
@@ -68,12 +61,12 @@ def default_clients_per_pass(model: nn.Module, batches: list[Minibatches]) -> in
     return max(1, CPU_PASS_BYTES // (rows * tokens * widest * weight.element_size()))
 
 
-def stack_downlinks(downlinks: list[Downlink], scalings: dict[str, float],
+def stack_downlinks(downlinks: list[Downlink], scales: dict[str, float],
                     device: torch.device) -> dict[str, BatchedFactors]:
     """Per module: the P clients' (b_p, a_p) zero-padded to K = max k_p and stacked, trainable.
 
-    coef[p, :k_p] = s * diag(S_p) at client p's ranks (r / k_p, or its own per-index values),
-    0 beyond: the forward of fslora_min/lora.py's compact mode, client by client.
+    client_scale[p, :k_p] = s * diag(S_p) at client p's ranks (r / k_p, or its own per-index
+    values), 0 beyond: the forward of fslora_min/lora.py's compact mode, client by client.
     """
     out = {}
     for name in downlinks[0]:
@@ -82,35 +75,28 @@ def stack_downlinks(downlinks: list[Downlink], scalings: dict[str, float],
         (m, _), (_, n) = fs[0].b.shape, fs[0].a.shape
         b = torch.zeros(P, m, K, dtype=fs[0].b.dtype, device=device)  # (P, m, K)
         a = torch.zeros(P, K, n, dtype=fs[0].a.dtype, device=device)  # (P, K, n)
-        coef = torch.zeros(P, K, dtype=b.dtype, device=device)  # (P, K)
+        client_scale = torch.zeros(P, K, dtype=b.dtype, device=device)  # (P, K)
         for p, f in enumerate(fs):
             k, w = f.sketch.k, f.sketch.per_index
             b[p, :, :k], a[p, :k] = f.b, f.a
-            coef[p, :k] = scalings[name] * (f.sketch.scale if w is None else w.to(coef))
-        out[name] = BatchedFactors(b.requires_grad_(True), a.requires_grad_(True), coef)
+            client_scale[p, :k] = scales[name] * (f.sketch.sketch_weight if w is None
+                                                  else w.to(client_scale))
+        out[name] = BatchedFactors(b.requires_grad_(True), a.requires_grad_(True), client_scale)
     return out
-
-
-def client_losses(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
-    """(P, b, L + 1) sequences of P clients -> (P,) each client's mean next-token loss."""
-    P = batch.shape[0]
-    inputs, targets = split_inputs_targets(batch.flatten(0, 1))  # (P b, L) each
-    logits = model(inputs)  # (P b, L, V)
-    loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none")
-    return loss.view(P, -1).mean(1)  # (P,)
 
 
 def train_clients_batched(model: nn.Module, client_ids: list[int], downlinks: list[Downlink],
                           batches: list[Minibatches], cfg: ClientConfig,
                           num_examples: list[int],
                           masks: list[torch.Generator] | None = None) -> list[ClientUpdate]:
-    """H local steps of all P clients at once; the same ClientUpdates as `train_client` gives
-    (with the same `masks`, one dropout-mask generator per client)."""
+    """H local steps of all P clients at once (step 3 of a round, the default engine); the same
+    ClientUpdates as `train_client`, the one-client reference, gives (with the same `masks`,
+    one dropout-mask generator per client)."""
     if not downlinks:  # every participant dropped out
         return []
     device = next(model.parameters()).device
-    scalings = {name: layer.scaling for name, layer in lora_modules(model)}
-    factors = stack_downlinks(downlinks, scalings, device)
+    scales = {name: layer.scale for name, layer in lora_modules(model)}
+    factors = stack_downlinks(downlinks, scales, device)
     params = [t for f in factors.values() for t in (f.b, f.a)]
     opt = make_optimizer(params, cfg)  # elementwise: P independent SGD or AdamW optimizers
     with batched_compact_factors(model, factors), dropout_masks(model, masks):
@@ -120,33 +106,26 @@ def train_clients_batched(model: nn.Module, client_ids: list[int], downlinks: li
                 raise ValueError(f"the batched engine needs equal minibatch shapes, got "
                                  f"{sorted({tuple(x.shape) for x in mine})}: use the "
                                  f"sequential engine")
-            loss = client_losses(model, torch.stack(mine).to(device)).sum()
+            batch = torch.stack(mine).to(device)  # (P, b, L + 1)
+            inputs, targets = split_inputs_targets(batch.flatten(0, 1))  # (P b, L) each
+            loss = lm_loss(model, inputs, targets, groups=len(mine)).sum()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-    updates = []
-    for p, (i, down) in enumerate(zip(client_ids, downlinks)):
-        deltas, numbers = {}, 0
-        for name, f in down.items():
-            k = f.sketch.k
-            db = factors[name].b.detach()[p, :, :k] - f.b.to(device)  # (m, k)
-            da = factors[name].a.detach()[p, :k] - f.a.to(device)  # (k, n)
-            deltas[name], numbers = (db, da), numbers + db.numel() + da.numel()
-        updates.append(ClientUpdate(i, {n: f.sketch for n, f in down.items()}, deltas,
-                                    num_examples[p], numbers))
-    return updates
+    return [client_update(i, down, {name: (factors[name].b[p, :, :f.sketch.k],  # (m, k)
+                                           factors[name].a[p, :f.sketch.k])  # (k, n)
+                                     for name, f in down.items()}, num_examples[p])
+            for p, (i, down) in enumerate(zip(client_ids, downlinks))]
 
 
 def train_clients(engine: str, model: nn.Module, client_ids: list[int],
-                  downlinks: list[Downlink], batches: list[Minibatches],
-                  loss_fn: LossFn, cfg: ClientConfig, num_examples: list[int],
-                  clients_per_pass: int = 0,
+                  downlinks: list[Downlink], batches: list[Minibatches], cfg: ClientConfig,
+                  num_examples: list[int], clients_per_pass: int = 0,
                   masks: list[torch.Generator] | None = None) -> list[ClientUpdate]:
     """The round's local training with either engine ('sequential': one client at a time).
 
-    `loss_fn` is the sequential engine's per-minibatch loss; the batched engine uses the same
-    mean next-token loss per client (`client_losses`), `clients_per_pass` clients at a time
-    (0: `default_clients_per_pass`). `masks` holds each client's dropout-mask generator (None:
+    The batched engine trains `clients_per_pass` clients at a time (0:
+    `default_clients_per_pass`). `masks` holds each client's dropout-mask generator (None:
     torch's global one). Every client draws from its own streams, so passes change no number
     beyond float rounding.
     """
@@ -160,5 +139,5 @@ def train_clients(engine: str, model: nn.Module, client_ids: list[int],
     if engine != "sequential":
         raise ValueError(f"engine must be 'sequential' or 'batched', got {engine!r}")
     gens = [None] * len(client_ids) if masks is None else masks
-    return [train_client(model, i, down, stream, loss_fn, cfg, n, g)
+    return [train_client(model, i, down, stream, cfg, n, g)
             for i, down, stream, n, g in zip(client_ids, downlinks, batches, num_examples, gens)]

@@ -1,4 +1,5 @@
-"""One experiment, end to end: base model, data, budgets, LoRA, server, federation, outputs.
+"""One experiment, end to end: base model, data, client ranks, LoRA, server, federation,
+outputs.
 
 `ExperimentConfig` gathers every knob (one dataclass per part); `output_folder` checks and
 makes the run's folder; `run_experiment` builds the pieces from the config and plays the
@@ -21,55 +22,79 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from fslora_min.budgets import ranks_from_distribution, ranks_from_ratios, PAPER_RATIOS
+from fslora_min.ranks import (DISTRIBUTIONS, PAPER_RATIOS, ranks_from_distribution,
+                                ranks_from_ratios)
 from fslora_min.checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint, save_checkpoint
 from fslora_min.client import ClientConfig
+from fslora_min.compute import ComputeConfig
 from fslora_min.data import DataConfig, make_federated_data
 from fslora_min.federation import Federation, FederationConfig, History, evaluate
-from fslora_min.lora import apply_lora, count_lora_parameters
+from fslora_min.knobs import ConfigError, check_knobs, knob
+from fslora_min.lora import LoRAConfig, apply_lora, count_lora_parameters
 from fslora_min.methods import METHODS, make_method
 from fslora_min.model import TEST_CONFIG, ModelConfig, Transformer, count_parameters
 from fslora_min.pretrain import PretrainConfig, load_or_pretrain
 from fslora_min.rng import LORA_INIT, generator
 from fslora_min.server import Server, ServerConfig
-from kernels.dispatch import check_backend
+
+
+def _ratio(text: str) -> float:
+    """A sketching ratio on the command line: a number or a fraction like 1/8."""
+    num, slash, den = text.partition("/")
+    try:
+        return float(num) / float(den) if slash else float(text)
+    except (ValueError, ZeroDivisionError):
+        raise ValueError(f"not a ratio: {text!r} (use e.g. 0.25 or 1/4)") from None
 
 
 @dataclass
 class ExperimentConfig:
-    method: str = "fslora"  # one of fslora_min.methods.METHODS
-    # k_i/r, given to clients in turn; unset: the paper's 1/8, 1/4, 1/2, 3/4 (or rank_distribution)
-    ratios: list[float] | None = None
-    rank_distribution: str | None = None  # instead of ratios: "uniform", "normal", "heavy-small"
-    budgets: list[int] | None = None  # instead of both: k_i per client (e.g. from profiles)
-    device: str = "cpu"  # "cpu", "cuda", or "auto" (a GPU when there is one)
-    out_dir: str = "runs/demo"
-    checkpoint_every: int = 0  # rounds between checkpoints in out_dir (0: none)
+    method: str = knob(
+        "fslora", "fslora: each client trains a random k_i-subset of the r ranks, scaled r/k_i; "
+                  "fedavg-min / fedavg-full: every client trains rank min_i k_i / r; hetlora: "
+                  "the first k_i ranks; flexlora: SVD of the averaged product; flora: stacking "
+                  "merged into W0; fslora-topk / fslora-importance: importance-based index sets "
+                  "without / with 1/pi reweighting", choices=METHODS)
+    # unset: the paper's ratios, unless rank_distribution is given
+    ratios: list[float] | None = knob(None, "sketching ratios k_i / r in (0, 1], given to "
+                                            "clients in turn", parse=_ratio,
+                                      default_text=" ".join(f"{x:g}" for x in PAPER_RATIOS))
+    rank_distribution: str | None = knob(None, "draw k_i from this distribution over 1..r "
+                                               "instead of --ratios", choices=DISTRIBUTIONS)
+    client_ranks: list[int] | None = None  # instead of both: k_i per client (e.g. profiles)
+    out_dir: str = knob("runs/demo", "output folder (created if needed)", flag="--out")
+    checkpoint_every: int = knob(0, "rounds between checkpoints in the output folder (0: none)",
+                                 check="non-negative integer")
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
     client: ClientConfig = field(default_factory=ClientConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
+    compute: ComputeConfig = field(default_factory=ComputeConfig)
 
     def __post_init__(self) -> None:
+        check_knobs(self)
         if self.ratios is not None and self.rank_distribution is not None:
-            raise ValueError(f"--ratios {' '.join(f'{x:g}' for x in self.ratios)} and "
-                             f"--rank-distribution {self.rank_distribution} both set the client "
-                             f"ranks k_i: give one of them")
+            raise ConfigError(self, "ratios", f"cannot be given with --rank-distribution "
+                                              f"{self.rank_distribution}: both set the client "
+                                              f"ranks k_i; give one of them")
         if self.ratios is None and self.rank_distribution is None:
             self.ratios = list(PAPER_RATIOS)
-        if not isinstance(self.checkpoint_every, int) or self.checkpoint_every < 0:
-            raise ValueError(f"checkpoint_every must be a non-negative integer, "
-                             f"got {self.checkpoint_every!r}")
-        if self.method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if not self.out_dir.strip():
+            raise ConfigError(self, "out_dir", "must be a non-empty path")
         if self.data.seq_len > self.model.context:
             raise ValueError(f"data seq_len={self.data.seq_len} exceeds the model context "
                              f"{self.model.context}")
         if self.data.vocab_size != self.model.vocab_size:
             raise ValueError(f"data vocab_size={self.data.vocab_size} differs from the model's "
                              f"{self.model.vocab_size}")
+        if self.client_ranks is None and self.rank_distribution is None:
+            try:  # every ratio in (0, 1] and giving at least rank 1 of r: checked here, once
+                ranks_from_ratios(self.ratios, len(self.ratios), self.lora.rank)
+            except ValueError as err:
+                raise ConfigError(self, "ratios", str(err)) from None
 
 
 PRESETS = ("default", "tiny")
@@ -93,33 +118,21 @@ def describe(cfg: ExperimentConfig) -> str:
     name = next((p for p in PRESETS if preset(p) == (cfg.model, cfg.data, cfg.pretrain)), None)
     model = f"{m.n_layer} layer{'s' * (m.n_layer != 1)}, width {m.d_model}"
     return (f"{cfg.method} on {f'the {name} preset ({model})' if name else model}: "
-            f"r = {fed.rank}, {fed.num_clients} clients ({fed.participants} a round), "
+            f"r = {cfg.lora.rank}, {fed.num_clients} clients ({fed.participants} a round), "
             f"{fed.rounds} rounds of H = {cfg.client.local_steps} local steps, seed {fed.seed}")
 
 
-def resolve_device(name: str) -> torch.device:
-    """'auto' picks CUDA when available; an unavailable CUDA request is an error, not a fallback."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} requested, but torch sees no CUDA GPU")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"unknown device {name!r}: use 'cpu', 'cuda' or 'auto'") from None
-
-
-def client_budgets(cfg: ExperimentConfig) -> list[int]:
+def assign_client_ranks(cfg: ExperimentConfig) -> list[int]:
     """k_i per client: given, or from the distribution, or from the ratios."""
-    fed = cfg.federation
-    if cfg.budgets is not None:
-        if len(cfg.budgets) != fed.num_clients:
-            raise ValueError(f"{len(cfg.budgets)} client budgets given for "
+    fed, r = cfg.federation, cfg.lora.rank
+    if cfg.client_ranks is not None:
+        if len(cfg.client_ranks) != fed.num_clients:
+            raise ValueError(f"{len(cfg.client_ranks)} client ranks given for "
                              f"num_clients={fed.num_clients}")
-        return list(cfg.budgets)
+        return list(cfg.client_ranks)
     if cfg.rank_distribution is not None:
-        return ranks_from_distribution(cfg.rank_distribution, fed.num_clients, fed.rank, fed.seed)
-    return ranks_from_ratios(cfg.ratios, fed.num_clients, fed.rank)
+        return ranks_from_distribution(cfg.rank_distribution, fed.num_clients, r, fed.seed)
+    return ranks_from_ratios(cfg.ratios, fed.num_clients, r)
 
 
 RUN_FILES = ("metrics.json", CHECKPOINT_NAME)  # a folder holding one of them holds a run
@@ -127,10 +140,8 @@ RUN_FILES = ("metrics.json", CHECKPOINT_NAME)  # a folder holding one of them ho
 
 def check_out_dir(out: str, resume: bool, overwrite: bool) -> None:
     """Refuse, before anything is made or trained, an output folder that cannot take this run:
-    an empty path, a finished or checkpointed run without --resume or --overwrite, or --resume
-    without a checkpoint."""
-    if not out.strip():
-        raise ValueError("the output folder must be a non-empty path")
+    a finished or checkpointed run without --resume or --overwrite, or --resume without a
+    checkpoint."""
     if resume and overwrite:
         raise ValueError("--resume continues the run in the output folder and --overwrite "
                          "replaces it: give one of them")
@@ -169,7 +180,7 @@ def output_folder(out: str, resume: bool = False, overwrite: bool = False) -> It
         probe.unlink()
     except OSError as err:
         remove_empty(made)
-        raise ValueError(f"output folder {out!r} is not writable: {err.strerror}") from None
+        raise ValueError(f"argument --out: {out!r} is not writable: {err.strerror}") from None
     try:
         yield folder
     except BaseException:
@@ -195,9 +206,9 @@ def check_rank(cfg: ExperimentConfig) -> None:
     """Refuse a global rank r above min(m, n) of the smallest adapted module: B A has rank at
     most min(m, n), so the extra ranks would only add parameters. Needs only the model's shapes
     (an untrained model), so it runs before any pretraining."""
-    r = cfg.federation.rank
+    r = cfg.lora.rank
     with torch.device("meta"):  # shapes only: no memory, no initialisation work
-        layers = adapted_layers(Transformer(cfg.model), cfg.federation.targets)
+        layers = adapted_layers(Transformer(cfg.model), cfg.lora.targets)
     name, layer = min(layers.items(), key=lambda kv: min(kv[1].in_features, kv[1].out_features))
     m, n = layer.out_features, layer.in_features
     if r > min(m, n):
@@ -243,20 +254,18 @@ def build_federation(cfg: ExperimentConfig, progress: bool = True) -> tuple[Fede
     Deterministic in `cfg`: a Flower ServerApp and every ClientApp (flower_app/) build the same
     federation from the same arguments and use their halves of it.
     """
-    device = resolve_device(cfg.device)
-    fed = cfg.federation
-    check_backend(fed.lora_backend, fed.lora_gemm, device)  # before any pretraining
+    device = cfg.compute.torch_device()  # before any pretraining
+    fed, lora, compute = cfg.federation, cfg.lora, cfg.compute
     check_rank(cfg)
-    budgets = client_budgets(cfg)
+    client_ranks = assign_client_ranks(cfg)
     base, cache = load_or_pretrain(cfg.model, cfg.data, cfg.pretrain, progress=progress)
     data = make_federated_data(cfg.data, fed.num_clients)
-    method = make_method(cfg.method, fed.lora_alpha, fed.rank, fed.rslora,
-                         generator(fed.seed, LORA_INIT, 1))
-    global_rank = method.global_rank(fed.rank, budgets, full_rank(base, fed.targets))
-    ranks = method.client_ranks(budgets, fed.rank)
+    method = make_method(cfg.method, lora.rank, generator(fed.seed, LORA_INIT, 1))
+    global_rank = method.global_rank(lora.rank, client_ranks, full_rank(base, lora.targets))
+    trained = method.trained_ranks(client_ranks, lora.rank)
     model = copy.deepcopy(base)
-    names = apply_lora(model, global_rank, fed.lora_alpha, fed.targets, fed.rslora,
-                       fed.lora_backend, generator(fed.seed, LORA_INIT), fed.lora_gemm)
+    names = apply_lora(model, global_rank, lora.alpha, lora.targets, lora.rslora,
+                       compute.lora_backend, generator(fed.seed, LORA_INIT), compute.lora_gemm)
     model.to(device)
     server = Server(model, cfg.server)
     shapes = server.shapes
@@ -266,11 +275,11 @@ def build_federation(cfg: ExperimentConfig, progress: bool = True) -> tuple[Fede
         "method": cfg.method, "global_rank": global_rank,
         "lora_modules": len(names), "global_lora_parameters": count_lora_parameters(model),
         "module_shapes": list(shapes.values()),
-        "client_budgets": budgets, "client_ranks": ranks,
+        "client_ranks": client_ranks, "trained_ranks": trained,
         "client_trainable_parameters": [sum(k * (m + n) for m, n in shapes.values())
-                                        for k in ranks],
+                                        for k in trained],
     }
-    return Federation(server, data, ranks, fed, cfg.client, method), info
+    return Federation(server, data, trained, fed, cfg.client, method, compute), info
 
 
 def run_experiment(cfg: ExperimentConfig, progress: bool = True, resume: bool = False,

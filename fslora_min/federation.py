@@ -5,7 +5,7 @@ One loop serves FSLoRA and the baselines: a method differs only in its `Method` 
 server aggregates). Every random draw comes from its own named stream
 (fslora_min/rng.py), so two methods run on one seed see the same participants and minibatches.
 
-Reliability (issue 7): each participant fails mid-round with probability `dropout` (after its
+Reliability: each participant fails mid-round with probability `dropout` (after its
 download, before its upload); the server screens every upload (fslora_min/validation.py) and
 aggregates over the participants that reported a valid update, R_t:
 D = (1/|R_t|) sum_{i in R_t} pad(d_i). If R_t is empty the global model does not move. Since
@@ -18,7 +18,6 @@ variance grows like 1/|R_t|. `state_dict()` holds everything a bit-identical res
 from __future__ import annotations
 
 import logging
-import math
 import time
 from typing import Callable
 from dataclasses import asdict, dataclass, field
@@ -28,62 +27,48 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from fslora_min.budgets import validate_ranks
 from fslora_min.client import ClientConfig, ClientUpdate
+from fslora_min.compute import ComputeConfig
 from fslora_min.data import FederatedData, minibatches, split_inputs_targets
-from fslora_min.engine import ENGINES, default_clients_per_pass, resolve_engine, train_clients
-from fslora_min.lora import ALL_TARGETS
+from fslora_min.engine import default_clients_per_pass, resolve_engine, train_clients
+from fslora_min.knobs import ConfigError, check_knobs, knob
 from fslora_min.methods import Downlink, Method
-from fslora_min.model import lm_loss
+from fslora_min.ranks import validate_ranks
 from fslora_min.rng import DROPOUT, MASKS, MINIBATCHES, PARTICIPANTS, SKETCHES, generator
 from fslora_min.server import Server, sample_participants
 from fslora_min.validation import screen_updates
-from kernels.dispatch import check_backend
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class FederationConfig:
-    num_clients: int = 10  # N
-    participants: int = 10  # M per round (M = N: full participation)
-    rounds: int = 20  # T
-    rank: int = 16  # r, the server's global rank
-    lora_alpha: float = 32.0  # s = alpha / r (or alpha / sqrt(r) with rslora)
-    rslora: bool = False
-    targets: tuple[str, ...] = ALL_TARGETS
-    seed: int = 0
-    eval_every: int = 1  # rounds between global held-out evaluations (the last is always done)
-    dropout: float = 0.0  # probability that a participant fails mid-round (never uploads)
-    engine: str = "auto"  # "sequential", "batched" or "auto" (the faster one on the device)
-    clients_per_pass: int = 0  # batched engine: clients per pass (0: default_clients_per_pass)
-    lora_backend: str = "auto"  # LoRA kernel, kernels/dispatch.py: "auto", "torch" or "triton"
-    lora_gemm: str = "pointer"  # the Triton path's base GEMM (kernels/README.md: four ways)
+    num_clients: int = knob(10, "number of clients N", flag="--clients", check="positive integer")
+    participants: int | None = knob(None, "clients per round M, sampled uniformly (M = N: full "
+                                          "participation)", check="positive integer",
+                                    default_text="all N")
+    rounds: int = knob(20, "communication rounds T", check="positive integer")
+    seed: int = knob(0, "seeds every random stream (fslora_min/rng.py)",
+                     check="non-negative integer")
+    eval_every: int = knob(1, "rounds between global held-out evaluations (the last round is "
+                              "always evaluated)", check="positive integer")
+    dropout: float = knob(0.0, "probability that a participant fails mid-round (after its "
+                               "download, before its upload)", check="probability")
 
     def __post_init__(self) -> None:
-        for name, least in (("num_clients", 1), ("participants", 1), ("rounds", 1), ("rank", 1),
-                            ("eval_every", 1), ("clients_per_pass", 0), ("seed", 0)):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < least:
-                kind = "a positive" if least else "a non-negative"
-                raise ValueError(f"{name} must be {kind} integer, got {value!r}")
-        check_backend(self.lora_backend, self.lora_gemm)
-        if self.engine not in ENGINES:
-            raise ValueError(f"engine must be one of {ENGINES}, got {self.engine!r}")
+        if self.participants is None:
+            self.participants = self.num_clients
+        check_knobs(self)
         if self.participants > self.num_clients:
-            raise ValueError(f"participants={self.participants} exceeds "
-                             f"num_clients={self.num_clients}")
-        if not (math.isfinite(self.lora_alpha) and self.lora_alpha > 0):
-            raise ValueError(f"lora_alpha must be positive and finite, got {self.lora_alpha!r}")
-        if not 0.0 <= self.dropout < 1.0:  # also false for NaN
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+            raise ConfigError(self, "participants", f"must be at most the number of clients, "
+                                                    f"{self.num_clients}, got {self.participants}")
 
 
 @dataclass
 class RoundRecord:
     round: int  # 1-based: the global model after this many rounds
     participants: list[int]
-    ranks: list[int]  # k_i of each participant
+    client_ranks: list[int]  # k_i of each participant
     numbers_down: list[int]  # per participant, summed over modules: k_i (m + n)
     numbers_up: list[int]  # 0 for a participant that dropped out
     bytes_down: list[int]  # numbers at the factors' dtype
@@ -162,21 +147,17 @@ def mask_stream(seed: int, t: int, client: int, device: torch.device) -> torch.G
     return generator(seed, MASKS, t, client, device=device)
 
 
-def lm_batch_loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
-    return lm_loss(model, *split_inputs_targets(batch))
-
-
 class Federation:
-    """N clients with budgets k_i around one server; `run()` plays T rounds."""
+    """N clients of ranks k_i around one server; `run()` plays T rounds."""
 
-    def __init__(self, server: Server, data: FederatedData, ranks: list[int],
-                 fed: FederationConfig, client: ClientConfig,
-                 method: Method | None = None) -> None:
-        if len(data.clients) != fed.num_clients or len(ranks) != fed.num_clients:
+    def __init__(self, server: Server, data: FederatedData, client_ranks: list[int],
+                 fed: FederationConfig, client: ClientConfig, method: Method | None = None,
+                 compute: ComputeConfig | None = None) -> None:
+        if len(data.clients) != fed.num_clients or len(client_ranks) != fed.num_clients:
             raise ValueError(f"num_clients={fed.num_clients}, but {len(data.clients)} client "
-                             f"data sets and {len(ranks)} client ranks were given")
-        validate_ranks(ranks, server.rank)
-        self.server, self.data, self.ranks = server, data, ranks
+                             f"data sets and {len(client_ranks)} client ranks were given")
+        validate_ranks(client_ranks, server.rank)
+        self.server, self.data, self.client_ranks = server, data, client_ranks
         self.fed, self.client_cfg = fed, client
         self.method = Method() if method is None else method  # FSLoRA by default
         self.participant_stream = generator(fed.seed, PARTICIPANTS)
@@ -185,9 +166,10 @@ class Federation:
         self.batch_streams = [minibatches(c.train, client.batch_size,
                                           generator(fed.seed, MINIBATCHES, i))
                               for i, c in enumerate(data.clients)]
-        self.engine = resolve_engine(fed.engine, next(server.model.parameters()).device)
+        compute = ComputeConfig() if compute is None else compute
+        self.engine = resolve_engine(compute.engine, next(server.model.parameters()).device)
         # batched engine: fixed by the device, the model and the minibatch shape, so set once
-        self.clients_per_pass = (fed.clients_per_pass
+        self.clients_per_pass = (compute.clients_per_pass
                                  or default_clients_per_pass(server.model, self.batch_streams))
         self.history = History()
 
@@ -201,8 +183,7 @@ class Federation:
         device = next(self.server.model.parameters()).device
         updates = train_clients(self.engine, self.server.model, reporters,
                                 [plan.downlinks[p] for p in live],
-                                [self.batch_streams[i] for i in reporters], lm_batch_loss,
-                                self.client_cfg,
+                                [self.batch_streams[i] for i in reporters], self.client_cfg,
                                 [len(self.data.clients[i].train) for i in reporters],
                                 self.clients_per_pass,
                                 [mask_stream(self.fed.seed, t, i, device) for i in reporters])
@@ -214,7 +195,7 @@ class Federation:
         participants = sample_participants(self.fed.num_clients, self.fed.participants,
                                            self.participant_stream)
         # local training never moves the server's factors, so all downlinks can be made first
-        downlinks = [method.downlink(server, method.sketches(server, self.ranks[i],
+        downlinks = [method.downlink(server, method.sketches(server, self.client_ranks[i],
                                                              self.sketch_stream))
                      for i in participants]
         # one draw per participant, always, so the other streams never depend on `dropout`
@@ -244,7 +225,8 @@ class Federation:
         refused = {i for i, _ in unreadable}
         dropped = [i for p, i in enumerate(plan.participants)
                    if p not in live and i not in refused]
-        record = RoundRecord(t, plan.participants, [self.ranks[i] for i in plan.participants],
+        ranks = [self.client_ranks[i] for i in plan.participants]
+        record = RoundRecord(t, plan.participants, ranks,
                              down, up, [n * width for n in down], [n * width for n in up],
                              time.perf_counter() - start, dropped=dropped,
                              rejected=[i for i, _ in rejected],

@@ -1,4 +1,5 @@
-"""Importance-based index sets: the ablation of FSLORA.md section 6, last claim.
+"""Importance-based index sets: the ablation of the paper's last empirical claim (docs/method.md
+section 5, `fslora-topk` and `fslora-importance`).
 
 Two rules that prefer the rank indices j with large |b_j| |a_j| (b_j column j of B, a_j row j
 of A: the size of rank j's contribution b_j a_j to B A):

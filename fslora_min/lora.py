@@ -1,4 +1,4 @@
-"""A hand-written LoRA linear layer that can run on a sketch of its ranks (FSLORA.md section 1).
+"""A hand-written LoRA linear layer that can run on a sketch of its ranks (docs/method.md, 1).
 
     W = W0 + s * B @ A                      (plain LoRA, all r ranks; s = alpha/r or alpha/sqrt(r))
     W = W0 + s * (r/k) * B[:, I] @ A[I, :]  (with a sketch: W0 + s * B S A)
@@ -25,10 +25,30 @@ from typing import Any, Callable, Iterator
 import torch
 import torch.nn as nn
 
+from fslora_min.compute import ComputeConfig
+from fslora_min.knobs import ConfigError, check_knobs, knob
 from fslora_min.sketch import Sketch, check_rank_pair
 from kernels import lora_linear
 from kernels.batched_lora import batched_lora_linear
-from kernels.dispatch import check_backend
+
+# Which projections of the transformer to adapt: names of nn.Linear attributes inside a block.
+ALL_TARGETS = ("q", "k", "v", "out", "fc", "proj")
+
+
+@dataclass
+class LoRAConfig:
+    rank: int = knob(16, "global LoRA rank r, held by the server", check="positive integer")
+    alpha: float = knob(32.0, "LoRA alpha: scale s = alpha / r", flag="--lora-alpha",
+                        check="positive")
+    rslora: bool = knob(False, "use s = alpha / sqrt(r) (rsLoRA)")
+    targets: tuple[str, ...] = knob(ALL_TARGETS, "projections to adapt in every block",
+                                    choices=ALL_TARGETS)
+
+    def __post_init__(self) -> None:
+        self.targets = tuple(self.targets)
+        check_knobs(self)
+        if len(set(self.targets)) != len(self.targets):
+            raise ConfigError(self, "targets", f"must not repeat a name, got {self.targets}")
 
 
 def lora_scale(alpha: float, r: int, rslora: bool = False) -> float:
@@ -54,7 +74,7 @@ class BatchedFactors:
 
     b: torch.Tensor  # (P, m, K)
     a: torch.Tensor  # (P, K, n)
-    coef: torch.Tensor  # (P, K): s * diag(S_p) at client p's k_p ranks, 0 at its padding
+    client_scale: torch.Tensor  # (P, K): s * diag(S_p) at client p's k_p ranks, 0 beyond
 
 
 class LoRALinear(nn.Module):
@@ -66,11 +86,11 @@ class LoRALinear(nn.Module):
     """
 
     def __init__(self, base: nn.Linear, r: int, alpha: float, rslora: bool = False,
-                 backend: str = "auto", generator: torch.Generator | None = None,
-                 gemm: str = "pointer") -> None:
+                 backend: str = ComputeConfig.lora_backend,
+                 generator: torch.Generator | None = None,
+                 gemm: str = ComputeConfig.lora_gemm) -> None:
         super().__init__()
-        check_rank_pair(r, 1)
-        check_backend(backend, gemm)
+        self.scale = lora_scale(alpha, r, rslora)  # s; checks r and alpha
         m, n = base.out_features, base.in_features
         self.weight = nn.Parameter(base.weight.detach().clone(), requires_grad=False)  # (m, n)
         self.bias = (None if base.bias is None
@@ -83,7 +103,6 @@ class LoRALinear(nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(m, r, dtype=A.dtype,
                                                device=base.weight.device))  # (m, r)
         self.r, self.alpha, self.rslora = r, alpha, rslora
-        self.scaling = lora_scale(alpha, r, rslora)  # s
         self.backend, self.gemm = backend, gemm
         self.sketch: Sketch | None = None  # set by `sketched(...)`
         self.compact: CompactFactors | None = None  # set by `compact_factors(...)`
@@ -100,7 +119,7 @@ class LoRALinear(nn.Module):
 
     def delta_weight(self) -> torch.Tensor:
         """s * B @ A, the (m, n) update LoRA adds to W0."""
-        return self.scaling * self.lora_B @ self.lora_A
+        return self.scale * self.lora_B @ self.lora_A
 
     def merge(self) -> None:
         """W0 <- W0 + s B A, so the forward is one plain matmul (inference only)."""
@@ -126,31 +145,32 @@ class LoRALinear(nn.Module):
         if self.batched is not None:  # P clients: W0 + s (r/k_p) b_p a_p on client p's rows
             f = self.batched
             xs = x.reshape(f.b.shape[0], -1, x.shape[-1])  # (P, T, n): clients in batch order
-            y = batched_lora_linear(xs, self.weight, self.bias, f.b, f.a, f.coef)  # (P, T, m)
+            y = batched_lora_linear(xs, self.weight, self.bias, f.b, f.a,
+                                    f.client_scale)  # (P, T, m)
             return y.reshape(*x.shape[:-1], y.shape[-1])
         if self.compact is not None:  # client training: W0 + s (r/k) b a
             c = self.compact
-            b, scale = _weighted(c.b, c.sketch, None, self.scaling)  # (m, k)
-            return lora_linear(x, self.weight, self.bias, b, c.a, None, scale, self.backend,
+            b, client_scale = _weighted(c.b, c.sketch, None, self.scale)  # (m, k)
+            return lora_linear(x, self.weight, self.bias, b, c.a, None, client_scale, self.backend,
                                gemm=self.gemm)
         if self.sketch is not None:  # W0 + s (r/k) B[:, I] A[I, :]
             index = self.sketch.index.to(x.device)
-            B, scale = _weighted(self.lora_B, self.sketch, index, self.scaling)  # (m, r)
+            B, client_scale = _weighted(self.lora_B, self.sketch, index, self.scale)  # (m, r)
             # Sketch checked its index when it was made: no range check (a device sync) here
-            return lora_linear(x, self.weight, self.bias, B, self.lora_A, index, scale,
+            return lora_linear(x, self.weight, self.bias, B, self.lora_A, index, client_scale,
                                self.backend, check_index=False, gemm=self.gemm)
         return lora_linear(x, self.weight, self.bias, self.lora_B, self.lora_A, None,
-                           self.scaling, self.backend, gemm=self.gemm)
+                           self.scale, self.backend, gemm=self.gemm)
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, r={self.r}, "
-                f"scaling={self.scaling:.4g}, rslora={self.rslora}, backend={self.backend}, "
+                f"scale={self.scale:.4g}, rslora={self.rslora}, backend={self.backend}, "
                 f"gemm={self.gemm}")
 
 
 def _weighted(b: torch.Tensor, sketch: Sketch, index: torch.Tensor | None,
-              scaling: float) -> tuple[torch.Tensor, float]:
-    """(b, s * scale) for one diagonal value; (b diag(w), s) for per-index values w.
+              scale: float) -> tuple[torch.Tensor, float]:
+    """(b, c = s * sketch weight) for one diagonal value; (b diag(w), s) for per-index values w.
 
     `b` is compact (m, k) when `index` is None, else the global (m, r) whose columns `index` the
     kernel selects. Multiplying b by w (not its gradient) gives b the exact gradient of
@@ -158,21 +178,18 @@ def _weighted(b: torch.Tensor, sketch: Sketch, index: torch.Tensor | None,
     """
     w = sketch.per_index
     if w is None:
-        return b, scaling * sketch.scale
+        return b, scale * sketch.sketch_weight
     if index is None:
-        return b * w.to(b)[None, :], scaling  # (m, k)
+        return b * w.to(b)[None, :], scale  # (m, k)
     full = torch.ones(b.shape[1], dtype=b.dtype, device=b.device)  # (r,)
     full[index] = w.to(b)
-    return b * full[None, :], scaling  # (m, r); only the columns at index are used
-
-
-# Which projections of the transformer to adapt: names of nn.Linear attributes inside a block.
-ALL_TARGETS = ("q", "k", "v", "out", "fc", "proj")
+    return b * full[None, :], scale  # (m, r); only the columns at index are used
 
 
 def apply_lora(model: nn.Module, r: int, alpha: float, targets: tuple[str, ...] = ALL_TARGETS,
-               rslora: bool = False, backend: str = "auto",
-               generator: torch.Generator | None = None, gemm: str = "pointer") -> list[str]:
+               rslora: bool = False, backend: str = ComputeConfig.lora_backend,
+               generator: torch.Generator | None = None,
+               gemm: str = ComputeConfig.lora_gemm) -> list[str]:
     """Replace each nn.Linear whose attribute name is in `targets` by a LoRALinear; freeze the rest.
 
     Returns the qualified names of the new LoRA modules, in model order. Raises if a target names
@@ -245,7 +262,7 @@ def batched_compact_factors(model: nn.Module,
     The model's input must then hold the P clients' sequences in client order, equally many each.
     """
     def check(name: str, layer: LoRALinear, f: BatchedFactors) -> None:
-        P, K = f.coef.shape
+        P, K = f.client_scale.shape
         if (f.b.shape != (P, layer.out_features, K) or f.a.shape != (P, K, layer.in_features)):
             raise ValueError(f"batched factors for {name} have shapes {tuple(f.b.shape)} and "
                              f"{tuple(f.a.shape)}, expected ({P}, {layer.out_features}, {K}) and "

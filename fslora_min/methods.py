@@ -5,8 +5,9 @@ The loop (fslora_min/federation.py) asks a `Method` four things each round:
   2. `downlink(server, sketches)`: the compact factors b_0 (m x k_i), a_0 (k_i x n) it starts at;
   3. `numbers_down(downlink)`: how many numbers that message costs;
   4. `aggregate(server, updates, downlinks)`: how the server turns the uploads into its new state.
-Before the run, `global_rank(r, budgets, full_rank)` and `client_ranks(budgets, r)` say what
-rank the server holds and what rank each client actually trains (FSLORA.md section 4).
+Before the run, `global_rank(r, client_ranks, full_rank)` and `trained_ranks(client_ranks, r)`
+say what
+rank the server holds and what rank each client actually trains (docs/method.md section 5).
 
 LoRA scale convention (one for all methods): the global model is W0 + s B A with s = alpha / R
 (R the server's rank); a client trains W0 + s_i b a with s_i = s * (diagonal value of its
@@ -37,20 +38,21 @@ def payload_numbers(downlink: Downlink) -> int:
 
 
 class Method:
-    """FSLoRA (FSLORA.md section 3): uniform random k_i-subsets at scale r / k_i, padded average.
+    """FSLoRA (docs/method.md section 3): uniform random k_i-subsets at sketch weight r / k_i,
+    padded average.
 
     The other methods override only the pieces in which they differ.
     """
 
     name = "fslora"
 
-    def global_rank(self, r: int, budgets: list[int], full_rank: int) -> int:
+    def global_rank(self, r: int, client_ranks: list[int], full_rank: int) -> int:
         """R, the rank the server holds; `full_rank` = max over modules of min(m, n)."""
         return r
 
-    def client_ranks(self, budgets: list[int], r: int) -> list[int]:
-        """The rank each client trains (its budget k_i unless the method ignores it)."""
-        return list(budgets)
+    def trained_ranks(self, client_ranks: list[int], r: int) -> list[int]:
+        """The rank each client trains: its k_i unless the method ignores it."""
+        return list(client_ranks)
 
     def sketches(self, server: Server, k: int, generator: torch.Generator) -> dict[str, Sketch]:
         return sample_module_sketches(server.module_names, server.rank, k, generator)
@@ -80,11 +82,11 @@ class FedAvgLoRA(Method):
         self.full = full
         self.name = "fedavg-full" if full else "fedavg-min"
 
-    def global_rank(self, r: int, budgets: list[int], full_rank: int) -> int:
-        return r if self.full else min(budgets)
+    def global_rank(self, r: int, client_ranks: list[int], full_rank: int) -> int:
+        return r if self.full else min(client_ranks)
 
-    def client_ranks(self, budgets: list[int], r: int) -> list[int]:
-        return [r if self.full else min(budgets)] * len(budgets)
+    def trained_ranks(self, client_ranks: list[int], r: int) -> list[int]:
+        return [r if self.full else min(client_ranks)] * len(client_ranks)
 
     def sketches(self, server: Server, k: int, generator: torch.Generator) -> dict[str, Sketch]:
         return {name: full_sketch(server.rank) for name in server.module_names}
@@ -129,10 +131,11 @@ class ReweightedImportance(Method):
                 for name, m in server.modules.items()}
 
 
-def client_scale_weight(server: Server, alpha: float, r: int, rslora: bool, k: int) -> float:
-    """The diagonal value that gives a rank-k client the FSLoRA scale s(r) * r / k (= alpha/k)."""
+def client_scale_weight(server: Server, r: int, k: int) -> float:
+    """The diagonal value that gives a rank-k client the FSLoRA scale s(r) * r / k (= alpha/k),
+    with the layers' own alpha and rsLoRA choice (their rank R may differ from r)."""
     layer = next(iter(server.modules.values()))
-    return lora_scale(alpha, r, rslora) * r / k / layer.scaling
+    return lora_scale(layer.alpha, r, layer.rslora) * r / k / layer.scale
 
 
 class ProductMethod(Method):
@@ -143,8 +146,8 @@ class ProductMethod(Method):
     over the participants.
     """
 
-    def __init__(self, alpha: float, r: int, rslora: bool, seed_generator: torch.Generator) -> None:
-        self.alpha, self.r, self.rslora = alpha, r, rslora
+    def __init__(self, r: int, seed_generator: torch.Generator) -> None:
+        self.r = r  # the configured global rank, whose FSLoRA scale the clients get
         self.init_stream = seed_generator  # fresh LoRA initialisations
 
     def state_dict(self) -> dict:
@@ -154,7 +157,7 @@ class ProductMethod(Method):
         self.init_stream.set_state(state["init_stream"])
 
     def sketches(self, server: Server, k: int, generator: torch.Generator) -> dict[str, Sketch]:
-        w = client_scale_weight(server, self.alpha, self.r, self.rslora, k)
+        w = client_scale_weight(server, self.r, k)
         return {name: Sketch(torch.arange(k), server.rank, weight=w)
                 for name in server.module_names}
 
@@ -178,7 +181,7 @@ def client_products(server: Server, updates: list[ClientUpdate],
         p = update.num_examples / total
         for name, (db, da) in update.deltas.items():
             f = down[name]
-            s_i = server.modules[name].scaling * f.sketch.scale
+            s_i = server.modules[name].scale * f.sketch.sketch_weight
             prod = p * s_i * (f.b + db) @ (f.a + da)  # (m, n)
             out[name] = prod if name not in out else out[name] + prod
     return out
@@ -195,8 +198,8 @@ class FlexLoRA(ProductMethod):
 
     name = "flexlora"
 
-    def __init__(self, alpha: float, r: int, rslora: bool, seed_generator: torch.Generator) -> None:
-        super().__init__(alpha, r, rslora, seed_generator)
+    def __init__(self, r: int, seed_generator: torch.Generator) -> None:
+        super().__init__(r, seed_generator)
         self.svds: dict[str, SVD] = {}  # SVD of each module's dW, computed once per round
 
     def state_dict(self) -> dict:
@@ -206,7 +209,7 @@ class FlexLoRA(ProductMethod):
         super().load_state_dict(state)
         self.svds = dict(state["svds"])
 
-    def global_rank(self, r: int, budgets: list[int], full_rank: int) -> int:
+    def global_rank(self, r: int, client_ranks: list[int], full_rank: int) -> int:
         return max(r, full_rank)
 
     def downlink(self, server: Server, sketches: dict[str, Sketch]) -> Downlink:
@@ -219,7 +222,7 @@ class FlexLoRA(ProductMethod):
             if name not in self.svds:
                 self.svds[name] = torch.linalg.svd(layer.delta_weight().detach().double(),
                                                    full_matrices=False)
-            b, a = truncated_factors(self.svds[name], sk.k, layer.scaling * sk.scale)
+            b, a = truncated_factors(self.svds[name], sk.k, layer.scale * sk.sketch_weight)
             out[name] = CompactFactors(b.to(layer.lora_B), a.to(layer.lora_A), sk)
         return out
 
@@ -230,7 +233,7 @@ class FlexLoRA(ProductMethod):
         for name, dw in client_products(server, updates, downlinks).items():
             layer = server.modules[name]
             self.svds[name] = torch.linalg.svd(dw.double(), full_matrices=False)
-            b, a = truncated_factors(self.svds[name], layer.r, layer.scaling)
+            b, a = truncated_factors(self.svds[name], layer.r, layer.scale)
             with torch.no_grad():
                 layer.lora_B.copy_(b), layer.lora_A.copy_(a)
 
@@ -260,8 +263,8 @@ class FLoRA(ProductMethod):
 
     name = "flora"
 
-    def __init__(self, alpha: float, r: int, rslora: bool, seed_generator: torch.Generator) -> None:
-        super().__init__(alpha, r, rslora, seed_generator)
+    def __init__(self, r: int, seed_generator: torch.Generator) -> None:
+        super().__init__(r, seed_generator)
         self.stack_numbers = 0  # size of the last broadcast stack
 
     def state_dict(self) -> dict:
@@ -297,7 +300,7 @@ def stack_factors(server: Server, updates: list[ClientUpdate],
         p = update.num_examples / total
         for name, (db, da) in update.deltas.items():
             f = down[name]
-            s_i = server.modules[name].scaling * f.sketch.scale
+            s_i = server.modules[name].scale * f.sketch.sketch_weight
             bs.setdefault(name, []).append(p * s_i * (f.b + db))  # (m, k_i)
             as_.setdefault(name, []).append(f.a + da)  # (k_i, n)
     return {name: (torch.cat(bs[name], 1), torch.cat(as_[name], 0)) for name in bs}
@@ -307,8 +310,7 @@ METHODS = ("fslora", "fedavg-min", "fedavg-full", "hetlora", "flexlora", "flora"
            "fslora-topk", "fslora-importance")
 
 
-def make_method(name: str, alpha: float, r: int, rslora: bool,
-                init_stream: torch.Generator) -> Method:
+def make_method(name: str, r: int, init_stream: torch.Generator) -> Method:
     """The strategy object for a method name (`init_stream` seeds fresh LoRAs of FlexLoRA/FLoRA)."""
     if name == "fslora":
         return Method()
@@ -317,9 +319,9 @@ def make_method(name: str, alpha: float, r: int, rslora: bool,
     if name == "hetlora":
         return HetLoRA()
     if name == "flexlora":
-        return FlexLoRA(alpha, r, rslora, init_stream)
+        return FlexLoRA(r, init_stream)
     if name == "flora":
-        return FLoRA(alpha, r, rslora, init_stream)
+        return FLoRA(r, init_stream)
     if name == "fslora-topk":
         return TopKImportance()
     if name == "fslora-importance":

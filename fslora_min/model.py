@@ -170,10 +170,20 @@ class Transformer(nn.Module):
         return self.lm_head(self.ln_f(x))  # (b, t, vocab_size)
 
 
-def lm_loss(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy of (b, t) targets under the model's logits."""
+def lm_loss(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
+            groups: int = 0) -> torch.Tensor:
+    """Mean next-token cross-entropy of (b, t) targets under the model's logits: the one loss of
+    pretraining and of every client's local steps.
+
+    With `groups` = P, the b rows are P equal groups in order (a batched round's clients) and
+    the result is the (P,) vector of each group's mean: its sum gives every group exactly the
+    gradient of its own mean loss.
+    """
     logits = model(inputs)  # (b, t, vocab)
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+    logits, targets = logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)  # (b t, vocab)
+    if not groups:
+        return F.cross_entropy(logits, targets)
+    return F.cross_entropy(logits, targets, reduction="none").view(groups, -1).mean(1)  # (P,)
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:

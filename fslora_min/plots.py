@@ -68,7 +68,7 @@ def plot_history(history: History, title: str, path: Path) -> None:
     sent: dict[int, list[float]] = {}  # client -> KiB uploaded in each round it reported
     rank_of: dict[int, int] = {}
     for r in history.rounds:
-        for client, k, b in zip(r.participants, r.ranks, r.bytes_up):
+        for client, k, b in zip(r.participants, r.client_ranks, r.bytes_up):
             rank_of[client] = k
             if client not in r.dropped:  # a dropped client sent nothing: not a 0-byte upload
                 sent.setdefault(client, []).append(b / 1024)

@@ -10,29 +10,47 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
+from fslora_min.knobs import check_knobs, knob
 from fslora_min.data import DataConfig, pretraining_batches, split_inputs_targets
 from fslora_min.model import ModelConfig, Transformer, lm_loss
 
 
 @dataclass
 class PretrainConfig:
-    steps: int = 300
+    steps: int = knob(300, "base-model pretraining steps (the base is cached by its whole "
+                           "configuration)", flag="--pretrain-steps", check="positive integer")
     batch_size: int = 32
     lr: float = 3e-3  # AdamW, cosine-decayed to zero
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"pretrain {name} must be positive, got {getattr(self, name)!r}")
+        check_knobs(self)
+        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ValueError(f"pretrain batch_size must be a positive integer, "
+                             f"got {self.batch_size!r}")
         if not self.lr > 0:
             raise ValueError(f"pretrain lr must be positive, got {self.lr!r}")
+
+
+def load_failure(err: Exception) -> str:
+    """Why `torch.load(..., weights_only=True)` refused a file, in one line.
+
+    PyTorch's own message for a file that holds more than tensors suggests retrying with
+    weights_only=False, which would run whatever code the file carries: never repeat that.
+    """
+    text = str(err).strip()
+    if isinstance(err, pickle.UnpicklingError):
+        detail = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\.\s|\n|$)", text)
+        return ("not plain tensors and numbers" + (f" ({detail.group(1)})" if detail else ""))
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 def default_cache_dir() -> Path:
@@ -71,7 +89,8 @@ def load_or_pretrain(model_cfg: ModelConfig, data_cfg: DataConfig, cfg: Pretrain
             model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
             return model.eval(), path
         except Exception as err:  # a damaged cache file is rebuilt, not trusted
-            print(f"cached base model {path} is unreadable ({err}); pretraining again")
+            print(f"cached base model {path} is unreadable ({load_failure(err)}); "
+                  f"pretraining again")
     tmp = path.with_suffix(f".{os.getpid()}.tmp")  # processes pretraining at once never clash
     try:  # prove the cache writable before pretraining, not after
         cache_dir.mkdir(parents=True, exist_ok=True)

@@ -7,7 +7,7 @@ per round. Training rank k on modules of shapes (m, n) costs, with numbers of `d
                 (the compact factors b, a, their gradients, and SGD's 0 or AdamW's 2 moments)
     upload(k) = k * sum_modules (m + n) * dtype_bytes        (the deltas db, da)
 
-and k_i is the largest k <= r with both within the device's budgets (FSLORA.md section 3: a
+and k_i is the largest k <= r with both within the device's budgets (docs/method.md section 3: a
 client's state and traffic scale with k_i, never with r).
 """
 

@@ -12,7 +12,7 @@ import torch
 
 # Stream ids: fixed numbers, so adding a stream never changes an existing one.
 DATA_TOPICS, DATA_CLIENT, DATA_HELDOUT, PRETRAIN = 0, 1, 2, 3
-PARTICIPANTS, SKETCHES, MINIBATCHES, LORA_INIT, BUDGETS, DIRICHLET = 4, 5, 6, 8, 11, 7
+PARTICIPANTS, SKETCHES, MINIBATCHES, LORA_INIT, CLIENT_RANKS, DIRICHLET = 4, 5, 6, 8, 11, 7
 DROPOUT = 12  # which participants fail mid-round
 MASKS = 13  # the model's dropout masks: one stream per (round, client)
 

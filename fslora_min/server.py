@@ -1,4 +1,4 @@
-"""The server side of one FSLoRA round (FSLORA.md section 3, steps 1, 2 and 5).
+"""The server side of one FSLoRA round (docs/method.md section 3, steps 1, 2 and 5).
 
 The server holds the global factors X = [B; A] (the LoRA layers of its model), samples the
 participants, sends each its compact factors b = B[:, I], a = A[I, :], zero-pads the deltas
@@ -12,13 +12,13 @@ It counts the numbers each client moves and how often each rank index was traine
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
 from fslora_min.client import ClientUpdate
+from fslora_min.knobs import check_knobs, knob
 from fslora_min.lora import CompactFactors, lora_modules
 from fslora_min.sketch import Sketch
 
@@ -28,23 +28,18 @@ AGGREGATIONS = ("participants", "coverage")
 
 @dataclass
 class ServerConfig:
-    optimizer: str = "avg"  # "avg": X <- X + eta_g D; "sgdm" and "adam" step on -D (FedOpt)
-    global_lr: float = 1.0  # eta_g
-    momentum: float = 0.9  # sgdm only
-    aggregation: str = "participants"  # or "coverage": average each index over who drew it
+    optimizer: str = knob("avg", "avg: X <- X + eta_g D; sgdm / adam: FedOpt steps on the "
+                                 "pseudo-gradient -D", flag="--server-optimizer",
+                          choices=SERVER_OPTIMIZERS)
+    server_lr: float = knob(1.0, "server step eta_g", aliases=("--global-lr",), check="positive")
+    momentum: float = knob(0.9, "the sgdm server optimizer's momentum", flag="--server-momentum",
+                           check="probability")
+    aggregation: str = knob("participants", "divide each rank's summed deltas by the "
+                                            "participants (participants) or by the clients "
+                                            "that drew it (coverage)", choices=AGGREGATIONS)
 
     def __post_init__(self) -> None:
-        if self.optimizer not in SERVER_OPTIMIZERS:
-            raise ValueError(f"server optimizer must be one of {SERVER_OPTIMIZERS}, "
-                             f"got {self.optimizer!r}")
-        if not (math.isfinite(self.global_lr) and self.global_lr > 0):
-            raise ValueError(f"global learning rate must be positive and finite, "
-                             f"got {self.global_lr!r}")
-        if not 0 <= self.momentum < 1:
-            raise ValueError(f"server momentum must be in [0, 1), got {self.momentum!r}")
-        if self.aggregation not in AGGREGATIONS:
-            raise ValueError(f"aggregation must be one of {AGGREGATIONS}, "
-                             f"got {self.aggregation!r}")
+        check_knobs(self)
 
 
 def sample_participants(num_clients: int, participants: int,
@@ -68,7 +63,7 @@ def pad_delta(db: torch.Tensor, da: torch.Tensor, index: torch.Tensor,
 
 def average_padded_deltas(updates: list[ClientUpdate], r: int,
                           per_index: bool = False) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """D = (1/|P|) sum_i pad_I_i(d_i) per module (FSLORA.md section 3, step 5).
+    """D = (1/|P|) sum_i pad_I_i(d_i) per module (docs/method.md section 3, step 5).
 
     With `per_index`, rank j is divided by the number of participants that drew it instead of
     |P| (the variant; an index nobody drew stays zero either way).
@@ -108,10 +103,10 @@ class Server:
         self.coverage = {n: torch.zeros(self.rank, dtype=torch.long) for n in self.modules}
         params = [p for m in self.modules.values() for p in (m.lora_B, m.lora_A)]
         if cfg.optimizer == "adam":
-            self.optimizer = torch.optim.Adam(params, lr=cfg.global_lr)
+            self.optimizer = torch.optim.Adam(params, lr=cfg.server_lr)
         else:  # "avg" is SGD without momentum on -D: X - eta_g (-D) = X + eta_g D
             momentum = cfg.momentum if cfg.optimizer == "sgdm" else 0.0
-            self.optimizer = torch.optim.SGD(params, lr=cfg.global_lr, momentum=momentum)
+            self.optimizer = torch.optim.SGD(params, lr=cfg.server_lr, momentum=momentum)
 
     @property
     def module_names(self) -> list[str]:

@@ -1,14 +1,14 @@
-"""Sketches: which of the r global rank indices a client trains this round (FSLORA.md section 1).
+"""Sketches: which of the r global rank indices a client trains this round (docs/method.md, 1).
 
 A sketch for client i is the r x r diagonal matrix
 
     S = (r / k_i) * sum_{j in I} e_j e_j^T,     I a uniform k_i-subset of {0, ..., r-1},
 
 so E[S] = I_r (unbiased) and E[S^2] = (r / k_i) I_r. Code never builds S densely: a `Sketch`
-is the pair (index set I, scale r / k_i). Baselines and ablations give other diagonal values:
-one number for every index (HetLoRA's 1.0), or one per index (the importance rule's 1 / pi_j,
-fslora_min/importance.py). One index set is drawn per (client, round, module)
-and shared by that module's B and A (a pitfall of public code draws them separately).
+is the pair (index set I, sketch weight r / k_i). Baselines and ablations give other diagonal
+values: one number for every index (HetLoRA's 1.0), or one per index (the importance rule's
+1 / pi_j, fslora_min/importance.py). One index set is drawn per (client, round, module) and
+shared by that module's B and A (a pitfall of public code draws them separately).
 """
 
 from __future__ import annotations
@@ -63,11 +63,12 @@ class Sketch:
 
     @property
     def per_index(self) -> torch.Tensor | None:
-        """The (k,) diagonal values when they differ per index, else None (use `scale`)."""
+        """The (k,) diagonal values when they differ per index, else None (use
+        `sketch_weight`)."""
         return self.weight if isinstance(self.weight, torch.Tensor) else None
 
     @property
-    def scale(self) -> float:
+    def sketch_weight(self) -> float:
         """The value of each non-zero diagonal entry of S: r / k unless a weight was given."""
         if self.per_index is not None:
             raise ValueError("this sketch has one weight per index: use `per_index`")
@@ -76,7 +77,7 @@ class Sketch:
     def diagonal(self) -> torch.Tensor:
         """diag(S) as a dense (r,) float64 vector: for tests and theory, never for training."""
         d = torch.zeros(self.rank, dtype=torch.float64)
-        d[self.index] = (self.scale if self.per_index is None
+        d[self.index] = (self.sketch_weight if self.per_index is None
                          else self.per_index.to(torch.float64))
         return d
 
@@ -94,10 +95,10 @@ def sample_sketch(r: int, k: int, generator: torch.Generator) -> Sketch:
 
 def sample_module_sketches(module_names: list[str], r: int, k: int,
                            generator: torch.Generator) -> dict[str, Sketch]:
-    """One independent sketch per adapted module (FSLORA.md section 3, step 2)."""
+    """One independent sketch per adapted module (docs/method.md section 3, step 2)."""
     return {name: sample_sketch(r, k, generator) for name in module_names}
 
 
 def full_sketch(r: int) -> Sketch:
-    """The identity sketch I = {0..r-1}, scale 1: plain LoRA (k = r)."""
+    """The identity sketch I = {0..r-1}, sketch weight 1: plain LoRA (k = r)."""
     return Sketch(torch.arange(r), r)

@@ -4,7 +4,8 @@
 
 x: (P, T, n), the tokens of P clients side by side; W0: (m, n) and bias: (m,), shared and
 frozen; b: (P, m, K), a: (P, K, n) the clients' compact factors zero-padded to K = max_p k_p;
-c: (P, K) each client's per-rank coefficient s * diag(S_p), 0 at its padded ranks.
+c: (P, K) `client_scales`, each client's s * diag(S_p) at its ranks (c = s r / k_p for a uniform
+sketch), 0 at its padded ranks.
 
 What you will learn: why P small LoRA layers should be one batched matmul. The base GEMM is the
 same matrix for every client, so it runs once over all P T tokens (one big GEMM instead of P
@@ -30,7 +31,7 @@ from kernels.reference import lora_linear_reference
 
 
 def check_batched_inputs(x: torch.Tensor, weight: torch.Tensor, lora_B: torch.Tensor,
-                         lora_A: torch.Tensor, coef: torch.Tensor) -> None:
+                         lora_A: torch.Tensor, client_scales: torch.Tensor) -> None:
     """Raise a ValueError naming the bad shape unless the inputs describe P clients' layers."""
     m, n = weight.shape
     if x.dim() != 3 or x.shape[-1] != n:
@@ -38,27 +39,29 @@ def check_batched_inputs(x: torch.Tensor, weight: torch.Tensor, lora_B: torch.Te
     P = x.shape[0]
     K = lora_A.shape[1] if lora_A.dim() == 3 else -1
     if (tuple(lora_B.shape) != (P, m, K) or tuple(lora_A.shape) != (P, K, n)
-            or tuple(coef.shape) != (P, K)):
-        raise ValueError(f"expected b (P={P}, m={m}, K), a (P, K, n={n}) and coef (P, K) with "
-                         f"one K, got {tuple(lora_B.shape)}, {tuple(lora_A.shape)} and "
-                         f"{tuple(coef.shape)}")
+            or tuple(client_scales.shape) != (P, K)):
+        raise ValueError(f"expected b (P={P}, m={m}, K), a (P, K, n={n}) and client_scales (P, K) "
+                         f"with one K, got {tuple(lora_B.shape)}, {tuple(lora_A.shape)} and "
+                         f"{tuple(client_scales.shape)}")
 
 
 def batched_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                         lora_B: torch.Tensor, lora_A: torch.Tensor,
-                        coef: torch.Tensor) -> torch.Tensor:
+                        client_scales: torch.Tensor) -> torch.Tensor:
     """y_p = x_p W0^T + bias + (x_p a_p^T diag(c_p)) b_p^T for all P clients; (P, T, m)."""
-    check_batched_inputs(x, weight, lora_B, lora_A, coef)
+    check_batched_inputs(x, weight, lora_B, lora_A, client_scales)
     base = F.linear(x, weight, bias)  # (P, T, m): one GEMM over all P T tokens
-    u = torch.bmm(x, lora_A.transpose(1, 2)) * coef[:, None, :]  # (P, T, K): the shrink
+    u = torch.bmm(x, lora_A.transpose(1, 2)) * client_scales[:, None, :]  # (P, T, K): the shrink
     return torch.baddbmm(base, u, lora_B.transpose(1, 2))  # (P, T, m): + the expand
 
 
 def batched_lora_linear_reference(x: torch.Tensor, weight: torch.Tensor,
                                   bias: torch.Tensor | None, lora_B: torch.Tensor,
-                                  lora_A: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
+                                  lora_A: torch.Tensor,
+                                  client_scales: torch.Tensor) -> torch.Tensor:
     """The same, one client at a time: b_p diag(c_p) and a_p through the single-client layer."""
-    check_batched_inputs(x, weight, lora_B, lora_A, coef)
-    return torch.stack([lora_linear_reference(x[p], weight, bias, lora_B[p] * coef[p][None, :],
-                                              lora_A[p], None, 1.0)
+    check_batched_inputs(x, weight, lora_B, lora_A, client_scales)
+    return torch.stack([lora_linear_reference(x[p], weight, bias,
+                                              lora_B[p] * client_scales[p][None, :], lora_A[p],
+                                              None, 1.0)
                         for p in range(x.shape[0])])

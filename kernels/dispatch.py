@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.lora_linear import DTYPES, GEMM_CHOICES, check_lora_inputs, lora_linear_triton
+from kernels.fused import DTYPES, GEMM_CHOICES, check_lora_inputs, lora_linear_triton
 from kernels.matmul import INTERPRET
 from kernels.reference import lora_linear_reference
 
@@ -24,23 +24,23 @@ def check_backend(backend: str, gemm: str, device: torch.device | None = None) -
 
 def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                 lora_B: torch.Tensor, lora_A: torch.Tensor, index: torch.Tensor | None,
-                scale: float, backend: str = "auto", check_index: bool = True,
+                client_scale: float, backend: str = "auto", check_index: bool = True,
                 gemm: str = "pointer") -> torch.Tensor:
-    """y = x W0^T + bias + scale * (x A[I]^T) B[:, I]^T; backend: 'auto', 'triton' or 'torch'.
+    """y = x W0^T + bias + c (x A[I]^T) B[:, I]^T, c = `client_scale` = s r / k;
+    backend: 'auto', 'triton' or 'torch'.
 
-    'auto' runs the Triton kernels (kernels/lora_linear.py) on CUDA tensors and the PyTorch
-    reference elsewhere; 'triton' forces the kernels (CPU tensors only under TRITON_INTERPRET=1);
-    'torch' forces the reference. `check_index=False` skips the one device sync that checks the
-    index set's range (kernels/lora_linear.py: check_lora_inputs). `gemm` picks the base GEMM of
-    the Triton path: 'pointer' (kernels/matmul.py, any layout), 'tma' (kernels/matmul_tma.py,
-    Hopper), 'cublas' (cuBLAS with the LoRA term as its C input) or 'merged' (cuBLAS on the
-    merged weight W0 + scale B[:, I] A[I]).
+    'auto' runs the Triton kernels (kernels/fused.py) on CUDA tensors and the PyTorch reference
+    elsewhere; 'triton' forces the kernels (CPU tensors only under TRITON_INTERPRET=1); 'torch'
+    forces the reference. `check_index=False` skips the one device sync that checks the index
+    set's range and that its ranks are distinct (kernels/fused.py: check_lora_inputs). `gemm` picks the base GEMM of the Triton
+    path: 'pointer' (kernels/matmul.py, any layout), 'tma' (kernels/matmul_tma.py, Hopper) or
+    'merged' (cuBLAS on the merged weight W0 + c B[:, I] A[I]).
     """
     check_backend(backend, gemm)
     use_triton = backend == "triton" or (backend == "auto" and x.is_cuda)
     # the reference also takes float64 (tests, theory); the kernels take the training dtypes
-    check_lora_inputs(x, weight, bias, lora_B, lora_A, index, scale, check_index,
+    check_lora_inputs(x, weight, bias, lora_B, lora_A, index, client_scale, check_index,
                       DTYPES if use_triton else DTYPES + (torch.float64,))
     if use_triton:
-        return lora_linear_triton(x, weight, bias, lora_B, lora_A, index, scale, gemm)
-    return lora_linear_reference(x, weight, bias, lora_B, lora_A, index, scale)
+        return lora_linear_triton(x, weight, bias, lora_B, lora_A, index, client_scale, gemm)
+    return lora_linear_reference(x, weight, bias, lora_B, lora_A, index, client_scale)

@@ -35,7 +35,7 @@ from triton.compiler import ASTSource, make_backend
 from triton.runtime.autotuner import Autotuner, Heuristics
 from triton.runtime.jit import create_function_from_signature
 
-from kernels import matmul, matmul_tma
+from kernels import matmul, matmul_tma, skinny
 
 H100_SHARED_BYTES = 227 * 1024  # opt-in shared memory per block on sm_90
 
@@ -53,29 +53,36 @@ class Lowering:
     local_bytes: int  # > 0: spilled registers
 
 
-def capture_launch(kernel: Autotuner, call) -> tuple[tuple, dict]:
-    """Run `call()`, which launches `kernel` once, with the launch replaced by a recorder."""
+class _Captured(Exception):
+    """Stops the wrapper at its launch of the kernel: what it would do next runs no kernel."""
+
+
+def capture_launch(kernel, call) -> tuple[tuple, dict]:
+    """Run `call()` up to its launch of `kernel`, the launch replaced by a recorder."""
     seen = {}
 
     def record(*args, grid, warmup, **kwargs):
         seen.update(args=args, kwargs=kwargs)
+        raise _Captured
 
-    kernel.run = record  # the instance attribute shadows Autotuner.run
+    kernel.run = record  # the instance attribute shadows the class's run
     try:
         call()
+    except _Captured:
+        pass
     finally:
         del kernel.run
     return seen["args"], seen["kwargs"]
 
 
-def compile_config(kernel: Autotuner, args: tuple, kwargs: dict, config: triton.Config,
-                   target: GPUTarget):
-    """triton.compile of `kernel` for `target` with one config, as the JIT would specialise it."""
+def compile_config(kernel, args: tuple, kwargs: dict, config: triton.Config, target: GPUTarget):
+    """triton.compile of `kernel` (autotuned or not) for `target` with one config, as the JIT
+    would specialise it."""
     named = dict(zip(kernel.arg_names, args))
     kwargs = {**kwargs, **{key: v for key, v in config.all_kwargs().items() if v is not None}}
     if config.pre_hook:
         config.pre_hook({**named, **kwargs})
-    fn = kernel.fn
+    fn = kernel.fn if isinstance(kernel, Autotuner) else kernel
     while isinstance(fn, Heuristics):
         kwargs.update({key: rule({**named, **kwargs}) for key, rule in fn.values.items()})
         fn = fn.fn
@@ -116,7 +123,7 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def launches(T: int, n: int, m: int, k: int, dtype: torch.dtype,
-             r: int = 64) -> list[tuple[str, str, Autotuner, callable]]:
+             r: int = 64) -> list[tuple[str, str, object, callable]]:
     """Every kernel launch of the fused layer's forward and backward, on CPU tensors."""
     like = dict(dtype=dtype)
     x, dy, w0 = torch.empty(T, n, **like), torch.empty(T, m, **like), torch.empty(m, n, **like)
@@ -129,16 +136,25 @@ def launches(T: int, n: int, m: int, k: int, dtype: torch.dtype,
                     lambda g=gemm: g(x, w0.t(), None, u, lora_B, index, 1)))
         out.append((gemm.__name__, "backward dx", kernel,
                     lambda g=gemm: g(dy, w0, None, u, lora_A, index, 0)))
-    skinny = matmul._skinny_kernel
-    out += [("skinny_matmul", "shrink u = c x A[I]^T", skinny,
-             lambda: matmul.skinny_matmul(x, lora_A, index, 0, 0.5, x.dtype)),
-            ("skinny_matmul", "factor grad dB = dy^T u", skinny,
-             lambda: matmul.skinny_matmul(dy.t(), u, index, 1, 1.0, x.dtype))]
+    parts = torch.empty(3, n, k)
+    out += [("shrink", "u = c x A[I]^T", skinny._skinny_kernel,
+             lambda: skinny.shrink(x, lora_A, index, 0, 0.5, x.dtype)),
+            ("skinny_partials", "dA[I]^T = x^T g", skinny._skinny_kernel,
+             lambda: skinny.skinny_partials(x.t(), u, index, 1)),
+            ("shrink_dy", "g = c dy B[:, I], dy^T u", skinny._shrink_dy_kernel,
+             lambda: skinny.shrink_dy(dy, lora_B, index, 0.5, u)),
+            ("reduce_partials", "dA[I] from partials", skinny._reduce_kernel,
+             lambda: skinny.reduce_partials(parts, 1.0, lora_A, 0, index))]
     return out
 
 
-def tried_configs(kernel: Autotuner, args: tuple, kwargs: dict) -> list[triton.Config]:
-    """The configs the autotuner would try for these arguments (after its early pruning)."""
+def tried_configs(kernel, args: tuple, kwargs: dict) -> list[triton.Config]:
+    """The configs the autotuner would try for these arguments (after its early pruning); a
+    kernel that is not autotuned has one, its launch's."""
+    if not isinstance(kernel, Autotuner):
+        tile = {key: v for key, v in kwargs.items() if key.startswith("BLOCK_")}
+        return [triton.Config(tile, num_warps=kwargs.pop("num_warps", 4),
+                              num_stages=kwargs.pop("num_stages", 3))]
     if kernel.early_config_prune is None:
         return kernel.configs
     return kernel.early_config_prune(kernel.configs, dict(zip(kernel.arg_names, args)), **kwargs)

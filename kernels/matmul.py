@@ -1,29 +1,20 @@
-"""The two Triton kernels behind the fused sketched-LoRA linear (kernels/lora_linear.py).
+"""The fused GEMM of the sketched-LoRA linear (kernels/fused.py), and what every kernel shares.
 
-1. `skinny_matmul`: a matmul whose output has only k columns (k = sketch size, <= r):
+`fused_linear`: a tiled GEMM whose K loop ends with one extra step over the k sketched ranks:
 
-       out (R, k) = scale * P (R, Q) @ V (Q, k),    V[q, l] = F[q, I_l] (a gathered factor)
+    y (T, N) = X (T, K) @ W (K, N) + bias + U (T, k) @ L (k, N),   L[l, j] = F[I_l, j]
 
-   It serves four products: the forward "shrink" u = c x A[I]^T, the backward shrink
-   g = c dy B[:, I], and the factor gradients dA[I]^T = x^T g and dB[:, I] = dy^T u (there V is
-   u or g itself, I = 0..k-1). FLOPs 2 R Q k; bytes ~ 2 R Q (P, read once) + 2 Q k + 4 R k.
-   With k << R, Q it does ~k FLOPs per byte: memory-bound. R/BLOCK_R programs alone may not
-   fill the GPU, so the reduction over Q is split across SPLIT programs (deterministic fp32
-   partials, summed after), never by atomics.
+Forward: X = x, W = W0^T, U = c x A[I]^T, L = B[:, I]^T.  Backward: X = dy, W = W0,
+U = c dy B[:, I], L = A[I].  FLOPs 2 T K N + 2 T k N; the LoRA step adds k / K to the work and
+no pass over y. Bytes >= 2 (T K + K N + T N): compute-bound at LLM shapes. Its autotune key holds
+the layouts of X and W (and Triton adds the dtypes): the forward of (n, m) and the dx of (m, n)
+have the same sizes but not the same memory access.
 
-2. `fused_linear`: a tiled GEMM whose K loop ends with one extra step over the k sketched ranks:
-
-       y (T, N) = X (T, K) @ W (K, N) + bias + U (T, k) @ L (k, N),   L[l, j] = F[I_l, j]
-
-   Forward: X = x, W = W0^T, U = c x A[I]^T, L = B[:, I]^T.  Backward: X = dy, W = W0,
-   U = c dy B[:, I], L = A[I].  FLOPs 2 T K N + 2 T k N; the LoRA step adds k / K to the work
-   and no pass over y. Bytes >= 2 (T K + K N + T N): compute-bound at LLM shapes.
-
-Both read the index set I from device memory, so a new sketch never recompiles; only the padded
-size K_PAD = next power of two >= max(k, 16) is a compile-time constant. Pointer offsets are
-int32: every operand must have fewer than 2^31 elements.
+The k-column passes around it (the shrinks, the factor gradients) are in kernels/skinny.py. All
+kernels read the index set I from device memory, so a new sketch never recompiles; only the
+padded size K_PAD = next power of two >= max(k, 16) is a compile-time constant. Pointer offsets
+are int32: every operand must have fewer than 2^31 elements.
 """
-
 from __future__ import annotations
 
 import os
@@ -36,9 +27,28 @@ import triton.language as tl
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+# The value every new kernel output starts with; None leaves it uninitialised. The tests set NaN,
+# so an element that a kernel never writes fails their comparison.
+POISON: float | None = None
+
+
 def new_output(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Every buffer a kernel writes comes from here (tests poison it with NaN)."""
-    return torch.empty(shape, dtype=dtype, device=device)
+    """Every buffer a kernel writes in full comes from here (filled with POISON when it is set)."""
+    if POISON is None:
+        return torch.empty(shape, dtype=dtype, device=device)
+    return torch.full(shape, POISON, dtype=dtype, device=device)
+
+
+def layout(t: torch.Tensor) -> int:
+    """A 2-D tensor's memory order, for the autotune keys: 0 row-major, 1 column-major, 2 other."""
+    return 0 if t.stride(1) == 1 else 1 if t.stride(0) == 1 else 2
+
+
+def chosen_config(kernel: triton.runtime.Autotuner) -> str:
+    """The config the autotuner ran last for `kernel` (for the bench's record)."""
+    c = kernel.best_config
+    tile = " ".join(f"{key}={v}" for key, v in c.kwargs.items())
+    return f"{tile} warps={c.num_warps} stages={c.num_stages}"
 
 
 def k_pad(k: int) -> int:
@@ -56,7 +66,7 @@ def input_precision(dtype: torch.dtype) -> str:
 def num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
-    return 2  # interpreter: small, so that small test shapes still take the split path
+    return 2  # interpreter: small, so that small test shapes still split their reductions
 
 
 @triton.jit
@@ -106,81 +116,7 @@ def lora_step_and_bias(acc, offs_t, offs_n, T, N, k, u_ptr, stride_ut, stride_ul
 
 
 # ------------------------------------------------------------------------------------------------
-# 1. skinny matmul: out (R, k) = scale * P (R, Q) @ F[:, I] (Q, k)
-# ------------------------------------------------------------------------------------------------
-
-def _skinny_configs() -> list[triton.Config]:
-    if INTERPRET:
-        return [triton.Config({"BLOCK_Q": 16}, num_warps=1, num_stages=1)]
-    return [triton.Config({"BLOCK_Q": bq}, num_warps=w, num_stages=s)
-            for bq, s, w in ((64, 3, 4), (128, 3, 4), (128, 4, 4), (128, 3, 8))]
-
-
-def _prune_skinny(configs, named_args, **kwargs):
-    """Tune only reductions over at least 2^24 numbers (one compile per config)."""
-    return configs if named_args["R"] * named_args["Q"] >= 2 ** 24 else configs[:1]
-
-
-@triton.autotune(configs=_skinny_configs(), key=["R", "Q", "k"],
-                 prune_configs_by={"early_config_prune": _prune_skinny})
-@triton.jit
-def _skinny_kernel(
-    p_ptr,  # P (R, Q), any strides: x, dy, x^T or dy^T
-    f_ptr,  # factor; V[q, l] = f_ptr[I_l * stride_fl + q * stride_fq]
-    idx_ptr,  # (k,) int64 index set I on the device
-    out_ptr,  # (SPLIT, R, k): fp32 partial sums, or the result itself when SPLIT = 1
-    R, Q, k,  # problem sizes
-    q_per_split,  # reduction length per split, a multiple of every BLOCK_Q
-    stride_pr, stride_pq,  # P strides (rows, reduction)
-    stride_fl, stride_fq,  # factor strides (gathered rank, reduction)
-    stride_os, stride_or, stride_ol,  # out strides (split, rows, ranks)
-    scale,  # multiplies the result (c, or 1)
-    BLOCK_R: tl.constexpr, BLOCK_Q: tl.constexpr, K_PAD: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
-):
-    pid_r, pid_s = tl.program_id(0), tl.program_id(1)
-    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    offs_l = tl.arange(0, K_PAD)
-    ranks = tl.load(idx_ptr + offs_l, mask=offs_l < k, other=0)  # (K_PAD,) gathered ranks
-    q_lo = pid_s * q_per_split
-    q_hi = tl.minimum(Q, q_lo + q_per_split)
-    acc = tl.zeros((BLOCK_R, K_PAD), dtype=tl.float32)
-    for q0 in range(q_lo, q_hi, BLOCK_Q):
-        offs_q = q0 + tl.arange(0, BLOCK_Q)
-        p = tl.load(p_ptr + offs_r[:, None] * stride_pr + offs_q[None, :] * stride_pq,
-                    mask=(offs_r[:, None] < R) & (offs_q[None, :] < q_hi), other=0.0)
-        v = tl.load(f_ptr + ranks[None, :] * stride_fl + offs_q[:, None] * stride_fq,
-                    mask=(offs_q[:, None] < q_hi) & (offs_l[None, :] < k), other=0.0)
-        acc = dot_acc(p, v, acc, INPUT_PRECISION, INTERPRET)  # (BLOCK_R, K_PAD)
-    out = out_ptr + pid_s * stride_os + offs_r[:, None] * stride_or + offs_l[None, :] * stride_ol
-    tl.store(out, acc * scale, mask=(offs_r[:, None] < R) & (offs_l[None, :] < k))
-
-
-def skinny_matmul(p: torch.Tensor, factor: torch.Tensor, index: torch.Tensor, rank_dim: int,
-                  scale: float, out_dtype: torch.dtype, split: int | None = None) -> torch.Tensor:
-    """scale * P @ F[:, I] as an (R, k) tensor; `rank_dim` is the dimension of `factor` that I
-    indexes (0 for A (r, n), 1 for B (m, r)), the other one is summed against P's columns."""
-    R, Q = p.shape
-    k = index.numel()
-    stride_fl, stride_fq = factor.stride(rank_dim), factor.stride(1 - rank_dim)
-    block_r, block_q = (16, 16) if INTERPRET else (64, 128)  # block_q: the largest BLOCK_Q
-    row_blocks, q_blocks = triton.cdiv(R, block_r), triton.cdiv(Q, block_q)
-    if split is None:  # enough programs for two waves over the GPU
-        split = triton.cdiv(2 * num_sms(p.device), row_blocks)
-    split = max(1, min(split, q_blocks))
-    q_per_split = triton.cdiv(q_blocks, split) * block_q
-    split = triton.cdiv(Q, q_per_split)  # no empty split
-    out = new_output((split, R, k), torch.float32 if split > 1 else out_dtype, p.device)
-    _skinny_kernel[(row_blocks, split)](
-        p, factor, index, out, R, Q, k, q_per_split, p.stride(0), p.stride(1),
-        stride_fl, stride_fq, out.stride(0), out.stride(1), out.stride(2), scale,
-        BLOCK_R=block_r, K_PAD=k_pad(k), INPUT_PRECISION=input_precision(p.dtype),
-        INTERPRET=INTERPRET)
-    return out[0] if split == 1 else out.sum(0).to(out_dtype)
-
-
-# ------------------------------------------------------------------------------------------------
-# 2. fused linear: y (T, N) = X (T, K) @ W (K, N) + bias + U (T, k) @ F[I, :] (k, N)
+# fused linear: y (T, N) = X (T, K) @ W (K, N) + bias + U (T, k) @ F[I, :] (k, N)
 # ------------------------------------------------------------------------------------------------
 
 def gemm_configs(shapes: list[tuple[int, ...]], pre_hook=None) -> list[triton.Config]:
@@ -209,7 +145,7 @@ def _prune_gemm(configs, named_args, **kwargs):
 @triton.autotune(configs=gemm_configs([(64, 64, 32, 3, 4), (128, 256, 64, 3, 8),
                                         (128, 256, 64, 4, 8), (256, 128, 64, 3, 8),
                                         (128, 128, 64, 4, 4), (128, 128, 128, 3, 8)]),
-                 key=["T", "N", "K", "k"],
+                 key=["T", "N", "K", "k", "X_LAYOUT", "W_LAYOUT"],
                  prune_configs_by={"early_config_prune": _prune_gemm})
 @triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
 @triton.jit
@@ -227,6 +163,7 @@ def _fused_linear_kernel(
     stride_ut, stride_ul,  # U strides
     stride_fl, stride_fn,  # factor strides (gathered rank, output column)
     stride_yt, stride_yn,  # y strides
+    X_LAYOUT: tl.constexpr, W_LAYOUT: tl.constexpr,  # layout(X), layout(W): autotune key only
     HAS_BIAS: tl.constexpr, K_PAD: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     INTERPRET: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_T: tl.constexpr,
@@ -273,20 +210,8 @@ def fused_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, u:
         x, w, bias if bias is not None else y, u, factor, index, y, T, N, K, k,
         x.stride(0), x.stride(1), w.stride(0), w.stride(1), u.stride(0), u.stride(1),
         factor.stride(rank_dim), factor.stride(1 - rank_dim), y.stride(0), y.stride(1),
-        HAS_BIAS=bias is not None, K_PAD=k_pad(k), INPUT_PRECISION=input_precision(x.dtype),
+        X_LAYOUT=layout(x), W_LAYOUT=layout(w), HAS_BIAS=bias is not None, K_PAD=k_pad(k),
+        INPUT_PRECISION=input_precision(x.dtype),
         INTERPRET=INTERPRET)
     return y
 
-
-def fused_linear_cublas(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None,
-                        u: torch.Tensor, factor: torch.Tensor, index: torch.Tensor,
-                        rank_dim: int) -> torch.Tensor:
-    """fused_linear's product with cuBLAS doing the base GEMM (same arguments).
-
-    The Triton kernel with an empty K loop writes bias + U F[I, :] (the gather stays inside
-    it); cuBLAS then adds X W with that as its C input (addmm, beta = 1). cuBLAS's GEMM rate,
-    for one extra write and read of y (2 T N elements) that the fused kernel never makes, and one
-    more rounding: the LoRA term is stored in y's dtype before X W is added to it.
-    """
-    y = fused_linear(x[:, :0], w[:0], bias, u, factor, index, rank_dim)
-    return y.addmm_(x, w)

@@ -1,19 +1,19 @@
-"""Tables from a `kernels.bench` JSON: `python -m kernels.report [JSON] [--readme]`.
+"""Tables from a `kernels.bench` or `kernels.gpu_check` JSON:
+`python -m kernels.report [JSON] [--readme]`.
 
 Prints, in Markdown, what kernels/README.md shows of a GPU run:
 - `goal_ranges`: per way, each ratio's range over the shapes against its goal (also in the
   project's README.md);
 - `goal_table`: ratios (a)-(d) per shape and way against the goals, with useful TFLOP/s;
-- `parts_table`: where the time goes, every part timed alone (base GEMMs, skinny passes, each
+- `parts_table`: where the time goes, every part timed alone (base GEMMs, LoRA passes, each
   way's own GEMM in both layouts or its merge);
 - `fastest_table`: per shape, the fastest way forward+backward next to the way the byte counts
-  pick (`rule_way`: merge when T > 2 m).
+  pick (`rule_way`: merge when T > 2 m);
+- `decision_table`: the default way per shape by the decision rule (`decide`).
 With `--readme` it rewrites the blocks between `<!-- report:NAME -->` and `<!-- /report:NAME -->`
 in kernels/README.md and README.md, and their `<!-- report:source PATH -->` marker, so every
 figure there comes from the JSON named; tests/test_kernel_report.py fails when a committed
 README and that JSON disagree.
-
-Older runs (before the `gemm` option) hold one way's figures in the row itself: the pointer way.
 """
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ RATIOS = ("a_fwd_over_base", "b_fwdbwd_over_base", "c_eager_over_fused", "d_comp
 
 
 def default_json() -> Path:
-    """The one GPU run under results/kernels/ (bench_cpu.json, a CPU run, holds no GPU figures)."""
+    """The one GPU bench run under results/kernels/ (bench_cpu.json, a CPU run, holds no GPU
+    figures)."""
     found = sorted(p for p in RESULTS.glob("bench_*.json") if p.name != "bench_cpu.json")
     if len(found) != 1:
         raise ValueError(f"expected one GPU bench JSON in {RESULTS}, found "
@@ -38,22 +39,18 @@ def default_json() -> Path:
     return found[0]
 
 
-def ways(row: dict) -> dict[str, dict]:
-    """{gemm: that way's figures} of one shape (errors included)."""
-    return row.get("fused", {"pointer": row})
-
-
 def load_runs(bench: dict) -> list[dict]:
     """One record per (shape, way) that passed its gate: the shape's baseline times joined with
     the way's own figures, and `gemm` naming the way."""
     return [{**row, **fused, "gemm": gemm, "ms": {**row["ms"], **fused["ms"]}}
-            for row in bench["rows"] for gemm, fused in ways(row).items() if "error" not in fused]
+            for row in bench["rows"] for gemm, fused in row["fused"].items()
+            if "error" not in fused]
 
 
 def failures(bench: dict) -> list[str]:
     """One line per (shape, way) that failed to compile, launch or pass its gate."""
     return [f"T={row['T']} n={row['n']} m={row['m']} k={row['k']} gemm={gemm}: {fused['error']}"
-            for row in bench["rows"] for gemm, fused in ways(row).items() if "error" in fused]
+            for row in bench["rows"] for gemm, fused in row["fused"].items() if "error" in fused]
 
 
 def rule_way(T: int, m: int) -> str:
@@ -117,7 +114,7 @@ def run_summary(bench: dict) -> str:
     c = bench["ceilings"]
     lines = [f"- {bench['gpu']}, torch {bench['torch']}, Triton {bench['triton']}, "
              f"{bench['dtype']}, r = {bench['rows'][0]['r']}; measured in the same run: GEMM "
-             f"{c['gemm_tflops']:.0f} TFLOP/s (8192^3, random data), copy "
+             f"{c['gemm_tflops']:.0f} TFLOP/s ({c['gemm_size']}^3, random data), copy "
              f"{c['copy_gbps']:.0f} GB/s (read + write)"]
     runs = load_runs(bench)
     for gemm in dict.fromkeys(run["gemm"] for run in runs):
@@ -129,21 +126,25 @@ def run_summary(bench: dict) -> str:
     return "\n".join(lines)
 
 
-PARTS = [("base_fwd", "F.linear"), ("base_fwdbwd", "F.linear fwd+bwd"), ("base_dx", "dy W0"),
-         ("part_shrink", "shrink x"), ("part_shrink_dy", "shrink dy"), ("part_grad_A", "dA"),
-         ("part_grad_B", "dB"), ("part_factor_grad", "one factor grad")]
-WAY_PARTS = [("part_fused_gemm", "GEMM fwd"), ("part_fused_gemm_dx", "GEMM dx"),
-             ("part_merge", "merge"), ("fused_fwd", "fwd"), ("fused_fwdbwd", "fwd+bwd")]
+PARTS = {"base_fwd": "F.linear", "base_fwdbwd": "F.linear fwd+bwd", "base_dx": "dy W0",
+         "part_shrink": "shrink x", "part_shrink_dy": "g, dB from dy", "part_grad_A": "dA",
+         "part_grad_B": "dB reduce"}
+WAY_PARTS = {"part_fused_gemm": "GEMM fwd", "part_fused_gemm_dx": "GEMM dx",
+             "part_merge": "merge", "fused_fwd": "fwd", "fused_fwdbwd": "fwd+bwd"}
 
 
 def parts_table(bench: dict) -> str:
-    """Milliseconds of every part timed alone, per shape and way (- where a run did not time it)."""
+    """Milliseconds of every part timed alone, per shape and way (- where a run did not time
+    it); a part this module has no label for shows under its JSON key."""
     runs = load_runs(bench)
-    shared = [(key, label) for key, label in PARTS if any(key in r["ms"] for r in runs)]
-    own = [(key, label) for key, label in WAY_PARTS if any(key in r["ms"] for r in runs)]
+    timed = dict.fromkeys(key for run in runs for key in run["ms"])
+    shared = [key for key in {**PARTS, **timed} if key in timed and key not in WAY_PARTS
+              and (key in PARTS or key.startswith("part_"))]
+    own = [key for key in WAY_PARTS if key in timed]
     rows = [[str(run[d]) for d in "Tnmk"] + [run["gemm"]]
-            + [_ms(run["ms"], key) for key, _ in shared + own] for run in runs]
-    return markdown(["T", "n", "m", "k", "gemm"] + [label for _, label in shared + own], rows)
+            + [_ms(run["ms"], key) for key in shared + own] for run in runs]
+    labels = [{**PARTS, **WAY_PARTS}.get(key, key) for key in shared + own]
+    return markdown(["T", "n", "m", "k", "gemm"] + labels, rows)
 
 
 def fastest_table(bench: dict) -> str:
@@ -151,7 +152,8 @@ def fastest_table(bench: dict) -> str:
     pick."""
     rows = []
     for row in bench["rows"]:
-        timed = {gemm: f["ms"]["fused_fwdbwd"] for gemm, f in ways(row).items() if "error" not in f}
+        timed = {gemm: f["ms"]["fused_fwdbwd"] for gemm, f in row["fused"].items()
+                 if "error" not in f}
         if not timed:
             continue
         best = min(timed, key=timed.get)
@@ -163,8 +165,68 @@ def fastest_table(bench: dict) -> str:
                      "count rule"], rows)
 
 
+# The decision rule (kernels/README.md). The default way per shape is the fastest forward+backward
+# among the ways that passed their correctness gate and the PyTorch path ('torch'), but a
+# Triton GEMM way takes part only if its GEMM, forward and dx, runs at GEMM_SHARE_NEEDED of
+# cuBLAS's speed or more at the goal shape; with no such way, the byte counts decide: merged
+# where T > 2 m (rule_way), the PyTorch path elsewhere.
+TRITON_GEMMS = ("pointer", "tma")
+GEMM_SHARE_NEEDED = 0.95
+GOAL_SHAPE = (8192, 4096, 4096, 16)  # (T, n, m, k); a run may name its own as "goal_shape"
+
+
+def gemm_shares(bench: dict) -> dict[str, float]:
+    """{Triton way: cuBLAS's time / its GEMM's time} at the goal shape, the smaller of forward
+    and dx where both were timed; ways that failed there or did not run are absent."""
+    goal = tuple(bench.get("goal_shape", GOAL_SHAPE))
+    shares = {}
+    for row in bench["rows"]:
+        if tuple(row[d] for d in "Tnmk") != goal:
+            continue
+        for gemm in TRITON_GEMMS:
+            ms = {**row["ms"], **row["fused"].get(gemm, {}).get("ms", {})}
+            pairs = [(base, own) for base, own in (("base_fwd", "part_fused_gemm"),
+                                                   ("base_dx", "part_fused_gemm_dx"))
+                     if base in ms and own in ms]
+            if pairs and "error" not in row["fused"][gemm]:
+                shares[gemm] = min(ms[base] / ms[own] for base, own in pairs)
+    return shares
+
+
+def decide(bench: dict) -> list[dict]:
+    """The default way of every shape of a run by the decision rule, and why."""
+    allowed = {g for g, share in gemm_shares(bench).items() if share >= GEMM_SHARE_NEEDED}
+    out = []
+    for row in bench["rows"]:
+        passed = {g: f["ms"]["fused_fwdbwd"] for g, f in row["fused"].items() if "error" not in f}
+        if allowed:
+            timed = {g: t for g, t in passed.items() if g not in TRITON_GEMMS or g in allowed}
+            timed["torch"] = row["ms"]["eager_fwdbwd"]
+            way = min(timed, key=timed.get)
+            why = "fastest fwd+bwd of " + ", ".join(sorted(timed))
+        elif rule_way(row["T"], row["m"]) == "merged" and "merged" in passed:
+            way, why = "merged", "no Triton GEMM at cuBLAS's speed; T > 2 m"
+        else:
+            way = "torch"
+            why = ("no Triton GEMM at cuBLAS's speed; " + ("T <= 2 m" if row["T"] <= 2 * row["m"]
+                                                         else "merged did not pass or run"))
+        out.append({**{d: row[d] for d in "Tnmk"}, "way": way, "why": why})
+    return out
+
+
+def decision_table(bench: dict) -> str:
+    """The Triton GEMMs' speed at the goal shape, then the default way per shape (`decide`)."""
+    goal = tuple(bench.get("goal_shape", GOAL_SHAPE))
+    shares = gemm_shares(bench)
+    speeds = ", ".join(f"`{g}` {v:.0%}" for g, v in shares.items()) or "none timed"
+    head = (f"Triton GEMM speed as a share of cuBLAS's at the goal shape T, n, m, k = "
+            f"{', '.join(map(str, goal))} (needs {GEMM_SHARE_NEEDED:.0%}): {speeds}\n\n")
+    rows = [[str(d[key]) for key in "Tnmk"] + [d["way"], d["why"]] for d in decide(bench)]
+    return head + markdown(["T", "n", "m", "k", "default way", "why"], rows)
+
+
 TABLES = {"run": run_summary, "ranges": goal_ranges, "goals": goal_table, "parts": parts_table,
-          "fastest": fastest_table}
+          "fastest": fastest_table, "decision": decision_table}
 
 
 def block(name: str) -> re.Pattern:

@@ -19,7 +19,7 @@ from fslora_min.sketch import Sketch
 from tests.tiny import tiny_experiment, tiny_federation
 
 
-def test_hetlora_with_all_budgets_r_is_fedavg_lora_step_for_step():
+def test_hetlora_with_every_client_rank_r_is_fedavg_lora_step_for_step():
     r = 4
     het = tiny_federation([r, r, r], r, method=HetLoRA())
     avg = tiny_federation([r, r, r], r, method=FedAvgLoRA(full=True))
@@ -35,7 +35,7 @@ def one_layer(m: int, n: int, r: int) -> Server:
 
 
 def random_updates(server: Server, method, ks: list[int], sizes: list[int]):
-    """Downlinks from `method` and random float64 deltas for clients of budgets ks."""
+    """Downlinks from `method` and random float64 deltas for clients of ranks ks."""
     g = torch.Generator().manual_seed(3)
     m, n = server.shapes["l"]
     downs, ups = [], []
@@ -54,14 +54,14 @@ def weighted_products(server: Server, downs, ups) -> torch.Tensor:
     out = 0
     for down, up in zip(downs, ups):
         f, (db, da) = down["l"], up.deltas["l"]
-        s_i = server.modules["l"].scaling * f.sketch.scale
+        s_i = server.modules["l"].scale * f.sketch.sketch_weight
         out = out + up.num_examples / total * s_i * (f.b + db) @ (f.a + da)
     return out
 
 
 def test_flora_stack_equals_weighted_sum_of_products_and_is_merged_into_w0():
     server = one_layer(7, 5, 4)
-    method = FLoRA(alpha=4.0, r=4, rslora=False, seed_generator=torch.Generator().manual_seed(0))
+    method = FLoRA(r=4, seed_generator=torch.Generator().manual_seed(0))
     downs, ups = random_updates(server, method, [1, 3, 4], [10, 30, 20])
     b_st, a_st = stack_factors(server, ups, downs)["l"]
     assert b_st.shape == (7, 8) and a_st.shape == (8, 5)
@@ -78,27 +78,26 @@ def test_flexlora_with_k_equal_r_reproduces_the_averaged_product_exactly():
     m, n = 7, 5
     R = min(m, n)  # FlexLoRA's server rank: any m x n update is a rank-R LoRA
     server = one_layer(m, n, R)
-    method = FlexLoRA(alpha=float(R), r=R, rslora=False,
-                      seed_generator=torch.Generator().manual_seed(0))
+    method = FlexLoRA(r=R, seed_generator=torch.Generator().manual_seed(0))
     downs, ups = random_updates(server, method, [R, R], [10, 30])
     expected = weighted_products(server, downs, ups)
     method.aggregate(server, ups, downs)
     torch.testing.assert_close(server.modules["l"].delta_weight(), expected,
                                rtol=1e-12, atol=1e-12)
     f = method.downlink(server, method.sketches(server, R, torch.Generator()))["l"]
-    s_i = server.modules["l"].scaling * f.sketch.scale
+    s_i = server.modules["l"].scale * f.sketch.sketch_weight
     torch.testing.assert_close(s_i * f.b @ f.a, expected, rtol=1e-12, atol=1e-12)
     assert client_products(server, ups, downs)["l"].shape == (m, n)
 
 
 def test_flexlora_sends_the_best_rank_k_approximation():
     server = one_layer(6, 6, 6)
-    method = FlexLoRA(alpha=6.0, r=6, rslora=False, seed_generator=torch.Generator())
+    method = FlexLoRA(r=6, seed_generator=torch.Generator())
     downs, ups = random_updates(server, method, [6, 6], [1, 1])
     method.aggregate(server, ups, downs)
     dw = server.modules["l"].delta_weight().detach()
     f = method.downlink(server, method.sketches(server, 2, torch.Generator()))["l"]
-    approx = server.modules["l"].scaling * f.sketch.scale * f.b @ f.a
+    approx = server.modules["l"].scale * f.sketch.sketch_weight * f.b @ f.a
     sigma = torch.linalg.svdvals(dw)
     err = torch.linalg.matrix_norm(dw - approx) ** 2
     torch.testing.assert_close(err, (sigma[2:] ** 2).sum(), rtol=1e-10, atol=1e-10)  # Eckart-Young
@@ -146,7 +145,7 @@ def test_per_index_sketch_weights_match_dense_forward_and_gradients():
     b = layer.lora_B.detach()[:, sk.index].clone().requires_grad_(True)
     a = layer.lora_A.detach()[sk.index].clone().requires_grad_(True)
     b_ref, a_ref = b.detach().clone().requires_grad_(True), a.detach().clone().requires_grad_(True)
-    dense = layer.weight + layer.scaling * b_ref @ torch.diag(sk.per_index) @ a_ref  # W0 + s B S A
+    dense = layer.weight + layer.scale * b_ref @ torch.diag(sk.per_index) @ a_ref  # W0 + s B S A
     ref = x @ dense.T + layer.bias
     with compact_factors(nn.ModuleDict({"l": layer}), {"l": CompactFactors(b, a, sk)}):
         out = layer(x)
@@ -159,18 +158,18 @@ def test_per_index_sketch_weights_match_dense_forward_and_gradients():
 
 
 def test_every_method_sees_the_same_participants_and_learns(tmp_path):
-    seen, budgets = {}, None
+    seen, client_ranks = {}, None
     for method in METHODS:
         cfg = tiny_experiment(str(tmp_path), participants=2, rounds=2)
         cfg.method = method
         history, info = run_experiment(cfg, progress=False)
         seen[method] = [rec.participants for rec in history.rounds]
-        budgets = budgets or info["client_budgets"]
-        assert info["client_budgets"] == budgets
+        client_ranks = client_ranks or info["client_ranks"]
+        assert info["client_ranks"] == client_ranks
         assert all(math.isfinite(rec.heldout_loss) for rec in history.rounds)
         if method == "fedavg-min":
-            assert set(info["client_ranks"]) == {min(budgets)}
-            assert info["global_rank"] == min(budgets)
+            assert set(info["trained_ranks"]) == {min(client_ranks)}
+            assert info["global_rank"] == min(client_ranks)
         elif method != "fedavg-full":
-            assert info["client_ranks"] == budgets
+            assert info["trained_ranks"] == client_ranks
     assert all(p == seen["fslora"] for p in seen.values())

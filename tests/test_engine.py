@@ -20,6 +20,7 @@ from fslora_min.engine import (CPU_PASS_BYTES, default_clients_per_pass, resolve
                                stack_downlinks, train_clients_batched)
 from fslora_min.cli import build_parser, config_from_args
 from fslora_min.client import ClientConfig
+from fslora_min.compute import ComputeConfig
 from fslora_min.federation import Federation, FederationConfig
 from fslora_min.lora import apply_lora, global_factors
 from fslora_min.methods import make_method
@@ -74,8 +75,8 @@ def federation(ranks: list[int], engine: str, optimizer: str, method: str, devic
     model's. The model starts in eval mode, as a pretrained base does (fslora_min/pretrain.py).
     """
     model = tiny_lora_model(r, dropout).to(device, dtype).eval()
-    fed = FederationConfig(num_clients=len(ranks), participants=len(ranks), rounds=2, rank=r,
-                           lora_alpha=2.0 * r, engine=engine, clients_per_pass=clients_per_pass)
+    fed = FederationConfig(num_clients=len(ranks), participants=len(ranks), rounds=2)
+    compute = ComputeConfig(engine=engine, clients_per_pass=clients_per_pass)
     client = ClientConfig(local_steps=3, lr=0.3 if optimizer == "sgd" else 0.01,
                           optimizer=optimizer, weight_decay=0.1 if optimizer == "adamw" else 0.0,
                           batch_size=4)
@@ -83,7 +84,7 @@ def federation(ranks: list[int], engine: str, optimizer: str, method: str, devic
     if last_rows is not None:
         data.clients[-1].train = data.clients[-1].train[:last_rows]
     return Federation(Server(model, ServerConfig()), data, ranks, fed, client,
-                      make_method(method, 2.0 * r, r, False, torch.Generator().manual_seed(2)))
+                      make_method(method, r, torch.Generator().manual_seed(2)), compute)
 
 
 CASES = [("sgd", [2, 2, 2], "fslora"), ("sgd", [1, 2, 4], "fslora"),
@@ -145,7 +146,8 @@ def test_padding_is_zero_with_zero_coefficient_and_updates_have_each_clients_sha
     factors = stack_downlinks(downlinks, {n: 1.0 for n in server.module_names},
                               torch.device("cpu"))
     for f in factors.values():  # zero, and multiplied by 0: no gradient (see the first test)
-        assert f.b.shape[2] == 4 and not f.coef[0, 1:].any() and (f.coef[1] > 0).all()
+        assert f.b.shape[2] == 4 and not f.client_scale[0, 1:].any()
+        assert (f.client_scale[1] > 0).all()
         assert not f.b[0, :, 1:].any() and not f.a[0, 1:].any()
     updates = train_clients_batched(server.model, [0, 1], downlinks,
                                     [fed.batch_streams[i] for i in (0, 1)], fed.client_cfg,
@@ -159,13 +161,13 @@ def test_padding_is_zero_with_zero_coefficient_and_updates_have_each_clients_sha
 
 def test_engine_choice_is_validated_and_auto_resolves_per_device():
     with pytest.raises(ValueError, match="engine"):
-        FederationConfig(engine="parallel")
+        ComputeConfig(engine="parallel")
     for device in ("cpu", "cuda"):
         assert resolve_engine("auto", torch.device(device)) in ("sequential", "batched")
     assert resolve_engine("sequential", torch.device("cpu")) == "sequential"
     for bad in (-1, 1.5, True):
         with pytest.raises(ValueError, match=f"clients_per_pass.*{bad!r}"):
-            FederationConfig(clients_per_pass=bad)
+            ComputeConfig(clients_per_pass=bad)
 
 
 
@@ -192,9 +194,9 @@ def test_batched_engine_rejects_unequal_minibatches():
 def test_cli_engine_flag_reaches_the_federation_config():
     for engine in ("sequential", "batched", "auto"):
         args = build_parser().parse_args(["run", "--engine", engine])
-        assert config_from_args(args).federation.engine == engine
+        assert config_from_args(args).compute.engine == engine
     args = build_parser().parse_args(["run", "--clients-per-pass", "3"])
-    assert config_from_args(args).federation.clients_per_pass == 3
+    assert config_from_args(args).compute.clients_per_pass == 3
     with pytest.raises(SystemExit):
         build_parser().parse_args(["run", "--engine", "parallel"])
 

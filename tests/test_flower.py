@@ -27,7 +27,7 @@ from fslora_flower.server_app import RESULT_NAME  # noqa: E402
 from fslora_flower.config import experiment_config  # noqa: E402
 from fslora_min.engine import train_clients  # noqa: E402
 from fslora_min.experiment import build_federation  # noqa: E402
-from fslora_min.federation import Federation, lm_batch_loss  # noqa: E402
+from fslora_min.federation import Federation  # noqa: E402
 from fslora_min.lora import global_factors  # noqa: E402
 
 ARGS = ("--preset tiny --rounds 2 --rank 4 --ratios 0.5 1 --engine sequential --seed 3 "
@@ -80,12 +80,12 @@ def test_codec_round_trips_downlinks_and_updates(method):
             assert torch.equal(back[name].b, f.b) and torch.equal(back[name].a, f.a)
             assert torch.equal(back[name].sketch.index, f.sketch.index)
             if f.sketch.per_index is None:
-                assert back[name].sketch.scale == f.sketch.scale
+                assert back[name].sketch.sketch_weight == f.sketch.sketch_weight
             else:
                 assert torch.equal(back[name].sketch.per_index, f.sketch.per_index)
     i = plan.participants[0]
     update, = train_clients("sequential", federation.server.model, [i], plan.downlinks[:1],
-                            [federation.batch_streams[i]], lm_batch_loss, federation.client_cfg,
+                            [federation.batch_streams[i]], federation.client_cfg,
                             [len(federation.data.clients[i].train)])
     back = decode_update(encode_update(update), plan.downlinks[0])
     assert (back.client_id, back.num_examples, back.trainable_parameters) == (

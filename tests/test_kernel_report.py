@@ -1,14 +1,15 @@
-"""kernels/report.py: the tables drawn from a bench JSON, and kernels/README.md's agreement with
-the committed GPU run."""
+"""kernels/report.py: the tables drawn from a bench JSON, the decision rule, kernels/README.md's
+agreement with the committed GPU run, and `kernels.gpu_check --dry` end to end."""
 
+import copy
 import json
 import random
 
 import pytest
 import torch
 
-from kernels import bench, report
-from kernels.lora_linear import GEMM_CHOICES, GEMMS
+from kernels import bench, gpu_check, report
+from kernels.fused import GEMM_CHOICES, GEMMS
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -18,35 +19,37 @@ def cells(table: str) -> list[list[str]]:
     return [[c.strip() for c in line.strip("|").split("|")] for line in table.splitlines()[2:]]
 
 
-PASSING = ["pointer", "tma", "merged"]  # the ways of GEMM_CHOICES that fake_run leaves intact
+PASSING = ["pointer", "merged"]  # the ways of GEMM_CHOICES that fake_run leaves intact
+
+
+def run_once(fn, grad_to_none=None):
+    """A timer for the tests: runs the call once and makes up a time."""
+    fn()
+    return random.uniform(0.1, 2.0)
 
 
 @pytest.fixture(scope="module")
 def fake_run():
     """A bench result made by the bench's own code (correctness gates, every way, every part)
     at two tiny shapes (one with T > 2 m): each timed call runs once and is given a random time
-    in place of do_bench's, and the cublas way is broken so that its gate fails."""
-    rng = random.Random()
+    in place of do_bench's, and the tma way is broken so that its gate fails."""
     pointer = GEMMS["pointer"]
-
-    def run_once(fn, grad_to_none=None):
-        fn()
-        return rng.uniform(0.1, 2.0)
-
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(bench, "median_ms", run_once)
-        mp.setitem(GEMMS, "cublas", lambda *args: 1.1 * pointer(*args))
-        ceilings = {"gemm_tflops": rng.uniform(1, 9), "copy_gbps": rng.uniform(1, 9)}
-        rows = [bench.bench_case(T, 32, m, 8, ceilings, None, list(GEMM_CHOICES), device=DEVICE)
+        mp.setitem(GEMMS, "tma", lambda *args: 1.1 * pointer(*args))
+        ceilings = {"gemm_tflops": random.uniform(1, 9), "gemm_size": 8,
+                    "copy_gbps": random.uniform(1, 9)}
+        rows = [bench.bench_case(T, 32, m, 8, ceilings, None, list(GEMM_CHOICES), device=DEVICE,
+                                 timer=run_once)
                 for T, m in ((24, 48), (112, 40))]
     return {"gpu": "a test GPU", "torch": torch.__version__, "triton": "x", "dtype": "bfloat16",
-            "ceilings": ceilings, "goals": bench.GOALS, "rows": rows}
+            "ceilings": ceilings, "goals": bench.GOALS, "goal_shape": [24, 32, 48, 8],
+            "rows": rows}
 
 
 def test_the_bench_gates_every_way_and_times_every_part(fake_run):
     for row in fake_run["rows"]:
-        assert set(row["fused"]) == set(GEMM_CHOICES)
-        broken = row["fused"]["cublas"]["error"]
+        assert set(row["fused"]) == set(GEMM_CHOICES) == {"pointer", "tma", "merged"}
+        broken = row["fused"]["tma"]["error"]
         assert broken.startswith("GateFailed: correctness gate failed")
         for gemm in PASSING:
             fused = row["fused"][gemm]
@@ -56,6 +59,16 @@ def test_the_bench_gates_every_way_and_times_every_part(fake_run):
             assert fused["a_fwd_over_base"] > 0 and parts <= set(fused["ms"]), gemm
         shared = {"base_dx", "part_shrink", "part_shrink_dy", "part_grad_A", "part_grad_B"}
         assert shared <= set(row["ms"])
+
+
+def test_the_bench_records_the_config_each_autotuned_kernel_chose(fake_run):
+    for row in fake_run["rows"]:
+        assert set(row["configs"]) == {"shrink", "grad_A"}
+        assert all(c.startswith("BLOCK_Q=") for c in row["configs"].values())
+        gemm = row["fused"]["pointer"]["configs"]
+        assert set(gemm) == {"gemm_fwd", "gemm_dx"}
+        assert all(c.startswith("BLOCK_T=") and "warps=" in c for c in gemm.values())
+        assert row["fused"]["merged"]["configs"] == {}  # cuBLAS only: nothing autotuned
 
 
 def test_goal_table_holds_every_passing_way_with_its_ratios(fake_run):
@@ -78,14 +91,14 @@ def test_fastest_table_picks_the_least_time_and_states_the_count_rule(fake_run):
         times = {g: f["ms"]["fused_fwdbwd"] for g, f in row["fused"].items() if "error" not in f}
         best = min(times, key=times.get)
         assert line[4:6] == [best, f"{times[best]:.3f}"]
-        assert "cublas" not in line[6]
+        assert "tma" not in line[6]
         assert line[7] == ("merged" if row["T"] > 2 * row["m"] else "fused step")
 
 
 def test_failed_ways_are_named_and_left_out_of_the_tables(fake_run):
     lines = report.failures(fake_run)
-    assert len(lines) == 2 and all("gemm=cublas: GateFailed" in line for line in lines)
-    assert "FAILED T=24 n=32 m=48 k=8 gemm=cublas" in report.run_summary(fake_run)
+    assert len(lines) == 2 and all("gemm=tma: GateFailed" in line for line in lines)
+    assert "FAILED T=24 n=32 m=48 k=8 gemm=tma" in report.run_summary(fake_run)
     assert {run["gemm"] for run in report.load_runs(fake_run)} == set(PASSING)
 
 
@@ -93,9 +106,10 @@ def test_parts_table_has_every_shared_part_and_each_ways_own(fake_run):
     table = report.parts_table(fake_run)
     header = [c.strip() for c in table.splitlines()[0].strip("|").split("|")]
     rows = [dict(zip(header, r)) for r in cells(table)]
-    assert len(rows) == 2 * len(PASSING) and "one factor grad" not in header  # an old run's part, absent here
+    assert len(rows) == 2 * len(PASSING)
+    assert not any(label.startswith("part_") for label in header)  # every part has its label
     for row in rows:
-        assert all(row[label] != "-" for key, label in report.PARTS if label in header)
+        assert all(row[label] != "-" for label in report.PARTS.values() if label in header)
         own, other = (("merge", "GEMM fwd") if row["gemm"] == "merged" else ("GEMM fwd", "merge"))
         assert row[own] != "-" and row[other] == "-"
 
@@ -149,3 +163,65 @@ def test_goal_ranges_give_each_ways_span_and_how_often_each_goal_is_met(fake_run
         assert (f"(b) {min(values):.2f}-{max(values):.2f} (goal <= 1.15, met at {met} of 2)"
                 in line)
         assert "(d)" not in line  # no compiled baseline in this run
+
+
+def with_gemm_share(run: dict, share: float) -> dict:
+    """fake_run with the pointer GEMM at `share` of cuBLAS's speed, fwd and dx, at the goal."""
+    run = copy.deepcopy(run)
+    goal = run["rows"][0]
+    for own, base in (("part_fused_gemm", "base_fwd"), ("part_fused_gemm_dx", "base_dx")):
+        goal["fused"]["pointer"]["ms"][own] = goal["ms"][base] / share
+    return run
+
+
+def test_decision_rule_takes_the_fastest_way_once_a_triton_gemm_reaches_cublas(fake_run):
+    run = with_gemm_share(fake_run, 0.96)
+    assert report.gemm_shares(run) == {"pointer": pytest.approx(0.96)}
+    for row, decided in zip(run["rows"], report.decide(run)):
+        times = {"torch": row["ms"]["eager_fwdbwd"]}
+        times.update({g: row["fused"][g]["ms"]["fused_fwdbwd"] for g in PASSING})
+        assert decided["way"] == min(times, key=times.get)
+
+
+def test_decision_rule_falls_back_to_the_byte_rule_below_95_percent(fake_run):
+    run = with_gemm_share(fake_run, 0.94)
+    assert [d["way"] for d in report.decide(run)] == ["torch", "merged"]  # T > 2 m: merged
+    run["rows"][1]["fused"]["merged"] = {"error": "GateFailed: ..."}
+    assert [d["way"] for d in report.decide(run)] == ["torch", "torch"]
+    table = report.decision_table(run)
+    assert "(needs 95%): `pointer` 94%" in table and "merged did not pass or run" in table
+
+
+@pytest.fixture
+def dry_check(tmp_path, monkeypatch):
+    """gpu_check --dry's steps in this process: a quick test selection and one tiny shape; the
+    rows the JSON held at each write."""
+    monkeypatch.setattr(gpu_check, "TESTS", ["tests/test_kernels.py", "-k", "unknown_backend"])
+    monkeypatch.setattr(gpu_check, "DRY_SHAPES", [(40, 16, 16, 4)])
+    monkeypatch.setattr(gpu_check, "wall_ms", run_once)
+    writes, write = [], bench.write
+    monkeypatch.setattr(bench, "write", lambda result, path: (writes.append(
+        len(result["rows"])), write(result, path)))
+    return tmp_path / "check.json", writes
+
+
+def test_gpu_check_dry_runs_every_step_and_writes_after_each_shape(dry_check, capsys):
+    path, writes = dry_check
+    result = gpu_check.check(dry=True, path=path, budget_s=600)
+    assert writes == [0, 1, 1] and json.loads(path.read_text()) == json.loads(json.dumps(result))
+    assert result["tests"]["returncode"] == 0 and "2 passed" in result["tests"]["summary"]
+    assert [[r[d] for d in "Tnmk"] for r in result["rows"]] == [[40, 16, 16, 4]]
+    assert len(result["clocks"]) == 2 and result["goal_shape"] == [40, 16, 16, 4]
+    assert report.decision_table(result) in capsys.readouterr().out
+    text = "<!-- report:source x.json -->\n" + "".join(
+        f"<!-- report:{n} -->\n<!-- /report:{n} -->\n" for n in report.TABLES)
+    assert report.readme_blocks(report.update_readme(text, result, "x.json")) == {
+        n: table(result) for n, table in report.TABLES.items()}
+
+
+def test_gpu_check_starts_no_shape_past_its_budget(dry_check, monkeypatch):
+    path, writes = dry_check
+    monkeypatch.setattr(gpu_check, "run_tests", lambda interpret: {"returncode": 0,
+                                                                   "summary": "", "seconds": 0})
+    result = gpu_check.check(dry=True, path=path, budget_s=1e-9)
+    assert result["rows"] == [] and result["skipped_shapes"] == [[40, 16, 16, 4]]

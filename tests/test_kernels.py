@@ -26,9 +26,8 @@ import torch
 import fslora_min.lora as lora
 from fslora_min.model import TEST_CONFIG, Transformer, lm_loss
 from fslora_min.sketch import sample_module_sketches
-from kernels import lora_linear
-from kernels import matmul
-from kernels.lora_linear import GEMM_CHOICES
+from kernels import lora_linear, matmul, matmul_tma, skinny
+from kernels.fused import GEMM_CHOICES
 from kernels.reference import lora_linear_reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -46,16 +45,41 @@ TMA_SHAPES = [
     ((37,), 32, 16, 12, 12),
     ((2, 3, 7), 40, 48, 24, 5),
 ]
-CASES = [(g, s) for g in ("pointer", "cublas", "merged") for s in SHAPES] + \
+CASES = [(g, s) for g in ("pointer", "merged") for s in SHAPES] + \
     [("tma", s) for s in TMA_SHAPES]
 
 
 @pytest.fixture(autouse=True)
 def poison_outputs(monkeypatch):
     """Every kernel output starts as NaN: an element left unwritten fails the comparison."""
-    def nan_output(shape, dtype, device):
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    monkeypatch.setattr(matmul, "new_output", nan_output)
+    monkeypatch.setattr(matmul, "POISON", float("nan"))
+
+
+# Each Triton kernel and the arguments it writes through. A scattering reduce writes only the
+# ranks I of a zero-filled full-size gradient: the other ranks must stay exact zeros (checked
+# in test_sketched_matches_float64), and the ranks I are compared with float64.
+KERNEL_OUTPUTS = {skinny._skinny_kernel: ("out_ptr",), skinny._shrink_dy_kernel: ("g_ptr",
+                  "part_ptr"), skinny._reduce_kernel: ("out_ptr",),
+                  matmul._fused_linear_kernel: ("y_ptr",),
+                  matmul_tma._fused_linear_tma_kernel: ("y_desc",)}
+
+
+@pytest.fixture
+def kernel_launches(monkeypatch) -> list[tuple[str, bool]]:
+    """(kernel, whether every buffer it writes was all NaN at launch) for each launch."""
+    launches = []
+    for kernel, outputs in KERNEL_OUTPUTS.items():
+        def spy(*args, grid, warmup, kernel=kernel, outputs=outputs, run=kernel.run, **kwargs):
+            named = {**dict(zip(kernel.arg_names, args)), **kwargs}
+            if named.get("SCATTER"):
+                poisoned = None  # writes into a zero-filled gradient (see KERNEL_OUTPUTS)
+            else:
+                buffers = [getattr(named[o], "base", named[o]) for o in outputs]
+                poisoned = all(bool(torch.isnan(b).all()) for b in buffers)
+            launches.append((getattr(kernel, "base_fn", kernel.fn).__name__, poisoned))
+            return run(*args, grid=grid, warmup=warmup, **kwargs)
+        monkeypatch.setattr(kernel, "run", spy)
+    return launches
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -118,8 +142,7 @@ def test_sketched_matches_float64(gemm, shape, dtype, bias, noncontig):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("k", [1, 7])
-@pytest.mark.parametrize("gemm,n,m", [("pointer", 21, 18), ("cublas", 21, 18), ("merged", 21, 18),
-                                      ("tma", 24, 16)])
+@pytest.mark.parametrize("gemm,n,m", [("pointer", 21, 18), ("merged", 21, 18), ("tma", 24, 16)])
 def test_compact_form_matches_float64(dtype, k, gemm, n, m):
     """index=None: the client's own b (m, k), a (k, n), every column used, grads of shape k."""
     x, weight, b, lora_b, lora_a, _ = make_inputs((29,), n, m, k, k, dtype, True, False)
@@ -146,15 +169,87 @@ def test_tma_refuses_unaligned_rows(dtype):
 
 
 @pytest.mark.parametrize("split", [1, 2, 5])
-def test_skinny_split_paths_agree(split):
-    """The split reduction (fp32 partials summed after) gives the unsplit result."""
+def test_split_reductions_give_the_unsplit_result(split):
+    """fp32 partials over 1, 2 or 5 splits of the reduction, added up by reduce_partials (scaled
+    and scattered to the ranks I, or not), give scale * P F[:, I]; so do shrink_dy's g and dB
+    over its token ranges."""
     g = torch.Generator().manual_seed(2)
     p = torch.randn(45, 70, generator=g).to(DEVICE)
     factor = torch.randn(9, 70, generator=g).to(DEVICE)
     index = torch.tensor([4, 0, 7], device=DEVICE)
-    out = matmul.skinny_matmul(p, factor, index, 0, 0.5, torch.float32, split=split)
-    ref = 0.5 * p.double() @ factor.double()[index].t()
-    assert rel_err(out, ref) < TOL[torch.float32]
+    ref = 0.5 * p.double() @ factor.double()[index].t()  # (45, 3)
+    parts = skinny.skinny_partials(p, factor, index, 0, split=split)
+    assert parts.shape[0] == split
+    compact = skinny.reduce_partials(parts, 0.5, torch.empty(45, 3, device=DEVICE), 1)
+    scattered = skinny.reduce_partials(parts, 0.5, torch.zeros(9, 45, device=DEVICE), 0, index)
+    assert rel_err(compact, ref) < TOL[torch.float32]
+    assert rel_err(scattered[index].t(), ref) < TOL[torch.float32]
+    assert torch.all(scattered[[1, 2, 3, 5, 6, 8]] == 0)
+
+    dy, u = p.t()[:, :33], torch.randn(70, 3, generator=g).to(DEVICE)  # dy (T, m), u (T, k)
+    lora_B = factor[:, :33].t()  # (m, r), a transposed view
+    g_out, dB_parts = skinny.shrink_dy(dy, lora_B, index, 0.5, u, split=split)
+    assert dB_parts.shape[0] == split
+    dB = skinny.reduce_partials(dB_parts, 1.0, torch.empty(33, 3, device=DEVICE), 1)
+    assert rel_err(g_out, 0.5 * dy.double() @ lora_B.double()[:, index]) < TOL[torch.float32]
+    assert rel_err(dB, dy.double().t() @ u.double()) < TOL[torch.float32]
+
+
+@pytest.mark.parametrize("gemm", GEMM_CHOICES)
+@pytest.mark.parametrize("mode", ["sketched", "compact"])
+def test_every_kernel_output_starts_poisoned(gemm, mode, kernel_launches):
+    """A spy on every Triton kernel's launches: each buffer a kernel writes in full came from
+    new_output and was all NaN when the kernel started, on every path of forward and backward."""
+    x, weight, b, lora_B, lora_A, index = make_inputs((9,), 24, 16, 6, 3, torch.float32, True,
+                                                      False)
+    if mode == "compact":
+        lora_B, lora_A, index = lora_B[:, index].contiguous(), lora_A[index].contiguous(), None
+    leaves = [t.requires_grad_() for t in (x, lora_B, lora_A)]
+    lora_linear(*leaves[:1], weight, b, *leaves[1:], index, 0.5, backend="triton",
+                gemm=gemm).sum().backward()
+    names = {name for name, _ in kernel_launches}
+    expected = {"_shrink_dy_kernel", "_skinny_kernel", "_reduce_kernel"}
+    expected |= {"pointer": {"_fused_linear_kernel"}, "tma": {"_fused_linear_tma_kernel"},
+                 "merged": set()}[gemm]
+    assert names == expected
+    assert all(poisoned is not False for _, poisoned in kernel_launches), kernel_launches
+    unscattered = [p for _, p in kernel_launches if p is not None]
+    assert len(unscattered) == len(kernel_launches) - (2 if mode == "sketched" else 0)
+
+
+def test_backward_is_deterministic():
+    """Two runs on the same inputs give the same bits: no float atomics, fixed-order sums."""
+    x, weight, b, lora_B, lora_A, index = make_inputs((37,), 20, 17, 6, 3, torch.float32, True,
+                                                      False)
+    runs = []
+    for _ in range(2):
+        leaves = [t.detach().clone().requires_grad_() for t in (x, lora_B, lora_A)]
+        y = lora_linear(leaves[0], weight, b, *leaves[1:], index, 0.75, backend="triton")
+        y.backward(torch.cos(y.detach()))
+        runs.append([y] + [t.grad for t in leaves])
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+@pytest.mark.parametrize("gemm", ["pointer", "tma"])
+def test_autotune_key_holds_layout_and_dtype(gemm, monkeypatch):
+    """The forward of (n, m) = (a, b) and the dx of (n, m) = (b, a) have the same sizes T, N, K,
+    k: their autotune keys differ by W's layout only, and hold the dtype."""
+    kernel = {"pointer": matmul._fused_linear_kernel,
+              "tma": matmul_tma._fused_linear_tma_kernel}[gemm]
+    monkeypatch.setattr(kernel, "configs", kernel.configs * 2)  # a real choice: keys are kept
+    monkeypatch.setattr(kernel, "cache", {})
+    fn = matmul.fused_linear if gemm == "pointer" else matmul_tma.fused_linear_tma
+    g = torch.Generator().manual_seed(5)
+    x, dy = torch.randn(16, 24, generator=g), torch.randn(16, 24, generator=g)
+    w_a, w_b = torch.randn(32, 24, generator=g), torch.randn(24, 32, generator=g)  # W0 (m, n)
+    u, factor, index = torch.randn(16, 2, generator=g), torch.randn(32, 4, generator=g), \
+        torch.tensor([1, 3])
+    fn(x, w_a.t(), None, u, factor, index, 1)  # forward of n = 24, m = 32: W = W0^T
+    fn(dy, w_b, None, u, factor.t(), index, 0)  # dx of n = 32, m = 24: W = W0
+    keys = list(kernel.cache)
+    assert len(keys) == 2 and all("torch.float32" in key for key in keys)
+    differ = [i for i, (a, b) in enumerate(zip(*keys)) if a != b]
+    assert [kernel.keys[i] for i in differ] == (["W_LAYOUT"] if gemm == "pointer" else ["W_NK"])
 
 
 def test_index_order_does_not_matter():
@@ -169,18 +264,21 @@ def test_index_order_does_not_matter():
 def _bad_inputs():
     x, weight, b, lora_B, lora_A, index = make_inputs((4,), 8, 6, 5, 2, torch.float32, True,
                                                       False)
-    good = dict(x=x, weight=weight, bias=b, lora_B=lora_B, lora_A=lora_A, index=index, scale=1.0)
+    good = dict(x=x, weight=weight, bias=b, lora_B=lora_B, lora_A=lora_A, index=index,
+                client_scale=1.0)
     return [
         ("x must have shape", dict(good, x=x[:, :7])),
         ("bias must have shape", dict(good, bias=b[:5])),
         ("lora_B must be", dict(good, lora_B=lora_B[:, :4])),
         ("index out of range", dict(good, index=torch.tensor([0, 5], device=DEVICE))),
         ("index out of range", dict(good, index=torch.tensor([-1], device=DEVICE))),
+        ("index must hold distinct ranks", dict(good, index=torch.tensor([1, 3, 1],
+                                                                         device=DEVICE))),
         ("index must hold between 1", dict(good, index=index[:0])),
         ("index must be a 1-D int64", dict(good, index=index.int())),
         ("has dtype torch.float64", dict(good, lora_A=lora_A.double())),
         ("but x has torch.float32", dict(good, weight=weight.bfloat16())),
-        ("scale must be a finite", dict(good, scale=float("inf"))),
+        ("client_scale must be a finite", dict(good, client_scale=float("inf"))),
     ]
 
 
@@ -191,7 +289,7 @@ def test_bad_inputs_raise_naming_the_value(backend, message, kwargs):
         lora_linear(**kwargs, backend=backend)
 
 
-@pytest.mark.parametrize("option", [dict(backend="cuda"), dict(gemm="cutlass")],
+@pytest.mark.parametrize("option", [dict(backend="cuda"), dict(gemm="cublas")],
                          ids=["backend", "gemm"])
 def test_unknown_backend_or_gemm_raises(option):
     x, weight, b, lora_B, lora_A, index = make_inputs((4,), 8, 6, 5, 2, torch.float32, True,

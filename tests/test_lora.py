@@ -27,7 +27,7 @@ def random_layer(m: int, n: int, r: int, seed: int, rslora: bool = False) -> LoR
 def dense_reference(layer: LoRALinear, x: torch.Tensor, sketch: Sketch | None) -> torch.Tensor:
     """x (W0 + s B S A)^T + bias with S a dense diagonal matrix (identity when no sketch)."""
     S = torch.diag(sketch.diagonal()) if sketch else torch.eye(layer.r, dtype=torch.float64)
-    W = layer.weight + layer.scaling * layer.lora_B @ S @ layer.lora_A
+    W = layer.weight + layer.scale * layer.lora_B @ S @ layer.lora_A
     return x @ W.T + layer.bias
 
 
@@ -44,11 +44,11 @@ def test_forward_and_gradients_match_dense_float64(rslora, k):
         with sketched(nn.ModuleDict({"l": layer}), {"l": sketch}):
             y = layer(x)
     expected_scale = 3.0 / r ** 0.5 if rslora else 3.0 / r
-    assert layer.scaling == pytest.approx(expected_scale)
+    assert layer.scale == pytest.approx(expected_scale)
     B, A = (p.detach().clone().requires_grad_() for p in (layer.lora_B, layer.lora_A))
     x2 = x.detach().clone().requires_grad_()
     S = torch.diag(sketch.diagonal()) if sketch else torch.eye(r, dtype=torch.float64)
-    y_ref = x2 @ (layer.weight + layer.scaling * B @ S @ A).T + layer.bias
+    y_ref = x2 @ (layer.weight + layer.scale * B @ S @ A).T + layer.bias
     torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
     g = torch.randn_like(y)
     y.backward(g)

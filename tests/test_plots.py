@@ -38,7 +38,7 @@ def test_expected_count_is_what_uniform_sketches_expect():
     history = fed.run(progress=False)
     cov = np.array(list(history.coverage.values()))  # (modules, r)
     # each update of a rank-k client trains each of the r indices with probability k / r
-    expected = sum(k / 4 for r in history.rounds for k, c in zip(r.ranks, r.participants)
+    expected = sum(k / 4 for r in history.rounds for k, c in zip(r.client_ranks, r.participants)
                    if c not in r.dropped and c not in r.rejected)
     assert plots.expected_count(cov) == pytest.approx(expected, rel=1e-12)
 

@@ -44,7 +44,7 @@ def test_module_sketches_are_independent_draws_per_module():
     for r, k in cases(1, 100):
         sketches = sample_module_sketches(names, r, k, g)
         assert list(sketches) == names
-        assert all(s.k == k and s.rank == r and s.scale == r / k for s in sketches.values())
+        assert all(s.k == k and s.rank == r and s.sketch_weight == r / k for s in sketches.values())
     # with r = 8, k = 4 the 6 modules share one index set with probability C(8,4)^-5: never
     sets = {tuple(s.index.tolist()) for s in sample_module_sketches(names, 8, 4, g).values()}
     assert len(sets) > 1
@@ -71,7 +71,7 @@ def test_every_index_is_drawn_with_probability_k_over_r(seed):
 
 
 def random_round(rng: random.Random, g: torch.Generator, r: int, m: int, n: int):
-    """Random sketches and float64 deltas for 1..5 clients of random budgets."""
+    """Random sketches and float64 deltas for 1..5 clients of random ranks k_i."""
     updates = []
     for i in range(rng.randint(1, 5)):
         k = rng.randint(1, r)

@@ -22,7 +22,7 @@ from fslora_min.checkpoint import (CHECKPOINT_NAME, HEADER, MAGIC, CheckpointErr
                                    save_checkpoint)
 from fslora_min.engine import train_clients
 from fslora_min.experiment import run_experiment
-from fslora_min.federation import Federation, lm_batch_loss
+from fslora_min.federation import Federation
 
 from tests.corruptions import BAD, corrupt
 from tests.tiny import tiny_experiment, tiny_federation
@@ -203,8 +203,8 @@ def test_damaged_checkpoint_is_refused_with_a_clear_error(kind, needle, saved_ru
 
 
 @pytest.mark.parametrize("change, needle", [
-    (lambda c: dataclasses.replace(c, federation=dataclasses.replace(c.federation, rank=8)),
-     "federation.rank: checkpoint 4, this run 8"),
+    (lambda c: dataclasses.replace(c, lora=dataclasses.replace(c.lora, rank=8)),
+     "lora.rank: checkpoint 4, this run 8"),
     (lambda c: dataclasses.replace(c, model=dataclasses.replace(c.model, d_model=32)),
      "model.d_model: checkpoint 16, this run 32"),
     (lambda c: dataclasses.replace(c, method="flora"), "method: checkpoint 'fslora'"),
@@ -242,11 +242,11 @@ def test_interrupted_write_leaves_the_previous_checkpoint(tmp_path, monkeypatch)
 def round_of_updates(fedn: Federation):
     """Three participants' real downlinks and updates, from the federation's own streams."""
     server, clients = fedn.server, [0, 1, 2]
-    downs = [server.downlink(fedn.method.sketches(server, fedn.ranks[i], fedn.sketch_stream))
+    downs = [server.downlink(fedn.method.sketches(server, fedn.client_ranks[i], fedn.sketch_stream))
              for i in clients]
     updates = train_clients("sequential", server.model, clients, downs,
-                            [fedn.batch_streams[i] for i in clients], lm_batch_loss,
-                            fedn.client_cfg, [12] * 3)
+                            [fedn.batch_streams[i] for i in clients], fedn.client_cfg,
+                            [12] * 3)
     return clients, downs, updates
 
 

@@ -1,9 +1,9 @@
-"""Sketch sampling and client budgets: ranges, uniqueness, seeding, and errors that name values."""
+"""Sketch sampling and client ranks: ranges, uniqueness, seeding, and errors that name values."""
 
 import pytest
 import torch
 
-from fslora_min.budgets import (rank_from_ratio, ranks_from_distribution, ranks_from_ratios,
+from fslora_min.ranks import (rank_from_ratio, ranks_from_distribution, ranks_from_ratios,
                                 validate_ranks)
 from fslora_min.sketch import Sketch, sample_module_sketches, sample_sketch
 
@@ -30,7 +30,7 @@ def test_one_sketch_per_module_and_seeded_replay():
     assert list(s1) == names
     assert all(torch.equal(s1[n].index, s2[n].index) for n in names)
     assert any(not torch.equal(s1[n].index, s3[n].index) for n in names)
-    assert s1["a"].scale == 4.0
+    assert s1["a"].sketch_weight == 4.0
 
 
 @pytest.mark.parametrize("r,k,needle", [(0, 1, "r=0"), (-3, 1, "r=-3"), (4, 0, "k=0"),

@@ -27,6 +27,21 @@ from theory.report import (Check, exit_code, loglog_slope, script_parser,  # noq
                            print_checks, save_figure, setup)
 
 
+def parse_distort(items: list[str]) -> dict[str, float]:
+    """--distort NAME=FACTOR items -> {NAME: FACTOR}; a bad item is an error naming the flag."""
+    fields = ("L", "sigma_g2", "sigma_s2", "c_h", "sigma_h2", "gap")
+    out = {}
+    for item in items:
+        name, _, value = item.partition("=")
+        try:
+            out[name] = float(value)
+        except ValueError:
+            out[name] = None
+        if name not in fields or out[name] is None:
+            raise SystemExit(f"--distort {item!r}: expected NAME=FACTOR with NAME one of {fields}")
+    return out
+
+
 def bound_curves(out: Outcome, H: int, distort: dict) -> tuple[np.ndarray, np.ndarray]:
     """Theorem 4.4's bound for T = 1..len(observed), with L_tilde and with L_bar."""
     c = out.constants.scaled(**distort)
@@ -126,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="multiply a measured constant by FACTOR in the bound, e.g. L=0.01 "
                              "(with gap=0.01 the checks must FAIL); repeatable")
     args = parser.parse_args(argv)
-    args.distort = {k: float(v) for k, v in (item.split("=") for item in args.distort)}
+    args.distort = parse_distort(args.distort)
     effort = Effort()
     ks, Hs, Ns, r = (1, 2, 4, 6, 8), (1, 2, 4), (2, 4, 8), 8
     if args.quick:

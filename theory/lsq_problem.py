@@ -38,6 +38,11 @@ class LSQConfig:
     noise: float = 0.1  # label noise
     alpha: float = 8.0  # LoRA alpha: s = alpha / r
     seed: int = 0
+    # a planted shared change with these singular values (random singular vectors) in place of
+    # the Gaussian rank-`target_rank` one; with `whiten` they are the spectrum F_i sees
+    spectrum: tuple[float, ...] = ()
+    whiten: bool = False  # make each Z_i Z_i^T / n_i = I / n exactly (isotropic curvature)
+    shared_data: bool = False  # every client holds client 0's (Z, Y): sigma_h = 0, c_h = 0
 
 
 def project(x: torch.Tensor, d: torch.Tensor, m: int, n: int, r: int) -> torch.Tensor:
@@ -51,6 +56,23 @@ def project(x: torch.Tensor, d: torch.Tensor, m: int, n: int, r: int) -> torch.T
     return torch.cat([B.flatten(-2), A.flatten(-2)], -1)
 
 
+def planted_change(spectrum: tuple[float, ...], m: int, n: int,
+                   g: torch.Generator) -> torch.Tensor:
+    """U diag(spectrum) V^T with Haar-random orthonormal U (m x rho), V (n x rho): (m, n)."""
+    rho = len(spectrum)
+    if rho > min(m, n):
+        raise ValueError(f"spectrum has {rho} values, more than min(m, n) = {min(m, n)}")
+    U = torch.linalg.qr(torch.randn(m, rho, generator=g))[0]  # (m, rho)
+    V = torch.linalg.qr(torch.randn(n, rho, generator=g))[0]  # (n, rho)
+    return (U * torch.tensor(spectrum, dtype=U.dtype)) @ V.T
+
+
+def whitened(Z: torch.Tensor) -> torch.Tensor:
+    """Z_i -> (Z_i Z_i^T / n_i)^(-1/2) Z_i, so the result has Z_i Z_i^T / n_i = I: (..., n, n_i)."""
+    ev, Q = torch.linalg.eigh(Z @ Z.transpose(-1, -2) / Z.shape[-1])  # (..., n), (..., n, n)
+    return (Q * ev.rsqrt().unsqueeze(-2)) @ Q.transpose(-1, -2) @ Z
+
+
 class LSQProblem:
     """Data W0, Z (N, n, n_i), Y (N, m, n_i), the initial X^0 (B = 0), and the exact sketched losses."""
 
@@ -60,12 +82,19 @@ class LSQProblem:
         g = torch.Generator().manual_seed(cfg.seed)
         self.s = cfg.alpha / r  # LoRA scale
         self.W0 = torch.randn(m, n, generator=g) / n**0.5  # (m, n)
-        shared = (torch.randn(m, cfg.target_rank, generator=g)
-                  @ torch.randn(cfg.target_rank, n, generator=g)) / n**0.5  # (m, n)
+        if cfg.spectrum:
+            shared = planted_change(cfg.spectrum, m, n, g) * n**0.5  # (m, n); F sees / sqrt(n)
+        else:
+            shared = (torch.randn(m, cfg.target_rank, generator=g)
+                      @ torch.randn(cfg.target_rank, n, generator=g)) / n**0.5  # (m, n)
         own = cfg.heterogeneity * torch.randn(N, m, n, generator=g) / n**0.5  # (N, m, n)
         self.Z = torch.randn(N, n, ni, generator=g) / n**0.5  # (N, n, n_i): E[z z^T] = I / n
+        if cfg.whiten:
+            self.Z = whitened(self.Z) / n**0.5
         self.Y = ((self.W0 + shared + own) @ self.Z
                   + cfg.noise * torch.randn(N, m, ni, generator=g))  # (N, m, n_i)
+        if cfg.shared_data:
+            self.Z, self.Y = self.Z[:1].expand_as(self.Z).clone(), self.Y[:1].expand_as(self.Y).clone()
         B0 = torch.zeros(m, r)
         A0 = torch.randn(r, n, generator=g) / n**0.5  # Gaussian A, zero B: X^0 gives W = W0
         self.x0 = torch.cat([B0.reshape(-1), A0.reshape(-1)])  # (p,)

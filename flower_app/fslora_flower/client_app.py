@@ -24,7 +24,7 @@ from fslora_flower.codec import decode_downlink, encode_update
 from fslora_flower.config import federation_of
 from fslora_min.client import train_client
 from fslora_min.data import Minibatches
-from fslora_min.federation import lm_batch_loss, mask_stream
+from fslora_min.federation import mask_stream
 
 app = ClientApp()
 STREAM = "minibatches"
@@ -79,7 +79,7 @@ def train(msg: Message, context: Context) -> Message:
     stream = federation.batch_streams[mine]
     load_stream(stream, context.state)
     model = federation.server.model
-    update = train_client(model, mine, downlink, stream, lm_batch_loss, federation.client_cfg,
+    update = train_client(model, mine, downlink, stream, federation.client_cfg,
                           len(federation.data.clients[mine].train),
                           mask_stream(federation.fed.seed, server_round, mine,
                                       next(model.parameters()).device))

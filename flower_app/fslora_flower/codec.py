@@ -57,7 +57,8 @@ def encode_downlink(downlink: Downlink, client_id: int, rank: int) -> RecordDict
                 "m": [f.b.shape[0] for f in fs], "k": [f.sketch.k for f in fs],
                 "n": [f.a.shape[1] for f in fs], "per_index": per_index,
                 # one value for every index (r / k unless the method says otherwise)
-                "scale": [0.0 if p else float(f.sketch.scale) for f, p in zip(fs, per_index)]}
+                "sketch_weight": [0.0 if p else float(f.sketch.sketch_weight)
+                                  for f, p in zip(fs, per_index)]}
     return RecordDict({ARRAYS: ArrayRecord(torch_state_dict=arrays),
                        SETTINGS: ConfigRecord(settings)})
 
@@ -72,8 +73,9 @@ def decode_downlink(content: RecordDict) -> tuple[int, Downlink]:
     weights = iter(unpack(arrays["weights"], [(k,) for k, p in zip(ks, s["per_index"]) if p],
                           "weights") if "weights" in arrays else [])
     downlink = {}
-    for name, index, per, scale in zip(s["modules"], indices, s["per_index"], s["scale"]):
-        sketch = Sketch(index, int(s["rank"]), next(weights) if per else scale)
+    for name, index, per, weight in zip(s["modules"], indices, s["per_index"],
+                                        s["sketch_weight"]):
+        sketch = Sketch(index, int(s["rank"]), next(weights) if per else weight)
         downlink[name] = CompactFactors(next(factors), next(factors), sketch)
     return int(s["client_id"]), downlink
 

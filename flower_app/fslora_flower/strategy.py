@@ -43,7 +43,7 @@ class FSLoRAStrategy(Strategy):
     def summary(self) -> None:
         fed = self.federation
         print(f"FSLoRAStrategy: {fed.method.name}, {fed.fed.num_clients} clients, "
-              f"r = {fed.server.rank}, client ranks {fed.ranks}", flush=True)
+              f"r = {fed.server.rank}, client ranks {fed.client_ranks}", flush=True)
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:

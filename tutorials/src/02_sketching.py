@@ -53,7 +53,7 @@ print(f"seed {SEED}, device cpu, torch {torch.__version__}, threads 1, fast mode
 r, k = 8, 2
 sketches = [sample_sketch(r, k, g) for _ in range(6)]
 for sk in sketches[:3]:
-    print(f"I = {sk.index.tolist()}, scale r/k = {sk.scale:g}, diag(S) = {sk.diagonal().tolist()}")
+    print(f"I = {sk.index.tolist()}, sketch weight r/k = {sk.sketch_weight:g}, diag(S) = {sk.diagonal().tolist()}")
 
 fig, axes = plt.subplots(1, 6, figsize=(12, 2.3))
 for ax, sk in zip(axes, sketches):
@@ -104,7 +104,7 @@ fig.tight_layout()
 # %% [markdown]
 # ## The variance against the sketching ratio
 #
-# One sketch is unbiased but noisy. The exact variance (FSLORA.md section 5, with `b_j` column
+# One sketch is unbiased but noisy. The exact variance (docs/method.md section 6, with `b_j` column
 # `j` of `B` and `a_j` row `j` of `A`) is
 #
 #     E||B S A - B A||^2 = (r/k - 1) * ( sum_j |b_j|^2 |a_j|^2 - 1/(r-1) sum_{j != l} (b_j.b_l)(a_j.a_l) )
@@ -162,7 +162,7 @@ x = torch.randn(4, n, generator=g)
 with sketched(model, {"0": sk}):
     y = model(x)
 y.square().sum().backward()
-W = lora.weight + lora.scaling * (r / k) * lora.lora_B[:, sk.index] @ lora.lora_A[sk.index]
+W = lora.weight + lora.scale * (r / k) * lora.lora_B[:, sk.index] @ lora.lora_A[sk.index]
 print("I =", sk.index.tolist(), "| max |sketched - W0 + s (r/k) B[:, I] A[I, :]| =",
       (y - (x @ W.T + lora.bias)).abs().max().item())
 print("columns of B with a gradient:", torch.nonzero(lora.lora_B.grad.abs().sum(0)).flatten().tolist())

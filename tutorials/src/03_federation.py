@@ -1,7 +1,7 @@
 # %% [markdown]
 # # 3. A tiny federation, round by round
 #
-# FSLoRA's round (FSLORA.md section 3): the server samples participants; for each participant
+# FSLoRA's round (docs/method.md section 3): the server samples participants; for each participant
 # and each LoRA module it draws an index set `I` of size `k_i` and sends `B[:, I]` and `A[I, :]`;
 # the client trains those compact factors for `H` local steps and sends back their deltas; the
 # server zero-pads the deltas to rank `r` and averages them over the participants.
@@ -31,11 +31,11 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-from fslora_min.budgets import PAPER_RATIOS, ranks_from_ratios
+from fslora_min.ranks import PAPER_RATIOS, ranks_from_ratios
 from fslora_min.client import ClientConfig, train_client
 from fslora_min.data import DataConfig, make_federated_data
-from fslora_min.federation import Federation, FederationConfig, evaluate, lm_batch_loss
-from fslora_min.lora import apply_lora, count_lora_parameters
+from fslora_min.federation import Federation, FederationConfig, evaluate
+from fslora_min.lora import LoRAConfig, apply_lora, count_lora_parameters
 from fslora_min.methods import payload_numbers
 from fslora_min.model import ModelConfig
 from fslora_min.pretrain import PretrainConfig, load_or_pretrain
@@ -58,21 +58,21 @@ print(f"seed {SEED}, device cpu, torch {torch.__version__}, threads 1, fast mode
 model_cfg = ModelConfig(vocab_size=32, context=16, n_layer=2, n_head=2, d_model=32)
 data_cfg = DataConfig(vocab_size=32, seq_len=16, n_base_topics=4, successors=2, train_seqs=32,
                       heldout_seqs=8, global_heldout_seqs=64, seed=SEED)
-fed_cfg = FederationConfig(num_clients=6, participants=4, rounds=3 if FAST else 30, rank=8,
-                           lora_alpha=16.0, seed=SEED)
+fed_cfg = FederationConfig(num_clients=6, participants=4, rounds=3 if FAST else 30, seed=SEED)
+lora_cfg = LoRAConfig(rank=8, alpha=16.0)
 client_cfg = ClientConfig(local_steps=5, lr=0.3, batch_size=8)
-ranks = ranks_from_ratios(list(PAPER_RATIOS), fed_cfg.num_clients, fed_cfg.rank)
+ranks = ranks_from_ratios(list(PAPER_RATIOS), fed_cfg.num_clients, lora_cfg.rank)
 
 base, cache = load_or_pretrain(model_cfg, data_cfg, PretrainConfig(steps=300, batch_size=32,
                                                                    lr=1e-2), progress=False)
 data = make_federated_data(data_cfg, fed_cfg.num_clients)
 model = copy.deepcopy(base)
-names = apply_lora(model, fed_cfg.rank, fed_cfg.lora_alpha, generator=generator(SEED, LORA_INIT))
+names = apply_lora(model, lora_cfg.rank, lora_cfg.alpha, generator=generator(SEED, LORA_INIT))
 server = Server(model, ServerConfig())
 fed = Federation(server, data, ranks, fed_cfg, client_cfg)  # no method given: FSLoRA
 print(f"base model from {cache.relative_to(ROOT)}; {len(names)} LoRA modules, "
-      f"{count_lora_parameters(model):,} global LoRA numbers (r = {fed_cfg.rank})")
-print("client ranks k_i:", ranks, " ratios k_i/r:", [k / fed_cfg.rank for k in ranks])
+      f"{count_lora_parameters(model):,} global LoRA numbers (r = {lora_cfg.rank})")
+print("client ranks k_i:", ranks, " ratios k_i/r:", [k / lora_cfg.rank for k in ranks])
 
 fig, ax = plt.subplots(figsize=(5, 2.6))
 im = ax.imshow(torch.stack([c.topic_mix for c in data.clients]), cmap="Greens", vmin=0, vmax=1)
@@ -99,7 +99,7 @@ updates, downlinks = [], []
 for i in participants:
     sketches = fed.method.sketches(server, ranks[i], fed.sketch_stream)  # one I per module
     downlink = fed.method.downlink(server, sketches)  # b = B[:, I], a = A[I, :]
-    update = train_client(server.model, i, downlink, fed.batch_streams[i], lm_batch_loss,
+    update = train_client(server.model, i, downlink, fed.batch_streams[i],
                           client_cfg, len(data.clients[i].train))
     numbers = payload_numbers(downlink)
     up = sum(db.numel() + da.numel() for db, da in update.deltas.values())
@@ -115,7 +115,7 @@ moved = torch.nonzero((server.modules[watch].lora_B.detach() - B_before).abs().s
 drawn = sorted({j for u in updates for j in u.sketches[watch].index.tolist()})
 print(f"\n{watch}: ranks drawn by someone {drawn}; columns of B that moved {moved.flatten().tolist()}")
 print("ranks nobody drew stay exactly where they were:",
-      sorted(set(range(fed_cfg.rank)) - set(drawn)))
+      sorted(set(range(lora_cfg.rank)) - set(drawn)))
 loss, acc = evaluate(server.model, data.global_heldout)
 print(f"global held-out loss after round 1: {loss:.4f} (accuracy {acc:.3f})")
 
@@ -131,10 +131,10 @@ records = [fed.run_round(t) for t in range(2, fed_cfg.rounds + 1)]
 print(f"{'round':>5} {'participants':>14} {'k_i':>12} {'KiB up per participant':>28} {'loss':>7}")
 for rec in records[:5] + records[-2:]:
     kib = " ".join(f"{b / 1024:.1f}" for b in rec.bytes_up)
-    print(f"{rec.round:5d} {str(rec.participants):>14} {str(rec.ranks):>12} {kib:>28} "
+    print(f"{rec.round:5d} {str(rec.participants):>14} {str(rec.client_ranks):>12} {kib:>28} "
           f"{rec.heldout_loss:7.4f}")
-full = 4 * fed_cfg.rank * sum(m + n for m, n in server.shapes.values()) / 1024
-print(f"(a full-rank client, k = r = {fed_cfg.rank}, would move {full:.1f} KiB each way)")
+full = 4 * lora_cfg.rank * sum(m + n for m, n in server.shapes.values()) / 1024
+print(f"(a full-rank client, k = r = {lora_cfg.rank}, would move {full:.1f} KiB each way)")
 
 # %% [markdown]
 # ## Bytes per client and rank coverage
@@ -156,7 +156,7 @@ for rec in records:
         up_per_client[i] += b
 coverage = np.array([server.coverage[nm].numpy() for nm in names])  # (modules, r)
 expected = (sum(ranks[i] for i in participants)
-            + sum(sum(rec.ranks) for rec in records)) / fed_cfg.rank
+            + sum(sum(rec.client_ranks) for rec in records)) / lora_cfg.rank
 print(f"coverage: mean {coverage.mean():.1f}, min {coverage.min()}, max {coverage.max()} "
       f"(expected {expected:.1f} per index)")
 print("KiB uploaded per client over the run:", np.round(up_per_client / 1024, 1).tolist())
@@ -179,4 +179,4 @@ fig.tight_layout()
 # The first point of the loss curve is the pretrained base model (LoRA starts at `B = 0`). The
 # loss falls although most participants train only 1 or 2 of the 8 ranks per module, and the
 # heatmap is flat up to sampling noise. Notebook 4 asks whether this beats the baselines at
-# the same per-client budgets.
+# the same client ranks k_i.

@@ -1,8 +1,8 @@
 # %% [markdown]
 # # 4. FSLoRA against the baselines
 #
-# Every method gets the same per-client budgets `k_i` and differs only in what a client trains
-# and how the server aggregates (FSLORA.md section 4; `fslora_min/methods.py`: small strategy
+# Every method gets the same client ranks `k_i` and differs only in what a client trains
+# and how the server aggregates (docs/method.md section 5; `fslora_min/methods.py`: small strategy
 # objects plugged into the one federation loop of notebook 3):
 #
 # | method | the server holds | client `i` trains | the server |
@@ -12,7 +12,7 @@
 # | `flexlora` | the full product | a rank-`k_i` truncated SVD of the global update | averages the clients' products `b a` |
 # | `flora` | merged into `W0` | a fresh rank-`k_i` LoRA each round | stacks the factors (exact sum), merges |
 # | `fedavg-min` | rank `min_i k_i` | all of it | averages (the feasible FedAvg) |
-# | `fedavg-full` | rank `r` | all of it, ignoring the budgets | averages (an upper reference) |
+# | `fedavg-full` | rank `r` | all of it, ignoring the client ranks | averages (an upper reference) |
 #
 # `fslora_min.compare` runs them fairly: one cached base model, the same data split, the same
 # participants and minibatches per seed, and the same tuning budget for every row (each local
@@ -99,7 +99,7 @@ def show_result(name: str) -> None:
 #
 # Global held-out loss and accuracy (mean ± std over the evaluation seeds) after `T` rounds, the
 # KiB each client moves per round, its trainable numbers and its FLOPs per local step. Reading
-# guide: FSLoRA, HetLoRA, FlexLoRA and FLoRA all respect the budgets (the same `k_i`, the same
+# guide: FSLoRA, HetLoRA, FlexLoRA and FLoRA all respect the client ranks (the same `k_i`, the same
 # upload, except FLoRA's larger download of the stacked factors); `fedavg-min` is cheaper
 # (every client at `k = 2`) and `fedavg-full` breaks the budgets (every client at `k = 16`).
 
@@ -110,10 +110,10 @@ print((out / "main.md").read_text().split("## Client budgets from device profile
 # %% [markdown]
 # ## Ablations
 #
-# Three questions from the paper (FSLORA.md section 6), each a table and curves:
+# Three questions from the paper (its Section 5; docs/method.md section 7), each a table and curves:
 #
 # - **global rank**: every client at `k = 4`, the server's `r` from `k` up (a larger `r` with the
-#   same budgets: each client sees a different slice of a bigger LoRA);
+#   same client ranks: each client sees a different slice of a bigger LoRA);
 # - **sketching ratio**: every client at the same `k / r`, `r = 16` (a larger ratio is less
 #   sketch noise, at a higher per-client cost);
 # - **same total upload**: sketching at ratio 1/2 for `2T` rounds against no sketching for `T`
@@ -163,7 +163,7 @@ for name in ("main", "global_rank", "sketch_ratio", "sketch_vs_nosketch", "impor
 #
 # - **FSLoRA does not win at this size.** It is last among the main methods, behind HetLoRA,
 #   FlexLoRA, FLoRA and both FedAvg rows, with the largest spread over seeds. The paper's
-#   ordering (FSLoRA first at equal budgets, after hundreds of rounds on RoBERTa and LLaMA) is not
+#   ordering (FSLoRA first at equal client ranks, after hundreds of rounds on RoBERTa and LLaMA) is not
 #   reproduced by 12 rounds of a width-32 toy: each client's update is a sketch whose variance
 #   grows like `r / k` (notebook 2), and 12 rounds of 4 clients average few of them.
 # - **The sketching-ratio ablation shows the same cost directly**: every client at `k / r = 1/4`

@@ -8,8 +8,10 @@
 # `kernels/reference.py` does it in plain PyTorch by gathering `B[:, I]` and `A[I]` into new
 # tensors and running three matmuls. `kernels/` also has a fused Triton version: a *skinny*
 # kernel computes `u = c x A[I]^T` (T x k) in one read of `x`, and the base GEMM's loop ends with
-# one extra step `u B[:, I]^T` into the same accumulator, so `y` is written once; the gathers
-# happen inside the kernels through the index tensor (a new sketch never recompiles). This
+# one extra step `u B[:, I]^T` into the same accumulator, so `y` is written once; the backward
+# reads `dy` once for both LoRA products that reduce over it (`g = c dy B[:, I]` and
+# `dB[:, I] = dy^T u`) and once for `dx`; the gathers happen inside the kernels through the
+# index tensor (a new sketch never recompiles). This
 # notebook checks the two against each other, forward and backward, and shows how to read the
 # GPU benchmark the project committed (`results/kernels/`).
 #
@@ -42,7 +44,7 @@ import triton
 
 from kernels import lora_linear
 from kernels.reference import lora_linear_reference
-from kernels.report import failures, goal_table, load_runs, meets, readme_source
+from kernels.report import decision_table, failures, goal_table, load_runs, meets, readme_source
 from fslora_min.sketch import sample_sketch
 
 torch.manual_seed(SEED)
@@ -54,14 +56,13 @@ print(f"seed {SEED}, device {device}, torch {torch.__version__}, triton {triton.
 # %% [markdown]
 # ## One entry point, two backends
 #
-# `kernels.lora_linear(x, weight, bias, lora_B, lora_A, index, scale, backend)` is what the LoRA
-# layer calls. `backend="torch"` is the reference; `"triton"` the fused kernels; `"auto"` (the
-# layer's default) picks Triton for CUDA tensors and the reference otherwise. We draw a sketch
+# `kernels.lora_linear(x, weight, bias, lora_B, lora_A, index, client_scale, backend)` is what
+# the LoRA layer calls. `backend="torch"` is the reference; `"triton"` the fused kernels; `"auto"`
+# (the layer's default) picks Triton for CUDA tensors and the reference otherwise. We draw a sketch
 # (`k = 4` of `r = 16` ranks), a ragged shape (T, n, m not multiples of any tile), and compare
 # both backends, in fp32, with a float64 run of the reference as the judge. The Triton path's
-# base GEMM comes four ways (`gemm=`: Triton with pointer loads, the default; Triton with TMA
-# descriptors; cuBLAS with the LoRA term as its C input; cuBLAS on the merged weight
-# `W0 + c B[:, I] A[I]`); all four must agree too.
+# base GEMM comes three ways (`gemm=`: Triton with pointer loads, the default; Triton with TMA
+# descriptors; cuBLAS on the merged weight `W0 + c B[:, I] A[I]`); all three must agree too.
 
 # %%
 g = torch.Generator().manual_seed(SEED)
@@ -87,7 +88,7 @@ def run(backend: str, dtype: torch.dtype, gemm: str = "pointer") -> dict[str, to
 
 judge = run("torch", torch.float64)
 for backend, gemm in (("torch", "pointer"), ("triton", "pointer"), ("triton", "tma"),
-                      ("triton", "cublas"), ("triton", "merged")):
+                      ("triton", "merged")):
     start = time.perf_counter()
     out = run(backend, torch.float32, gemm)
     seconds = time.perf_counter() - start
@@ -131,15 +132,14 @@ fig.tight_layout()
 # - (c) eager gather-based LoRA / fused (the speed-up over plain PyTorch; goal >= 1.25);
 # - (d) `torch.compile` of the eager version / fused (goal >= 1.0).
 #
-# The fused path's base GEMM comes four ways (`gemm=` of `kernels.lora_linear`): `"pointer"`
-# (Triton, the default), `"tma"` (Triton with TMA descriptors on a persistent grid), `"cublas"`
-# (cuBLAS with the Triton LoRA term as its C input) and `"merged"` (cuBLAS on
-# `W0 + c B[:, I] A[I]`). A run times every one it was given, and records a way that failed its
-# correctness gate as an error instead; the committed H100 run predates the option and timed the
-# pointer GEMM alone, which is what a row without per-way figures (`row["fused"]`) holds.
-# `kernels/report.py` reads either kind of run (`python -m kernels.report` prints its tables in
-# Markdown, `--readme` writes them into `kernels/README.md`). Below: each (shape, way) of the
-# committed run and each ratio against its goal.
+# The fused path's base GEMM comes three ways (`gemm=` of `kernels.lora_linear`): `"pointer"`
+# (Triton, the default), `"tma"` (Triton with TMA descriptors on a persistent grid) and
+# `"merged"` (cuBLAS on `W0 + c B[:, I] A[I]`). A run times every one it was given, each under
+# `row["fused"][gemm]`, and records a way that failed its correctness gate as an error instead;
+# the committed H100 run timed the pointer way alone. `kernels/report.py` reads a run
+# (`python -m kernels.report` prints its tables in Markdown, `--readme` writes them into
+# `kernels/README.md`). Below: each (shape, way) of the committed run and each ratio against its
+# goal.
 
 # %%
 path = readme_source((ROOT / "kernels" / "README.md").read_text())  # the run kernels/README shows
@@ -201,9 +201,9 @@ ax.legend(fontsize=8);
 # only). The LoRA step inside the
 # GEMM is cheap; the loss is the Triton base GEMM itself, which runs at about two thirds of the
 # card's measured GEMM rate while cuBLAS's `F.linear` sits at the floor, and the shrink costs
-# about twice its bandwidth floor. `kernels/README.md` gives the full grid. Three other ways are
-# built (`gemm="tma"`, `"cublas"` and `"merged"`) and tested, but have not been timed on a GPU
-# yet. Until one of them is measured faster, `backend="torch"` is the faster choice on a GPU.
+# about twice its bandwidth floor. `kernels/README.md` gives the full grid. Two other ways are
+# built (`gemm="tma"` and `"merged"`) and tested, but have not been timed on a GPU yet. Until one
+# of them is measured faster, `backend="torch"` is the faster choice on a GPU.
 #
 # Why merge? Merging costs one read of `W0` and one write of the merged weight, `4 m n` bytes,
 # whatever the number of tokens T; the fused step's shrink reads `x`, `2 T n` bytes. Over the
@@ -224,6 +224,19 @@ ax.set(xlabel="tokens per call T", ylabel="forward overhead over the base GEMM",
        title=f"counts at {bench['gpu']}'s measured ridge, {ridge:.0f} FLOP/byte")
 ax.legend(fontsize=8)
 print(f"ridge {ridge:.0f} FLOP/byte; merging breaks even with the fused step at T = 2 m")
+
+# %% [markdown]
+# ## Which way should be the default
+#
+# `kernels/report.py` holds the rule that will pick it from a GPU run of
+# `python -m kernels.gpu_check`: a Triton GEMM way takes part only if its GEMM runs at 95% of
+# cuBLAS's speed or more at the goal shape (T = 8192, n = m = 4096, k = 16); then the fastest
+# forward+backward among the ways that passed their correctness gate and the PyTorch path wins,
+# per shape; with no such way, the byte rule above decides (merged where T > 2 m, PyTorch
+# elsewhere). Applied to the committed run, which timed the pointer way alone:
+
+# %%
+print(decision_table(bench))
 
 # %% [markdown]
 # ## What the kernels compile to, without a GPU

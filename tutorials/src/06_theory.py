@@ -1,7 +1,7 @@
 # %% [markdown]
 # # 6. Theory: the bound against the observed gradient norms, and the smoothness constants
 #
-# The paper's Theorem 4.4 (FSLORA.md section 5) bounds the average squared gradient norm of the
+# The paper's Theorem 4.4 (arXiv 2501.19389 v1; docs/method.md section 6) bounds the average squared gradient norm of the
 # sketched objective `f^S` after `T` rounds of FSLoRA with step `gamma`:
 #
 #     (1/T) sum_{t<T} E||grad f^S(X^t)||^2  <=  4 (f^S(X^0) - f*) / (gamma T H)

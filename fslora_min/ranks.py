@@ -1,4 +1,4 @@
-"""Client budgets: the rank k_i each client can afford, from ratios k_i / r or a distribution.
+"""Client ranks: the rank k_i each client trains, from sketching ratios k_i / r or a distribution.
 
 - From a list of sketching ratios (the paper's {1/8, 1/4, 1/2, 3/4}), assigned to clients in
   turn: client i gets ratios[i % len(ratios)], and k_i = round(ratio * r).
@@ -14,7 +14,7 @@ import math
 
 import numpy as np
 
-from fslora_min.rng import BUDGETS, numpy_rng
+from fslora_min.rng import CLIENT_RANKS, numpy_rng
 from fslora_min.sketch import check_rank_pair
 
 DISTRIBUTIONS = ("uniform", "normal", "heavy-small")
@@ -43,7 +43,7 @@ def ranks_from_ratios(ratios: list[float], num_clients: int, r: int) -> list[int
 def ranks_from_distribution(kind: str, num_clients: int, r: int, seed: int) -> list[int]:
     """k_i drawn independently from a distribution over {1, ..., r}."""
     check_rank_pair(r, 1)
-    rng = numpy_rng(seed, BUDGETS)
+    rng = numpy_rng(seed, CLIENT_RANKS)
     support = np.arange(1, r + 1)
     if kind == "uniform":
         probs = np.full(r, 1.0 / r)
