@@ -182,6 +182,12 @@ def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
     return ExperimentConfig(**given["experiment"], **(from_preset | parts))
 
 
+def under_flag(args: argparse.Namespace, err: ConfigError) -> str:
+    """A config error as the command line names it: under its flag, when it has one."""
+    flag = args.flags.get((err.config, err.field))
+    return f"argument {flag}: {err.problem}" if flag else str(err)
+
+
 def print_summary(cfg: ExperimentConfig, history, info: dict) -> None:
     last = history.rounds[-1]
     ranks = info["trained_ranks"]
@@ -227,8 +233,7 @@ def main(argv: list[str] | None = None) -> int:
                                            args.overwrite)
             out = write_outputs(cfg, history, info)
     except ConfigError as err:
-        flag = args.flags.get((err.config, err.field))
-        args.command_parser.error(f"argument {flag}: {err.problem}" if flag else str(err))
+        args.command_parser.error(under_flag(args, err))
     except ValueError as err:
         args.command_parser.error(str(err))
     except Interrupted as stop:

@@ -108,7 +108,7 @@ def test_flora_and_simulated_dropout_are_refused_by_name():
 
 
 @pytest.mark.parametrize("flags, needle", [
-    ("--rank 0", "fslora-args '--rank 0': rank must be a positive integer, got 0"),
+    ("--rank 0", "fslora-args '--rank 0': argument --rank: must be a positive integer, got 0"),
     ("--bogus", "fslora-args '--bogus': unrecognized arguments: --bogus"),
     ("--rank 'x", "No closing quotation"),
     ("--help", "--help is not a run flag"),

@@ -16,9 +16,10 @@ import shlex
 
 from flwr.app import UserConfig
 
-from fslora_min.cli import build_parser, config_from_args
+from fslora_min.cli import build_parser, config_from_args, under_flag
 from fslora_min.experiment import ExperimentConfig, build_federation
 from fslora_min.federation import Federation
+from fslora_min.knobs import ConfigError
 
 UNSUPPORTED_METHODS = {"flora": "FLoRA merges into every client's W0 each round, which these "
                                 "messages do not carry"}
@@ -45,7 +46,10 @@ def experiment_config(run_config: UserConfig) -> ExperimentConfig:
         raise ValueError(f"the run config needs fslora-args, a string of `python -m fslora_min "
                          f"run` flags, got {text!r}")
     try:
-        cfg = config_from_args(parse_run_flags(text))
+        args = parse_run_flags(text)
+        cfg = config_from_args(args)
+    except ConfigError as err:
+        raise ValueError(f"fslora-args {text!r}: {under_flag(args, err)}") from None
     except ValueError as err:
         raise ValueError(f"fslora-args {text!r}: {err}") from None
     if cfg.method in UNSUPPORTED_METHODS:
