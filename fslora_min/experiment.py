@@ -101,7 +101,8 @@ PRESETS = ("default", "tiny")
 
 
 def preset(name: str) -> tuple[ModelConfig, DataConfig, PretrainConfig]:
-    """Model, data and pretraining sizes: 'default' (the demo), 'tiny' (seconds; for tests)."""
+    """Model, data and pretraining sizes: 'default' (the demo), 'tiny' (a 1-block width-16 model,
+    for tests and trying flags)."""
     if name == "default":
         return ModelConfig(), DataConfig(), PretrainConfig()
     if name == "tiny":
