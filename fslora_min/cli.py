@@ -28,6 +28,7 @@ from fslora_min.knobs import ConfigError, flag_of, knobs
 from fslora_min.lora import LoRAConfig
 from fslora_min.pretrain import PretrainConfig
 from fslora_min.server import ServerConfig
+from fslora_min.tasks import TASKS
 
 
 def _positive_int(text: str) -> int:
@@ -138,6 +139,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model and data sizes; " + "; ".join(f"{p}: {describe_preset(p)}"
                                                             for p in PRESETS)
                         + " (default: default)")
+    g.add_argument("--task", choices=TASKS, default="synthetic",
+                   help="the data, with the preset's sizes for it: synthetic, the topic-Markov "
+                        "language (fslora_min/data.py); shakespeare, LEAF's next-character task, "
+                        "one client per speaking role of a tragedy, the base pretrained on the "
+                        "other plays (fslora_min/shakespeare.py; the text in data/shakespeare/) "
+                        "(default: synthetic)")
     g.add_argument("--resume", action="store_true",
                    help="continue from the output folder's checkpoint (same arguments)")
     g.add_argument("--overwrite", action="store_true",
@@ -147,6 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
     d_cmp = CompareConfig()
     cmp = sub.add_parser("compare", help="all methods and the ablations over several seeds, "
                                          "with tables and figures (fslora_min/compare.py)")
+    cmp.add_argument("--task", choices=TASKS, default=d_cmp.task,
+                     help=f"the data every run learns from, see 'run --help' (default: "
+                          f"{d_cmp.task})")
     cmp.add_argument("--quick", action="store_true",
                      help="2 seeds, 1 lr, 3 rounds, 4 clients: every output in a few minutes")
     cmp.add_argument("--optimizer", choices=OPTIMIZERS, default=d_cmp.optimizer,
@@ -175,7 +185,11 @@ def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
         attr, _, name = dest.partition(".")
         if name:
             given[attr][name] = value
-    from_preset = dict(zip(PRESET_PARTS, preset(args.preset)))
+    from_preset = dict(zip(PRESET_PARTS, preset(args.preset, args.task)))
+    if given["data"] and args.task != "synthetic":  # the data knobs are the synthetic task's
+        flag = args.flags[DataConfig, next(iter(given["data"]))]
+        raise ValueError(f"argument {flag}: sets the synthetic task's data; the {args.task} "
+                         f"task's clients are its roles")
     parts = {attr: (replace(from_preset[attr], **given[attr]) if attr in from_preset
                     else cls(**given[attr]))
              for _, attr, cls in PARTS if attr != "experiment"}
@@ -192,7 +206,7 @@ def print_summary(cfg: ExperimentConfig, history, info: dict) -> None:
     last = history.rounds[-1]
     ranks = info["trained_ranks"]
     up = [b for r in history.rounds for b in r.bytes_up]
-    rows = [("device", info["device"]), ("seed", cfg.federation.seed),
+    rows = [("device", info["device"]), ("seed", cfg.federation.seed), ("task", info["task"]),
             ("method", cfg.method), ("global rank r", cfg.lora.rank),
             ("client ranks k_i", " ".join(map(str, ranks))),
             ("global LoRA parameters", info["global_lora_parameters"]),
@@ -210,6 +224,21 @@ def print_summary(cfg: ExperimentConfig, history, info: dict) -> None:
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         print(f"{key:<{width}}  {value}")
+    print_clients(history, info)
+
+
+def print_clients(history, info: dict) -> None:
+    """Per client: its training sequences, k_i, and its own held-out loss and accuracy before
+    round 1 and after the last round."""
+    names = info["client_names"]
+    width = max(len("client"), *map(len, names))
+    last = history.rounds[-1]
+    print(f"{'client':<{width}}  train seqs  k_i  held-out loss     held-out accuracy")
+    for i, name in enumerate(names):
+        print(f"{name:<{width}}  {info['client_train_sequences'][i]:>10}  "
+              f"{info['trained_ranks'][i]:>3}  {history.initial_client_loss[i]:.4f} -> "
+              f"{last.client_heldout_loss[i]:.4f}  {history.initial_client_acc[i]:.4f} -> "
+              f"{last.client_heldout_acc[i]:.4f}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -220,8 +249,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "compare":
         out = args.out or ("results/compare-quick" if args.quick else CompareConfig().out_dir)
+        if args.task != "synthetic" and args.out is None:
+            out += f"-{args.task}"  # never mixed with the synthetic task's runs
         cfg = quick_config(out) if args.quick else CompareConfig(out_dir=out)
-        cfg = replace(cfg, optimizer=args.optimizer, tables=tuple(args.tables),
+        cfg = replace(cfg, task=args.task, optimizer=args.optimizer, tables=tuple(args.tables),
                       lr_grid=tuple(args.lr_grid) if args.lr_grid else cfg.lr_grid,
                       rounds=args.rounds or cfg.rounds)
         run_compare(cfg)

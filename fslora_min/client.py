@@ -65,8 +65,10 @@ def client_update(client_id: int, downlink: dict[str, CompactFactors],
     deltas = {name: (b.detach() - downlink[name].b.to(b.device),
                      a.detach() - downlink[name].a.to(a.device))
               for name, (b, a) in trained.items()}
+    numbers = sum(db.numel() * downlink[n].train_b + da.numel() * downlink[n].train_a
+                  for n, (db, da) in deltas.items())  # what was trained; frozen factors stay home
     return ClientUpdate(client_id, {n: f.sketch for n, f in downlink.items()}, deltas,
-                        num_examples, sum(db.numel() + da.numel() for db, da in deltas.values()))
+                        num_examples, numbers)
 
 
 def train_client(model: nn.Module, client_id: int, downlink: dict[str, CompactFactors],
@@ -82,10 +84,11 @@ def train_client(model: nn.Module, client_id: int, downlink: dict[str, CompactFa
     written here.
     """
     device = next(model.parameters()).device
-    local = {name: CompactFactors(f.b.detach().clone().to(device).requires_grad_(True),
-                                  f.a.detach().clone().to(device).requires_grad_(True), f.sketch)
+    local = {name: CompactFactors(f.b.detach().clone().to(device).requires_grad_(f.train_b),
+                                  f.a.detach().clone().to(device).requires_grad_(f.train_a),
+                                  f.sketch, f.fold, f.train_b, f.train_a)  # a fold stays frozen
              for name, f in downlink.items()}
-    params = [t for f in local.values() for t in (f.b, f.a)]  # sum_modules k_i (m + n) numbers
+    params = [t for f in local.values() for t in (f.b, f.a) if t.requires_grad]
     opt = make_optimizer(params, cfg)
     with compact_factors(model, local), dropout_masks(model, None if masks is None else [masks]):
         for _ in range(cfg.local_steps):

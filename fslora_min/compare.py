@@ -32,16 +32,20 @@ from fslora_min.federation import FederationConfig
 from fslora_min.lora import LoRAConfig
 from fslora_min.model import ModelConfig
 from fslora_min.pretrain import PretrainConfig
+from fslora_min.shakespeare import VOCAB, ShakespeareConfig
+from fslora_min.tasks import TASKS
 from fslora_min.profiles import (DEFAULT_PROFILES, budgets_from_profiles, memory_bytes,
                                  upload_bytes)
 
-MAIN_METHODS = ("fslora", "hetlora", "flexlora", "flora", "fedavg-min", "fedavg-full")
+MAIN_METHODS = ("fslora", "hetlora", "flexlora", "flora", "fedavg-min", "fedavg-full", "fed-plora",
+                "flasc", "ffa-lora", "rolora", "fedex-lora")
 IMPORTANCE_METHODS = ("fslora", "fslora-topk", "fslora-importance")
 TABLES = ("main", "global_rank", "sketch_ratio", "sketch_vs_nosketch")  # main: + importance
 
 
 @dataclass
 class CompareConfig:
+    task: str = "synthetic"  # one of fslora_min.tasks.TASKS: the data every run learns from
     seeds: tuple[int, ...] = (0, 1, 2)  # evaluation seeds
     tune_seed: int = 100  # learning rates are chosen on this seed only
     lr_grid: tuple[float, ...] = (0.01, 0.03, 0.1, 0.3, 1.0)  # local learning rates
@@ -64,6 +68,8 @@ class CompareConfig:
             raise ValueError("need at least one seed and one learning rate")
         if not self.tables or set(self.tables) - set(TABLES):
             raise ValueError(f"tables must be a non-empty subset of {TABLES}, got {self.tables}")
+        if self.task not in TASKS:
+            raise ValueError(f"--task must be one of {TASKS}, got {self.task!r}")
 
 
 def quick_config(out_dir: str) -> CompareConfig:
@@ -74,10 +80,13 @@ def quick_config(out_dir: str) -> CompareConfig:
 
 
 def task(cfg: CompareConfig) -> ExperimentConfig:
-    """The tiny task: a 2-layer width-32 transformer, 12 LoRA modules, 16-token sequences."""
+    """The tiny task: a 2-layer width-32 transformer, 12 LoRA modules, 16-token sequences (of
+    the synthetic language, or 16-character windows of Shakespeare's roles)."""
     model = ModelConfig(vocab_size=32, context=16, n_layer=2, n_head=2, d_model=32)
     data = DataConfig(vocab_size=32, seq_len=16, n_base_topics=4, successors=2, train_seqs=32,
                       heldout_seqs=8, global_heldout_seqs=64)
+    if cfg.task == "shakespeare":
+        model, data = replace(model, vocab_size=len(VOCAB)), ShakespeareConfig(seq_len=16)
     fed = FederationConfig(num_clients=cfg.num_clients, participants=cfg.num_clients,
                            rounds=cfg.rounds, eval_every=max(1, cfg.rounds // 10))
     return ExperimentConfig(model=model, data=data, federation=fed,

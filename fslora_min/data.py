@@ -98,15 +98,16 @@ def dirichlet_mixtures(n_clients: int, n_topics: int, alpha: float, seed: int) -
 class ClientData:
     train: torch.Tensor  # (train_seqs, seq_len + 1)
     heldout: torch.Tensor  # (heldout_seqs, seq_len + 1)
-    topic_mix: torch.Tensor  # (n_topics,) this client's Dirichlet proportions
+    topic_mix: torch.Tensor | None = None  # (n_topics,) Dirichlet proportions (synthetic task)
+    name: str = ""  # who the client is ("play/ROLE" in fslora_min/shakespeare.py)
 
 
 @dataclass
 class FederatedData:
     clients: list[ClientData]
     global_heldout: torch.Tensor  # (global_heldout_seqs, seq_len + 1)
-    base_tables: torch.Tensor  # (n_base_topics, V, V)
-    client_tables: torch.Tensor  # (n_base_topics, V, V): the shifted fine-tuning topics
+    base_tables: torch.Tensor | None = None  # (n_base_topics, V, V) (synthetic task)
+    client_tables: torch.Tensor | None = None  # (n_base_topics, V, V): shifted fine-tuning topics
 
 
 def make_federated_data(cfg: DataConfig, n_clients: int) -> FederatedData:
@@ -124,7 +125,8 @@ def make_federated_data(cfg: DataConfig, n_clients: int) -> FederatedData:
         n = cfg.train_seqs + cfg.heldout_seqs
         topics = torch.multinomial(mix, n, replacement=True, generator=gi)
         seqs = sample_sequences(shifted, topics, length, gi)
-        clients.append(ClientData(seqs[:cfg.train_seqs], seqs[cfg.train_seqs:], mix))
+        clients.append(ClientData(seqs[:cfg.train_seqs], seqs[cfg.train_seqs:], mix,
+                                  f"client {i}"))
     gh = generator(cfg.seed, DATA_HELDOUT)
     topics = torch.randint(cfg.n_base_topics, (cfg.global_heldout_seqs,), generator=gh)
     heldout = sample_sequences(shifted, topics, length, gh)

@@ -63,26 +63,46 @@ def default_clients_per_pass(model: nn.Module, batches: list[Minibatches]) -> in
 
 def stack_downlinks(downlinks: list[Downlink], scales: dict[str, float],
                     device: torch.device) -> dict[str, BatchedFactors]:
-    """Per module: the P clients' (b_p, a_p) zero-padded to K = max k_p and stacked, trainable.
+    """Per module: the P clients' (b_p, a_p) zero-padded to K = max k_p and stacked, trainable
+    (each factor unless the clients' downlinks freeze it).
 
     client_scale[p, :k_p] = s * diag(S_p) at client p's ranks (r / k_p, or its own per-index
-    values), 0 beyond: the forward of fslora_min/lora.py's compact mode, client by client.
+    values), 0 beyond: the forward of fslora_min/lora.py's compact mode, client by client. The
+    clients' frozen folds (if any) are stacked the same way, never trainable.
     """
     out = {}
     for name in downlinks[0]:
         fs = [d[name] for d in downlinks]
-        P, K = len(fs), max(f.sketch.k for f in fs)
-        (m, _), (_, n) = fs[0].b.shape, fs[0].a.shape
-        b = torch.zeros(P, m, K, dtype=fs[0].b.dtype, device=device)  # (P, m, K)
-        a = torch.zeros(P, K, n, dtype=fs[0].a.dtype, device=device)  # (P, K, n)
-        client_scale = torch.zeros(P, K, dtype=b.dtype, device=device)  # (P, K)
-        for p, f in enumerate(fs):
-            k, w = f.sketch.k, f.sketch.per_index
-            b[p, :, :k], a[p, :k] = f.b, f.a
-            client_scale[p, :k] = scales[name] * (f.sketch.sketch_weight if w is None
-                                                  else w.to(client_scale))
-        out[name] = BatchedFactors(b.requires_grad_(True), a.requires_grad_(True), client_scale)
+        out[name] = stack_client_factors(fs, scales[name], device)
+        for factor in ("b", "a"):  # one optimizer over the stack: one choice for all clients
+            trains = {getattr(f, f"train_{factor}") for f in fs}
+            if len(trains) > 1:
+                raise ValueError(f"module {name}: some clients train {factor} and some do not; "
+                                 f"the batched engine needs one choice per pass")
+            getattr(out[name], factor).requires_grad_(trains.pop())
+        folds = [f.fold for f in fs]
+        if any(f is not None for f in folds):
+            out[name].fold = stack_client_factors(folds, scales[name], device)  # frozen
     return out
+
+
+def stack_client_factors(fs: list[CompactFactors | None], scale: float,
+                         device: torch.device) -> BatchedFactors:
+    """(P, m, K), (P, K, n) and client_scale (P, K) of P clients' factors (None: rank 0)."""
+    given = [f for f in fs if f is not None]
+    P, K = len(fs), max(f.sketch.k for f in given)
+    (m, _), (_, n) = given[0].b.shape, given[0].a.shape
+    b = torch.zeros(P, m, K, dtype=given[0].b.dtype, device=device)  # (P, m, K)
+    a = torch.zeros(P, K, n, dtype=given[0].a.dtype, device=device)  # (P, K, n)
+    client_scale = torch.zeros(P, K, dtype=b.dtype, device=device)  # (P, K)
+    for p, f in enumerate(fs):
+        if f is None:
+            continue
+        k, w = f.sketch.k, f.sketch.per_index
+        b[p, :, :k], a[p, :k] = f.b, f.a
+        client_scale[p, :k] = scale * (f.sketch.sketch_weight if w is None
+                                       else w.to(client_scale))
+    return BatchedFactors(b, a, client_scale)
 
 
 def train_clients_batched(model: nn.Module, client_ids: list[int], downlinks: list[Downlink],
@@ -97,7 +117,7 @@ def train_clients_batched(model: nn.Module, client_ids: list[int], downlinks: li
     device = next(model.parameters()).device
     scales = {name: layer.scale for name, layer in lora_modules(model)}
     factors = stack_downlinks(downlinks, scales, device)
-    params = [t for f in factors.values() for t in (f.b, f.a)]
+    params = [t for f in factors.values() for t in (f.b, f.a) if t.requires_grad]
     opt = make_optimizer(params, cfg)  # elementwise: P independent SGD or AdamW optimizers
     with batched_compact_factors(model, factors), dropout_masks(model, masks):
         for _ in range(cfg.local_steps):

@@ -27,7 +27,7 @@ from fslora_min.ranks import (DISTRIBUTIONS, PAPER_RATIOS, ranks_from_distributi
 from fslora_min.checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint, save_checkpoint
 from fslora_min.client import ClientConfig
 from fslora_min.compute import ComputeConfig
-from fslora_min.data import DataConfig, make_federated_data
+from fslora_min.data import DataConfig
 from fslora_min.federation import Federation, FederationConfig, History, evaluate
 from fslora_min.knobs import ConfigError, check_knobs, knob
 from fslora_min.lora import LoRAConfig, apply_lora, count_lora_parameters
@@ -36,6 +36,8 @@ from fslora_min.model import TEST_CONFIG, ModelConfig, Transformer, count_parame
 from fslora_min.pretrain import PretrainConfig, load_or_pretrain
 from fslora_min.rng import LORA_INIT, generator
 from fslora_min.server import Server, ServerConfig
+from fslora_min.shakespeare import VOCAB, ShakespeareConfig
+from fslora_min.tasks import TASKS, TaskConfig, federated_data, task_name
 
 
 def _ratio(text: str) -> float:
@@ -54,7 +56,11 @@ class ExperimentConfig:
                   "fedavg-min / fedavg-full: every client trains rank min_i k_i / r; hetlora: "
                   "the first k_i ranks; flexlora: SVD of the averaged product; flora: stacking "
                   "merged into W0; fslora-topk / fslora-importance: importance-based index sets "
-                  "without / with 1/pi reweighting", choices=METHODS)
+                  "without / with 1/pi reweighting; fed-plora: k_i random ranks trained, the "
+                  "rest folded into W0; flasc: dense rank-r local LoRA, top-k messages of "
+                  "FSLoRA's bytes; ffa-lora / rolora / fedex-lora (rank min_i k_i): A frozen / "
+                  "A and B in alternate rounds / the averaging residual folded into W0",
+        choices=METHODS)
     # unset: the paper's ratios, unless rank_distribution is given
     ratios: list[float] | None = knob(None, "sketching ratios k_i / r in (0, 1], given to "
                                             "clients in turn", parse=_ratio,
@@ -66,7 +72,7 @@ class ExperimentConfig:
     checkpoint_every: int = knob(0, "rounds between checkpoints in the output folder (0: none)",
                                  check="non-negative integer")
     model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
+    data: TaskConfig = field(default_factory=DataConfig)  # its type names the task (tasks.py)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
@@ -100,9 +106,13 @@ class ExperimentConfig:
 PRESETS = ("default", "tiny")
 
 
-def preset(name: str) -> tuple[ModelConfig, DataConfig, PretrainConfig]:
-    """Model, data and pretraining sizes: 'default' (the demo), 'tiny' (a 1-block width-16 model,
-    for tests and trying flags)."""
+def preset(name: str, task: str = "synthetic") -> tuple[ModelConfig, TaskConfig, PretrainConfig]:
+    """Model, data and pretraining sizes: 'default' (the demo), 'tiny' (a 1-block width-16
+    model, for tests and trying flags)."""
+    if task == "shakespeare":
+        return shakespeare_preset(name)
+    if task != "synthetic":
+        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
     if name == "default":
         return ModelConfig(), DataConfig(), PretrainConfig()
     if name == "tiny":
@@ -114,13 +124,26 @@ def preset(name: str) -> tuple[ModelConfig, DataConfig, PretrainConfig]:
 
 
 def describe(cfg: ExperimentConfig) -> str:
-    """What was run, in one line (a figure's title): method, model, r, N, M, T, H, seed."""
-    fed, m = cfg.federation, cfg.model
-    name = next((p for p in PRESETS if preset(p) == (cfg.model, cfg.data, cfg.pretrain)), None)
+    """What was run, in one line (a figure's title): method, task, model, r, N, M, T, H, seed."""
+    fed, m, task = cfg.federation, cfg.model, task_name(cfg.data)
+    name = next((p for p in PRESETS
+                 if preset(p, task) == (cfg.model, cfg.data, cfg.pretrain)), None)
     model = f"{m.n_layer} layer{'s' * (m.n_layer != 1)}, width {m.d_model}"
-    return (f"{cfg.method} on {f'the {name} preset ({model})' if name else model}: "
+    return (f"{cfg.method} on {task}, {f'the {name} preset ({model})' if name else model}: "
             f"r = {cfg.lora.rank}, {fed.num_clients} clients ({fed.participants} a round), "
             f"{fed.rounds} rounds of H = {cfg.client.local_steps} local steps, seed {fed.seed}")
+
+
+def shakespeare_preset(name: str) -> tuple[ModelConfig, ShakespeareConfig, PretrainConfig]:
+    """The demo's model on 64-character windows (a 20-round run in a few minutes on 2 CPU
+    cores), or a one-layer width-16 model on 16-character windows (seconds; for tests)."""
+    if name == "default":
+        return ModelConfig(vocab_size=len(VOCAB)), ShakespeareConfig(), PretrainConfig(steps=600)
+    if name == "tiny":
+        model = ModelConfig(vocab_size=len(VOCAB), context=16, n_layer=1, n_head=2, d_model=16)
+        return model, ShakespeareConfig(seq_len=16), PretrainConfig(steps=100, batch_size=16,
+                                                                    lr=1e-2)
+    raise ValueError(f"preset must be one of {PRESETS}, got {name!r}")
 
 
 def assign_client_ranks(cfg: ExperimentConfig) -> list[int]:
@@ -259,8 +282,8 @@ def build_federation(cfg: ExperimentConfig, progress: bool = True) -> tuple[Fede
     fed, lora, compute = cfg.federation, cfg.lora, cfg.compute
     check_rank(cfg)
     client_ranks = assign_client_ranks(cfg)
+    data = federated_data(cfg.data, fed.num_clients)  # before pretraining: it checks N
     base, cache = load_or_pretrain(cfg.model, cfg.data, cfg.pretrain, progress=progress)
-    data = make_federated_data(cfg.data, fed.num_clients)
     method = make_method(cfg.method, lora.rank, generator(fed.seed, LORA_INIT, 1))
     global_rank = method.global_rank(lora.rank, client_ranks, full_rank(base, lora.targets))
     trained = method.trained_ranks(client_ranks, lora.rank)
@@ -273,12 +296,14 @@ def build_federation(cfg: ExperimentConfig, progress: bool = True) -> tuple[Fede
     info = {
         "device": str(device), "torch": str(torch.__version__), "python": platform.python_version(),
         "base_model_cache": str(cache), "base_parameters": count_parameters(base),
+        "task": task_name(cfg.data), "client_names": [c.name for c in data.clients],
+        "client_train_sequences": [len(c.train) for c in data.clients],
         "method": cfg.method, "global_rank": global_rank,
         "lora_modules": len(names), "global_lora_parameters": count_lora_parameters(model),
         "module_shapes": list(shapes.values()),
         "client_ranks": client_ranks, "trained_ranks": trained,
-        "client_trainable_parameters": [sum(k * (m + n) for m, n in shapes.values())
-                                        for k in trained],
+        "client_trainable_parameters": [sum(method.trainable_numbers(k, global_rank, m, n)
+                                            for m, n in shapes.values()) for k in trained],
     }
     return Federation(server, data, trained, fed, cfg.client, method, compute), info
 
@@ -314,8 +339,7 @@ def run_experiment(cfg: ExperimentConfig, progress: bool = True, resume: bool = 
 
         history = federation.run(progress, cfg.checkpoint_every, save)
         info["wall_seconds"] = elapsed + time.perf_counter() - start
-        info["client_heldout_loss"] = [evaluate(federation.server.model, c.heldout)[0]
-                                       for c in federation.data.clients]
+        info["client_heldout_loss"] = history.rounds[-1].client_heldout_loss  # the last is evaluated
     except KeyboardInterrupt:
         raise Interrupted(saved_round, path) from None
     return history, info

@@ -76,6 +76,8 @@ class RoundRecord:
     seconds: float
     heldout_loss: float | None = None
     heldout_acc: float | None = None
+    client_heldout_loss: list[float] | None = None  # each client's own held-out set, in order
+    client_heldout_acc: list[float] | None = None
     dropped: list[int] = field(default_factory=list)  # participants that failed mid-round
     rejected: list[int] = field(default_factory=list)  # participants whose update was refused
     reasons: list[str] = field(default_factory=list)  # why, one line per rejected update
@@ -101,6 +103,8 @@ class History:
     initial_loss: float = float("nan")
     initial_acc: float = float("nan")
     coverage: dict[str, list[int]] = field(default_factory=dict)  # times each rank was trained
+    initial_client_loss: list[float] = field(default_factory=list)  # before round 1, per client
+    initial_client_acc: list[float] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -121,24 +125,45 @@ class History:
     @classmethod
     def from_dict(cls, d: dict) -> History:
         return cls([RoundRecord(**r) for r in d["rounds"]], d["initial_loss"],
-                   d["initial_acc"], d["coverage"])
+                   d["initial_acc"], d["coverage"], d["initial_client_loss"],
+                   d["initial_client_acc"])
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, seqs: torch.Tensor, batch_size: int = 64) -> tuple[float, float]:
-    """Mean next-token cross-entropy and top-1 accuracy of `model` on held-out sequences."""
+def sequence_scores(model: nn.Module, seqs: torch.Tensor,
+                    batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per held-out sequence: its summed next-token cross-entropy and its number of correct
+    top-1 predictions, (N,) each, float64 on the CPU."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    loss_sum, correct, count = 0.0, 0, 0
+    losses, hits = [], []
     for start in range(0, len(seqs), batch_size):
         x, y = split_inputs_targets(seqs[start:start + batch_size].to(device))
         logits = model(x)  # (b, t, V)
-        loss_sum += F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum").item()
-        correct += (logits.argmax(-1) == y).sum().item()
-        count += y.numel()
+        ce = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none")  # (b t,)
+        losses.append(ce.view(y.shape).sum(1).double().cpu())  # (b,)
+        hits.append((logits.argmax(-1) == y).sum(1).double().cpu())  # (b,)
     model.train(was_training)
-    return loss_sum / count, correct / count
+    return torch.cat(losses), torch.cat(hits)
+
+
+def evaluate(model: nn.Module, seqs: torch.Tensor, batch_size: int = 64) -> tuple[float, float]:
+    """Mean next-token cross-entropy and top-1 accuracy of `model` on held-out sequences."""
+    losses, hits = sequence_scores(model, seqs, batch_size)
+    count = seqs.shape[0] * (seqs.shape[1] - 1)
+    return losses.sum().item() / count, hits.sum().item() / count
+
+
+def evaluate_clients(model: nn.Module, data: FederatedData) -> tuple[list[float], list[float]]:
+    """Each client's held-out loss and accuracy on its own held-out set (its own distribution:
+    a role's style, a client's topic mix), beside the global set's pooled numbers; one pass
+    over all the clients' sequences, so N clients cost what one set of their total size does."""
+    losses, hits = sequence_scores(model, torch.cat([c.heldout for c in data.clients]))
+    sizes = [len(c.heldout) for c in data.clients]
+    tokens = [len(c.heldout) * (c.heldout.shape[1] - 1) for c in data.clients]
+    return ([part.sum().item() / n for part, n in zip(losses.split(sizes), tokens)],
+            [part.sum().item() / n for part, n in zip(hits.split(sizes), tokens)])
 
 
 def mask_stream(seed: int, t: int, client: int, device: torch.device) -> torch.Generator:
@@ -187,6 +212,8 @@ class Federation:
                                 [len(self.data.clients[i].train) for i in reporters],
                                 self.clients_per_pass,
                                 [mask_stream(self.fed.seed, t, i, device) for i in reporters])
+        updates = [self.method.client_upload(u, plan.downlinks[p])  # e.g. FLASC's top-k
+                   for u, p in zip(updates, live)]
         return self.close_round(t, plan, live, updates, start)
 
     def plan_round(self) -> RoundPlan:
@@ -218,7 +245,7 @@ class Federation:
         down = [self.method.numbers_down(downlink) for downlink in plan.downlinks]
         up = [0] * len(plan.participants)
         for p, u in zip(live, updates):
-            up[p] = sum(db.numel() + da.numel() for db, da in u.deltas.values())
+            up[p] = self.method.numbers_up(u, plan.downlinks[p])
         rejected = self.aggregate(updates, reporters, [plan.downlinks[p] for p in live])
         rejected += list(unreadable)
         width = next(iter(server.modules.values())).lora_B.element_size()
@@ -234,6 +261,8 @@ class Federation:
         if t % self.fed.eval_every == 0 or t == self.fed.rounds:
             record.heldout_loss, record.heldout_acc = evaluate(server.model,
                                                                self.data.global_heldout)
+            record.client_heldout_loss, record.client_heldout_acc = evaluate_clients(server.model,
+                                                                                     self.data)
         return record
 
     def aggregate(self, updates: list[ClientUpdate], clients: list[int],
@@ -257,6 +286,8 @@ class Federation:
         h = self.history
         if not h.rounds:
             h.initial_loss, h.initial_acc = evaluate(self.server.model, self.data.global_heldout)
+            h.initial_client_loss, h.initial_client_acc = evaluate_clients(self.server.model,
+                                                                           self.data)
         bar = tqdm(range(len(h.rounds) + 1, self.fed.rounds + 1), desc="rounds",
                    disable=not progress)
         for t in bar:

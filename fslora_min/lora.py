@@ -61,11 +61,21 @@ def lora_scale(alpha: float, r: int, rslora: bool = False) -> float:
 
 @dataclass
 class CompactFactors:
-    """A client's trainable factors for one module: b = B[:, I], a = A[I, :], and its sketch."""
+    """A client's trainable factors for one module: b = B[:, I], a = A[I, :], and its sketch.
+
+    `fold`, when given, is a FROZEN low-rank term the client adds to its base (Fed-PLoRA's
+    Select-N-Fold: the ranks it does not train): the forward is W0 + fold + c b a, with the
+    fold's own factors and sketch weights. It is computed factored, never formed as m x n.
+    `train_b` / `train_a` say which factors the client trains (FFA-LoRA freezes a; RoLoRA
+    alternates); a frozen factor's delta is exactly zero and is not uploaded.
+    """
 
     b: torch.Tensor  # (m, k)
     a: torch.Tensor  # (k, n)
     sketch: Sketch
+    fold: CompactFactors | None = None  # frozen: b (m, f), a (f, n), its sketch's weights
+    train_b: bool = True
+    train_a: bool = True
 
 
 @dataclass
@@ -75,6 +85,7 @@ class BatchedFactors:
     b: torch.Tensor  # (P, m, K)
     a: torch.Tensor  # (P, K, n)
     client_scale: torch.Tensor  # (P, K): s * diag(S_p) at client p's k_p ranks, 0 beyond
+    fold: BatchedFactors | None = None  # the clients' frozen folds (CompactFactors.fold), padded
 
 
 class LoRALinear(nn.Module):
@@ -144,14 +155,22 @@ class LoRALinear(nn.Module):
             return nn.functional.linear(x, self.weight, self.bias)
         if self.batched is not None:  # P clients: W0 + s (r/k_p) b_p a_p on client p's rows
             f = self.batched
+            b, a, client_scale = f.b, f.a, f.client_scale
+            if f.fold is not None:  # frozen ranks beside the trained ones (no gradient reaches)
+                b, a = torch.cat([b, f.fold.b], 2), torch.cat([a, f.fold.a], 1)
+                client_scale = torch.cat([client_scale, f.fold.client_scale], 1)  # (P, K + F)
             xs = x.reshape(f.b.shape[0], -1, x.shape[-1])  # (P, T, n): clients in batch order
-            y = batched_lora_linear(xs, self.weight, self.bias, f.b, f.a,
-                                    f.client_scale)  # (P, T, m)
+            y = batched_lora_linear(xs, self.weight, self.bias, b, a, client_scale)  # (P, T, m)
             return y.reshape(*x.shape[:-1], y.shape[-1])
-        if self.compact is not None:  # client training: W0 + s (r/k) b a
+        if self.compact is not None:  # client training: W0 + s (r/k) b a (+ its fold)
             c = self.compact
             b, client_scale = _weighted(c.b, c.sketch, None, self.scale)  # (m, k)
-            return lora_linear(x, self.weight, self.bias, b, c.a, None, client_scale, self.backend,
+            a = c.a
+            if c.fold is not None:  # one matmul over [b, b_fold], at the layer's scale s
+                fb, fold_scale = _weighted(c.fold.b, c.fold.sketch, None, self.scale)  # (m, f)
+                b = torch.cat([b * (client_scale / self.scale), fb * (fold_scale / self.scale)], 1)
+                a, client_scale = torch.cat([a, c.fold.a], 0), self.scale  # (k + f, n)
+            return lora_linear(x, self.weight, self.bias, b, a, None, client_scale, self.backend,
                                gemm=self.gemm)
         if self.sketch is not None:  # W0 + s (r/k) B[:, I] A[I, :]
             index = self.sketch.index.to(x.device)

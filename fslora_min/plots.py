@@ -51,20 +51,24 @@ def expected_count(cov: np.ndarray) -> float:
 
 
 def plot_history(history: History, title: str, path: Path) -> None:
-    """Four panels: global held-out loss, accuracy, KiB each client uploads per round, and
-    how many times each rank index of each module was trained."""
+    """Four panels: global held-out loss and accuracy (each client's own in thin grey), KiB each
+    client uploads per round, and how many times each rank index of each module was trained."""
     evaluated = [r for r in history.rounds if r.heldout_loss is not None]
     rounds = [0] + [r.round for r in evaluated]
     loss = [history.initial_loss] + [r.heldout_loss for r in evaluated]
     acc = [history.initial_acc] + [r.heldout_acc for r in evaluated]
     fig, axes = plt.subplots(2, 2, figsize=(13, 8.5))
     (ax_loss, ax_acc), (ax_up, ax_cov) = axes
+    for ax, first, key in ((ax_loss, history.initial_client_loss, "client_heldout_loss"),
+                           (ax_acc, history.initial_client_acc, "client_heldout_acc")):
+        per_round = [first] + [getattr(r, key) for r in evaluated]  # (rounds + 1, clients)
+        if first:
+            ax.plot(rounds, per_round, color="0.75", linewidth=0.7)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax_loss.plot(rounds, loss, marker=".")
     ax_loss.set(xlabel="round", ylabel="global held-out loss", title="loss")
     ax_acc.plot(rounds, acc, marker=".", color="tab:green")
     ax_acc.set(xlabel="round", ylabel="next-token accuracy", title="accuracy")
-    for ax in (ax_loss, ax_acc):
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     sent: dict[int, list[float]] = {}  # client -> KiB uploaded in each round it reported
     rank_of: dict[int, int] = {}
     for r in history.rounds:

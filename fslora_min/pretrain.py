@@ -1,4 +1,4 @@
-"""Pretrain the base model on the general topic mixture, or reuse a cached copy.
+"""Pretrain the base model on the task's pretraining corpus, or reuse a cached copy.
 
 The cache file is keyed by everything that determines the weights (model and data configs,
 steps, batch size, learning rate, seed), stores a plain state dict and loads it with
@@ -19,8 +19,9 @@ import torch
 from tqdm import tqdm
 
 from fslora_min.knobs import check_knobs, knob
-from fslora_min.data import DataConfig, pretraining_batches, split_inputs_targets
+from fslora_min.data import split_inputs_targets
 from fslora_min.model import ModelConfig, Transformer, lm_loss
+from fslora_min.tasks import TaskConfig, pretraining_stream
 
 
 @dataclass
@@ -57,14 +58,14 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("FSLORA_CACHE", Path.cwd() / ".cache"))
 
 
-def pretrain(model_cfg: ModelConfig, data_cfg: DataConfig, cfg: PretrainConfig,
+def pretrain(model_cfg: ModelConfig, data_cfg: TaskConfig, cfg: PretrainConfig,
              progress: bool = True) -> Transformer:
-    """AdamW on next-token loss over the base mixture; returns the trained model (on CPU)."""
+    """AdamW on next-token loss over the task's pretraining corpus; returns the model (on CPU)."""
     torch.manual_seed(cfg.seed)
     model = Transformer(model_cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.steps)
-    stream = pretraining_batches(data_cfg, cfg.batch_size, cfg.seed)
+    stream = pretraining_stream(data_cfg, cfg.batch_size, cfg.seed)
     bar = tqdm(range(cfg.steps), desc="pretrain", disable=not progress, leave=False)
     for _ in bar:
         loss = lm_loss(model, *split_inputs_targets(next(stream)))
@@ -76,7 +77,7 @@ def pretrain(model_cfg: ModelConfig, data_cfg: DataConfig, cfg: PretrainConfig,
     return model.eval()
 
 
-def load_or_pretrain(model_cfg: ModelConfig, data_cfg: DataConfig, cfg: PretrainConfig,
+def load_or_pretrain(model_cfg: ModelConfig, data_cfg: TaskConfig, cfg: PretrainConfig,
                      cache_dir: Path | None = None,
                      progress: bool = True) -> tuple[Transformer, Path]:
     """The cached base model for these configs, pretraining (and caching) it if absent."""

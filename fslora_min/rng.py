@@ -15,6 +15,7 @@ DATA_TOPICS, DATA_CLIENT, DATA_HELDOUT, PRETRAIN = 0, 1, 2, 3
 PARTICIPANTS, SKETCHES, MINIBATCHES, LORA_INIT, CLIENT_RANKS, DIRICHLET = 4, 5, 6, 8, 11, 7
 DROPOUT = 12  # which participants fail mid-round
 MASKS = 13  # the model's dropout masks: one stream per (round, client)
+ROLES = 19  # which (play, role) pairs are the Shakespeare task's clients
 
 
 def stream_seed(seed: int, *stream: int) -> int:

@@ -23,7 +23,7 @@ from fslora_min.lora import CompactFactors, lora_modules
 from fslora_min.sketch import Sketch
 
 SERVER_OPTIMIZERS = ("avg", "sgdm", "adam")
-AGGREGATIONS = ("participants", "coverage")
+AGGREGATIONS = ("participants", "coverage", "data")  # per-rank normalizers
 
 
 @dataclass
@@ -34,9 +34,11 @@ class ServerConfig:
     server_lr: float = knob(1.0, "server step eta_g", aliases=("--global-lr",), check="positive")
     momentum: float = knob(0.9, "the sgdm server optimizer's momentum", flag="--server-momentum",
                            check="probability")
-    aggregation: str = knob("participants", "divide each rank's summed deltas by the "
-                                            "participants (participants) or by the clients "
-                                            "that drew it (coverage)", choices=AGGREGATIONS)
+    aggregation: str = knob("participants", "per rank index: divide the summed deltas by the "
+                                            "participants (participants, the paper), by the "
+                                            "clients that drew it (coverage), or weight them "
+                                            "by the data of the clients that drew it (data: "
+                                            "RB-LoRA)", choices=AGGREGATIONS)
 
     def __post_init__(self) -> None:
         check_knobs(self)
@@ -61,32 +63,51 @@ def pad_delta(db: torch.Tensor, da: torch.Tensor, index: torch.Tensor,
     return full_b, full_a
 
 
-def average_padded_deltas(updates: list[ClientUpdate], r: int,
-                          per_index: bool = False) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """D = (1/|P|) sum_i pad_I_i(d_i) per module (docs/method.md section 3, step 5).
+def index_normalizer(drawn: torch.Tensor, data_drawn: torch.Tensor, participants: int,
+                     normalizer: str) -> torch.Tensor:
+    """The per-rank divisor c_j of D_j = (1 / c_j) sum_{i in P, j in I_i} w_i d_ij, shape (r,).
 
-    With `per_index`, rank j is divided by the number of participants that drew it instead of
-    |P| (the variant; an index nobody drew stays zero either way).
+    "participants" (FSLoRA, arXiv 2501.19389): c_j = |P|, w_i = 1;
+    "coverage": c_j = #{i in P : j in I_i}, w_i = 1 (the mean over the clients that drew j);
+    "data" (RB-LoRA, Findings of EACL 2026, as this project reads it): c_j = sum_{i in P, j in
+    I_i} n_i, w_i = n_i (the data-weighted mean over the clients that drew j).
+    An index nobody drew has a zero numerator; its divisor is set to 1 so it stays zero.
     """
+    if normalizer == "participants":
+        return torch.full_like(drawn, participants)
+    count = drawn if normalizer == "coverage" else data_drawn
+    return torch.where(count > 0, count, torch.ones_like(count))
+
+
+def average_padded_deltas(updates: list[ClientUpdate], r: int,
+                          normalizer: str = "participants",
+                          ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """D = (1/|P|) sum_i pad_I_i(d_i) per module (docs/method.md section 3, step 5), or per rank j
+    the mean over the clients that drew j, plain or data-weighted (`index_normalizer`)."""
     if not updates:
         raise ValueError("cannot aggregate an empty list of client updates")
+    if normalizer not in AGGREGATIONS:
+        raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {normalizer!r}")
     total: dict[str, list[torch.Tensor]] = {}
     drawn: dict[str, torch.Tensor] = {}
+    data_drawn: dict[str, torch.Tensor] = {}
     for update in updates:
+        w = float(update.num_examples) if normalizer == "data" else 1.0  # w_i
         for name, (db, da) in update.deltas.items():
             index = update.sketches[name].index.to(db.device)
             full_b, full_a = pad_delta(db, da, index, r)
             if name not in total:
                 total[name] = [torch.zeros_like(full_b), torch.zeros_like(full_a)]
-                drawn[name] = torch.zeros(r, device=db.device)
-            total[name][0] += full_b
-            total[name][1] += full_a
+                drawn[name] = torch.zeros(r, dtype=db.dtype, device=db.device)
+                data_drawn[name] = torch.zeros(r, dtype=db.dtype, device=db.device)
+            total[name][0] += w * full_b
+            total[name][1] += w * full_a
             drawn[name][index] += 1
+            data_drawn[name][index] += update.num_examples
     result = {}
     for name, (sum_b, sum_a) in total.items():
-        count = drawn[name].clamp(min=1) if per_index else torch.full_like(drawn[name],
-                                                                          len(updates))
-        result[name] = (sum_b / count[None, :], sum_a / count[:, None])
+        c = index_normalizer(drawn[name], data_drawn[name], len(updates), normalizer)
+        result[name] = (sum_b / c[None, :], sum_a / c[:, None])
     return result
 
 
@@ -130,7 +151,7 @@ class Server:
 
     def apply_updates(self, updates: list[ClientUpdate]) -> None:
         """Average the padded deltas and step the global factors; count rank coverage."""
-        deltas = average_padded_deltas(updates, self.rank, self.cfg.aggregation == "coverage")
+        deltas = average_padded_deltas(updates, self.rank, self.cfg.aggregation)
         self.count_coverage(updates)
         for name, (d_b, d_a) in deltas.items():
             layer = self.modules[name]

@@ -24,7 +24,7 @@ from fslora_flower.codec import (decode_downlink, decode_update, encode_downlink
                                  encode_update)
 from fslora_flower.local import LocalDeployment, main as launch  # noqa: E402
 from fslora_flower.server_app import RESULT_NAME  # noqa: E402
-from fslora_flower.config import experiment_config  # noqa: E402
+from fslora_flower.config import UNSUPPORTED_METHODS, experiment_config  # noqa: E402
 from fslora_min.engine import train_clients  # noqa: E402
 from fslora_min.experiment import build_federation  # noqa: E402
 from fslora_min.federation import Federation  # noqa: E402
@@ -99,8 +99,9 @@ def test_codec_round_trips_downlinks_and_updates(method):
 
 
 def test_flora_and_simulated_dropout_are_refused_by_name():
-    with pytest.raises(ValueError, match="'flora' is not supported on Flower"):
-        experiment_config({"fslora-args": "--method flora"})
+    for method in UNSUPPORTED_METHODS:  # FLoRA, and the methods whose messages these lack
+        with pytest.raises(ValueError, match=f"'{method}' is not supported on Flower"):
+            experiment_config({"fslora-args": f"--method {method}"})
     with pytest.raises(ValueError, match="--dropout 0.2"):
         experiment_config({"fslora-args": "--dropout 0.2"})
     with pytest.raises(ValueError, match="fslora-args"):

@@ -13,7 +13,7 @@ import torch.nn as nn
 
 from fslora_min.client import ClientUpdate
 from fslora_min.lora import CompactFactors, LoRALinear
-from fslora_min.server import Server, ServerConfig, average_padded_deltas
+from fslora_min.server import AGGREGATIONS, Server, ServerConfig, average_padded_deltas
 from fslora_min.sketch import Sketch, sample_index_set, sample_module_sketches
 from fslora_min.validation import BadUpdate, check_update
 from tests.corruptions import BAD, corrupt
@@ -92,8 +92,8 @@ def scaled(updates: list[ClientUpdate], alpha: float, other: list[ClientUpdate],
             for u, v in zip(updates, other)]
 
 
-@pytest.mark.parametrize("per_index", [False, True])
-def test_aggregation_is_linear_order_free_and_leaves_undrawn_ranks_at_zero(per_index):
+@pytest.mark.parametrize("normalizer", AGGREGATIONS)
+def test_aggregation_is_linear_order_free_and_leaves_undrawn_ranks_at_zero(normalizer):
     rng, g = random.Random(7), torch.Generator().manual_seed(7)
     for case in range(150):
         r, m, n = rng.randint(1, 12), rng.randint(1, 6), rng.randint(1, 6)
@@ -102,11 +102,11 @@ def test_aggregation_is_linear_order_free_and_leaves_undrawn_ranks_at_zero(per_i
                           {"l": tuple(torch.randn_like(t) for t in u.deltas["l"])}, 1, 0)
              for u in d]
         alpha, beta = rng.uniform(-2, 2), rng.uniform(-2, 2)
-        (Db, Da), (Eb, Ea) = (average_padded_deltas(x, r, per_index)["l"] for x in (d, e))
-        Lb, La = average_padded_deltas(scaled(d, alpha, e, beta), r, per_index)["l"]
+        (Db, Da), (Eb, Ea) = (average_padded_deltas(x, r, normalizer)["l"] for x in (d, e))
+        Lb, La = average_padded_deltas(scaled(d, alpha, e, beta), r, normalizer)["l"]
         torch.testing.assert_close(Lb, alpha * Db + beta * Eb, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(La, alpha * Da + beta * Ea, rtol=1e-12, atol=1e-12)
-        Rb, Ra = average_padded_deltas(d[::-1], r, per_index)["l"]
+        Rb, Ra = average_padded_deltas(d[::-1], r, normalizer)["l"]
         torch.testing.assert_close(Rb, Db, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(Ra, Da, rtol=1e-12, atol=1e-12)
         drawn = sorted({j for u in d for j in u.sketches["l"].index.tolist()})

@@ -33,8 +33,8 @@ def library_names() -> set[str]:
     return names
 
 
-def test_six_notebooks_listed_in_the_readme():
-    assert len(NAMES) == 6
+def test_seven_notebooks_listed_in_the_readme():
+    assert len(NAMES) == 7
     readme = (TUTORIALS / "README.md").read_text()
     for name in NAMES:
         assert f"{name}.ipynb" in readme

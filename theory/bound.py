@@ -1,4 +1,4 @@
-"""Theorem 4.4 and Corollary 4.5 of FSLoRA as plain functions of their constants (FSLORA.md s. 5).
+"""Theorem 4.4 and Corollary 4.5 of FSLoRA as plain functions of their constants (docs/method.md s. 6).
 
 This is the one place the bound lives: the scripts, the tests and the notebook all call it.
 

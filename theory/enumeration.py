@@ -1,4 +1,4 @@
-"""All sketches of one size, for exact expectations over S (FSLORA.md section 1).
+"""All sketches of one size, for exact expectations over S (docs/method.md section 1).
 
 A k-sketch is uniform over the C(r, k) index sets, so for small r every expectation E_S[g(S)]
 is the plain average of g over all of them: no sampling error at all.

@@ -1,4 +1,4 @@
-"""FSLoRA on the least-squares problem, written out for the theory (FSLORA.md section 3).
+"""FSLoRA on the least-squares problem, written out for the theory (docs/method.md section 3).
 
 One round t, with all N clients participating and plain averaging (eta_g = 1):
 
@@ -8,7 +8,7 @@ One round t, with all N clients participating and plain averaging (eta_g = 1):
     X^{t+1} = X^t + (1/N) sum_i (X_i - X^t)
 
 Training the compact (b, a) of a client equals SGD on X for the loss F_i(W0 + s B S A): the
-unselected rows of A and columns of B get zero gradient (FSLORA.md section 3, step 3). Every
+unselected rows of A and columns of B get zero gradient (docs/method.md section 3, step 3). Every
 round we also record ||grad f^S(X^t)||^2, exactly (all index sets), and keep the points the run
 visits (global iterates and the clients' local iterates), where the constants are measured.
 """

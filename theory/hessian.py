@@ -1,4 +1,4 @@
-"""Smoothness by power iteration on Hessian-vector products (FSLORA.md section 5, (A1)).
+"""Smoothness by power iteration on Hessian-vector products (docs/method.md section 6, (A1)).
 
 A function is L-smooth on a region when ||grad f(x) - grad f(y)|| <= L ||x - y||; for a twice
 differentiable f that is L = sup over the region of the spectral norm ||hess f(x)||_2 =

@@ -5,7 +5,7 @@ Client i holds inputs Z_i (n x n_i) and targets Y_i (m x n_i) and the loss
     F_i(W) = ||W Z_i - Y_i||_F^2 / (2 n_i),     W = W0 + s B A,  X = [B; A] (flattened, p numbers).
 
 Targets come from W0 + a shared low-rank change + a client-specific change (heterogeneity) + noise.
-The three losses of FSLORA.md sections 2 and 5, for client i and a sketch with diagonal d = diag(S):
+The three losses of docs/method.md sections 2 and 6, for client i and a sketch with diagonal d = diag(S):
 
     f_i(X)      = F_i(W0 + s B A)                 plain LoRA loss           (A1 is about this one)
     f~_i(X; S)  = F_i(W0 + s B S A) = f_i(P_S X)  fixed-sketch loss,  P_S(B, A) = (B S^1/2, S^1/2 A)

@@ -1,4 +1,4 @@
-"""Theorem 4.4 where its noise terms carry the inequality (FSLORA.md section 5; docs/method.md).
+"""Theorem 4.4 where its noise terms carry the inequality (docs/method.md section 6).
 
 The checks of theory/convergence.py start far from a stationary point and run deterministic-
 looking descent: the gap term 4 (f^S(X^0) - f*) / (gamma T H) alone already bounds what they
@@ -29,7 +29,7 @@ import torch
 from theory.bound import bound_terms
 from theory.calibration import Effort, Outcome, calibrate
 from theory.constants import smoothness_L
-from theory.convergence import outcome_checks, parse_distort
+from theory.convergence import add_distort_argument, outcome_checks, parse_distort
 from theory.fslora_iteration import gradient_descent
 from theory.lsq_problem import LSQConfig, LSQProblem
 from theory.report import exit_code, print_checks, script_parser, setup
@@ -71,9 +71,7 @@ def term_table(label: str, out: Outcome, H: int) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = script_parser(__doc__)
     parser.add_argument("--rounds", type=int, default=1000, help="T")
-    parser.add_argument("--distort", action="append", default=[], metavar="NAME=FACTOR",
-                        help="multiply a measured constant in the bound, e.g. sigma_g2=0.01 "
-                             "(sigma_g / 10: the k/r = 8/8 check must FAIL); repeatable")
+    add_distort_argument(parser, "sigma_g2=0.01, i.e. sigma_g / 10, at k/r = 8/8,")
     args = parser.parse_args(argv)
     distort = parse_distort(args.distort)
     samples, H, effort = 200, 2, Effort(seeds=2, gd_steps=4000, power_iters=60)

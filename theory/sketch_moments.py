@@ -1,4 +1,4 @@
-"""Sketch moments (Lemma D.3 and what follows from E[S^2] = (r/k) I; FSLORA.md section 5).
+"""Sketch moments (Lemma D.3 and what follows from E[S^2] = (r/k) I; docs/method.md section 6).
 
     E[S] = I_r,  E[S^2] = (r/k) I_r,  E[B S A] = B A,
     ||M S||_F^2 <= (r/k)^2 ||M||_F^2  (every S),   E_S ||M S||_F^2 = (r/k) ||M||_F^2,

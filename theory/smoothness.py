@@ -1,4 +1,4 @@
-"""Smoothness of the fixed-sketch and the expected sketched loss (Prop. D.4; FSLORA.md section 5).
+"""Smoothness of the fixed-sketch and the expected sketched loss (Prop. D.4; docs/method.md section 6).
 
 For each sketching ratio k/r we measure, over the region the iterates visit,
 

@@ -3,7 +3,7 @@
 The library's model (fslora_min/model.py) with LoRA on every projection (fslora_min/lora.py),
 in float32 (the library's LoRA kernels accept float32, bfloat16 and float16 only; the
 power-iteration checks allow for its rounding), on seeded synthetic token data: each sequence counts up by a fixed step from a random
-start, so there is something to learn. The three losses of FSLORA.md section 5:
+start, so there is something to learn. The three losses of docs/method.md section 6:
 
     f(X)       = lm_loss with W = W0 + s B A in every adapted layer
     f~(X; S)   = lm_loss with W0 + s B S A (the library's `sketched` context: one S per module)
@@ -82,7 +82,7 @@ class TinyLoRAProblem:
             return lm_loss(call, self.inputs, self.targets)
 
     def sample(self, k: int, g: torch.Generator) -> dict[str, Sketch]:
-        """One independent k-sketch per adapted module (FSLORA.md section 3, step 2)."""
+        """One independent k-sketch per adapted module (docs/method.md section 3, step 2)."""
         return sample_module_sketches(self.names, self.cfg.r, k, g)
 
 

@@ -3,7 +3,7 @@
 The run config carries `fslora-args`: the very flags of `python -m fslora_min run` (for
 example "--preset tiny --clients 2 --rounds 2"), parsed by that CLI's own parser and checks.
 Server and clients build the same federation from them (`build_federation`: the base model,
-the synthetic data, the method), so a client holds the base W0 and its own data shard, and
+the task's data, the method), so a client holds the base W0 and its own data shard, and
 the server its global factors; what a client trains comes only in its messages.
 """
 
@@ -22,7 +22,13 @@ from fslora_min.federation import Federation
 from fslora_min.knobs import ConfigError
 
 UNSUPPORTED_METHODS = {"flora": "FLoRA merges into every client's W0 each round, which these "
-                                "messages do not carry"}
+                                "messages do not carry",
+                       "fedex-lora": "FedEx-LoRA folds a residual into every client's W0 each "
+                                     "round, which these messages do not carry",
+                       "fed-plora": "these messages carry no folded ranks",
+                       "flasc": "the ClientApp sends its deltas dense, not FLASC's top-k",
+                       "ffa-lora": "these messages do not say which factor is frozen",
+                       "rolora": "these messages do not say which factor is frozen"}
 
 
 def parse_run_flags(text: str) -> argparse.Namespace:

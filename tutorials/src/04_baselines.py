@@ -13,6 +13,11 @@
 # | `flora` | merged into `W0` | a fresh rank-`k_i` LoRA each round | stacks the factors (exact sum), merges |
 # | `fedavg-min` | rank `min_i k_i` | all of it | averages (the feasible FedAvg) |
 # | `fedavg-full` | rank `r` | all of it, ignoring the client ranks | averages (an upper reference) |
+# | `fed-plora` | rank `r` | a uniform random `k_i` of the `r` ranks at the global scale, the others *folded* into its frozen weights | zero-pads and averages |
+# | `flasc` | rank `r` | all of it, from a top-entries copy; sends its top entries (FSLoRA's bytes at `k_i`) | averages the sparse deltas |
+# | `ffa-lora` | rank `min_i k_i` | `B` only (`A` frozen at its init) | averages `B` (exact) |
+# | `rolora` | rank `min_i k_i` | `B` in one round, `A` in the next | averages that factor (exact) |
+# | `fedex-lora` | rank `min_i k_i`, plus `W0` | all of it | averages, folds the residual into `W0` (exact) |
 #
 # `fslora_min.compare` runs them fairly: one cached base model, the same data split, the same
 # participants and minibatches per seed, and the same tuning budget for every row (each local
@@ -35,6 +40,7 @@ SEED = 0
 
 import contextlib
 import io
+import json
 import tempfile
 import time
 from dataclasses import replace
@@ -102,6 +108,11 @@ def show_result(name: str) -> None:
 # guide: FSLoRA, HetLoRA, FlexLoRA and FLoRA all respect the client ranks (the same `k_i`, the same
 # upload, except FLoRA's larger download of the stacked factors); `fedavg-min` is cheaper
 # (every client at `k = 2`) and `fedavg-full` breaks the budgets (every client at `k = 16`).
+# Of the newer methods, `fed-plora` has FSLoRA's upload and memory but downloads the whole
+# rank-16 LoRA; `flasc` moves FSLoRA's bytes but every client trains the whole rank-16 LoRA
+# (its trainable column: the watch's and phone's memory budgets are broken); `ffa-lora`,
+# `rolora` and `fedex-lora` run every client at `k = 2` and train or send less than
+# `fedavg-min` (one factor), or download more (FedEx-LoRA's residual for `W0`).
 
 # %%
 show_result("main")
@@ -140,6 +151,86 @@ ax.imshow(img)
 ax.axis("off");
 
 # %% [markdown]
+# ## Rescale or fold: FSLoRA against Fed-PLoRA at the same client ranks
+#
+# Fed-PLoRA (Zhang, Hu, Xu, ICLR 2026) is FSLoRA's closest rival: the same client ranks, the same
+# kind of message up (the deltas of `k_i` of the `r` ranks), and on one seed the very same index
+# sets (both draw them from the same random stream). The one difference is what a client does
+# with the `r - k_i` ranks it does not train:
+#
+# - **FSLoRA rescales**: it leaves them out and multiplies the trained ones by `r / k_i`, so the
+#   client trains `W0 + s (r / k_i) B[:, I] A[I, :]`, an unbiased sketch of the global model
+#   (`E[S] = I`) but not the global model itself;
+# - **Fed-PLoRA folds**: it adds them to its frozen weights, `W0_i = W0 + s sum_{j not in I}
+#   B[:, j] A[j, :]`, and trains the `k_i` ranks at the global scale `s`: it starts at exactly the
+#   global model. The price is the download: the fold needs every rank, so a client downloads
+#   the whole rank-`r` LoRA.
+#
+# First, where a client starts. We train the global model with FSLoRA for `T` rounds on the
+# comparison's task and client ranks, then build each client rank's downlink both ways (the
+# same index sets) and measure how far the client's starting output is from the global
+# model's on held-out sequences, with what each costs.
+
+# %%
+from fslora_min.compare import budget_table
+from fslora_min.experiment import build_federation
+from fslora_min.lora import compact_factors
+from fslora_min.methods import FedPLoRA, Method, payload_numbers
+
+exp = task(cfg)
+client_ranks = budget_table(exp, cfg)[1]
+exp = replace(exp, client_ranks=client_ranks, client=replace(exp.client, lr=0.3))
+fed, info = build_federation(exp, progress=False)
+fed.run(progress=False)
+x = fed.data.global_heldout[:32, :-1]  # (32, L) held-out inputs
+shapes = fed.server.shapes.values()
+print(f"FSLoRA, T={cfg.rounds} rounds, client ranks k_i {client_ranks} of r={cfg.rank}, seed "
+      f"{exp.federation.seed}\n")
+print("k_i | start gap FSLoRA | start gap Fed-PLoRA | KiB down FSLoRA / Fed-PLoRA | KiB up (both) "
+      "| trained numbers (both)")
+with torch.no_grad():
+    ref = fed.server.model(x)  # (32, L, V) the global model's logits
+    for k in sorted(set(client_ranks)):
+        gap, kib_down = {}, {}
+        for method in (Method(), FedPLoRA()):
+            down = method.downlink(fed.server, method.sketches(fed.server, k,
+                                                               torch.Generator().manual_seed(SEED)))
+            with compact_factors(fed.server.model, down):
+                gap[method.name] = ((fed.server.model(x) - ref).norm() / ref.norm()).item()
+            kib_down[method.name] = 4 * payload_numbers(down) / 1024
+        numbers = sum(k * (m + n) for m, n in shapes)
+        print(f"{k:3d} | {gap['fslora']:16.3e} | {gap['fed-plora']:19.3e} | "
+              f"{kib_down['fslora']:11.1f} / {kib_down['fed-plora']:9.1f} | "
+              f"{4 * numbers / 1024:13.1f} | {numbers}")
+
+# %% [markdown]
+# The gap is the relative distance `||f_client(x) - f_global(x)|| / ||f_global(x)||` of the
+# logits: float rounding for Fed-PLoRA at every client rank, and for FSLoRA largest at the
+# smallest (a `k_i = 2` client sees 2 of 16 ranks, blown up 8 times). Upload and client memory
+# are the same; Fed-PLoRA's download is the whole global LoRA whatever `k_i`.
+#
+# Then, what training makes of it. Both methods were in the comparison run above, tuned the
+# same way at the same client ranks and seeds; its `runs.jsonl` holds each run's curve. We plot
+# both rows' evaluation seeds.
+
+# %%
+runs = [json.loads(line)["summary"] for line in (out / "runs.jsonl").read_text().splitlines()]
+fig, ax = plt.subplots(figsize=(6.5, 3.5))
+for name, color in (("fslora", "C0"), ("fed-plora", "C3")):
+    mine = [r for r in runs if r["method"] == name and r["seed"] in cfg.seeds
+            and r["client_ranks"] == client_ranks and r["rounds"] == cfg.rounds]
+    for r in mine:
+        t, loss = np.array(r["curve"]).T
+        ax.plot(t, loss, color=color, alpha=0.8,
+                label=f"{name} (lr {r['lr']:g})" if r is mine[0] else None)
+    final = [r["loss"] for r in mine]
+    print(f"{name:10s} lr {mine[0]['lr']:g}: global held-out loss {np.mean(final):.3f} ± "
+          f"{np.std(final):.3f} over seeds {[r['seed'] for r in mine]}; KiB down / up per "
+          f"client-round {mine[0]['bytes_down'] / 1024:.1f} / {mine[0]['bytes_up'] / 1024:.1f}")
+ax.set(xlabel="round", ylabel="global held-out loss", title="rescale (FSLoRA) vs fold (Fed-PLoRA)")
+ax.legend();
+
+# %% [markdown]
 # ## A short reading
 #
 # The numbers below come from the tables above: the main methods sorted by final loss, and the
@@ -161,11 +252,16 @@ for name in ("main", "global_rank", "sketch_ratio", "sketch_vs_nosketch", "impor
 # %% [markdown]
 # What the committed run (12 rounds, 2 seeds) says, and what it does not:
 #
-# - **FSLoRA does not win at this size.** It is last among the main methods, behind HetLoRA,
-#   FlexLoRA, FLoRA and both FedAvg rows, with the largest spread over seeds. The paper's
+# - **FSLoRA does not win at this size.** It is next to last among the main methods (only
+#   FFA-LoRA, every client at rank 2 with `A` frozen, ends higher), behind HetLoRA, FlexLoRA,
+#   FLoRA, both FedAvg rows and the newer methods, with the largest spread over seeds. The paper's
 #   ordering (FSLoRA first at equal client ranks, after hundreds of rounds on RoBERTa and LLaMA) is not
 #   reproduced by 12 rounds of a width-32 toy: each client's update is a sketch whose variance
 #   grows like `r / k` (notebook 2), and 12 rounds of 4 clients average few of them.
+# - **Folding beats rescaling here**: at the same client ranks, index draws and upload, Fed-PLoRA
+#   ends far below FSLoRA, second only to the infeasible `fedavg-full`, for a download 2.5 times
+#   FSLoRA's. Its clients start at the global model; FSLoRA's start up to about one global
+#   output's norm away (the start-gap table).
 # - **The sketching-ratio ablation shows the same cost directly**: every client at `k / r = 1/4`
 #   ends well above every client at `k / r = 1` (which is `fedavg-full`).
 # - **Global rank and same upload go against the paper here too**: `r = 8` with `k = 4` is worse
