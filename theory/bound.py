@@ -13,7 +13,8 @@ This is the one place the bound lives: the scripts, the tests and the notebook a
          + 12 (gamma L_tilde / N) (sigma_g^2 + sigma_s^2 + 3 sigma_h^2)
 
 `sharp=True` puts L_bar where the theorem has L_tilde (in the step-size condition and in the
-last term): what the fixed-sketch constant (r/k) L, proved in README.md, allows.
+last term): a substitution, not derived; the derivation in README.md ('Theorem 4.4 derived with
+the sharper constant') keeps L L_tilde = mean_i ((r/k_i) L)^2. Its theorem is `derived_*` below.
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ def L_tilde(c: BoundConstants) -> float:
 
 
 def fixed_sketch_constant(c: BoundConstants, sharp: bool) -> float:
-    """L_tilde as the theorem states it, or L_bar when `sharp` (README.md, 'the sharper fact')."""
+    """L_tilde as the theorem states it, or L_bar when `sharp` (a substitution; see above)."""
     return L_bar(c) if sharp else L_tilde(c)
 
 
