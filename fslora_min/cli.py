@@ -19,7 +19,8 @@ from typing import Callable, get_args, get_origin, get_type_hints
 
 from fslora_min.checkpoint import CHECKPOINT_NAME
 from fslora_min.client import OPTIMIZERS, ClientConfig
-from fslora_min.compare import TABLES, CompareConfig, quick_config, run_compare
+from fslora_min.compare import (STUDY_TASKS, TABLES, CompareConfig, quick_config, run_compare,
+                                update_readmes)
 from fslora_min.compute import ComputeConfig
 from fslora_min.data import DataConfig
 from fslora_min.experiment import (PRESETS, ExperimentConfig, preset, run_experiment,
@@ -27,6 +28,7 @@ from fslora_min.experiment import (PRESETS, ExperimentConfig, preset, run_experi
 from fslora_min.federation import FederationConfig
 from fslora_min.knobs import ConfigError, flag_of, knobs
 from fslora_min.lora import LoRAConfig
+from fslora_min.methods import METHODS
 from fslora_min.pretrain import PretrainConfig
 from fslora_min.server import ServerConfig
 from fslora_min.tasks import TASKS
@@ -161,27 +163,40 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue from the output folder's checkpoint (same arguments)")
     g.add_argument("--no-progress", action="store_true", help="hide progress bars")
     run.set_defaults(command_parser=run, flags=flags)
+    cmp = sub.add_parser("compare", help="the reproduction study: every row tuned, every claim "
+                                         "over seeds and horizons, with verdicts "
+                                         "(fslora_min/compare.py)")
     d_cmp = CompareConfig()
-    cmp = sub.add_parser("compare", help="all methods and the ablations over several seeds, "
-                                         "with tables and figures (fslora_min/compare.py)")
-    cmp.add_argument("--task", choices=TASKS, default=d_cmp.task,
-                     help=f"the data every run learns from, see 'run --help' (default: "
-                          f"{d_cmp.task})")
     cmp.add_argument("--quick", action="store_true",
-                     help="2 seeds, 1 lr, 3 rounds, 4 clients: every output in a few minutes")
-    cmp.add_argument("--optimizer", choices=OPTIMIZERS, default=d_cmp.optimizer,
-                     help=f"the clients' local optimizer (default: {d_cmp.optimizer})")
+                     help="the main table in miniature (the tests run it): 4 clients, 2 + 2 "
+                          "seeds, one grid point, 3 rounds")
+    cmp.add_argument("--task", choices=STUDY_TASKS, default=d_cmp.task,
+                     help="synthetic: the topic-Markov task; planted: text from a teacher with a "
+                          "planted rank-R* update of one layer (rank binds); shakespeare: LEAF's "
+                          f"next-character task; default: {d_cmp.task}")
+    cmp.add_argument("--tables", nargs="+", choices=sorted({t for ts in TABLES.values()
+                                                            for t in ts}), default=None,
+                     help="which of the task's tables (default: all of them)")
+    cmp.add_argument("--methods", nargs="+", choices=METHODS, default=list(d_cmp.methods),
+                     help=f"rows of the method tables, fslora among them (default: "
+                          f"{' '.join(d_cmp.methods)})")
     cmp.add_argument("--lr-grid", type=_positive_float, nargs="+", default=None,
-                     help="local learning rates every row is tuned over (default: "
-                          + " ".join(f"{lr:g}" for lr in d_cmp.lr_grid) + ")")
-    cmp.add_argument("--tables", nargs="+", choices=TABLES, default=list(TABLES),
-                     help="which tables to produce (main includes importance and coverage; "
-                          "default: all)")
+                     help=f"client learning rates (SGD) every row is tuned over "
+                          f"(default: {' '.join(map(str, d_cmp.lr_grid))})")
+    cmp.add_argument("--server-lr-grid", type=_positive_float, nargs="+", default=None,
+                     help=f"server steps eta_g (plain averaging) every row is tuned over "
+                          f"(default: {' '.join(map(str, d_cmp.server_lr_grid))})")
     cmp.add_argument("--rounds", type=_positive_int, default=None,
-                     help=f"communication rounds T (default: {d_cmp.rounds})")
+                     help=f"the long horizon T of the decisive tables (default: "
+                          f"{d_cmp.horizons[2]})")
     cmp.add_argument("--out", default=None,
-                     help=f"output folder (default: {d_cmp.out_dir}, or results/compare-quick "
-                          f"with --quick)")
+                     help="output folder (default runs/compare, or runs/compare-quick); the "
+                          "committed study's runs are replayed, not retrained, whatever it is")
+    cmp.add_argument("--no-train", action="store_true",
+                     help="write the tables from cached runs only, marking what is missing")
+    cmp.add_argument("--readme", action="store_true",
+                     help="only rewrite the study's blocks in results/compare/README.md and "
+                          "README.md from the committed runs (no training)")
     cmp.set_defaults(command_parser=cmp)
     return parser
 
@@ -252,14 +267,23 @@ def main(argv: list[str] | None = None) -> int:
         argv = ["run", *argv]  # the demo: run's defaults, or run's flags without the command
     args = parser.parse_args(argv)
     if args.command == "compare":
-        out = args.out or ("results/compare-quick" if args.quick else CompareConfig().out_dir)
-        if args.task != "synthetic" and args.out is None:
-            out += f"-{args.task}"  # never mixed with the synthetic task's runs
-        cfg = quick_config(out) if args.quick else CompareConfig(out_dir=out)
-        cfg = replace(cfg, task=args.task, optimizer=args.optimizer, tables=tuple(args.tables),
-                      lr_grid=tuple(args.lr_grid) if args.lr_grid else cfg.lr_grid,
-                      rounds=args.rounds or cfg.rounds)
-        run_compare(cfg)
+        if args.readme:
+            update_readmes()
+            return 0
+        out = args.out or ("runs/compare-quick" if args.quick else CompareConfig().out_dir)
+        try:
+            check_out_dir(out)
+            cfg = quick_config(out, args.task) if args.quick else CompareConfig(task=args.task,
+                                                                                out_dir=out)
+            h = cfg.horizons
+            cfg = replace(cfg, tables=tuple(args.tables or cfg.tables),
+                          methods=tuple(args.methods),
+                          lr_grid=tuple(args.lr_grid or cfg.lr_grid),
+                          server_lr_grid=tuple(args.server_lr_grid or cfg.server_lr_grid),
+                          horizons=(h[0], h[1], args.rounds or h[2]))
+        except ValueError as err:
+            args.command_parser.error(str(err))
+        run_compare(cfg, train=not args.no_train)
         return 0
     try:
         cfg = config_from_args(args)

@@ -1,25 +1,36 @@
-"""A fair comparison of FSLoRA with its baselines, and ablations of the paper's empirical claims
-(arXiv 2501.19389 v1, Section 5; docs/method.md section 7).
+"""The reproduction study: each claim of the paper (arXiv 2501.19389, section 5) against the
+baselines, with a verdict and the conditions under which it holds (statistics:
+fslora_min/protocol.py).
 
-Fair by construction: every run of one seed uses the same base model (one cached pretraining),
-the same data partition, the same client ranks k_i (from device profiles), the same sequence
-of participants and the same minibatch order (named random streams, fslora_min/rng.py). Every
-row of every table gets the same tuning budget: each local learning rate of `lr_grid` on a
-tuning seed that is not an evaluation seed, chosen by the clients' own held-out loss (never
-the global held-out set that the tables report); then the chosen lr on every evaluation seed.
+Protocol, for every row of every table:
+1. Tuning on a grid of client lr x server step eta_g (plain averaging X <- X + eta_g D, so
+   eta_g = 1 is FedAvg's average; a server Adam(W) row tunes its own step), on tuning seeds that
+   are never reported. Successive halving: every grid point on every tuning seed to `rung`
+   rounds, then the best `keep` fraction to the middle horizon; the lowest mean global held-out
+   loss over the tuning seeds (each on its own data) wins. A point that diverged on any tuning
+   seed is never chosen; a best point on a grid edge widens the grid once and is flagged if it
+   is still on an edge. The whole grid is written beside each table (NAME.grid.md).
+2. Evaluation: the chosen point on every evaluation seed to the long horizon, the global
+   held-out loss recorded every round. Seed s sets DataConfig.seed (topics, base model,
+   partition, held-out sets) and FederationConfig.seed (participants, sketches, minibatches).
+3. Claims "a < b": the paired difference L_a(s) - L_b(s) over the seeds, its 95% t-interval and
+   verdict at the short, middle and long horizon.
 
-Tables (Markdown) and figures (PNG) go to `out_dir`; every finished run is appended to
-runs.jsonl, so an interrupted comparison resumes where it stopped.
+Every run is cached (RunCache) under a key of exactly what can change its numbers (the whole
+experiment config but the output folder, the task, CODE_VERSION); a run to T rounds also serves
+any shorter horizon (nothing before round t depends on T). The committed study's runs
+(results/compare/runs-TASK.jsonl) are read first, so rerunning it replays it without training.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import re
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -27,74 +38,113 @@ from tqdm import tqdm
 
 from fslora_min.client import ClientConfig
 from fslora_min.data import DataConfig
-from fslora_min.experiment import ExperimentConfig, run_experiment
-from fslora_min.federation import FederationConfig
+from fslora_min.experiment import ExperimentConfig, build_federation
+from fslora_min.federation import Federation, FederationConfig, evaluate
 from fslora_min.lora import LoRAConfig
+from fslora_min.methods import METHODS, Method, make_method
 from fslora_min.model import ModelConfig
-from fslora_min.pretrain import PretrainConfig
+from fslora_min.planted import PlantedConfig, make_planted_data
+from fslora_min.pretrain import PretrainConfig, load_or_pretrain
 from fslora_min.shakespeare import VOCAB, ShakespeareConfig
-from fslora_min.tasks import TASKS
 from fslora_min.profiles import (DEFAULT_PROFILES, budgets_from_profiles, memory_bytes,
                                  upload_bytes)
+from fslora_min.protocol import (Choice, Paired, choose, diverged, paired_interval, plateau,
+                                 verdict, widen)
+from fslora_min.server import ServerConfig
 
-MAIN_METHODS = ("fslora", "hetlora", "flexlora", "flora", "fedavg-min", "fedavg-full", "fed-plora",
-                "flasc", "ffa-lora", "rolora", "fedex-lora")
+CODE_VERSION = 2  # bump when a change alters any run's numbers: older cached runs are not reused
+COMMITTED = Path(__file__).resolve().parents[1] / "results" / "compare"
+MAIN_METHODS = ("fslora", "hetlora", "flexlora", "flora", "fedavg-min", "fedavg-full")
+BASELINES = ("hetlora", "flexlora", "flora", "fedavg-min")  # the paper says FSLoRA beats these
 IMPORTANCE_METHODS = ("fslora", "fslora-topk", "fslora-importance")
-TABLES = ("main", "global_rank", "sketch_ratio", "sketch_vs_nosketch")  # main: + importance
+STUDY_TASKS = ("synthetic", "planted", "shakespeare")  # shakespeare: fslora_min/shakespeare.py
+TABLES = {"synthetic": ("main", "adamw", "server_one", "server_adam", "aggregation",
+                        "published", "importance", "global_rank", "sketch_ratio"),
+          "planted": ("planted_ladder", "planted_small", "planted_ratios"),
+          "shakespeare": ("main",)}
 
 
 @dataclass
 class CompareConfig:
-    task: str = "synthetic"  # one of fslora_min.tasks.TASKS: the data every run learns from
-    seeds: tuple[int, ...] = (0, 1, 2)  # evaluation seeds
-    tune_seed: int = 100  # learning rates are chosen on this seed only
-    lr_grid: tuple[float, ...] = (0.01, 0.03, 0.1, 0.3, 1.0)  # local learning rates
-    optimizer: str = "sgd"  # the clients' optimizer: "sgd" or "adamw" (fresh state each round)
-    tables: tuple[str, ...] = TABLES  # which tables (and figures) to produce
-    rounds: int = 30  # T
+    task: str = "synthetic"  # synthetic (data.py), planted (planted.py), shakespeare
+    tables: tuple[str, ...] = ()  # () = every table of the task
+    methods: tuple[str, ...] = MAIN_METHODS  # rows of the method tables (any of METHODS)
+    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)  # evaluation seeds of the decisive tables
+    reduced_seeds: tuple[int, ...] = (0, 1, 2)  # of the convention ablations
+    tune_seeds: tuple[int, ...] = (100, 101)  # never reported
+    lr_grid: tuple[float, ...] = (0.03, 0.1, 0.3, 1.0)  # client lr, SGD
+    adamw_lr_grid: tuple[float, ...] = (0.001, 0.003, 0.01, 0.03)  # client lr, AdamW
+    server_lr_grid: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0)  # eta_g, plain averaging
+    adam_server_lr_grid: tuple[float, ...] = (0.001, 0.003, 0.01, 0.03)  # server Adam(W)
+    horizons: tuple[int, int, int] = (30, 100, 300)  # short, middle (tuning), long
+    reduced_horizons: tuple[int, int, int] = (30, 60, 100)  # of the convention ablations
+    rung: float = 0.25  # successive halving: every grid point to rung x middle horizon ...
+    keep: float = 0.25  # ... and this fraction of them to the middle horizon
     num_clients: int = 8  # N, all participating
     rank: int = 16  # r
     lora_alpha: float = 32.0
     local_steps: int = 5  # H
     batch_size: int = 8
-    rank_ablation_k: int = 4  # every client's budget in the global-rank ablation
-    rank_multiples: tuple[int, ...] = (1, 2, 4, 8)  # r = k, 2k, 4k, 8k
-    ratio_sweep: tuple[float, ...] = (1 / 8, 1 / 4, 1 / 2, 3 / 4, 1.0)  # every client's k/r
     pretrain_steps: int = 300
-    out_dir: str = "results/compare"
+    planted: PlantedConfig = field(default_factory=PlantedConfig)
+    out_dir: str = "runs/compare"
 
     def __post_init__(self) -> None:
-        if len(self.seeds) < 1 or not self.lr_grid:
-            raise ValueError("need at least one seed and one learning rate")
-        if not self.tables or set(self.tables) - set(TABLES):
-            raise ValueError(f"tables must be a non-empty subset of {TABLES}, got {self.tables}")
-        if self.task not in TASKS:
-            raise ValueError(f"--task must be one of {TASKS}, got {self.task!r}")
+        if self.task not in STUDY_TASKS:
+            raise ValueError(f"--task must be one of {STUDY_TASKS}, got {self.task!r}")
+        bad = set(self.tables) - set(TABLES[self.task])
+        if bad:
+            raise ValueError(f"--tables {sorted(bad)} are not tables of task {self.task!r}: "
+                             f"{TABLES[self.task]}")
+        if set(self.methods) - set(METHODS) or "fslora" not in self.methods:
+            raise ValueError(f"--methods must include fslora and be among {METHODS}, "
+                             f"got {self.methods}")
+        if min(len(self.seeds), len(self.reduced_seeds), len(self.tune_seeds)) < 2:
+            raise ValueError("a paired interval needs at least 2 evaluation seeds and the "
+                             "protocol at least 2 tuning seeds")
+        if set(self.tune_seeds) & (set(self.seeds) | set(self.reduced_seeds)):
+            raise ValueError(f"tuning seeds {self.tune_seeds} must not be evaluation seeds")
+        for h in (self.horizons, self.reduced_horizons):
+            if not 1 <= h[0] <= h[1] <= h[2]:
+                raise ValueError(f"horizons must be 1 <= short <= middle <= long, got {h}")
+        if not (0 < self.rung <= 1 and 0 < self.keep <= 1):
+            raise ValueError(f"rung and keep must be in (0, 1], got {self.rung}, {self.keep}")
+
+    @property
+    def table_names(self) -> tuple[str, ...]:
+        return self.tables or TABLES[self.task]
 
 
-def quick_config(out_dir: str) -> CompareConfig:
-    """Every table and figure in a few minutes: 2 seeds, 1 lr, 3 rounds, 4 clients."""
-    return CompareConfig(seeds=(0, 1), lr_grid=(0.1,), rounds=3, num_clients=4,
-                         rank_multiples=(1, 2), ratio_sweep=(1 / 4, 1.0), pretrain_steps=100,
-                         out_dir=out_dir)
+def quick_config(out_dir: str, task_name: str = "synthetic") -> CompareConfig:
+    """The main table in miniature (the tests run it): 4 clients, 2 + 2 seeds, one grid point,
+    3 rounds; every code path of a row but the halving and the widening (tested apart)."""
+    tables = ("planted_ladder",) if task_name == "planted" else ("main",)
+    return CompareConfig(task=task_name, tables=tables, seeds=(0, 1), reduced_seeds=(0, 1),
+                         lr_grid=(0.03,), adamw_lr_grid=(0.01,), server_lr_grid=(1.0,),
+                         adam_server_lr_grid=(0.01,), horizons=(1, 2, 3),
+                         reduced_horizons=(1, 2, 3), rung=0.5, keep=0.5, num_clients=4,
+                         pretrain_steps=100, out_dir=out_dir,
+                         planted=PlantedConfig(rank=4, probe_seqs=32))
 
 
 def task(cfg: CompareConfig) -> ExperimentConfig:
     """The tiny task: a 2-layer width-32 transformer, 12 LoRA modules, 16-token sequences (of
-    the synthetic language, or 16-character windows of Shakespeare's roles)."""
+    the synthetic language, or 16-character windows of Shakespeare's roles); the global
+    held-out loss is evaluated every round."""
     model = ModelConfig(vocab_size=32, context=16, n_layer=2, n_head=2, d_model=32)
     data = DataConfig(vocab_size=32, seq_len=16, n_base_topics=4, successors=2, train_seqs=32,
                       heldout_seqs=8, global_heldout_seqs=64)
     if cfg.task == "shakespeare":
         model, data = replace(model, vocab_size=len(VOCAB)), ShakespeareConfig(seq_len=16)
+    if cfg.task == "shakespeare":
+        model, data = replace(model, vocab_size=len(VOCAB)), ShakespeareConfig(seq_len=16)
     fed = FederationConfig(num_clients=cfg.num_clients, participants=cfg.num_clients,
-                           rounds=cfg.rounds, eval_every=max(1, cfg.rounds // 10))
+                           rounds=cfg.horizons[2], eval_every=1)
     return ExperimentConfig(model=model, data=data, federation=fed,
                             lora=LoRAConfig(rank=cfg.rank, alpha=cfg.lora_alpha),
                             pretrain=PretrainConfig(steps=cfg.pretrain_steps, batch_size=32,
                                                     lr=1e-2),
                             client=ClientConfig(local_steps=cfg.local_steps,
-                                                optimizer=cfg.optimizer,
                                                 batch_size=cfg.batch_size))
 
 
@@ -120,107 +170,12 @@ def flops_per_local_step(exp: ExperimentConfig, k: int) -> float:
     return tokens * (4 * p_lin + 6 * lora + attention)
 
 
-def one_run(exp: ExperimentConfig, log: Path, done: dict[str, dict]) -> dict:
-    """Run (or reload from runs.jsonl) one federation; return its summary."""
-    key = json.dumps(asdict(exp), sort_keys=True)
-    if key in done:
-        return done[key]
-    history, info = run_experiment(exp, progress=False)
-    last = history.rounds[-1]
-    evaluated = [r for r in history.rounds if r.heldout_loss is not None]
-    summary = {
-        "method": exp.method, "seed": exp.federation.seed, "lr": exp.client.lr,
-        "rank": info["global_rank"], "rounds": exp.federation.rounds,
-        "client_ranks": info["client_ranks"], "trained_ranks": info["trained_ranks"],
-        "loss": _finite(last.heldout_loss), "acc": last.heldout_acc,
-        "val_loss": _finite(float(np.mean(info["client_heldout_loss"]))),
-        "curve": [[0, history.initial_loss]] + [[r.round, _finite(r.heldout_loss)]
-                                                for r in evaluated],
-        "bytes_down": float(np.mean([b for r in history.rounds for b in r.bytes_down])),
-        "bytes_up": float(np.mean([b for r in history.rounds for b in r.bytes_up])),
-        "bytes_up_total": float(sum(sum(r.bytes_up) for r in history.rounds)),
-        "trainable": info["client_trainable_parameters"],
-        "flops": [flops_per_local_step(exp, k) for k in info["trained_ranks"]],
-        "wall": info["wall_seconds"], "coverage": history.coverage,
-    }
-    with log.open("a") as f:
-        f.write(json.dumps({"key": key, "summary": summary}) + "\n")
-    done[key] = summary
-    return summary
-
-
-def _finite(x: float) -> float:
-    return x if math.isfinite(x) else float("inf")
-
-
-def tuned_runs(exp: ExperimentConfig, cfg: CompareConfig, log: Path, done: dict,
-               bar: tqdm) -> tuple[float, list[dict], list[dict]]:
-    """Tune the lr on the tuning seed (clients' held-out loss), then run every seed with it."""
-    tuning = []
-    for lr in cfg.lr_grid:
-        tuning.append(one_run(with_seed_lr(exp, cfg.tune_seed, lr), log, done))
-        bar.update()
-    best = min(tuning, key=lambda s: s["val_loss"])["lr"]
-    runs = []
-    for seed in cfg.seeds:
-        runs.append(one_run(with_seed_lr(exp, seed, best), log, done))
-        bar.update()
-    return best, runs, tuning
-
-
-def with_seed_lr(exp: ExperimentConfig, seed: int, lr: float) -> ExperimentConfig:
-    return replace(exp, federation=replace(exp.federation, seed=seed),
-                   client=replace(exp.client, lr=lr))
-
-
-@dataclass
-class Row:
-    label: str
-    lr: float
-    runs: list[dict]
-    tuning: list[dict] = field(default_factory=list)
-
-
-def mean_std(values: list[float]) -> str:
-    return f"{np.mean(values):.4f} ± {np.std(values):.4f}"
-
-
-def results_table(rows: list[Row], extra: dict[str, list[str]] | None = None) -> str:
-    """Markdown: one row per configuration, mean ± std over the evaluation seeds."""
-    head = ["config", "R", "k_i", "lr", "global loss", "global acc", "KiB down/client-round",
-            "KiB up/client-round", "trainable/client", "MFLOP/local step", "wall s"]
-    head += list(extra or {})
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for i, row in enumerate(rows):
-        r0 = row.runs[0]
-        ks = sorted(set(r0["trained_ranks"]))
-        cells = [row.label, str(r0["rank"]), ",".join(map(str, ks)), f"{row.lr:g}",
-                 mean_std([r["loss"] for r in row.runs]), mean_std([r["acc"] for r in row.runs]),
-                 f"{r0['bytes_down'] / 1024:.1f}", f"{r0['bytes_up'] / 1024:.1f}",
-                 f"{min(r0['trainable'])}..{max(r0['trainable'])}",
-                 f"{min(r0['flops']) / 1e6:.1f}..{max(r0['flops']) / 1e6:.1f}",
-                 f"{np.mean([r['wall'] for r in row.runs]):.1f}"]
-        cells += [col[i] for col in (extra or {}).values()]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def tuning_table(rows: list[Row]) -> str:
-    """Clients' held-out loss on the tuning seed for every (row, lr): the selection evidence."""
-    lrs = sorted({t["lr"] for row in rows for t in row.tuning})
-    lines = ["| config | " + " | ".join(f"lr={lr:g}" for lr in lrs) + " | chosen |",
-             "|" + "---|" * (len(lrs) + 2)]
-    for row in rows:
-        by_lr = {t["lr"]: t["val_loss"] for t in row.tuning}
-        lines.append(f"| {row.label} | " + " | ".join(f"{by_lr.get(lr, float('nan')):.4f}"
-                                                       for lr in lrs) + f" | {row.lr:g} |")
-    return "\n".join(lines) + "\n"
-
-
 def budget_table(exp: ExperimentConfig, cfg: CompareConfig) -> tuple[str, list[int]]:
-    """Each client's device budgets, its k_i, and the memory and upload that k_i uses."""
+    """Each client's device budgets, its k_i, and the memory (with the clients' own optimizer's
+    state) and upload that k_i uses."""
     shapes = module_shapes(exp)
-    assigned = budgets_from_profiles(DEFAULT_PROFILES, cfg.num_clients, shapes, cfg.rank)
+    assigned = budgets_from_profiles(DEFAULT_PROFILES, cfg.num_clients, shapes, cfg.rank,
+                                     optimizer=exp.client.optimizer)
     lines = ["| client | device | memory budget (KiB) | upload budget (KiB/round) | k_i | "
              "memory used (KiB) | upload used (KiB/round) |", "|" + "---|" * 7]
     for i, (p, k) in enumerate(assigned):
@@ -231,99 +186,537 @@ def budget_table(exp: ExperimentConfig, cfg: CompareConfig) -> tuple[str, list[i
     return "\n".join(lines) + "\n", [k for _, k in assigned]
 
 
-def run_compare(cfg: CompareConfig) -> Path:
-    """All tables and figures of the comparison and its ablations."""
-    from fslora_min import plots_compare  # matplotlib only when writing figures
+# ---------------------------------------------------------------------------------- runs, cached
 
-    torch.set_num_threads(1)  # tiny models: threads only contend on a shared CPU
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    log = out / "runs.jsonl"
-    done = {}
-    if log.exists():
-        for line in log.read_text().splitlines():
-            entry = json.loads(line)
-            done[entry["key"]] = entry["summary"]
-    base = task(cfg)
-    budgets_md, client_ranks = budget_table(base, cfg)
-    base = replace(base, client_ranks=client_ranks)
-    sizes = {"main": len(MAIN_METHODS) + 2, "global_rank": len(cfg.rank_multiples),
-             "sketch_ratio": len(cfg.ratio_sweep), "sketch_vs_nosketch": 3}
-    n_rows = sum(sizes[t] for t in cfg.tables)
-    total = n_rows * (len(cfg.lr_grid) + len(cfg.seeds))
-    bar = tqdm(total=total, desc="compare runs")
+def task_spec(cfg: CompareConfig) -> dict:
+    """The part of a run's key that the ExperimentConfig does not hold: which task."""
+    return {"name": cfg.task} | (asdict(cfg.planted) if cfg.task == "planted" else {})
+
+
+def run_key(exp: ExperimentConfig, spec: dict) -> str:
+    """Exactly what can change a run's numbers: every setting of the experiment but where it is
+    written and its rounds (a longer run serves a shorter one), the task, the numerics version.
+
+    Settings are keyed by their own name (by "group.name" where a name occurs in several groups),
+    not by the config class that holds them, so regrouping the config classes keeps the key.
+    """
+    def leaves(node: object, path: tuple[str, ...]) -> list[tuple[tuple[str, ...], object]]:
+        if isinstance(node, dict):
+            return [leaf for k, v in node.items() for leaf in leaves(v, path + (k,))]
+        return [(path, node)]
+
+    flat = [(p, v) for p, v in leaves(asdict(exp), ())
+            if p not in (("out_dir",), ("checkpoint_every",), ("federation", "rounds"))]
+    names = [p[-1] for p, _ in flat]
+    settings = {(p[-1] if names.count(p[-1]) == 1 else ".".join(p[-2:])): v for p, v in flat}
+    return json.dumps({"code_version": CODE_VERSION, "task": spec, "settings": settings},
+                      sort_keys=True)
+
+
+def train_run(exp: ExperimentConfig, spec: dict) -> dict:
+    """Play one federation (on the task's data) and summarise it; the loss of every round."""
+    federation, info = build_federation(exp, progress=False)
+    if spec["name"] == "planted":
+        base, _ = load_or_pretrain(exp.model, exp.data, exp.pretrain, progress=False)
+        planted = PlantedConfig(**{k: v for k, v in spec.items() if k != "name"})
+        data = make_planted_data(base, exp.data, exp.federation.num_clients, planted)
+        federation = Federation(federation.server, data, federation.client_ranks,
+                                exp.federation, exp.client, federation.method, exp.compute)
     start = time.perf_counter()
+    history = federation.run(progress=False)
+    wall = time.perf_counter() - start
+    return {
+        "method": exp.method, "seed": exp.federation.seed, "lr": exp.client.lr,
+        "server_lr": exp.server.server_lr, "rank": info["global_rank"],
+        "client_ranks": info["client_ranks"], "trained_ranks": info["trained_ranks"],
+        "curve": [_finite(history.initial_loss)] + [_finite(r.heldout_loss)
+                                                    for r in history.rounds],
+        "acc": history.rounds[-1].heldout_acc,
+        "val_loss": _finite(float(np.mean([evaluate(federation.server.model, c.heldout)[0]
+                                           for c in federation.data.clients]))),
+        "bytes_down": float(np.mean([b for r in history.rounds for b in r.bytes_down])),
+        "bytes_up": float(np.mean([b for r in history.rounds for b in r.bytes_up])),
+        "trainable": info["client_trainable_parameters"],
+        "flops": [flops_per_local_step(exp, k) for k in info["trained_ranks"]],
+        "wall": wall, "coverage": history.coverage,
+    }
 
-    def rows_for(configs: list[tuple[str, ExperimentConfig]]) -> list[Row]:
-        rows = []
-        for label, exp in configs:
-            bar.set_postfix_str(label)
-            lr, runs, tuning = tuned_runs(exp, cfg, log, done, bar)
-            rows.append(Row(label, lr, runs, tuning))
-        return rows
 
-    header = (f"seeds {list(cfg.seeds)} (lr tuned on seed {cfg.tune_seed} over "
-              f"{list(cfg.lr_grid)} by the clients' held-out loss), T={cfg.rounds}, "
-              f"N={cfg.num_clients} (all participate), H={cfg.local_steps}, "
-              f"batch {cfg.batch_size}, client optimizer {cfg.optimizer}, "
-              f"alpha={cfg.lora_alpha}, torch threads 1\n")
-    sections = []
-    if "main" in cfg.tables:
-        methods = list(dict.fromkeys(MAIN_METHODS + IMPORTANCE_METHODS))
-        by_method = {r.label: r for r in rows_for([(m, replace(base, method=m))
-                                                   for m in methods])}
-        sections += [("main", "FSLoRA against the baselines at the same client ranks k_i",
-                      [by_method[m] for m in MAIN_METHODS], None),
-                     ("importance", "Uniform index sets vs importance without / with "
-                                    "reweighting", [by_method[m] for m in IMPORTANCE_METHODS],
-                      None)]
-        plots_compare.plot_coverage([by_method[m] for m in ("fslora", "hetlora", "fslora-topk",
-                                                            "fslora-importance")],
-                                    out / "coverage.png")
-    sections += ablations(cfg, base, rows_for)
-    bar.close()
-    for name, title, rows, extra in sections:
-        md = f"# {title}\n\n{header}\n" + results_table(rows, extra)
-        md += "\n## Learning-rate tuning (clients' held-out loss, tuning seed)\n\n"
-        md += tuning_table(rows)
-        if name == "main":
-            md += "\n## Client budgets from device profiles\n\n" + budgets_md
-        (out / f"{name}.md").write_text(md)
-        plots_compare.plot_curves(rows, title, out / f"{name}.png")
-    print(f"compare: {time.perf_counter() - start:.0f} s; wrote {out}/*.md and *.png")
+def _finite(x: float) -> float:
+    return x if math.isfinite(x) else float("inf")
+
+
+class RunCache:
+    """Finished runs by key. Reads the committed study's logs and `log`; trains a missing run
+    (unless `train` is off: then it is reported missing) and appends it to `log`, one JSON line
+    per run written at once, so an interrupted study resumes where it stopped."""
+
+    def __init__(self, log: Path, sources: list[Path], train: bool, bar: tqdm | None = None):
+        self.log, self.train, self.bar = log, train, bar
+        self.runs: dict[str, list[dict]] = {}
+        self.trained_seconds, self.trained = 0.0, 0
+        for path in dict.fromkeys([*sources, log]):  # the log may be a source: read it once
+            if path.exists():
+                self._load(path)
+
+    def _load(self, path: Path) -> None:
+        lines = path.read_text().splitlines()
+        for i, line in enumerate(lines):
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:
+                if i == len(lines) - 1:  # a run killed while writing its line: ignore it
+                    continue
+                raise ValueError(f"{path}: line {i + 1} is not a run record") from None
+            self.runs.setdefault(entry["key"], []).append(entry["summary"])
+
+    def get(self, exp: ExperimentConfig, spec: dict) -> dict | None:
+        """The run of `exp` (its first `rounds` rounds), from the cache or trained; None when
+        it is missing and training is off."""
+        key, rounds = run_key(exp, spec), exp.federation.rounds
+        longer = [s for s in self.runs.get(key, []) if len(s["curve"]) > rounds]
+        if longer:
+            return truncate(min(longer, key=lambda s: len(s["curve"])), rounds)
+        if not self.train:
+            return None
+        summary = train_run(exp, spec)
+        self.trained_seconds += summary["wall"]
+        self.trained += 1
+        with self.log.open("a") as f:
+            f.write(json.dumps({"key": key, "summary": summary}) + "\n")
+        self.runs.setdefault(key, []).append(summary)
+        if self.bar is not None:
+            self.bar.update()
+        return summary
+
+
+def truncate(summary: dict, rounds: int) -> dict:
+    """A run's record at round `rounds`; what is measured only at its end (accuracy, clients'
+    held-out loss, coverage) is kept only if `rounds` is its end."""
+    if len(summary["curve"]) == rounds + 1:
+        return summary
+    cut = {k: v for k, v in summary.items() if k not in ("acc", "val_loss", "coverage")}
+    cut["curve"] = summary["curve"][:rounds + 1]
+    cut["wall"] = summary["wall"] * rounds / (len(summary["curve"]) - 1)
+    return cut
+
+
+# ------------------------------------------------------------------------------- tables, claims
+
+@dataclass
+class RowSpec:
+    label: str
+    exp: ExperimentConfig
+    lr_grid: tuple[float, ...]
+    step_grid: tuple[float, ...]  # the server's step: eta_g (plain averaging) or Adam(W)'s lr
+
+
+@dataclass
+class TableSpec:
+    name: str
+    title: str
+    condition: str  # how every row is trained, in words (the verdict table's column)
+    rows: list[RowSpec]
+    claims: list[tuple[str, str]]  # (a, b): the paper says row a reaches a lower loss than b
+    seeds: tuple[int, ...]
+    horizons: tuple[int, int, int]
+
+
+@dataclass
+class Row:
+    """A tuned and evaluated row; `runs` may hold fewer seeds than asked (a partial study)."""
+
+    label: str
+    choice: Choice
+    grid: dict[tuple[float, float], list[dict | None]]  # point -> runs on the tuning seeds
+    runs: list[dict]
+    lr: float = math.nan
+    server_lr: float = math.nan
+
+
+def with_run(exp: ExperimentConfig, seed: int, lr: float, step: float,
+             rounds: int) -> ExperimentConfig:
+    """`exp` at one seed (its data and its federation), client lr, server step and horizon."""
+    return replace(exp, data=replace(exp.data, seed=seed),
+                   federation=replace(exp.federation, seed=seed, rounds=rounds),
+                   client=replace(exp.client, lr=lr), server=replace(exp.server, server_lr=step))
+
+
+def tune(row: RowSpec, tune_seeds: tuple[int, ...], middle: int, cfg: CompareConfig,
+         cache: RunCache, spec: dict) -> tuple[Choice, dict]:
+    """Successive halving over the row's grid, widened once past an edge (module docstring)."""
+    lrs, steps = list(row.lr_grid), list(row.step_grid)
+    rung = max(1, round(cfg.rung * middle))
+    grid: dict[tuple[float, float], list[dict | None]] = {}
+
+    def score(point: tuple[float, float], rounds: int) -> float:
+        runs = [cache.get(with_run(row.exp, s, *point, rounds), spec) for s in tune_seeds]
+        grid[point] = runs
+        if any(r is None for r in runs):
+            return math.nan  # missing (no training): the choice waits for it
+        if any(diverged(r["curve"]) for r in runs):
+            return math.inf
+        return float(np.mean([r["curve"][-1] for r in runs]))
+
+    for attempt in range(2):
+        points = [(lr, g) for lr in lrs for g in steps]
+        first = {p: score(p, rung) for p in points}
+        if any(math.isnan(s) for s in first.values()):
+            return Choice(None, ("tuning incomplete",)), grid
+        ranked = sorted((p for p in points if math.isfinite(first[p])), key=first.get)
+        survivors = ranked[:max(1, math.ceil(cfg.keep * len(points)))]
+        final = {p: score(p, middle) for p in survivors} if rung < middle else first
+        if any(math.isnan(s) for s in final.values()):
+            return Choice(None, ("tuning incomplete",)), grid
+        choice = choose(final | {p: math.inf for p in points if p not in final}, lrs, steps)
+        if not choice.edges or attempt == 1:
+            return choice, grid
+        lrs = widen(lrs, choice.edges, "lr", 3.0)
+        steps = widen(steps, choice.edges, "server step", 2.0)
+    raise AssertionError("unreachable")
+
+
+def evaluate_row(row: RowSpec, table: TableSpec, cfg: CompareConfig, cache: RunCache,
+                 spec: dict) -> Row:
+    choice, grid = tune(row, cfg.tune_seeds, table.horizons[1], cfg, cache, spec)
+    if choice.point is None:
+        return Row(row.label, choice, grid, [])
+    runs = [cache.get(with_run(row.exp, s, *choice.point, table.horizons[2]), spec)
+            for s in table.seeds]
+    return Row(row.label, choice, grid, [r for r in runs if r is not None], *choice.point)
+
+
+def planned_rounds(table: TableSpec, cfg: CompareConfig) -> int:
+    """Rounds the table trains when no run is cached and no grid is widened (the budget)."""
+    middle = table.horizons[1]
+    rung = max(1, round(cfg.rung * middle))
+    total = 0
+    for row in table.rows:
+        points = len(row.lr_grid) * len(row.step_grid)
+        kept = max(1, math.ceil(cfg.keep * points)) if rung < middle else 0
+        total += len(cfg.tune_seeds) * (points * rung + kept * middle)
+        total += len(table.seeds) * table.horizons[2]
+    return total
+
+
+def claim_results(table: TableSpec, rows: dict[str, Row]) -> list[dict]:
+    """Per claim and horizon: the paired difference's interval and verdict (None: < 2 seeds)."""
+    out = []
+    for a, b in table.claims:
+        ra = {r["seed"]: r["curve"] for r in rows[a].runs}
+        rb = {r["seed"]: r["curve"] for r in rows[b].runs}
+        seeds = sorted(set(ra) & set(rb))
+        for name, h in zip(("short", "middle", "long"), table.horizons):
+            p = paired_interval([ra[s][h] - rb[s][h] for s in seeds]) if len(seeds) >= 2 else None
+            out.append({"a": a, "b": b, "horizon": name, "rounds": h, "seeds": len(seeds),
+                        "paired": p, "verdict": verdict(p) if p else "pending"})
     return out
 
 
-def ablations(cfg: CompareConfig, base: ExperimentConfig,
-              rows_for: Callable[[list[tuple[str, ExperimentConfig]]], list[Row]]) -> list[tuple]:
-    """(name, title, rows, extra columns) of the requested ablations among cfg.tables."""
-    k, sections = cfg.rank_ablation_k, []
-    if "global_rank" in cfg.tables:
-        rows = rows_for([(f"r={k * c}", replace(base, client_ranks=[k] * cfg.num_clients,
-                                                lora=replace(base.lora, rank=k * c)))
-                         for c in cfg.rank_multiples])
-        sections.append(("global_rank", f"Global rank r, every client k_i = {k}", rows, None))
-    if "sketch_ratio" in cfg.tables:
-        rows = rows_for([(f"k/r={ratio:g}", replace(
-                             base,
-                             client_ranks=[max(1, round(ratio * cfg.rank))] * cfg.num_clients))
-                         for ratio in cfg.ratio_sweep])
-        sections.append(("sketch_ratio", f"Sketching ratio k/r (every client the same), "
-                                         f"r = {cfg.rank}", rows, None))
-    if "sketch_vs_nosketch" not in cfg.tables:
-        return sections
-    half = max(1, cfg.rank // 2)
-    long_fed = replace(base.federation, rounds=2 * cfg.rounds,
-                       eval_every=max(1, 2 * cfg.rounds // 10))
-    sketch_rows = rows_for([
-        (f"sketch r={cfg.rank} k={half}, 2T", replace(base, client_ranks=[half] * cfg.num_clients,
-                                                      federation=long_fed)),
-        (f"no sketch k=r={cfg.rank}, T", replace(base, client_ranks=[cfg.rank] * cfg.num_clients)),
-        (f"no sketch k=r={half}, 2T", replace(base, client_ranks=[half] * cfg.num_clients,
-                                              federation=long_fed,
-                                              lora=replace(base.lora, rank=half))),
-    ])
-    upload = {"MiB up in total": [f"{np.mean([r['bytes_up_total'] for r in row.runs]) / 2**20:.2f}"
-                                  for row in sketch_rows]}
-    return sections + [("sketch_vs_nosketch", "Same total upload: sketching vs no sketching",
-                        sketch_rows, upload)]
+def server_steps(method: str, grid: tuple[float, ...]) -> tuple[float, ...]:
+    """The server-step grid of a method's row: eta_g = 1 alone when its server sets the global
+    factors itself (FlexLoRA's SVD, FLoRA's merge) instead of stepping them by eta_g D."""
+    steps_by_eta_g = type(make_method(method, 1, torch.Generator())).aggregate
+    return grid if steps_by_eta_g is Method.aggregate else (1.0,)
+
+
+def build_tables(cfg: CompareConfig) -> list[TableSpec]:
+    """The task's tables: their rows (configs and grids), claims, seeds and horizons."""
+    base = task(cfg)
+    full, reduced = (cfg.seeds, cfg.horizons), (cfg.reduced_seeds, cfg.reduced_horizons)
+
+    def profile_ranks(exp: ExperimentConfig) -> ExperimentConfig:
+        return replace(exp, client_ranks=budget_table(exp, cfg)[1])
+
+    sgd = profile_ranks(base)
+    adamw = profile_ranks(replace(base, client=replace(base.client, optimizer="adamw")))
+    avg_grid, adam_grid = cfg.server_lr_grid, cfg.adam_server_lr_grid
+
+    def method_rows(exp: ExperimentConfig, lrs: tuple, steps: tuple,
+                    methods: tuple[str, ...]) -> list[RowSpec]:
+        return [RowSpec(m, replace(exp, method=m), lrs, server_steps(m, steps)) for m in methods]
+
+    def vs_baselines(rows: list[RowSpec], a: str = "fslora") -> list[tuple[str, str]]:
+        return [(a, r.label) for r in rows if r.label in BASELINES]
+
+    methods = cfg.methods
+    pair = tuple(m for m in ("fslora", "hetlora") if m in methods)
+    tables = []
+    if cfg.task == "planted":
+        exp = sgd
+        ladder = [RowSpec(f"r={r}", replace(exp, method="fedavg-full",
+                                            client_ranks=[r] * cfg.num_clients,
+                                            lora=replace(exp.lora, rank=r)),
+                          cfg.lr_grid, avg_grid) for r in sorted({2, 4, cfg.planted.rank})]
+        small = replace(exp, client_ranks=[1 + i % 4 for i in range(cfg.num_clients)])
+        small_rows = method_rows(small, cfg.lr_grid, avg_grid, methods)
+        ratio_rows = method_rows(exp, cfg.lr_grid, avg_grid, methods)
+        biggest = ladder[-1].label
+        tables += [
+            TableSpec("planted_ladder", f"Planted rank {cfg.planted.rank}: FedAvg-LoRA, every "
+                      f"client at rank r", "SGD clients, eta_g tuned, every client k = r",
+                      ladder, [(biggest, r.label) for r in ladder[:-1]], *full),
+            TableSpec("planted_small", "Planted rank: small client ranks k_i = 1, 2, 3, 4",
+                      "SGD clients, eta_g tuned, k_i <= 4", small_rows, vs_baselines(small_rows),
+                      *full),
+            TableSpec("planted_ratios", "Planted rank: the paper's ratios (device profiles)",
+                      "SGD clients, eta_g tuned, k_i = 2, 4, 8, 12", ratio_rows,
+                      vs_baselines(ratio_rows), *reduced)]
+        return [t for t in tables if t.name in cfg.table_names]
+    main_rows = method_rows(sgd, cfg.lr_grid, avg_grid, methods)
+    adamw_rows = method_rows(adamw, cfg.adamw_lr_grid, avg_grid, methods)
+    published = RowSpec("fslora as published", replace(
+        adamw, method="fedavg-full", client=replace(adamw.client, weight_decay=0.01),
+        lora=replace(adamw.lora, rslora=True),
+        server=ServerConfig(optimizer="adamw", weight_decay=0.01)), cfg.adamw_lr_grid, adam_grid)
+    adam_exp = replace(sgd, server=ServerConfig(optimizer="adam"))
+    coverage = replace(sgd, server=ServerConfig(aggregation="coverage"))
+    k = 4
+    rank_rows = [RowSpec(f"r={k * c}", replace(sgd, client_ranks=[k] * cfg.num_clients,
+                                               lora=replace(sgd.lora, rank=k * c)),
+                         cfg.lr_grid, avg_grid) for c in (1, 2, 4)]
+    ratio_rows = [RowSpec(f"k/r={ratio:g}", replace(
+        sgd, client_ranks=[max(1, round(ratio * cfg.rank))] * cfg.num_clients), cfg.lr_grid,
+        avg_grid)
+        for ratio in (1 / 8, 1 / 4, 1 / 2, 3 / 4)]
+    imp_rows = method_rows(sgd, cfg.lr_grid, avg_grid, IMPORTANCE_METHODS)
+    tables = [
+        TableSpec("main", "FSLoRA against the baselines at the same client budgets",
+                  "SGD clients, eta_g tuned", main_rows, vs_baselines(main_rows), *full),
+        TableSpec("adamw", "Client AdamW (budgets from AdamW's own memory)",
+                  "AdamW clients, eta_g tuned", adamw_rows, vs_baselines(adamw_rows), *reduced),
+        TableSpec("server_one", "Plain averaging, eta_g = 1 (no server step tuned)",
+                  "SGD clients, eta_g = 1", method_rows(sgd, cfg.lr_grid, (1.0,), methods),
+                  vs_baselines(main_rows), *reduced),
+        TableSpec("server_adam", "Server Adam on the averaged delta (FedOpt)",
+                  "SGD clients, server Adam", method_rows(adam_exp, cfg.lr_grid, adam_grid, pair),
+                  [("fslora", "hetlora")] if len(pair) == 2 else [], *reduced),
+        TableSpec("aggregation", "FSLoRA averaging over the participants vs over the clients "
+                  "that drew each index", "SGD clients, eta_g tuned",
+                  [RowSpec("fslora", replace(sgd, method="fslora"), cfg.lr_grid, avg_grid),
+                   RowSpec("fslora per-index", replace(coverage, method="fslora"), cfg.lr_grid,
+                           avg_grid)]
+                  + [r for r in main_rows if r.label == "hetlora"],
+                  [("fslora per-index", "hetlora")] if "hetlora" in methods else [], *reduced),
+        TableSpec("published", "FSLoRA as the authors' code runs (every client full rank r, "
+                  "AdamW clients, server AdamW) against the AdamW baselines",
+                  "AdamW clients (weight decay 0.01), server AdamW (0.01), rsLoRA",
+                  [published] + [r for r in adamw_rows if r.label in BASELINES],
+                  vs_baselines(adamw_rows, "fslora as published"), *reduced),
+        TableSpec("importance", "Uniform index sets vs importance without / with reweighting",
+                  "SGD clients, eta_g tuned", imp_rows,
+                  [("fslora", "fslora-topk"), ("fslora-importance", "fslora-topk")], *reduced),
+        TableSpec("global_rank", f"Global rank r, every client k_i = {k}",
+                  "SGD clients, eta_g tuned", rank_rows, [("r=16", "r=4")], *reduced),
+        TableSpec("sketch_ratio", f"Sketching ratio k/r (every client the same), r = {cfg.rank}",
+                  "SGD clients, eta_g tuned", ratio_rows, [("k/r=0.75", "k/r=0.25")], *reduced),
+    ]
+    return [t for t in tables if t.name in cfg.table_names]
+
+
+# ------------------------------------------------------------------------------------- writing
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write via a temporary file and a rename: a failed write never leaves half a file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def markdown(header: list[str], rows: list[list[str]]) -> str:
+    return "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+                     + ["| " + " | ".join(r) + " |" for r in rows]) + "\n"
+
+
+def mean_std(values: list[float]) -> str:
+    return f"{np.mean(values):.3f} ± {np.std(values):.3f}" if values else "-"
+
+
+def row_table(table: TableSpec, rows: list[Row]) -> str:
+    """Per row: chosen point, grid edges, seeds run, loss at each horizon, plateau check."""
+    h = table.horizons
+    head = ["row", "R", "k_i", "client lr", "server step", "grid edge", "seeds"]
+    head += [f"loss @ {t}" for t in h] + [f"plateau @ {h[2]}", "KiB up/client-round"]
+    body = []
+    for row in rows:
+        r0 = row.runs[0] if row.runs else None
+        cells = [row.label, str(r0["rank"]) if r0 else "-",
+                 ",".join(map(str, sorted(set(r0["trained_ranks"])))) if r0 else "-",
+                 f"{row.lr:g}", f"{row.server_lr:g}",
+                 ", ".join(row.choice.edges) or ("no" if row.choice.point else "all diverged"),
+                 f"{len(row.runs)} of {len(table.seeds)}"]
+        cells += [mean_std([r["curve"][t] for r in row.runs]) for t in h]
+        flat = [plateau(r["curve"]) for r in row.runs]
+        cells += [f"{sum(flat)} of {len(flat)} seeds" if flat else "-",
+                  f"{r0['bytes_up'] / 1024:.1f}" if r0 else "-"]
+        body.append(cells)
+    return markdown(head, body)
+
+
+def claim_table(results: list[dict]) -> str:
+    return markdown(["claim (paper: a < b)", "horizon", "seeds", "a - b [95% CI]", "verdict"],
+                    [[f"{c['a']} < {c['b']}", f"{c['horizon']} ({c['rounds']})",
+                      str(c["seeds"]), c["paired"].text() if c["paired"] else "-", c["verdict"]]
+                     for c in results])
+
+
+def grid_table(table: TableSpec, rows: list[Row], tune_seeds: tuple[int, ...]) -> str:
+    """Every tuning run: row, client lr, server step, rounds, the final loss per tuning seed."""
+    body = []
+    for row in rows:
+        for (lr, step), runs in row.grid.items():
+            losses = ["missing" if r is None else "diverged" if diverged(r["curve"])
+                      else f"{r['curve'][-1]:.4f}" for r in runs]
+            rounds = max((len(r["curve"]) - 1 for r in runs if r is not None), default=0)
+            body.append([row.label, f"{lr:g}", f"{step:g}", str(rounds), *losses,
+                         "chosen" if row.choice.point == (lr, step) else ""])
+    seeds = [f"seed {s}" for s in tune_seeds]
+    return (f"# Tuning grid of {table.name} (global held-out loss on the tuning seeds' own "
+            "data; each point's last rung)\n\n"
+            + markdown(["row", "client lr", "server step", "rounds", *seeds, ""], body))
+
+
+def table_markdown(table: TableSpec, rows: list[Row], cfg: CompareConfig, claims: list[dict],
+                   runs: int, seconds: float, budgets_md: str) -> str:
+    wanted = len(rows) * len(table.seeds)
+    have = sum(len(r.runs) for r in rows)
+    status = ("complete" if have == wanted else
+              f"**partial: {have} of {wanted} evaluation runs finished**")
+    t = table.horizons
+    text = (f"# {table.title}\n\n"
+            f"Task {cfg.task}; condition: {table.condition}. Evaluation seeds "
+            f"{list(table.seeds)}, horizons {t[0]} / {t[1]} / {t[2]} rounds (loss every round), "
+            f"tuned at {t[1]} rounds on seeds {list(cfg.tune_seeds)} by successive halving "
+            f"(every point to {max(1, round(cfg.rung * t[1]))} rounds, the best "
+            f"{cfg.keep:.0%} to {t[1]}). N = {cfg.num_clients} (all participate), "
+            f"H = {cfg.local_steps}, batch {cfg.batch_size}, alpha = {cfg.lora_alpha:g}, "
+            f"r = {cfg.rank}. Status: {status}; {runs} runs, {seconds:.0f} s of training "
+            f"(sum of the runs' wall times, 1 torch thread each).\n\n"
+            + row_table(table, rows) + "\n## Claims\n\n" + claim_table(claims)
+            + f"\nThe whole tuning grid: `{table.name}.grid.md`.\n")
+    return text + (f"\n## Client budgets from device profiles\n\n{budgets_md}" if budgets_md
+                   else "")
+
+
+def verdict_table(results: list[tuple[TableSpec, str, list[dict]]]) -> str:
+    """The study's verdicts: claim x condition (task, horizon, training) -> verdict."""
+    body = [[f"{c['a']} < {c['b']}", task_name, table.condition, f"{c['horizon']} ({c['rounds']})",
+             str(c["seeds"]), c["paired"].text() if c["paired"] else "-", c["verdict"]]
+            for table, task_name, claims in results for c in claims]
+    return markdown(["claim (paper: a < b)", "task", "condition", "horizon (rounds)", "seeds",
+                     "a - b [95% CI]", "verdict"], body)
+
+
+def study(cfg: CompareConfig, cache: RunCache) -> list[tuple[TableSpec, list[Row], list[dict]]]:
+    """Every table of cfg: its rows tuned and evaluated (from the cache or trained), its claims."""
+    spec = task_spec(cfg)
+    out = []
+    for table in build_tables(cfg):
+        rows = {r.label: evaluate_row(r, table, cfg, cache, spec) for r in table.rows}
+        out.append((table, list(rows.values()), claim_results(table, rows)))
+    return out
+
+
+def run_compare(cfg: CompareConfig, train: bool = True, figures: bool = True) -> Path:
+    """Run (or replay) the study of cfg.task and write its tables, grids, figures and
+    verdicts.md into cfg.out_dir."""
+    torch.set_num_threads(1)  # tiny models: threads only contend on a shared CPU
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    log = out / f"runs-{cfg.task}.jsonl"
+    bar = tqdm(desc=f"compare {cfg.task}: runs trained", disable=not train)
+    cache = RunCache(log, [COMMITTED / f"runs-{cfg.task}.jsonl"], train, bar)
+    start = time.perf_counter()
+    results = study(cfg, cache)
+    bar.close()
+    budgets_md = budget_table(task(cfg), cfg)[0]
+    for table, rows, claims in results:
+        runs = [r for row in rows for r in row.runs] + [
+            r for row in rows for rs in row.grid.values() for r in rs if r is not None]
+        text = table_markdown(table, rows, cfg, claims, len(runs),
+                              sum(r["wall"] for r in runs),
+                              budgets_md if table.name == "main" else "")
+        write_atomic(out / f"{table.name}.md", text)
+        write_atomic(out / f"{table.name}.grid.md", grid_table(table, rows, cfg.tune_seeds))
+        if figures:
+            draw(table, rows, out)
+    write_atomic(out / f"verdicts-{cfg.task}.md",
+                 verdict_table([(t, cfg.task, c) for t, _, c in results]))
+    print(f"compare {cfg.task}: {time.perf_counter() - start:.0f} s wall, {cache.trained} runs "
+          f"trained ({cache.trained_seconds:.0f} s), the rest replayed; wrote {out}/")
+    return out
+
+
+def draw(table: TableSpec, rows: list[Row], out: Path) -> None:
+    """Curves (mean and band over seeds) of the rows that have runs; coverage for the main table."""
+    from fslora_min import plots_compare  # matplotlib only when writing figures
+
+    done = [r for r in rows if r.runs]
+    if not done:
+        return
+    tmp = out / f".{table.name}.{os.getpid()}.png"
+    plots_compare.plot_curves(done, table.title, tmp)
+    tmp.replace(out / f"{table.name}.png")
+    with_coverage = [r for r in done if r.label in ("fslora", "hetlora", "fslora-topk",
+                                                    "fslora-importance")
+                     and all("coverage" in run for run in r.runs)]
+    if table.name == "main" and with_coverage:
+        plots_compare.plot_coverage(with_coverage, tmp)
+        tmp.replace(out / "coverage.png")
+
+
+# ------------------------------------------------------------------------------------- READMEs
+
+README_BLOCKS = {COMMITTED / "README.md": ("verdicts", "status"),
+                 COMMITTED.parents[1] / "README.md": ("summary",)}
+
+
+def block_pattern(name: str) -> re.Pattern:
+    return re.compile(rf"(<!-- study:{name} -->\n)(.*?)(<!-- /study:{name} -->)", re.S)
+
+
+def readme_blocks() -> dict[str, str]:
+    """{block name: its text}, every number from the committed runs (the default study,
+    replayed without training)."""
+    verdicts, status, summary = [], [], []
+    for task_name in STUDY_TASKS:
+        cfg = CompareConfig(task=task_name)
+        cache = RunCache(Path(os.devnull), [COMMITTED / f"runs-{task_name}.jsonl"], train=False)
+        for table, rows, claims in study(cfg, cache):
+            verdicts.append((table, task_name, claims))
+            runs = [r for row in rows for r in row.runs]
+            tuning = [r for row in rows for rs in row.grid.values() for r in rs if r is not None]
+            wanted = len(rows) * len(table.seeds)
+            rounds = sum(len(r["curve"]) - 1 for r in runs + tuning)
+            seconds = sum(r["wall"] for r in runs + tuning)
+            status.append([f"`{table.name}`", task_name, f"{len(runs)} of {wanted}",
+                           str(len(tuning)), str(planned_rounds(table, cfg)), str(rounds),
+                           f"{seconds:.0f}", f"{seconds / rounds:.2f}" if rounds else "-"])
+            summary += [[f"{c['a']} < {c['b']}", task_name, table.condition,
+                         c["paired"].text() if c["paired"] else "-", c["verdict"]]
+                        for c in claims if c["horizon"] == "long"
+                        and table.name in ("main", "planted_small")]
+    return {"verdicts": verdict_table(verdicts),
+            "status": markdown(["table", "task", "evaluation runs", "tuning runs",
+                                "planned rounds", "rounds run", "training s", "s / round"],
+                               status),
+            "summary": markdown(["claim (paper: a < b)", "task", "condition",
+                                 "a - b at the long horizon [95% CI]", "verdict"], summary)}
+
+
+def fill_blocks(text: str, blocks: dict[str, str], names: tuple[str, ...]) -> str:
+    """`text` with each named `<!-- study:NAME -->` block replaced; an error if one is missing."""
+    for name in names:
+        pattern = block_pattern(name)
+        if not pattern.search(text):
+            raise ValueError(f"no <!-- study:{name} --> block to fill")
+        text = pattern.sub(lambda m: m.group(1) + blocks[name] + m.group(3), text)
+    return text
+
+
+def update_readmes() -> None:
+    """Rewrite the study's blocks in results/compare/README.md and README.md."""
+    blocks = readme_blocks()
+    for path, names in README_BLOCKS.items():
+        write_atomic(path, fill_blocks(path.read_text(), blocks, names))
+        print(f"wrote {', '.join(names)} into {path}")

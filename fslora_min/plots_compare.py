@@ -11,16 +11,23 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 
-def plot_curves(rows: list, title: str, path: Path) -> None:
-    """Global held-out loss against round (mean over seeds, band = +-1 std), and final accuracy."""
+def plot_curves(rows: list, title: str, path: Path,
+                predicted: dict[str, float] | None = None) -> None:
+    """Global held-out loss against round (mean over seeds, band = min..max), and final accuracy.
+
+    `predicted` (row label -> loss) draws a theory's prediction for a row as a dashed line in the
+    row's colour (the error a method keeps at its objective's minimiser).
+    """
     fig, axes = plt.subplots(1, 2, figsize=(12, 4))
     for row in rows:
-        curves = np.array([[loss for _, loss in r["curve"]] for r in row.runs])  # (seeds, evals)
-        rounds = [t for t, _ in row.runs[0]["curve"]]
-        mean, std = curves.mean(0), curves.std(0)
-        axes[0].plot(rounds, mean, marker=".", label=f"{row.label} (lr {row.lr:g})")
-        axes[0].fill_between(rounds, mean - std, mean + std, alpha=0.2)
-    axes[0].set(xlabel="round", ylabel="global held-out loss", title="loss (mean ± std)")
+        curves = np.array([r["curve"] for r in row.runs])  # (seeds, rounds + 1)
+        mean = curves.mean(0)
+        line, = axes[0].plot(mean, label=f"{row.label} (lr {row.lr:g}, step {row.server_lr:g})")
+        axes[0].fill_between(range(len(mean)), curves.min(0), curves.max(0), alpha=0.2)
+        if predicted and row.label in predicted:
+            axes[0].axhline(predicted[row.label], ls="--", color=line.get_color())
+    axes[0].set(xlabel="round", ylabel="global held-out loss",
+                title=f"loss (mean, band: min..max over {len(rows[0].runs)} seeds)")
     axes[0].legend(fontsize=7)
     accs = [[r["acc"] for r in row.runs] for row in rows]
     axes[1].bar(range(len(rows)), [np.mean(a) for a in accs], yerr=[np.std(a) for a in accs],

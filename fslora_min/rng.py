@@ -14,6 +14,7 @@ import torch
 DATA_TOPICS, DATA_CLIENT, DATA_HELDOUT, PRETRAIN = 0, 1, 2, 3
 PARTICIPANTS, SKETCHES, MINIBATCHES, LORA_INIT, CLIENT_RANKS, DIRICHLET = 4, 5, 6, 8, 11, 7
 DROPOUT = 12  # which participants fail mid-round
+PLANTED = 13  # the planted-rank task (fslora_min/planted.py): its output directions, its samples
 ROLES = 19  # which (play, role) pairs are the Shakespeare task's clients
 
 

@@ -6,7 +6,7 @@ it gets back to full rank at I and averages them over the participants,
 
     D = (1 / |P_t|) * sum_{i in P_t} pad_I(d_i),       X <- X + eta_g * D,
 
-or hands -D as a pseudo-gradient to a server optimizer (SGD with momentum, Adam: FedOpt).
+or hands -D as a pseudo-gradient to a server optimizer (SGD with momentum, Adam, AdamW: FedOpt).
 It counts the numbers each client moves and how often each rank index was trained.
 """
 
@@ -22,18 +22,21 @@ from fslora_min.knobs import check_knobs, knob
 from fslora_min.lora import CompactFactors, lora_modules
 from fslora_min.sketch import Sketch
 
-SERVER_OPTIMIZERS = ("avg", "sgdm", "adam")
+SERVER_OPTIMIZERS = ("avg", "sgdm", "adam", "adamw")
 AGGREGATIONS = ("participants", "coverage", "data")  # per-rank normalizers
 
 
 @dataclass
 class ServerConfig:
-    optimizer: str = knob("avg", "avg: X <- X + eta_g D; sgdm / adam: FedOpt steps on the "
-                                 "pseudo-gradient -D", flag="--server-optimizer",
+    optimizer: str = knob("avg", "avg: X <- X + eta_g D; sgdm / adam / adamw: FedOpt steps on "
+                                 "the pseudo-gradient -D", flag="--server-optimizer",
                           choices=SERVER_OPTIMIZERS)
     server_lr: float = knob(1.0, "server step eta_g", aliases=("--global-lr",), check="positive")
     momentum: float = knob(0.9, "the sgdm server optimizer's momentum", flag="--server-momentum",
                            check="probability")
+    weight_decay: float = knob(0.01, "the adamw server optimizer's weight decay (PyTorch's "
+                                     "default, as the FSLoRA authors' code runs it)",
+                               flag="--server-weight-decay", check="non-negative")
     aggregation: str = knob("participants", "per rank index: divide the summed deltas by the "
                                             "participants (participants, the paper), by the "
                                             "clients that drew it (coverage), or weight them "
@@ -125,6 +128,9 @@ class Server:
         params = [p for m in self.modules.values() for p in (m.lora_B, m.lora_A)]
         if cfg.optimizer == "adam":
             self.optimizer = torch.optim.Adam(params, lr=cfg.server_lr)
+        elif cfg.optimizer == "adamw":
+            self.optimizer = torch.optim.AdamW(params, lr=cfg.server_lr,
+                                               weight_decay=cfg.weight_decay)
         else:  # "avg" is SGD without momentum on -D: X - eta_g (-D) = X + eta_g D
             momentum = cfg.momentum if cfg.optimizer == "sgdm" else 0.0
             self.optimizer = torch.optim.SGD(params, lr=cfg.server_lr, momentum=momentum)

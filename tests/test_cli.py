@@ -81,7 +81,7 @@ def test_bad_arguments_exit_with_an_error_naming_the_value(args, needle, capsys,
     (["--rounds", "0"], "argument --rounds: must be a positive integer, got 0"),
     (["--rounds", "ten"], "not an integer: 'ten'"),
     (["--lr-grid", "0.1", "-1"], "must be positive and finite, got -1.0"),
-    (["--optimizer", "lion"], "invalid choice: 'lion'"),
+    (["--task", "mars"], "invalid choice: 'mars'"),
     (["--tables", "everything"], "invalid choice: 'everything'"),
 ])
 def test_bad_compare_arguments_exit_with_an_error(args, needle, capsys):

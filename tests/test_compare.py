@@ -1,15 +1,30 @@
-"""The comparison runner: device-profile budgets, the FLOP estimate, and a --quick run end to end
-(every table and figure written, every method present, runs resumed from runs.jsonl)."""
+"""The reproduction study (fslora_min/compare.py): device-profile budgets, the FLOP estimate,
+the run cache and its key, tuning by successive halving on a fake loss surface, claims, a
+--quick run end to end and its replay, bad output folders, and the READMEs against the
+committed runs."""
 
 import json
+import math
+import random
+import re
+from dataclasses import replace
 
 import pytest
+import torch
+import torch.nn as nn
 
 from fslora_min.cli import main
-from fslora_min.compare import (MAIN_METHODS, CompareConfig, flops_per_local_step, module_shapes,
-                                task)
+from fslora_min.client import ClientUpdate
+from fslora_min.compare import (COMMITTED, MAIN_METHODS, CompareConfig, Row, RowSpec, RunCache,
+                                TableSpec, block_pattern, budget_table, build_tables,
+                                claim_results, flops_per_local_step, module_shapes,
+                                readme_blocks, run_key, server_steps, task, tune, with_run)
+from fslora_min.lora import LoRALinear
+from fslora_min.protocol import Choice, paired_interval
 from fslora_min.profiles import (DEFAULT_PROFILES, DeviceProfile, budgets_from_profiles,
                                  memory_bytes, rank_budget, upload_bytes)
+from fslora_min.server import Server, ServerConfig
+from fslora_min.sketch import Sketch
 
 
 def test_profiles_give_the_largest_rank_that_fits_both_budgets():
@@ -36,20 +51,189 @@ def test_flop_estimate_grows_by_six_per_lora_number_per_token():
     assert flops_per_local_step(exp, 3) - flops_per_local_step(exp, 2) == 6 * tokens * 1152
 
 
-def test_quick_compare_writes_every_table_and_figure(tmp_path):
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_client_budgets_use_the_clients_optimizer_memory(optimizer):
+    cfg = CompareConfig(num_clients=4)
+    exp = task(cfg)
+    exp = replace(exp, client=replace(exp.client, optimizer=optimizer))
+    shapes = module_shapes(exp)
+    md, ks = budget_table(exp, cfg)
+    for profile, k in zip(DEFAULT_PROFILES, ks):
+        used = memory_bytes(k, shapes, 4, optimizer)
+        assert used <= profile.memory_bytes, (profile.name, k, used)
+        if k < cfg.rank:
+            assert (memory_bytes(k + 1, shapes, 4, optimizer) > profile.memory_bytes
+                    or upload_bytes(k + 1, shapes, 4) > profile.upload_bytes)
+        assert f"| {profile.name} |" in md and f"| {k} | {used / 1024:.1f} |" in md
+    if optimizer == "adamw":
+        assert ks == [1, 2, 8, 12]  # AdamW's two moments halve the memory-limited budgets
+
+
+def test_run_key_holds_what_changes_numbers_and_nothing_else():
+    exp = task(CompareConfig())
+    key = run_key(exp, {"name": "synthetic"})
+    assert key == run_key(replace(exp, out_dir="elsewhere", checkpoint_every=3),
+                          {"name": "synthetic"})
+    assert key == run_key(with_run(exp, 0, exp.client.lr, 1.0, 7), {"name": "synthetic"})
+    assert key != run_key(exp, {"name": "planted"})
+    for changed in (replace(exp, client=replace(exp.client, lr=0.123)),
+                    replace(exp, data=replace(exp.data, seed=5)),
+                    replace(exp, federation=replace(exp.federation, seed=5)),
+                    replace(exp, method="hetlora")):
+        assert run_key(changed, {"name": "synthetic"}) != key
+    settings = json.loads(key)["settings"]
+    assert {"data.seed", "federation.seed", "pretrain.seed", "rank"} <= set(settings)
+    assert "rounds" not in settings and "out_dir" not in settings
+    evaluation = with_run(exp, 3, 0.1, 2.0, 10)  # a seed sets the data and the federation
+    assert evaluation.data.seed == evaluation.federation.seed == 3
+
+
+class FakeCache:
+    """Runs on a random smooth loss surface over (lr, step): no training; counts what it ran."""
+
+    def __init__(self, best_lr: float, best_step: float, diverge_above: float):
+        self.best, self.diverge_above = (math.log(best_lr), math.log(best_step)), diverge_above
+        self.asked: list[tuple[float, float, int, int]] = []
+
+    def get(self, exp, spec):
+        lr, step, seed, t = (exp.client.lr, exp.server.server_lr, exp.federation.seed,
+                             exp.federation.rounds)
+        self.asked.append((lr, step, seed, t))
+        if lr * step > self.diverge_above:
+            return {"curve": [3.0] + [math.inf] * t, "seed": seed}
+        d = (math.log(lr) - self.best[0]) ** 2 + (math.log(step) - self.best[1]) ** 2
+        end = 2 + 0.9 * d / (1 + d)  # below the start: no point diverges by its loss alone
+        return {"curve": [3.0 + (end - 3.0) * i / t for i in range(t + 1)], "seed": seed}
+
+
+def test_tuning_halves_the_grid_never_takes_a_diverged_point_and_widens_an_edge():
+    cfg = CompareConfig(rung=0.25, keep=0.25)
+    row = RowSpec("x", task(cfg), (0.03, 0.1, 0.3, 1.0), (1.0, 2.0, 4.0, 8.0))
+    cache = FakeCache(random.choice([0.1, 0.3]), random.choice([2.0, 4.0]), diverge_above=1e9)
+    choice, grid = tune(row, (100, 101), 40, cfg, cache, {})
+    assert choice.edges == () and choice.point == pytest.approx((math.exp(cache.best[0]),
+                                                                 math.exp(cache.best[1])))
+    long = {(lr, g) for lr, g, _, t in cache.asked if t == 40}
+    assert len(long) == 4 and {t for *_, t in cache.asked} == {10, 40}  # 16 to 10, 4 to 40
+    assert {s for _, _, s, _ in cache.asked} == {100, 101}
+    # the best is on the high-lr edge, but one step past it diverges: widened once, not flagged
+    cache = FakeCache(3.0, 2.0, diverge_above=2.5)
+    choice, grid = tune(replace(row, lr_grid=(0.1, 0.3, 1.0)), (100, 101), 40, cfg, cache, {})
+    assert choice.point == (1.0, 2.0) and choice.edges == ()
+    assert any(lr == pytest.approx(3.0) for lr, *_ in cache.asked)  # the widened column
+    # an optimum far outside the grid stays on its edge after one widening: flagged
+    cache = FakeCache(100.0, 2.0, diverge_above=1e9)
+    choice, _ = tune(replace(row, lr_grid=(0.1, 0.3)), (100, 101), 40, cfg, cache, {})
+    assert choice.point[0] == pytest.approx(0.9) and "highest lr" in choice.edges
+
+
+def test_claims_pair_the_same_seeds_at_each_horizon():
+    rng = random.Random()
+    curves = {m: {s: [rng.uniform(2, 3) for _ in range(11)] for s in range(4)} for m in "ab"}
+    rows = {m: Row(m, Choice((0.1, 1.0), ()), {},
+                   [{"seed": s, "curve": c} for s, c in curves[m].items() if (m, s) != ("b", 3)])
+            for m in "ab"}
+    table = TableSpec("t", "t", "c", [], [("a", "b")], (0, 1, 2, 3), (2, 5, 10))
+    results = claim_results(table, rows)
+    assert [r["rounds"] for r in results] == [2, 5, 10]
+    for r in results:
+        want = paired_interval([curves["a"][s][r["rounds"]] - curves["b"][s][r["rounds"]]
+                                for s in range(3)])
+        assert r["seeds"] == 3 and r["paired"] == want
+
+
+def test_cache_serves_shorter_horizons_and_survives_a_cut_last_line(tmp_path):
+    log = tmp_path / "runs-synthetic.jsonl"
+    exp = task(CompareConfig())
+    key = run_key(exp, {"name": "synthetic"})
+    curve = [3.0 - 0.01 * t for t in range(21)]
+    summary = {"curve": curve, "acc": 0.5, "val_loss": 2.0, "coverage": {}, "wall": 20.0}
+    log.write_text(json.dumps({"key": key, "summary": summary}) + "\n" + '{"key": "cut')
+    cache = RunCache(log, [], train=False)
+    short = cache.get(with_run(exp, exp.federation.seed, exp.client.lr, 1.0, 5),
+                      {"name": "synthetic"})
+    assert short["curve"] == curve[:6] and "acc" not in short and short["wall"] == 5.0
+    assert cache.get(with_run(exp, 0, exp.client.lr, 1.0, 30), {"name": "synthetic"}) is None
+    log.write_text('{"key": "cut\n' + json.dumps({"key": key, "summary": summary}) + "\n")
+    with pytest.raises(ValueError, match="line 1 is not a run record"):
+        RunCache(log, [], train=False)
+
+
+def test_quick_compare_writes_its_tables_and_replays_without_training(tmp_path, capsys):
     out = tmp_path / "cmp"
     assert main(["compare", "--quick", "--out", str(out)]) == 0
-    for name in ("main", "global_rank", "sketch_ratio", "sketch_vs_nosketch", "importance"):
-        text = (out / f"{name}.md").read_text()
-        assert "± " in text and "chosen" in text
-        assert (out / f"{name}.png").stat().st_size > 0
-    assert (out / "coverage.png").stat().st_size > 0
-    main_md = (out / "main.md").read_text()
-    assert all(f"| {m} |" in main_md for m in MAIN_METHODS)
-    assert "| watch |" in main_md  # the budget table
-    runs = [json.loads(line) for line in (out / "runs.jsonl").read_text().splitlines()]
-    seeds = {r["summary"]["seed"] for r in runs if r["summary"]["method"] == "hetlora"}
-    assert seeds == {0, 1, 100}  # evaluation seeds and the separate tuning seed
-    before = len(runs)
-    assert main(["compare", "--quick", "--out", str(out)]) == 0  # resumes: nothing re-run
-    assert len((out / "runs.jsonl").read_text().splitlines()) == before
+    text = (out / "main.md").read_text()
+    assert all(f"| {m} |" in text for m in MAIN_METHODS) and "| watch |" in text
+    assert "fslora < hetlora" in (out / "verdicts-synthetic.md").read_text()
+    for name in ("main.grid.md", "main.png", "coverage.png"):
+        assert (out / name).stat().st_size > 0
+    runs = [json.loads(line)["summary"]
+            for line in (out / "runs-synthetic.jsonl").read_text().splitlines()]
+    assert {r["seed"] for r in runs if r["method"] == "hetlora"} == {0, 1, 100, 101}
+    before = (out / "runs-synthetic.jsonl").read_text()
+    capsys.readouterr()
+    assert main(["compare", "--quick", "--out", str(out)]) == 0
+    assert "0 runs trained" in capsys.readouterr().out
+    assert (out / "runs-synthetic.jsonl").read_text() == before
+    assert (out / "main.md").read_text() == text
+    assert not list(out.glob(".*tmp"))
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--out", "/proc/x"], "argument --out: '/proc/x' is not writable"),
+    (["--task", "planted", "--tables", "main"], "are not tables of task 'planted'"),
+    (["--methods", "hetlora"], "--methods must include fslora"),
+])
+def test_bad_compare_invocations_exit_with_a_message(args, needle, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["compare", *args])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert needle in err and "Traceback" not in err
+
+
+def test_methods_whose_server_ignores_eta_g_are_not_tuned_over_it():
+    grid = (1.0, 2.0, 4.0)
+    assert server_steps("fslora", grid) == server_steps("hetlora", grid) == grid
+    assert server_steps("flexlora", grid) == server_steps("flora", grid) == (1.0,)
+    rows = {r.label: r for t in build_tables(CompareConfig(tables=("main",))) for r in t.rows}
+    assert rows["flora"].step_grid == (1.0,) and len(rows["fslora"].step_grid) == 4
+
+
+def test_compare_writes_under_runs_by_default():
+    assert CompareConfig().out_dir == "runs/compare"
+
+
+def test_readmes_match_the_committed_runs():
+    """Every study figure in results/compare/README.md and README.md is what `compare --readme`
+    writes from the committed runs (results/compare/runs-*.jsonl)."""
+    blocks = readme_blocks()
+    for path, names in ((COMMITTED / "README.md", ("verdicts", "status")),
+                        (COMMITTED.parents[1] / "README.md", ("summary",))):
+        text = path.read_text()
+        for name in names:
+            found = block_pattern(name).search(text)
+            assert found, f"{path} has no study:{name} block"
+            assert found.group(2) == blocks[name], (
+                f"{path}'s {name} block differs from the committed runs: "
+                f"run python -m fslora_min compare --readme")
+
+
+def test_server_adamw_decays_the_factors_and_steps_by_the_sign_of_the_average():
+    """The 'as published' row's server: AdamW on the pseudo-gradient -D; its first step is
+    X <- X (1 - eta wd) + eta D / (|D| + eps) elementwise (Adam's first step is the sign)."""
+    m, n, r = 3, 4, 4
+    layer = LoRALinear(nn.Linear(n, m).double(), r, alpha=float(r))
+    with torch.no_grad():
+        layer.lora_B.copy_(torch.randn(m, r, dtype=torch.float64))
+    lr, wd = random.uniform(0.001, 0.1), random.uniform(0.001, 0.1)
+    server = Server(nn.ModuleDict({"l": layer}), ServerConfig(optimizer="adamw", server_lr=lr,
+                                                              weight_decay=wd))
+    B0, A0 = layer.lora_B.detach().clone(), layer.lora_A.detach().clone()
+    d = (torch.randn(m, r, dtype=torch.float64), torch.randn(r, n, dtype=torch.float64))
+    server.apply_updates([ClientUpdate(0, {"l": Sketch(torch.arange(r), r)}, {"l": d}, 1, 0)])
+    for x0, dx, x1 in ((B0, d[0], layer.lora_B), (A0, d[1], layer.lora_A)):
+        want = x0 * (1 - lr * wd) + lr * dx / (dx.abs() + 1e-8)
+        torch.testing.assert_close(x1.detach(), want, rtol=1e-10, atol=1e-10)
+    with pytest.raises(ValueError, match="weight_decay: must be >= 0"):
+        ServerConfig(optimizer="adamw", weight_decay=-1.0)

@@ -1,0 +1,114 @@
+"""A task where adapter rank binds: text sampled from a teacher = the base model plus a planted
+rank-R* update of ONE layer.
+
+The synthetic task's shift is limited by optimisation more than by rank (a rank-16 change
+planted in all 12 modules gave FedAvg ranks 2 / 4 / 16 nearly the same loss), so it cannot show
+FSLoRA's point: all r ranks get trained. Here the teacher's layer W becomes
+
+    W* = W + sum_{j < R*} (g / sigma_j) u_j v_j^T,
+
+with v_j the top-R* principal directions of that layer's inputs on base-model text (sigma_j^2
+their second moments), u_j random orthonormal output directions, and g = strength * RMS ||W x||
+/ sqrt(R*): every direction moves the layer's output by the same amount, so none can be dropped
+cheaply and a student of rank < R* must leave some of the change unlearnt.
+
+Clients keep the synthetic task's non-IID split: each sequence starts with `prefix` tokens of
+the client's own topic mixture (fslora_min/data.py) and the teacher continues it by sampling.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from fslora_min.data import ClientData, DataConfig, FederatedData, make_federated_data
+from fslora_min.data import pretraining_batches, split_inputs_targets
+from fslora_min.rng import PLANTED, generator
+
+
+@dataclass
+class PlantedConfig:
+    layer: str = "blocks.1.mlp.proj"  # the one adapted layer the teacher changes
+    rank: int = 16  # R*
+    strength: float = 1.0  # RMS of the planted change of the layer's output / RMS of its output
+    prefix: int = 4  # tokens of each sequence from the client's topic mixture
+    probe_seqs: int = 256  # base-model sequences whose layer inputs give the directions
+
+    def __post_init__(self) -> None:
+        for name in ("rank", "prefix", "probe_seqs"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"planted {name} must be a positive integer, "
+                                 f"got {getattr(self, name)!r}")
+        if not self.strength > 0:
+            raise ValueError(f"planted strength must be positive, got {self.strength!r}")
+
+
+@torch.no_grad()
+def layer_inputs(model: nn.Module, layer: nn.Linear, seqs: torch.Tensor) -> torch.Tensor:
+    """(tokens, n): the inputs `layer` sees when `model` reads `seqs`."""
+    seen = []
+    hook = layer.register_forward_hook(lambda _m, args, _out: seen.append(args[0].flatten(0, -2)))
+    try:
+        model(split_inputs_targets(seqs)[0])
+    finally:
+        hook.remove()
+    return torch.cat(seen).double()
+
+
+def planted_delta(weight: torch.Tensor, inputs: torch.Tensor, cfg: PlantedConfig,
+                  gen: torch.Generator) -> torch.Tensor:
+    """Delta = sum_j (g / sigma_j) u_j v_j^T (m x n), the module docstring's equation."""
+    m, n = weight.shape
+    if cfg.rank > min(m, n):
+        raise ValueError(f"planted rank {cfg.rank} exceeds min(m, n) = {min(m, n)} of "
+                         f"{cfg.layer}")
+    second = inputs.T @ inputs / len(inputs)  # (n, n) second moments of the inputs
+    eigval, eigvec = torch.linalg.eigh(second)  # ascending
+    v = eigvec[:, -cfg.rank:].flip(1)  # (n, R*) top principal directions
+    sigma = eigval[-cfg.rank:].flip(0).clamp(min=1e-12).sqrt()  # (R*,)
+    u, _ = torch.linalg.qr(torch.randn(m, cfg.rank, generator=gen, dtype=torch.float64))
+    rms_out = (inputs @ weight.double().T).norm(dim=1).pow(2).mean().sqrt()
+    g = cfg.strength * rms_out / cfg.rank ** 0.5
+    return (u * (g / sigma)[None, :]) @ v.T
+
+
+def make_teacher(base: nn.Module, data: DataConfig, cfg: PlantedConfig) -> nn.Module:
+    """A copy of `base` whose `cfg.layer` weight has the planted update added."""
+    teacher = copy.deepcopy(base).eval()
+    layer = teacher.get_submodule(cfg.layer)
+    probe = next(pretraining_batches(data, cfg.probe_seqs, data.seed))
+    delta = planted_delta(layer.weight.detach(), layer_inputs(teacher, layer, probe), cfg,
+                          generator(data.seed, PLANTED, 0))
+    with torch.no_grad():
+        layer.weight += delta.to(layer.weight)
+    return teacher
+
+
+@torch.no_grad()
+def continue_with(teacher: nn.Module, seqs: torch.Tensor, prefix: int,
+                  gen: torch.Generator) -> torch.Tensor:
+    """`seqs` with every token after the first `prefix` resampled from the teacher, in order."""
+    out = seqs.clone()
+    for t in range(prefix, seqs.shape[1]):
+        probs = teacher(out[:, :t])[:, -1].softmax(-1)  # (N, V): next-token law at position t
+        out[:, t] = torch.multinomial(probs, 1, generator=gen).squeeze(1)
+    return out
+
+
+def make_planted_data(base: nn.Module, data: DataConfig, num_clients: int,
+                      cfg: PlantedConfig) -> FederatedData:
+    """The synthetic split (fslora_min/data.py) with every sequence continued by the teacher."""
+    if cfg.prefix >= data.seq_len:
+        raise ValueError(f"planted prefix {cfg.prefix} leaves no teacher tokens in sequences of "
+                         f"{data.seq_len + 1}")
+    teacher = make_teacher(base, data, cfg)
+    markov = make_federated_data(data, num_clients)
+    gen = generator(data.seed, PLANTED, 1)
+    clients = [ClientData(continue_with(teacher, c.train, cfg.prefix, gen),
+                          continue_with(teacher, c.heldout, cfg.prefix, gen), c.topic_mix)
+               for c in markov.clients]
+    heldout = continue_with(teacher, markov.global_heldout, cfg.prefix, gen)
+    return FederatedData(clients, heldout, markov.base_tables, markov.client_tables)

@@ -1,0 +1,48 @@
+"""fslora_min/planted.py: the planted update has rank R*, lies on the top principal input
+directions with equal effect per direction, and only the teacher's continuation is resampled."""
+
+import torch
+
+from fslora_min.data import DataConfig, make_federated_data
+from fslora_min.model import TEST_CONFIG, Transformer
+from fslora_min.planted import (PlantedConfig, layer_inputs, make_planted_data, make_teacher,
+                                planted_delta)
+from fslora_min.data import pretraining_batches
+
+DATA = DataConfig(vocab_size=TEST_CONFIG.vocab_size, seq_len=TEST_CONFIG.context,
+                  n_base_topics=3, successors=2, train_seqs=6, heldout_seqs=2,
+                  global_heldout_seqs=5, seed=int(torch.randint(1000, ())))
+CFG = PlantedConfig(layer="blocks.0.mlp.proj", rank=3, strength=0.7, prefix=2, probe_seqs=16)
+
+
+def test_planted_delta_has_equal_effect_along_the_top_principal_directions():
+    x = torch.randn(500, 12, dtype=torch.float64) * torch.linspace(3, 0.1, 12)  # (tokens, n)
+    w = torch.randn(6, 12)
+    delta = planted_delta(w, x, CFG, torch.Generator().manual_seed(0))
+    assert torch.linalg.matrix_rank(delta).item() == CFG.rank
+    eigval, eigvec = torch.linalg.eigh(x.T @ x / len(x))
+    top = eigvec[:, -CFG.rank:]
+    assert torch.allclose(delta @ top @ top.T, delta, atol=1e-10)  # row space = top directions
+    effect = (x @ top).pow(2).mean(0).sqrt() * (delta @ top).norm(dim=0)  # sigma_j ||Delta v_j||
+    assert torch.allclose(effect, effect.mean().expand_as(effect), rtol=1e-8)
+    total = (x @ delta.T).norm(dim=1).pow(2).mean().sqrt()
+    out = (x @ w.double().T).norm(dim=1).pow(2).mean().sqrt()
+    assert torch.isclose(total / out, torch.tensor(CFG.strength, dtype=torch.float64), rtol=1e-8)
+
+
+def test_teacher_changes_one_layer_and_continues_the_clients_prefixes():
+    base = Transformer(TEST_CONFIG).eval()
+    teacher = make_teacher(base, DATA, CFG)
+    changed = [n for (n, p), q in zip(base.named_parameters(), teacher.parameters())
+               if not torch.equal(p, q)]
+    assert changed == [f"{CFG.layer}.weight"]
+    layer = base.get_submodule(CFG.layer)
+    probe = next(pretraining_batches(DATA, CFG.probe_seqs, DATA.seed))
+    assert layer_inputs(base, layer, probe).shape == (CFG.probe_seqs * DATA.seq_len, 4 * 16)
+    planted = make_planted_data(base, DATA, 3, CFG)
+    markov = make_federated_data(DATA, 3)
+    for p, m in zip(planted.clients, markov.clients):
+        assert torch.equal(p.train[:, :CFG.prefix], m.train[:, :CFG.prefix])
+        assert not torch.equal(p.train, m.train)
+    again = make_planted_data(base, DATA, 3, CFG)
+    assert torch.equal(again.global_heldout, planted.global_heldout)  # seeded
