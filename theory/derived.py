@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from theory.bound import (derived_bound, derived_bound_terms, derived_max_step,  # noqa: E402
+from theory.bound import (derived_bound, derived_bound_terms, derived_max_step,
                           derived_step_conditions, max_step)
 from theory.calibration import Effort, Outcome, calibrate
 from theory.constants import smoothness_L
