@@ -12,19 +12,19 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import shlex
 import sys
-from dataclasses import replace
 from pathlib import Path
+from dataclasses import replace
 from typing import Callable, get_args, get_origin, get_type_hints
 
-from fslora_min.checkpoint import CHECKPOINT_NAME
 from fslora_min.client import OPTIMIZERS, ClientConfig
 from fslora_min.compare import (STUDY_TASKS, TABLES, CompareConfig, quick_config, run_compare,
                                 update_readmes)
 from fslora_min.compute import ComputeConfig
 from fslora_min.data import DataConfig
-from fslora_min.experiment import (PRESETS, ExperimentConfig, preset, run_experiment,
-                                   write_outputs)
+from fslora_min.experiment import (PRESETS, ExperimentConfig, Interrupted, output_folder,
+                                   preset, run_experiment, write_outputs)
 from fslora_min.federation import FederationConfig
 from fslora_min.knobs import ConfigError, flag_of, knobs
 from fslora_min.lora import LoRAConfig
@@ -52,17 +52,6 @@ def _positive_float(text: str) -> float:
     if not (math.isfinite(value) and value > 0):
         raise argparse.ArgumentTypeError(f"must be positive and finite, got {value}")
     return value
-
-
-def check_out_dir(out: str) -> None:
-    """Create the output folder if needed and prove it writable, before any training."""
-    probe = Path(out) / ".write-test"
-    try:
-        probe.parent.mkdir(parents=True, exist_ok=True)
-        probe.write_text("")
-        probe.unlink()
-    except OSError as err:
-        raise ValueError(f"argument --out: {out!r} is not writable: {err.strerror}") from None
 
 
 # The parts of an ExperimentConfig that `run` sets, in --help's order: (title, attribute, class).
@@ -116,10 +105,10 @@ def _command_line_type(parse: Callable[[str], object]) -> Callable[[str], object
 def add_knob(group: argparse._ArgumentGroup, attr: str, f: dataclasses.Field, hint: object) -> str:
     """One flag for the knob `f` of part `attr` (its type hint `hint`); returns the flag."""
     kind, many = hint, False
+    if type(None) in get_args(kind):  # X | None
+        kind = next(a for a in get_args(kind) if a is not type(None))
     if get_origin(kind) in (list, tuple):
         kind, many = get_args(kind)[0], True
-    elif type(None) in get_args(kind):  # X | None
-        kind = next(a for a in get_args(kind) if a is not type(None))
     flag, meta = flag_of(f), f.metadata
     options = dict(dest=f"{attr}.{f.name}", default=argparse.SUPPRESS,
                    help=meta["help"] + _default_text(attr, f, kind))
@@ -161,6 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: synthetic)")
     g.add_argument("--resume", action="store_true",
                    help="continue from the output folder's checkpoint (same arguments)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace the run the output folder holds (else it is refused)")
     g.add_argument("--no-progress", action="store_true", help="hide progress bars")
     run.set_defaults(command_parser=run, flags=flags)
     cmp = sub.add_parser("compare", help="the reproduction study: every row tuned, every claim "
@@ -221,6 +212,12 @@ def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
     return ExperimentConfig(**given["experiment"], **(from_preset | parts))
 
 
+def under_flag(args: argparse.Namespace, err: ConfigError) -> str:
+    """A config error as the command line names it: under its flag, when it has one."""
+    flag = args.flags.get((err.config, err.field))
+    return f"argument {flag}: {err.problem}" if flag else str(err)
+
+
 def print_summary(cfg: ExperimentConfig, history, info: dict) -> None:
     last = history.rounds[-1]
     ranks = info["trained_ranks"]
@@ -260,6 +257,17 @@ def print_clients(history, info: dict) -> None:
               f"{last.client_heldout_acc[i]:.4f}")
 
 
+def check_compare_out(out: str) -> None:
+    """Create compare's output folder if needed and prove it writable, before any training."""
+    probe = Path(out) / ".write-test"
+    try:
+        probe.parent.mkdir(parents=True, exist_ok=True)
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise ValueError(f"argument --out: {out!r} is not writable: {err.strerror}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else argv
@@ -272,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         out = args.out or ("runs/compare-quick" if args.quick else CompareConfig().out_dir)
         try:
-            check_out_dir(out)
+            check_compare_out(out)
             cfg = quick_config(out, args.task) if args.quick else CompareConfig(task=args.task,
                                                                                 out_dir=out)
             h = cfg.horizons
@@ -287,17 +295,22 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         cfg = config_from_args(args)
-        check_out_dir(cfg.out_dir)
-        if args.resume and not (Path(cfg.out_dir) / CHECKPOINT_NAME).is_file():
-            raise ValueError(f"--resume: no checkpoint to resume from in {cfg.out_dir!r} "
-                             f"(run with --checkpoint-every N first)")
-        history, info = run_experiment(cfg, progress=not args.no_progress, resume=args.resume)
-        out = write_outputs(cfg, history, info)
+        with output_folder(cfg.out_dir, args.resume, args.overwrite):
+            history, info = run_experiment(cfg, not args.no_progress, args.resume,
+                                           args.overwrite)
+            out = write_outputs(cfg, history, info)
     except ConfigError as err:
-        flag = args.flags.get((err.config, err.field))
-        args.command_parser.error(f"argument {flag}: {err.problem}" if flag else str(err))
+        args.command_parser.error(under_flag(args, err))
     except ValueError as err:
         args.command_parser.error(str(err))
+    except Interrupted as stop:
+        again = [a for a in argv if a != "--overwrite"] + ([] if args.resume else ["--resume"])
+        print(stop.line(shlex.join(["python", "-m", "fslora_min", *again])), file=sys.stderr)
+        return 130
     print_summary(cfg, history, info)
     print(f"wrote {out / 'metrics.json'} and {out / 'curves.png'}")
+    stalled = history.stalled()
+    if stalled:
+        print(stalled, file=sys.stderr)
+        return 1
     return 0

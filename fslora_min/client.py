@@ -19,7 +19,7 @@ import torch.nn as nn
 from fslora_min.data import split_inputs_targets
 from fslora_min.knobs import check_knobs, knob
 from fslora_min.lora import CompactFactors, compact_factors
-from fslora_min.model import lm_loss
+from fslora_min.model import dropout_masks, lm_loss
 from fslora_min.sketch import Sketch
 
 OPTIMIZERS = ("sgd", "adamw")
@@ -73,8 +73,10 @@ def client_update(client_id: int, downlink: dict[str, CompactFactors],
 
 def train_client(model: nn.Module, client_id: int, downlink: dict[str, CompactFactors],
                  batches: Iterator[torch.Tensor], cfg: ClientConfig,
-                 num_examples: int) -> ClientUpdate:
-    """H local steps of one client on its compact factors (step 3 of a round); its upload.
+                 num_examples: int, masks: torch.Generator | None = None) -> ClientUpdate:
+    """H local steps of one client on its compact factors (step 3 of a round), in train mode;
+    its upload. `masks` draws the model's dropout masks (the federation passes this round's and
+    client's stream, fslora_min/rng.py; None: torch's global generator).
 
     The one-client reference: by default a round's clients are trained together by
     `engine.train_clients_batched`, which is tested against this. `downlink` holds the server's
@@ -88,7 +90,7 @@ def train_client(model: nn.Module, client_id: int, downlink: dict[str, CompactFa
              for name, f in downlink.items()}
     params = [t for f in local.values() for t in (f.b, f.a) if t.requires_grad]
     opt = make_optimizer(params, cfg)
-    with compact_factors(model, local):
+    with compact_factors(model, local), dropout_masks(model, None if masks is None else [masks]):
         for _ in range(cfg.local_steps):
             loss = lm_loss(model, *split_inputs_targets(next(batches).to(device)))
             opt.zero_grad(set_to_none=True)

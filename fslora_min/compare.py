@@ -661,7 +661,8 @@ def draw(table: TableSpec, rows: list[Row], out: Path) -> None:
                                                     "fslora-importance")
                      and all("coverage" in run for run in r.runs)]
     if table.name == "main" and with_coverage:
-        plots_compare.plot_coverage(with_coverage, tmp)
+        plots_compare.plot_coverage(with_coverage, f"How often each rank index was trained: "
+                                    f"{table.title}", tmp)
         tmp.replace(out / "coverage.png")
 
 

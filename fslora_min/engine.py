@@ -16,7 +16,8 @@ them together, in H passes over all P clients' minibatches stacked into one (P b
 Each client still draws its own minibatches from its own stream and starts from its own
 downlink, so both engines give the same updates to float rounding (tests/test_engine.py). The
 clients' sequences must all have one shape (true for `minibatches` over equal-sized client
-sets); the model's dropout, if any, draws different masks in the two engines.
+sets). The model's dropout draws each client's masks from that client's own generator
+(fslora_min/model.py `Dropout`), so the two engines also train on the same masks.
 
 On a CPU the batched engine trains the round in passes of as many clients as keep the widest
 activation (tokens x widest layer output) within CPU_PASS_BYTES: larger activations are served
@@ -34,7 +35,7 @@ from fslora_min.compute import CPU_PASS_BYTES
 from fslora_min.data import Minibatches, split_inputs_targets
 from fslora_min.lora import (BatchedFactors, CompactFactors, LoRALinear, batched_compact_factors,
                              lora_modules)
-from fslora_min.model import lm_loss
+from fslora_min.model import dropout_masks, lm_loss
 
 # What "auto" picks per device type: the engine bench_engine.py measured faster there
 # (results/engine/README.md).
@@ -106,9 +107,11 @@ def stack_client_factors(fs: list[CompactFactors | None], scale: float,
 
 def train_clients_batched(model: nn.Module, client_ids: list[int], downlinks: list[Downlink],
                           batches: list[Minibatches], cfg: ClientConfig,
-                          num_examples: list[int]) -> list[ClientUpdate]:
+                          num_examples: list[int],
+                          masks: list[torch.Generator] | None = None) -> list[ClientUpdate]:
     """H local steps of all P clients at once (step 3 of a round, the default engine); the same
-    ClientUpdates as `train_client`, the one-client reference, gives."""
+    ClientUpdates as `train_client`, the one-client reference, gives (with the same `masks`,
+    one dropout-mask generator per client)."""
     if not downlinks:  # every participant dropped out
         return []
     device = next(model.parameters()).device
@@ -116,7 +119,7 @@ def train_clients_batched(model: nn.Module, client_ids: list[int], downlinks: li
     factors = stack_downlinks(downlinks, scales, device)
     params = [t for f in factors.values() for t in (f.b, f.a) if t.requires_grad]
     opt = make_optimizer(params, cfg)  # elementwise: P independent SGD or AdamW optimizers
-    with batched_compact_factors(model, factors):
+    with batched_compact_factors(model, factors), dropout_masks(model, masks):
         for _ in range(cfg.local_steps):
             mine = [next(stream) for stream in batches]  # each client's own next minibatch
             if len({tuple(x.shape) for x in mine}) != 1:
@@ -137,20 +140,24 @@ def train_clients_batched(model: nn.Module, client_ids: list[int], downlinks: li
 
 def train_clients(engine: str, model: nn.Module, client_ids: list[int],
                   downlinks: list[Downlink], batches: list[Minibatches], cfg: ClientConfig,
-                  num_examples: list[int], clients_per_pass: int = 0) -> list[ClientUpdate]:
+                  num_examples: list[int], clients_per_pass: int = 0,
+                  masks: list[torch.Generator] | None = None) -> list[ClientUpdate]:
     """The round's local training with either engine ('sequential': one client at a time).
 
     The batched engine trains `clients_per_pass` clients at a time (0:
-    `default_clients_per_pass`). Every client draws from its own streams, so passes change no
-    number beyond float rounding.
+    `default_clients_per_pass`). `masks` holds each client's dropout-mask generator (None:
+    torch's global one). Every client draws from its own streams, so passes change no number
+    beyond float rounding.
     """
     if engine == "batched":
         step = clients_per_pass or default_clients_per_pass(model, batches)
         return [u for s in range(0, len(client_ids), step)
                 for u in train_clients_batched(model, client_ids[s:s + step],
                                                downlinks[s:s + step], batches[s:s + step], cfg,
-                                               num_examples[s:s + step])]
+                                               num_examples[s:s + step],
+                                               None if masks is None else masks[s:s + step])]
     if engine != "sequential":
         raise ValueError(f"engine must be 'sequential' or 'batched', got {engine!r}")
-    return [train_client(model, i, down, stream, cfg, n)
-            for i, down, stream, n in zip(client_ids, downlinks, batches, num_examples)]
+    gens = [None] * len(client_ids) if masks is None else masks
+    return [train_client(model, i, down, stream, cfg, n, g)
+            for i, down, stream, n, g in zip(client_ids, downlinks, batches, num_examples, gens)]

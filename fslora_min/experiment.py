@@ -1,10 +1,11 @@
 """One experiment, end to end: base model, data, client ranks, LoRA, server, federation,
 outputs.
 
-`ExperimentConfig` gathers every knob (one dataclass per part); `run_experiment` builds the
-pieces from it and plays the federation, checkpointing to out_dir/checkpoint.pt every
-`checkpoint_every` rounds and, with `resume`, continuing from there (fslora_min/checkpoint.py);
-`write_outputs` saves metrics.json and curves.png.
+`ExperimentConfig` gathers every knob (one dataclass per part); `output_folder` checks and
+makes the run's folder; `run_experiment` builds the pieces from the config and plays the
+federation, checkpointing to out_dir/checkpoint.pt every `checkpoint_every` rounds and, with
+`resume`, continuing from there (fslora_min/checkpoint.py); `write_outputs` saves metrics.json
+and curves.png.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import copy
 import json
 import platform
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -29,7 +32,7 @@ from fslora_min.federation import Federation, FederationConfig, History, evaluat
 from fslora_min.knobs import ConfigError, check_knobs, knob
 from fslora_min.lora import LoRAConfig, apply_lora, count_lora_parameters
 from fslora_min.methods import METHODS, make_method
-from fslora_min.model import TEST_CONFIG, ModelConfig, count_parameters
+from fslora_min.model import TEST_CONFIG, ModelConfig, Transformer, count_parameters
 from fslora_min.pretrain import PretrainConfig, load_or_pretrain
 from fslora_min.rng import LORA_INIT, generator
 from fslora_min.server import Server, ServerConfig
@@ -58,8 +61,10 @@ class ExperimentConfig:
                   "FSLoRA's bytes; ffa-lora / rolora / fedex-lora (rank min_i k_i): A frozen / "
                   "A and B in alternate rounds / the averaging residual folded into W0",
         choices=METHODS)
-    ratios: list[float] = knob(help="sketching ratios k_i / r in (0, 1], given to clients in turn",
-                               parse=_ratio, default_factory=lambda: list(PAPER_RATIOS))
+    # unset: the paper's ratios, unless rank_distribution is given
+    ratios: list[float] | None = knob(None, "sketching ratios k_i / r in (0, 1], given to "
+                                            "clients in turn", parse=_ratio,
+                                      default_text=" ".join(f"{x:g}" for x in PAPER_RATIOS))
     rank_distribution: str | None = knob(None, "draw k_i from this distribution over 1..r "
                                                "instead of --ratios", choices=DISTRIBUTIONS)
     client_ranks: list[int] | None = None  # instead of both: k_i per client (e.g. profiles)
@@ -77,6 +82,12 @@ class ExperimentConfig:
 
     def __post_init__(self) -> None:
         check_knobs(self)
+        if self.ratios is not None and self.rank_distribution is not None:
+            raise ConfigError(self, "ratios", f"cannot be given with --rank-distribution "
+                                              f"{self.rank_distribution}: both set the client "
+                                              f"ranks k_i; give one of them")
+        if self.ratios is None and self.rank_distribution is None:
+            self.ratios = list(PAPER_RATIOS)
         if not self.out_dir.strip():
             raise ConfigError(self, "out_dir", "must be a non-empty path")
         if self.data.seq_len > self.model.context:
@@ -96,7 +107,8 @@ PRESETS = ("default", "tiny")
 
 
 def preset(name: str, task: str = "synthetic") -> tuple[ModelConfig, TaskConfig, PretrainConfig]:
-    """Model, data and pretraining sizes: 'default' (the demo), 'tiny' (seconds; for tests)."""
+    """Model, data and pretraining sizes: 'default' (the demo), 'tiny' (a 1-block width-16
+    model, for tests and trying flags)."""
     if task == "shakespeare":
         return shakespeare_preset(name)
     if task != "synthetic":
@@ -109,6 +121,17 @@ def preset(name: str, task: str = "synthetic") -> tuple[ModelConfig, TaskConfig,
                           global_heldout_seqs=16)
         return TEST_CONFIG, data, PretrainConfig(steps=150, batch_size=16, lr=1e-2)
     raise ValueError(f"preset must be one of {PRESETS}, got {name!r}")
+
+
+def describe(cfg: ExperimentConfig) -> str:
+    """What was run, in one line (a figure's title): method, task, model, r, N, M, T, H, seed."""
+    fed, m, task = cfg.federation, cfg.model, task_name(cfg.data)
+    name = next((p for p in PRESETS
+                 if preset(p, task) == (cfg.model, cfg.data, cfg.pretrain)), None)
+    model = f"{m.n_layer} layer{'s' * (m.n_layer != 1)}, width {m.d_model}"
+    return (f"{cfg.method} on {task}, {f'the {name} preset ({model})' if name else model}: "
+            f"r = {cfg.lora.rank}, {fed.num_clients} clients ({fed.participants} a round), "
+            f"{fed.rounds} rounds of H = {cfg.client.local_steps} local steps, seed {fed.seed}")
 
 
 def shakespeare_preset(name: str) -> tuple[ModelConfig, ShakespeareConfig, PretrainConfig]:
@@ -136,11 +159,86 @@ def assign_client_ranks(cfg: ExperimentConfig) -> list[int]:
     return ranks_from_ratios(cfg.ratios, fed.num_clients, r)
 
 
+RUN_FILES = ("metrics.json", CHECKPOINT_NAME)  # a folder holding one of them holds a run
+
+
+def check_out_dir(out: str, resume: bool, overwrite: bool) -> None:
+    """Refuse, before anything is made or trained, an output folder that cannot take this run:
+    a finished or checkpointed run without --resume or --overwrite, or --resume without a
+    checkpoint."""
+    if resume and overwrite:
+        raise ValueError("--resume continues the run in the output folder and --overwrite "
+                         "replaces it: give one of them")
+    folder = Path(out)
+    if resume and not (folder / CHECKPOINT_NAME).is_file():
+        raise ValueError(f"--resume: no checkpoint to resume from in {out!r} "
+                         f"(run with --checkpoint-every N first)")
+    held = [name for name in RUN_FILES if (folder / name).exists()]
+    if held and not (resume or overwrite):
+        raise ValueError(f"{out!r} already holds a run ({', '.join(held)}): continue it with "
+                         f"--resume, replace it with --overwrite, or choose another --out")
+
+
+def remove_empty(folders: list[Path]) -> None:
+    """Remove `folders` (deepest first) while they are empty."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except FileNotFoundError:
+            continue
+        except OSError:  # not empty: it and its parents hold something
+            return
+
+
+@contextmanager
+def output_folder(out: str, resume: bool = False, overwrite: bool = False) -> Iterator[Path]:
+    """The checked (`check_out_dir`), created and writable output folder; the folders it made
+    are removed again if the run fails or is interrupted before writing anything there."""
+    check_out_dir(out, resume, overwrite)
+    folder = Path(out)
+    made = [f for f in (folder, *folder.parents) if not f.exists()]  # deepest first
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        remove_empty(made)
+        raise ValueError(f"argument --out: {out!r} is not writable: {err.strerror}") from None
+    try:
+        yield folder
+    except BaseException:
+        remove_empty(made)
+        raise
+
+
+def adapted_layers(model: nn.Module, targets: tuple[str, ...]) -> dict[str, nn.Linear]:
+    """The nn.Linear layers LoRA adapts (fslora_min/lora.py `apply_lora`), by qualified name."""
+    return {f"{parent_name}.{name}" if parent_name else name: m
+            for parent_name, parent in model.named_modules()
+            for name, m in parent.named_children()
+            if name in targets and isinstance(m, nn.Linear)}
+
+
 def full_rank(model: nn.Module, targets: tuple[str, ...]) -> int:
     """max over the targeted nn.Linear layers of min(m, n): a LoRA of this rank is any update."""
-    return max(min(m.in_features, m.out_features) for parent in model.modules()
-               for name, m in parent.named_children()
-               if name in targets and isinstance(m, nn.Linear))
+    return max(min(m.in_features, m.out_features)
+               for m in adapted_layers(model, targets).values())
+
+
+def check_rank(cfg: ExperimentConfig) -> None:
+    """Refuse a global rank r above min(m, n) of the smallest adapted module: B A has rank at
+    most min(m, n), so the extra ranks would only add parameters. Needs only the model's shapes
+    (an untrained model), so it runs before any pretraining."""
+    r = cfg.lora.rank
+    with torch.device("meta"):  # shapes only: no memory, no initialisation work
+        layers = adapted_layers(Transformer(cfg.model), cfg.lora.targets)
+    name, layer = min(layers.items(), key=lambda kv: min(kv[1].in_features, kv[1].out_features))
+    m, n = layer.out_features, layer.in_features
+    if r > min(m, n):
+        raise ValueError(f"--rank {r} exceeds min(m, n) = {min(m, n)} of the adapted module "
+                         f"{name} ({m} x {n}): B A has rank at most {min(m, n)} there; use "
+                         f"--rank {min(m, n)} or less")
 
 
 def resume_key(cfg: ExperimentConfig) -> dict:
@@ -148,12 +246,30 @@ def resume_key(cfg: ExperimentConfig) -> dict:
     return {k: v for k, v in asdict(cfg).items() if k not in ("out_dir", "checkpoint_every")}
 
 
-def restore(federation: Federation, state: dict, path: Path) -> None:
-    """Load a checkpoint's federation state; CheckpointError when it does not fit."""
+def restore(federation: Federation, state: dict, path: Path) -> float:
+    """Load a checkpoint's federation state; returns the wall seconds the run had taken until
+    it. CheckpointError when it does not fit."""
     try:
         federation.load_state_dict(state)
+        return float(state["wall_seconds"])
     except (KeyError, TypeError, ValueError, RuntimeError) as err:
         raise CheckpointError(f"{path} does not fit this run: {err}") from None
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during a run: `saved_round` is the last round in its checkpoint `path` (0: none)."""
+
+    def __init__(self, saved_round: int, path: Path) -> None:
+        super().__init__(saved_round, path)
+        self.saved_round, self.path = saved_round, path
+
+    def line(self, resume_command: str) -> str:
+        """One line for the console: what was saved, and how to go on."""
+        if not self.saved_round:
+            return ("interrupted before any checkpoint was written (--checkpoint-every N saves "
+                    "one every N rounds): nothing to resume")
+        return (f"interrupted; round {self.saved_round} is checkpointed in {self.path}; "
+                f"resume with: {resume_command}")
 
 
 def build_federation(cfg: ExperimentConfig, progress: bool = True) -> tuple[Federation, dict]:
@@ -164,6 +280,7 @@ def build_federation(cfg: ExperimentConfig, progress: bool = True) -> tuple[Fede
     """
     device = cfg.compute.torch_device()  # before any pretraining
     fed, lora, compute = cfg.federation, cfg.lora, cfg.compute
+    check_rank(cfg)
     client_ranks = assign_client_ranks(cfg)
     data = federated_data(cfg.data, fed.num_clients)  # before pretraining: it checks N
     base, cache = load_or_pretrain(cfg.model, cfg.data, cfg.pretrain, progress=progress)
@@ -191,25 +308,40 @@ def build_federation(cfg: ExperimentConfig, progress: bool = True) -> tuple[Fede
     return Federation(server, data, trained, fed, cfg.client, method, compute), info
 
 
-def run_experiment(cfg: ExperimentConfig, progress: bool = True,
-                   resume: bool = False) -> tuple[History, dict]:
+def run_experiment(cfg: ExperimentConfig, progress: bool = True, resume: bool = False,
+                   overwrite: bool = False) -> tuple[History, dict]:
     """Build the federation (`build_federation`) and play it.
 
     With `resume`, the federation continues from out_dir/checkpoint.pt, which must have been
-    written for the same configuration; the result is bit-identical to an uninterrupted run.
+    written for the same configuration; the result is bit-identical to an uninterrupted run,
+    and info["wall_seconds"] covers both parts. With `overwrite`, an earlier run's checkpoint
+    there is removed once this run starts. Ctrl-C raises `Interrupted`.
     """
     path, key = Path(cfg.out_dir) / CHECKPOINT_NAME, resume_key(cfg)
     saved = load_checkpoint(path, key) if resume else None  # before any work
-    federation, info = build_federation(cfg, progress)
-    if saved is not None:
-        restore(federation, saved, path)
-    if cfg.checkpoint_every:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
-    history = federation.run(progress, cfg.checkpoint_every,
-                             lambda state: save_checkpoint(path, key, state))
-    info["wall_seconds"] = time.perf_counter() - start
-    info["client_heldout_loss"] = history.rounds[-1].client_heldout_loss  # the last is evaluated
+    saved_round = len(saved["history"]["rounds"]) if saved else 0
+    try:
+        federation, info = build_federation(cfg, progress)
+        elapsed = 0.0 if saved is None else restore(federation, saved, path)
+        if saved is not None:
+            print(f"resuming from round {saved_round} of {cfg.federation.rounds} ({path})")
+        elif overwrite:
+            path.unlink(missing_ok=True)  # another run's: never resume into it
+        if cfg.checkpoint_every:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        start = time.perf_counter()
+
+        def save(state: dict) -> None:
+            nonlocal saved_round
+            seconds = elapsed + time.perf_counter() - start
+            save_checkpoint(path, key, state | {"wall_seconds": seconds})
+            saved_round = len(state["history"]["rounds"])
+
+        history = federation.run(progress, cfg.checkpoint_every, save)
+        info["wall_seconds"] = elapsed + time.perf_counter() - start
+        info["client_heldout_loss"] = history.rounds[-1].client_heldout_loss  # the last is evaluated
+    except KeyboardInterrupt:
+        raise Interrupted(saved_round, path) from None
     return history, info
 
 
@@ -223,5 +355,5 @@ def write_outputs(cfg: ExperimentConfig, history: History, info: dict) -> Path:
     tmp = out / "metrics.json.tmp"
     tmp.write_text(json.dumps(metrics, indent=1))
     tmp.replace(out / "metrics.json")
-    plot_history(history, f"{cfg.method}, r={cfg.lora.rank}", out / "curves.png")
+    plot_history(history, describe(cfg), out / "curves.png")
     return out

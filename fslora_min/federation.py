@@ -34,7 +34,7 @@ from fslora_min.engine import default_clients_per_pass, resolve_engine, train_cl
 from fslora_min.knobs import ConfigError, check_knobs, knob
 from fslora_min.methods import Downlink, Method
 from fslora_min.ranks import validate_ranks
-from fslora_min.rng import DROPOUT, MINIBATCHES, PARTICIPANTS, SKETCHES, generator
+from fslora_min.rng import DROPOUT, MASKS, MINIBATCHES, PARTICIPANTS, SKETCHES, generator
 from fslora_min.server import Server, sample_participants
 from fslora_min.validation import screen_updates
 
@@ -109,6 +109,19 @@ class History:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def stalled(self) -> str | None:
+        """A one-line summary if no round applied any update (so the global model is the
+        initial one: every upload rejected, or every participant dropped), else None."""
+        dropped = sum(len(r.dropped) for r in self.rounds)
+        reported = sum(len(r.participants) for r in self.rounds) - dropped
+        rejected = [(c, why) for r in self.rounds for c, why in zip(r.rejected, r.reasons)]
+        if not self.rounds or len(rejected) < reported:
+            return None
+        first = f" (the first: client {rejected[0][0]}, {rejected[0][1]})" if rejected else ""
+        return (f"no update was applied in {len(self.rounds)} rounds: {len(rejected)} of "
+                f"{reported} uploads were rejected{first} and {dropped} participants dropped "
+                f"out, so the global model is the initial one")
+
     @classmethod
     def from_dict(cls, d: dict) -> History:
         return cls([RoundRecord(**r) for r in d["rounds"]], d["initial_loss"],
@@ -153,6 +166,12 @@ def evaluate_clients(model: nn.Module, data: FederatedData) -> tuple[list[float]
             [part.sum().item() / n for part, n in zip(hits.split(sizes), tokens)])
 
 
+def mask_stream(seed: int, t: int, client: int, device: torch.device) -> torch.Generator:
+    """Client `client`'s dropout masks in round t: a stream of its own, so the masks do not
+    depend on the engine, on the other clients or on a resume (fslora_min/model.py `Dropout`)."""
+    return generator(seed, MASKS, t, client, device=device)
+
+
 class Federation:
     """N clients of ranks k_i around one server; `run()` plays T rounds."""
 
@@ -186,11 +205,13 @@ class Federation:
         plan = self.plan_round() if plan is None else plan
         live = plan.live
         reporters = [plan.participants[p] for p in live]
+        device = next(self.server.model.parameters()).device
         updates = train_clients(self.engine, self.server.model, reporters,
                                 [plan.downlinks[p] for p in live],
                                 [self.batch_streams[i] for i in reporters], self.client_cfg,
                                 [len(self.data.clients[i].train) for i in reporters],
-                                self.clients_per_pass)
+                                self.clients_per_pass,
+                                [mask_stream(self.fed.seed, t, i, device) for i in reporters])
         updates = [self.method.client_upload(u, plan.downlinks[p])  # e.g. FLASC's top-k
                    for u, p in zip(updates, live)]
         return self.close_round(t, plan, live, updates, start)

@@ -9,6 +9,9 @@ import matplotlib
 matplotlib.use("Agg")  # files only: no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+from fslora_min.plots import draw_coverage, expected_count  # noqa: E402
 
 
 def plot_curves(rows: list, title: str, path: Path,
@@ -28,6 +31,7 @@ def plot_curves(rows: list, title: str, path: Path,
             axes[0].axhline(predicted[row.label], ls="--", color=line.get_color())
     axes[0].set(xlabel="round", ylabel="global held-out loss",
                 title=f"loss (mean, band: min..max over {len(rows[0].runs)} seeds)")
+    axes[0].xaxis.set_major_locator(MaxNLocator(integer=True))
     axes[0].legend(fontsize=7)
     accs = [[r["acc"] for r in row.runs] for row in rows]
     axes[1].bar(range(len(rows)), [np.mean(a) for a in accs], yerr=[np.std(a) for a in accs],
@@ -41,17 +45,22 @@ def plot_curves(rows: list, title: str, path: Path,
     plt.close(fig)
 
 
-def plot_coverage(rows: list, path: Path) -> None:
-    """Times each rank index j of each module was trained, summed over seeds, one panel a method."""
-    fig, axes = plt.subplots(1, len(rows), figsize=(4 * len(rows), 3.6), squeeze=False)
-    for ax, row in zip(axes[0], rows):
+def plot_coverage(rows: list, title: str, path: Path) -> None:
+    """Times each rank index j of each module was trained, summed over seeds, one panel a
+    method, all on one colour scale (so the methods' spreads compare at a glance)."""
+    covs = []
+    for row in rows:
         names = list(row.runs[0]["coverage"])
-        cov = sum(np.array([r["coverage"][n] for n in names]) for r in row.runs)  # (modules, r)
-        im = ax.imshow(cov, aspect="auto", cmap="viridis", interpolation="nearest")
-        ax.set(xlabel="rank index j", title=f"{row.label}: min {cov.min()}, max {cov.max()}")
-        ax.set_yticks(range(len(names)), [n.replace("blocks.", "") for n in names], fontsize=5)
-        fig.colorbar(im, ax=ax)
-    fig.suptitle("How often each rank index was trained (all rounds, clients and seeds)")
-    fig.tight_layout()
+        covs.append((names, sum(np.array([r["coverage"][n] for n in names])
+                                for r in row.runs)))  # (modules, r)
+    vmax = max(cov.max() for _, cov in covs)
+    fig, axes = plt.subplots(1, len(rows), figsize=(3.6 * len(rows) + 1.5, 5), squeeze=False,
+                             layout="constrained")
+    for ax, row, (names, cov) in zip(axes[0], rows, covs):
+        im = draw_coverage(ax, cov, names, vmax)
+        ax.set_title(f"{row.label}: {cov.min()} .. {cov.max()}\n"
+                     f"expected under uniform sketches: {expected_count(cov):.0f}", fontsize=9)
+    fig.colorbar(im, ax=axes[0].tolist(), label="times trained (all rounds, clients, seeds)")
+    fig.suptitle(title)
     fig.savefig(path, dpi=110)
     plt.close(fig)

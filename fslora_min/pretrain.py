@@ -92,9 +92,15 @@ def load_or_pretrain(model_cfg: ModelConfig, data_cfg: TaskConfig, cfg: Pretrain
         except Exception as err:  # a damaged cache file is rebuilt, not trusted
             print(f"cached base model {path} is unreadable ({load_failure(err)}); "
                   f"pretraining again")
-    model = pretrain(model_cfg, data_cfg, cfg, progress)
-    cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{os.getpid()}.tmp")  # processes pretraining at once never clash
+    try:  # prove the cache writable before pretraining, not after
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        tmp.write_bytes(b"")
+        tmp.unlink()
+    except OSError as err:
+        raise ValueError(f"cannot write the base-model cache in {str(cache_dir)!r} "
+                         f"({err.strerror}): set FSLORA_CACHE to a writable folder") from None
+    model = pretrain(model_cfg, data_cfg, cfg, progress)
     torch.save(model.state_dict(), tmp)
     tmp.replace(path)  # atomic: a crash never leaves a half-written cache file
     return model, path

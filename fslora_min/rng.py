@@ -15,6 +15,7 @@ DATA_TOPICS, DATA_CLIENT, DATA_HELDOUT, PRETRAIN = 0, 1, 2, 3
 PARTICIPANTS, SKETCHES, MINIBATCHES, LORA_INIT, CLIENT_RANKS, DIRICHLET = 4, 5, 6, 8, 11, 7
 DROPOUT = 12  # which participants fail mid-round
 PLANTED = 13  # the planted-rank task (fslora_min/planted.py): its output directions, its samples
+MASKS = 14  # the model's dropout masks: one stream per (round, client)
 ROLES = 19  # which (play, role) pairs are the Shakespeare task's clients
 
 
@@ -24,9 +25,10 @@ def stream_seed(seed: int, *stream: int) -> int:
     return int(state[0]) << 32 | int(state[1])
 
 
-def generator(seed: int, *stream: int) -> torch.Generator:
-    """An independent CPU torch generator for one stream of one seed."""
-    return torch.Generator().manual_seed(stream_seed(seed, *stream))
+def generator(seed: int, *stream: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """An independent torch generator for one stream of one seed (on the CPU unless `device`
+    says otherwise: a CUDA tensor draws only from a CUDA generator)."""
+    return torch.Generator(device).manual_seed(stream_seed(seed, *stream))
 
 
 def numpy_rng(seed: int, *stream: int) -> np.random.Generator:

@@ -3,15 +3,20 @@
 
 import hashlib
 import io
+import json
 import pickle
 import re
+import shlex
+import time
 
 import pytest
 import torch
 
-from fslora_min.checkpoint import MAGIC, CheckpointError, read_payload
+import fslora_min.federation as federation_module
+from fslora_min.checkpoint import CHECKPOINT_NAME, MAGIC, CheckpointError, read_payload
 from fslora_min.cli import PARTS, main
-from fslora_min.experiment import preset
+from fslora_min.experiment import RUN_FILES, preset
+from fslora_min.federation import Federation
 from fslora_min.knobs import flag_of, knobs
 from fslora_min.pretrain import load_or_pretrain
 
@@ -61,6 +66,13 @@ BAD_RUN_ARGUMENTS = [
     (["--out", " "], "argument --out: must be a non-empty path"),
     (["--out", "{tmp}/a-file/sub"], "is not writable"),
     (["--resume"], "no checkpoint to resume from in"),
+    (["--resume", "--overwrite"], "--overwrite replaces it: give one of them"),
+    (["--rank", "129"], "--rank 129 exceeds min(m, n) = 128 of the adapted module "
+                        "blocks.0.attn.q (128 x 128)"),
+    (["--rank", "17", "--preset", "tiny"], "min(m, n) = 16 of the adapted module"),
+    (["--rank-distribution", "normal", "--ratios", "0.5"],
+     "argument --ratios: cannot be given with --rank-distribution normal: both set the client "
+     "ranks k_i"),
     (["--lora-backend", "cuda"], "invalid choice: 'cuda'"),
     (["--lora-gemm", "fast"], "invalid choice: 'fast'"),
     (["--unknown-flag"], "unrecognized arguments: --unknown-flag"),
@@ -176,3 +188,104 @@ def test_an_unreadable_base_model_cache_is_rebuilt_without_unsafe_advice(capsys,
 class Unpicklable:
     def __reduce__(self):
         return (print, ("this ran",))
+
+
+TINY = ["run", "--preset", "tiny", "--clients", "2", "--rank", "4", "--rounds", "2",
+        "--local-steps", "2", "--batch-size", "4", "--no-progress"]
+
+
+@pytest.fixture
+def cache(tmp_path_factory, monkeypatch):
+    """A pretraining cache shared by this module's tiny runs."""
+    monkeypatch.setenv("FSLORA_CACHE", str(tmp_path_factory.getbasetemp() / "cli-cache"))
+
+
+@pytest.mark.parametrize("name", RUN_FILES)
+def test_a_folder_holding_a_run_is_refused_without_resume_or_overwrite(name, capsys, tmp_path):
+    (tmp_path / name).write_text("an earlier run")
+    with pytest.raises(SystemExit) as exc:
+        main(["run", "--out", str(tmp_path), "--no-progress"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert f"already holds a run ({name})" in err and "--resume" in err and "--overwrite" in err
+    assert (tmp_path / name).read_text() == "an earlier run"
+
+
+def test_overwrite_replaces_the_run_and_its_stale_checkpoint(capsys, tmp_path, cache):
+    for name in RUN_FILES:
+        (tmp_path / name).write_text("an earlier run")
+    assert main([*TINY, "--out", str(tmp_path), "--overwrite"]) == 0
+    assert json.loads((tmp_path / "metrics.json").read_text())["config"]["federation"]["rounds"] == 2
+    assert not (tmp_path / CHECKPOINT_NAME).exists()  # it was another run's
+
+
+@pytest.mark.parametrize("args", [["--rank", "17"], ["--resume"], ["--rounds", "0"]])
+def test_a_failed_invocation_leaves_no_folder_behind(args, capsys, tmp_path, cache):
+    with pytest.raises(SystemExit):  # --rank 17 fails after the folder was made: it is removed
+        main([*TINY, "--out", str(tmp_path / "new" / "run"), *args])
+    assert capsys.readouterr().err and not (tmp_path / "new").exists()
+
+
+def test_a_run_that_applied_no_update_says_so_and_exits_non_zero(capsys, tmp_path, cache,
+                                                                  monkeypatch):
+    monkeypatch.setattr(federation_module, "screen_updates",
+                        lambda updates, clients, *_: ([], [(c, "test refusal") for c in clients]))
+    assert main([*TINY, "--out", str(tmp_path)]) == 1
+    assert ("no update was applied in 2 rounds: 4 of 4 uploads were rejected (the first: "
+            "client 0, test refusal) and 0 participants dropped out, so the global model is the "
+            "initial one") in capsys.readouterr().err
+    assert (tmp_path / "metrics.json").exists()  # the record of what went wrong
+
+
+def test_ctrl_c_prints_one_line_and_the_printed_command_resumes(capsys, tmp_path, cache,
+                                                                monkeypatch):
+    """Exit 130 with the last checkpointed round and the command to resume; the resumed run
+    says where it starts, and its wall time adds the interrupted part's."""
+    play = Federation.run_round
+
+    def slow_then_ctrl_c(self, t):
+        if t == 3:
+            raise KeyboardInterrupt
+        time.sleep(0.5)  # the interrupted part's wall time, which the resumed run must count
+        return play(self, t)
+
+    args = [*TINY, "--rounds", "4", "--checkpoint-every", "2", "--out", str(tmp_path / "r un")]
+    with monkeypatch.context() as mp:
+        mp.setattr(Federation, "run_round", slow_then_ctrl_c)
+        assert main(args) == 130
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "round 2 is checkpointed in" in err, err
+    command = shlex.split(err.split("resume with: ")[1])
+    assert command[:3] == ["python", "-m", "fslora_min"] and command[-1] == "--resume"
+    before = read_payload(tmp_path / "r un" / CHECKPOINT_NAME)["federation"]["wall_seconds"]
+    assert before >= 1.0
+    assert main(command[3:]) == 0
+    assert "resuming from round 2 of 4" in capsys.readouterr().out
+    metrics = json.loads((tmp_path / "r un" / "metrics.json").read_text())
+    resumed_part = sum(r["seconds"] for r in metrics["history"]["rounds"][2:])
+    assert metrics["info"]["wall_seconds"] >= before + resumed_part
+
+
+def test_ctrl_c_before_any_checkpoint_says_there_is_nothing_to_resume(capsys, tmp_path, cache,
+                                                                      monkeypatch):
+    def ctrl_c(self, t):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Federation, "run_round", ctrl_c)
+    assert main([*TINY, "--out", str(tmp_path / "run")]) == 130
+    assert capsys.readouterr().err.strip() == (
+        "interrupted before any checkpoint was written (--checkpoint-every N saves one every N "
+        "rounds): nothing to resume")
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_unwritable_base_model_cache_is_an_error_naming_fslora_cache(capsys, tmp_path,
+                                                                       monkeypatch):
+    (tmp_path / "a-file").write_text("not a folder")
+    monkeypatch.setenv("FSLORA_CACHE", str(tmp_path / "a-file" / "cache"))
+    with pytest.raises(SystemExit) as exc:
+        main([*TINY, "--out", str(tmp_path / "run")])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "cannot write the base-model cache in" in err and "set FSLORA_CACHE to a" in err
+    assert not (tmp_path / "run").exists()

@@ -68,12 +68,13 @@ def test_batched_linear_rejects_mismatched_shapes():
 
 def federation(ranks: list[int], engine: str, optimizer: str, method: str, device: str,
                dtype: torch.dtype, r: int = 4, last_rows: int | None = None,
-               clients_per_pass: int = 0) -> Federation:
+               clients_per_pass: int = 0, dropout: float = 0.0) -> Federation:
     """A tiny full-participation federation, built identically for either engine.
 
-    `last_rows` cuts the last client's training set to that many sequences.
+    `last_rows` cuts the last client's training set to that many sequences; `dropout` is the
+    model's. The model starts in eval mode, as a pretrained base does (fslora_min/pretrain.py).
     """
-    model = tiny_lora_model(r).to(device, dtype)
+    model = tiny_lora_model(r, dropout).to(device, dtype).eval()
     fed = FederationConfig(num_clients=len(ranks), participants=len(ranks), rounds=2)
     compute = ComputeConfig(engine=engine, clients_per_pass=clients_per_pass)
     client = ClientConfig(local_steps=3, lr=0.3 if optimizer == "sgd" else 0.01,
@@ -94,14 +95,15 @@ CASES = [("sgd", [2, 2, 2], "fslora"), ("sgd", [1, 2, 4], "fslora"),
 
 @pytest.mark.parametrize("device, dtype", DEVICES)
 @pytest.mark.parametrize("optimizer, ranks, method", CASES)
+@pytest.mark.parametrize("dropout", [0.0, 0.3])  # the model's: each client's masks its own
 def test_batched_engine_gives_the_sequential_global_factors(optimizer, ranks, method, device,
-                                                            dtype):
+                                                            dtype, dropout):
     results = {}  # batched in one pass of all clients, and in passes of 2 (the last may hold 1)
     for run, engine, per_pass in (("sequential", "sequential", 0),
                                   ("batched", "batched", len(ranks)),
                                   ("batched in passes of 2", "batched", 2)):
         fed = federation(ranks, engine, optimizer, method, device, dtype,
-                         clients_per_pass=per_pass)
+                         clients_per_pass=per_pass, dropout=dropout)
         assert fed.engine == engine
         for t in (1, 2):
             fed.run_round(t)
@@ -114,6 +116,26 @@ def test_batched_engine_gives_the_sequential_global_factors(optimizer, ranks, me
             assert rel(bat[name][1], A) < TOL[dtype], (run, name)
         for p_seq, p_bat in zip(results["sequential"].parameters(), results[run].parameters()):
             assert rel(p_bat, p_seq) < TOL[dtype], run  # FLoRA also merges into W0
+
+
+@pytest.mark.parametrize("engine", ["sequential", "batched"])
+def test_model_dropout_acts_in_local_training_with_masks_from_the_run_seed(engine):
+    """Local steps run in train mode (dropout acts) though the model starts in eval mode, the
+    masks come from the run's streams (not torch's global generator), and the model is back in
+    eval mode for evaluation."""
+    def trained(dropout: float, global_seed: int) -> dict:
+        fed = federation([1, 2, 4], engine, "sgd", "fslora", "cpu", torch.float64,
+                         dropout=dropout)
+        torch.manual_seed(global_seed)  # masks drawn from the global generator would change
+        fed.run_round(1)
+        assert not fed.server.model.training
+        return global_factors(fed.server.model)
+
+    with_dropout, replayed = trained(0.3, 1), trained(0.3, 2)
+    without = trained(0.0, 1)
+    for name, (B, A) in with_dropout.items():
+        assert torch.equal(B, replayed[name][0]) and torch.equal(A, replayed[name][1])
+        assert rel(B, without[name][0]) > 1e-3 and rel(A, without[name][1]) > 1e-3, name
 
 
 def test_padding_is_zero_with_zero_coefficient_and_updates_have_each_clients_shape():

@@ -22,7 +22,7 @@ pytest.importorskip("flwr", reason="flwr is not installed: it is an optional ext
 
 from fslora_flower.codec import (decode_downlink, decode_update, encode_downlink,  # noqa: E402
                                  encode_update)
-from fslora_flower.local import LocalDeployment  # noqa: E402
+from fslora_flower.local import LocalDeployment, main as launch  # noqa: E402
 from fslora_flower.server_app import RESULT_NAME  # noqa: E402
 from fslora_flower.config import UNSUPPORTED_METHODS, experiment_config  # noqa: E402
 from fslora_min.engine import train_clients  # noqa: E402
@@ -106,6 +106,23 @@ def test_flora_and_simulated_dropout_are_refused_by_name():
         experiment_config({"fslora-args": "--dropout 0.2"})
     with pytest.raises(ValueError, match="fslora-args"):
         experiment_config({})
+
+
+@pytest.mark.parametrize("flags, needle", [
+    ("--rank 0", "fslora-args '--rank 0': argument --rank: must be a positive integer, got 0"),
+    ("--bogus", "fslora-args '--bogus': unrecognized arguments: --bogus"),
+    ("--rank 'x", "No closing quotation"),
+    ("--help", "--help is not a run flag"),
+    ("--method flora", "'flora' is not supported on Flower"),
+])
+def test_the_launcher_refuses_bad_fslora_args_with_one_error_line(flags, needle, capsys,
+                                                                   tmp_path):
+    with pytest.raises(SystemExit) as exc:  # before any process starts or folder is made
+        launch([f"--fslora-args={flags}", "--work", str(tmp_path / "work")])
+    assert exc.value.code == 2
+    out, err = capsys.readouterr()
+    assert needle in err.splitlines()[-1] and "Traceback" not in err and not out
+    assert not (tmp_path / "work").exists()
 
 
 def test_flower_run_equals_the_in_process_run_and_moves_the_accounted_bytes(tmp_path):

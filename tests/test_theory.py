@@ -12,10 +12,12 @@ import numpy as np
 import pytest
 import torch
 
-from theory import bias_runs, convergence, noise, sketch_moments, smoothness
+from theory import bias_runs, convergence, derived, noise, sketch_moments, smoothness
 from theory.bound import (BoundConstants, L_bar, L_tilde, bound_terms, convergence_bound,
-                          corollary_min_rounds, corollary_step, max_step)
+                          corollary_min_rounds, corollary_step, derived_max_step,
+                          derived_step_conditions, max_step)
 from theory.calibration import Effort, calibrate
+from theory.constants import smoothness_L
 from theory.enumeration import all_sketch_diagonals
 from theory.hessian import hessian_norms
 from theory.lsq_problem import LSQConfig, LSQProblem, project
@@ -242,3 +244,77 @@ def test_a_bad_distort_names_the_flag():
     with pytest.raises(SystemExit, match="--distort 'L=x'"):
         convergence.parse_distort(["L=x"])
     assert convergence.parse_distort(["sigma_g2=0.01", "L=2"]) == {"sigma_g2": 0.01, "L": 2.0}
+
+
+def derived_conditions_by_hand(L: float, c_h: float, ratios, H: int) -> list[float]:
+    """C1-C3 of README.md's derived theorem, from L_i = (r / k_i) L."""
+    Li = L / np.asarray(ratios)
+    return [1 / (8 * H * Li.mean()), 1 / (math.sqrt(18) * H * Li.max()),
+            1 / (6 * math.sqrt(3) * H * math.sqrt((c_h + 1) * (Li**2).mean()))]
+
+
+def test_derived_step_condition_from_independently_measured_constants():
+    """L and every fixed-sketch smoothness measured with dense Hessian eigenvalues (not the
+    code's power iteration) at points X and P_S X: the fixed-sketch constants stay below
+    (r/k_i) L, which the derived step conditions use, and the code computes C1-C3 from them."""
+    setup(0)
+    problem = LSQProblem(LSQConfig(r=4, ranks=(1, 2, 4)))
+    g = torch.Generator().manual_seed(0)
+    m, n, r = problem.dims
+    pts = problem.x0 + 0.3 * torch.randn((2, problem.x0.numel()), generator=g)
+    dense = lambda f, x: float(torch.linalg.eigvalsh(
+        torch.autograd.functional.hessian(f, x)).abs().max())
+    L, L_plain, fixed = 0.0, 0.0, np.zeros(problem.N)
+    for x in pts:
+        for i in range(problem.N):
+            f_i = lambda v, d=torch.ones(r): problem.loss(v, problem.Z[i], problem.Y[i], d)
+            L_plain = max(L_plain, dense(f_i, x))
+            for d in problem.D[i][problem.w[i] > 0]:
+                L = max(L, dense(f_i, project(x, d, m, n, r)))
+                fixed[i] = max(fixed[i], dense(lambda v: f_i(v, d), x))
+    L = max(L, L_plain)
+    q = np.asarray(problem.ratios)
+    assert np.all(fixed <= L / q * (1 + 1e-9))  # the sharper constant (r / k_i) L
+    assert fixed[0] > L_plain  # at k = 1 the fixed sketch is rougher than f_i at X alone
+    assert smoothness_L(problem, pts, 300, g) == pytest.approx(L, rel=1e-4)
+    assert smoothness_L(problem, pts, 300, g, sketched=False) == pytest.approx(L_plain, rel=1e-4)
+    H, c_h = 3, 1.5
+    c = BoundConstants(L=L, sigma_g2=1.0, sigma_s2=0.5, c_h=c_h, sigma_h2=0.1, gap=1.0,
+                       ratios=tuple(q))
+    expect = derived_conditions_by_hand(L, c_h, q, H)
+    assert list(derived_step_conditions(c, H).values()) == pytest.approx(expect, rel=1e-12)
+    assert derived_max_step(c, H) == pytest.approx(min(expect), rel=1e-12)
+
+
+def test_each_derived_step_condition_binds_or_is_implied():
+    """On fresh constants: the derived gamma_max is min(C1, C2, C3) by hand; C1 is implied by C3
+    (L_bar <= sqrt(L L_tilde) and 8 < 6 sqrt(3)); C2 = 1/(sqrt(18) H (r/k_min) L) binds when one
+    client has a much smaller ratio than the rest (so the paper's L in its place fails here)."""
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        N, H, L, c_h = int(rng.integers(1, 9)), int(rng.integers(1, 5)), rng.uniform(0.5, 5), \
+            rng.uniform(0, 4)
+        q = tuple(rng.choice([0.125, 0.25, 0.5, 0.75, 1.0], N))
+        c = BoundConstants(L, 1.0, 0.5, c_h, 0.1, 1.0, q)
+        c1, c2, c3 = derived_conditions_by_hand(L, c_h, q, H)
+        assert derived_max_step(c, H) == pytest.approx(min(c1, c2, c3), rel=1e-12)
+        assert c1 >= c3
+    L, H, q = rng.uniform(0.5, 5), 2, (0.125,) + (1.0,) * 15
+    c = BoundConstants(L, 1.0, 0.5, 0.0, 0.1, 1.0, q)
+    c1, c2, c3 = derived_conditions_by_hand(L, 0.0, q, H)
+    assert c2 < c3 and derived_max_step(c, H) == pytest.approx(c2, rel=1e-12)
+    c = BoundConstants(L, 1.0, 0.5, 0.0, 0.1, 1.0, (0.5,) * 4)
+    assert derived_max_step(c, H) == pytest.approx(derived_conditions_by_hand(L, 0.0, c.ratios,
+                                                                             H)[2], rel=1e-12)
+
+
+def test_derived_theorem_holds_at_its_step_and_fails_with_wrong_constants():
+    g = setup(0)
+    problem = LSQProblem(LSQConfig(ranks=(1, 2, 4, 6)))
+    effort = Effort(seeds=1, gd_steps=200, power_iters=30, keep_points=4, attempts=4)
+    out = calibrate(problem, 60, 2, effort, g, step_rule=derived_max_step)
+    assert out.step <= derived_max_step(out.constants, 2) * (1 + 1e-12)
+    assert out.step < max_step(out.constants, 2)  # C3 carries sqrt(3) more than Theorem 4.4
+    assert all(c.ok for c in derived.derived_checks("run", out, 2, {}))
+    # gap-dominated (the derived step is small): only the gap / 1000 with L / 100 breaks it
+    assert not all(c.ok for c in derived.derived_checks("run", out, 2, {"L": 0.01, "gap": 1e-3}))

@@ -31,11 +31,11 @@ def tiny_experiment(out_dir: str, **knobs) -> ExperimentConfig:
         compute=ComputeConfig(**compute))
 
 
-def tiny_lora_model(r: int) -> Transformer:
+def tiny_lora_model(r: int, dropout: float = 0.0) -> Transformer:
     """A random (unpretrained) tiny model with rank-r LoRA (alpha = 2r), B drawn non-zero so
     that A also gets a gradient from the first step; the same numbers on every call."""
     torch.manual_seed(0)
-    model = Transformer(TEST_CONFIG)
+    model = Transformer(dataclasses.replace(TEST_CONFIG, dropout=dropout))
     apply_lora(model, r, alpha=2.0 * r, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         for _, m in lora_modules(model):

@@ -13,7 +13,8 @@ This is the one place the bound lives: the scripts, the tests and the notebook a
          + 12 (gamma L_tilde / N) (sigma_g^2 + sigma_s^2 + 3 sigma_h^2)
 
 `sharp=True` puts L_bar where the theorem has L_tilde (in the step-size condition and in the
-last term): what the fixed-sketch constant (r/k) L, proved in README.md, allows.
+last term): a substitution, not derived; the derivation in README.md ('Theorem 4.4 derived with
+the sharper constant') keeps L L_tilde = mean_i ((r/k_i) L)^2. Its theorem is `derived_*` below.
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ def L_tilde(c: BoundConstants) -> float:
 
 
 def fixed_sketch_constant(c: BoundConstants, sharp: bool) -> float:
-    """L_tilde as the theorem states it, or L_bar when `sharp` (README.md, 'the sharper fact')."""
+    """L_tilde as the theorem states it, or L_bar when `sharp` (a substitution; see above)."""
     return L_bar(c) if sharp else L_tilde(c)
 
 
@@ -99,6 +100,63 @@ def convergence_bound(c: BoundConstants, gamma: float, T: np.ndarray | int, H: i
                       sharp: bool = False) -> np.ndarray:
     """Theorem 4.4's bound on (1/T) sum_{t<T} E||grad f^S(X^t)||^2: the sum of `bound_terms`."""
     return sum(bound_terms(c, gamma, T, H, sharp).values())
+
+
+def fixed_sketch_smoothness(c: BoundConstants) -> np.ndarray:
+    """L_i = (r / k_i) L: smoothness of f~_i(.; S) for every S, via f~_i(X; S) = f_i(P_S X) and
+    ||P_S||^2 = r / k_i (README.md, 'the sharper fact'; the paper's Prop. D.4 has (r/k_i)^2 L).
+    It needs (A1) at the points P_S X, up to sqrt(r / k_i) times as far out as X."""
+    return c.L / np.asarray(c.ratios, dtype=float)
+
+
+def derived_step_conditions(c: BoundConstants, H: int) -> dict[str, float]:
+    """The step conditions of the theorem derived in README.md ('Theorem 4.4 derived with the
+    sharper constant'), each where its proof uses it:
+
+        C1: gamma <= 1 / (8 H L_s),  L_s = L_bar (f^S is L_bar-smooth, Prop. D.4)   descent step (5)
+        C2: gamma <= 1 / (sqrt(18) H max_i L_i),  L_i = (r / k_i) L                drift step (6)
+        C3: gamma <= 1 / (6 sqrt(3) H sqrt((c_h + 1) L L_tilde)),
+            L L_tilde = mean_i L_i^2                                               step (7)
+    """
+    L_max = float(fixed_sketch_smoothness(c).max())
+    return {"C1 1/(8 H L_s)": 1 / (8 * H * L_bar(c)),
+            "C2 1/(sqrt(18) H L_max)": 1 / (math.sqrt(18) * H * L_max),
+            "C3 1/(6 sqrt(3) H sqrt((c_h+1) L L_tilde))":
+                1 / (6 * math.sqrt(3) * H * math.sqrt((c.c_h + 1) * c.L * L_tilde(c)))}
+
+
+def derived_max_step(c: BoundConstants, H: int) -> float:
+    """gamma_max of the derived theorem: the smallest of C1, C2, C3 (README.md, step (8))."""
+    return min(derived_step_conditions(c, H).values())
+
+
+def derived_bound_terms(c: BoundConstants, gamma: float, T: np.ndarray | int,
+                        H: int) -> dict[str, np.ndarray]:
+    """The derived theorem's right side (README.md, step (8)), term by term, over the T given:
+
+        gap:            8 (f^S(X^0) - f*) / (gamma T H)
+        L_s sigma_g:    8 gamma L_s sigma_g^2 / N
+        L_s sigma_s:   16 gamma H L_s sigma_s^2 / N     (the sketch is held for H steps)
+        drift sigma_g: 18 gamma^2 H   L L_tilde sigma_g^2
+        drift sigma_s: 54 gamma^2 H^2 L L_tilde sigma_s^2
+        drift sigma_h:108 gamma^2 H^2 L L_tilde sigma_h^2
+
+    with L_s = L_bar and L L_tilde = mean_i ((r / k_i) L)^2; valid when gamma <= derived_max_step.
+    """
+    T = np.asarray(T, dtype=float)
+    flat, ls, ll = np.ones_like(T), L_bar(c), c.L * L_tilde(c)
+    return {"gap": 8 * c.gap / (gamma * T * H),
+            "L_s sigma_g": 8 * gamma * ls * c.sigma_g2 / c.N * flat,
+            "L_s sigma_s": 16 * gamma * H * ls * c.sigma_s2 / c.N * flat,
+            "drift sigma_g": 18 * gamma**2 * H * ll * c.sigma_g2 * flat,
+            "drift sigma_s": 54 * gamma**2 * H**2 * ll * c.sigma_s2 * flat,
+            "drift sigma_h": 108 * gamma**2 * H**2 * ll * c.sigma_h2 * flat}
+
+
+def derived_bound(c: BoundConstants, gamma: float, T: np.ndarray | int, H: int) -> np.ndarray:
+    """The derived theorem's bound on (1/T) sum_{t<T} E||grad f^S(X^t)||^2: `derived_bound_terms`
+    summed."""
+    return sum(derived_bound_terms(c, gamma, T, H).values())
 
 
 def corollary_step(c: BoundConstants, T: int, H: int, sharp: bool = False) -> float:

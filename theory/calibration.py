@@ -18,6 +18,7 @@ of the expectation (1/T) sum_t E||grad f^S(X^t)||^2 the theorem bounds.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -28,6 +29,7 @@ from theory.fslora_iteration import RunConfig, RunRecord, gradient_descent, run_
 from theory.lsq_problem import LSQProblem
 
 MARGIN = 0.98  # gamma = MARGIN * gamma_max
+StepRule = Callable[[BoundConstants, int], float]
 
 
 @dataclass
@@ -63,18 +65,19 @@ def measured_constants(problem: LSQProblem, points: list[torch.Tensor], f_star: 
 
 
 def calibrate(problem: LSQProblem, rounds: int, H: int, effort: Effort, g: torch.Generator,
-              desc: str = "") -> Outcome:
-    """The loop of the module docstring; returns the last runs and their constants."""
+              desc: str = "", step_rule: StepRule = max_step) -> Outcome:
+    """The loop of the module docstring; returns the last runs and their constants.
+    `step_rule(constants, H)` is gamma_max: Theorem 4.4's, or the derived theorem's."""
     # GD only needs to descend: step 1 / (2 L), L measured at X^0 and its sketched images
     gd_step = 0.5 / smoothness_L(problem, problem.x0[None], effort.power_iters, g)
     f_star, points = gradient_descent(problem, gd_step, effort.gd_steps)
     consts = measured_constants(problem, points, f_star, effort, g)
     for _ in range(effort.attempts):
-        step = MARGIN * max_step(consts, H)
+        step = MARGIN * step_rule(consts, H)
         records = run_seeds(problem, rounds, H, step, effort, desc)
         run_points = points + [x for rec in records for x in rec.points]
         consts = measured_constants(problem, run_points, f_star, effort, g)
-        if step <= max_step(consts, H) * (1 + 1e-12):
+        if step <= step_rule(consts, H) * (1 + 1e-12):
             break
     observed = np.mean([rec.running_average() for rec in records], axis=0)
     return Outcome(consts, f_star, step, observed, records, run_points)

@@ -51,16 +51,21 @@ class Raw:
 
 
 def smoothness_L(problem: LSQProblem, points: torch.Tensor, iters: int,
-                 g: torch.Generator, chunk: int = 8) -> float:
-    """max over points X (K, p), clients i, index sets S and S = I of ||hess f_i(P_S X)||_2."""
+                 g: torch.Generator, chunk: int = 8, sketched: bool = True) -> float:
+    """max over points X (K, p), clients i, index sets S and S = I of ||hess f_i(P_S X)||_2;
+    with `sketched=False` only S = I: L over the visited X alone, without the P_S X points."""
     m, n, r = problem.dims
-    D = torch.cat([problem.D, torch.ones(problem.N, 1, r)], 1)  # (N, C + 1, r): all S, and I
+    D = torch.ones(problem.N, 1, r)  # S = I
+    if sketched:
+        D = torch.cat([problem.D, D], 1)  # (N, C + 1, r): all S, and I
     best = 0.0
     for xs in points.split(chunk):
         px = project(xs[:, None, None, :], D, m, n, r)  # (K', N, C + 1, p)
         loss = lambda y: problem.loss(y, problem.Z[:, None], problem.Y[:, None], torch.ones(r))
         norms = hessian_norms(loss, px, iters, g)  # (K', N, C + 1)
-        valid = torch.cat([problem.w > 0, torch.ones(problem.N, 1, dtype=torch.bool)], 1)
+        valid = torch.ones(problem.N, 1, dtype=torch.bool)
+        if sketched:
+            valid = torch.cat([problem.w > 0, valid], 1)
         best = max(best, float(norms[:, valid].max()))
     return best
 

@@ -24,6 +24,7 @@ from fslora_flower.codec import decode_downlink, encode_update
 from fslora_flower.config import federation_of
 from fslora_min.client import train_client
 from fslora_min.data import Minibatches
+from fslora_min.federation import mask_stream
 
 app = ClientApp()
 STREAM = "minibatches"
@@ -77,8 +78,11 @@ def train(msg: Message, context: Context) -> Message:
     _, federation, _ = federation_of(context.run_config)
     stream = federation.batch_streams[mine]
     load_stream(stream, context.state)
-    update = train_client(federation.server.model, mine, downlink, stream,
-                          federation.client_cfg, len(federation.data.clients[mine].train))
+    model = federation.server.model
+    update = train_client(model, mine, downlink, stream, federation.client_cfg,
+                          len(federation.data.clients[mine].train),
+                          mask_stream(federation.fed.seed, server_round, mine,
+                                      next(model.parameters()).device))
     save_stream(stream, context.state)
     if fault_now(context, "nan", server_round):
         update.deltas = {n: (torch.full_like(db, float("nan")), da)

@@ -143,7 +143,10 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     from fslora_flower.config import federation_of  # names a bad argument before starting
     # builds the federation once here, so the base is pretrained (cached) before the nodes start
-    n = federation_of({"fslora-args": args.fslora_args})[0].federation.num_clients
+    try:
+        n = federation_of({"fslora-args": args.fslora_args})[0].federation.num_clients
+    except ValueError as err:
+        p.error(str(err))
     work = Path(args.work).resolve()
     with LocalDeployment(work, [""] * n) as deployment:
         print(deployment.run({"fslora-args": args.fslora_args, "out-dir": str(work)},
