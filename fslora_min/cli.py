@@ -14,7 +14,6 @@ import dataclasses
 import math
 import shlex
 import sys
-from pathlib import Path
 from dataclasses import replace
 from typing import Callable, get_args, get_origin, get_type_hints
 
@@ -257,17 +256,6 @@ def print_clients(history, info: dict) -> None:
               f"{last.client_heldout_acc[i]:.4f}")
 
 
-def check_compare_out(out: str) -> None:
-    """Create compare's output folder if needed and prove it writable, before any training."""
-    probe = Path(out) / ".write-test"
-    try:
-        probe.parent.mkdir(parents=True, exist_ok=True)
-        probe.write_text("")
-        probe.unlink()
-    except OSError as err:
-        raise ValueError(f"argument --out: {out!r} is not writable: {err.strerror}") from None
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else argv
@@ -280,7 +268,6 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         out = args.out or ("runs/compare-quick" if args.quick else CompareConfig().out_dir)
         try:
-            check_compare_out(out)
             cfg = quick_config(out, args.task) if args.quick else CompareConfig(task=args.task,
                                                                                 out_dir=out)
             h = cfg.horizons
@@ -289,9 +276,10 @@ def main(argv: list[str] | None = None) -> int:
                           lr_grid=tuple(args.lr_grid or cfg.lr_grid),
                           server_lr_grid=tuple(args.server_lr_grid or cfg.server_lr_grid),
                           horizons=(h[0], h[1], args.rounds or h[2]))
-        except ValueError as err:
+            with output_folder(out):  # checked writable; removed again if nothing was written
+                run_compare(cfg, train=not args.no_train)
+        except ValueError as err:  # a bad value, an unwritable --out or base-model cache
             args.command_parser.error(str(err))
-        run_compare(cfg, train=not args.no_train)
         return 0
     try:
         cfg = config_from_args(args)

@@ -279,12 +279,15 @@ def test_ctrl_c_before_any_checkpoint_says_there_is_nothing_to_resume(capsys, tm
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("command", ["run", "compare"])
 def test_an_unwritable_base_model_cache_is_an_error_naming_fslora_cache(capsys, tmp_path,
-                                                                       monkeypatch):
+                                                                       monkeypatch, command):
     (tmp_path / "a-file").write_text("not a folder")
     monkeypatch.setenv("FSLORA_CACHE", str(tmp_path / "a-file" / "cache"))
+    argv = ([*TINY, "--out", str(tmp_path / "run")] if command == "run" else
+            ["compare", "--quick", "--out", str(tmp_path / "run")])
     with pytest.raises(SystemExit) as exc:
-        main([*TINY, "--out", str(tmp_path / "run")])
+        main(argv)
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert "cannot write the base-model cache in" in err and "set FSLORA_CACHE to a" in err
