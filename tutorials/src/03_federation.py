@@ -70,7 +70,7 @@ model = copy.deepcopy(base)
 names = apply_lora(model, lora_cfg.rank, lora_cfg.alpha, generator=generator(SEED, LORA_INIT))
 server = Server(model, ServerConfig())
 fed = Federation(server, data, ranks, fed_cfg, client_cfg)  # no method given: FSLoRA
-print(f"base model from {cache.relative_to(ROOT)}; {len(names)} LoRA modules, "
+print(f"base model from {cache.name}; {len(names)} LoRA modules, "
       f"{count_lora_parameters(model):,} global LoRA numbers (r = {lora_cfg.rank})")
 print("client ranks k_i:", ranks, " ratios k_i/r:", [k / lora_cfg.rank for k in ranks])
 
