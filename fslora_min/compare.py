@@ -136,8 +136,6 @@ def task(cfg: CompareConfig) -> ExperimentConfig:
                       heldout_seqs=8, global_heldout_seqs=64)
     if cfg.task == "shakespeare":
         model, data = replace(model, vocab_size=len(VOCAB)), ShakespeareConfig(seq_len=16)
-    if cfg.task == "shakespeare":
-        model, data = replace(model, vocab_size=len(VOCAB)), ShakespeareConfig(seq_len=16)
     fed = FederationConfig(num_clients=cfg.num_clients, participants=cfg.num_clients,
                            rounds=cfg.horizons[2], eval_every=1)
     return ExperimentConfig(model=model, data=data, federation=fed,

@@ -130,40 +130,27 @@ class History:
 
 
 @torch.no_grad()
-def sequence_scores(model: nn.Module, seqs: torch.Tensor,
-                    batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per held-out sequence: its summed next-token cross-entropy and its number of correct
-    top-1 predictions, (N,) each, float64 on the CPU."""
+def evaluate(model: nn.Module, seqs: torch.Tensor, batch_size: int = 64) -> tuple[float, float]:
+    """Mean next-token cross-entropy and top-1 accuracy of `model` on held-out sequences."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    losses, hits = [], []
+    loss_sum, correct, count = 0.0, 0, 0
     for start in range(0, len(seqs), batch_size):
         x, y = split_inputs_targets(seqs[start:start + batch_size].to(device))
         logits = model(x)  # (b, t, V)
-        ce = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none")  # (b t,)
-        losses.append(ce.view(y.shape).sum(1).double().cpu())  # (b,)
-        hits.append((logits.argmax(-1) == y).sum(1).double().cpu())  # (b,)
+        loss_sum += F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum").item()
+        correct += (logits.argmax(-1) == y).sum().item()
+        count += y.numel()
     model.train(was_training)
-    return torch.cat(losses), torch.cat(hits)
-
-
-def evaluate(model: nn.Module, seqs: torch.Tensor, batch_size: int = 64) -> tuple[float, float]:
-    """Mean next-token cross-entropy and top-1 accuracy of `model` on held-out sequences."""
-    losses, hits = sequence_scores(model, seqs, batch_size)
-    count = seqs.shape[0] * (seqs.shape[1] - 1)
-    return losses.sum().item() / count, hits.sum().item() / count
+    return loss_sum / count, correct / count
 
 
 def evaluate_clients(model: nn.Module, data: FederatedData) -> tuple[list[float], list[float]]:
     """Each client's held-out loss and accuracy on its own held-out set (its own distribution:
-    a role's style, a client's topic mix), beside the global set's pooled numbers; one pass
-    over all the clients' sequences, so N clients cost what one set of their total size does."""
-    losses, hits = sequence_scores(model, torch.cat([c.heldout for c in data.clients]))
-    sizes = [len(c.heldout) for c in data.clients]
-    tokens = [len(c.heldout) * (c.heldout.shape[1] - 1) for c in data.clients]
-    return ([part.sum().item() / n for part, n in zip(losses.split(sizes), tokens)],
-            [part.sum().item() / n for part, n in zip(hits.split(sizes), tokens)])
+    a role's style, a client's topic mix), beside the global set's pooled numbers."""
+    scores = [evaluate(model, c.heldout) for c in data.clients]
+    return [loss for loss, _ in scores], [acc for _, acc in scores]
 
 
 def mask_stream(seed: int, t: int, client: int, device: torch.device) -> torch.Generator:

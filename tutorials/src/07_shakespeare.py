@@ -154,9 +154,10 @@ print(f"JS divergence between clients: {1000 * off.min():.1f} .. {1000 * off.max
 # p_i = n_i / sum_j n_j, so on this split the largest role counts several times the smallest.
 
 # %%
-exp = task(CompareConfig(task="shakespeare", num_clients=N, rounds=3 if FAST else 20))
+exp = task(CompareConfig(task="shakespeare", num_clients=N))
 exp = replace(exp, out_dir="runs/tutorial-07",
-              federation=replace(exp.federation, seed=SEED, eval_every=1),
+              federation=replace(exp.federation, seed=SEED, eval_every=1,
+                                         rounds=3 if FAST else 20),
               client=ClientConfig(local_steps=5, lr=0.01, optimizer="adamw", batch_size=8))
 history, info = run_experiment(exp, progress=False)
 rounds = [0] + [r.round for r in history.rounds]
