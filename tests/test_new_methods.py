@@ -13,14 +13,14 @@ import torch.nn as nn
 from fslora_min.cli import build_parser, config_from_args
 from fslora_min.client import ClientUpdate
 from fslora_min.experiment import run_experiment
-from fslora_min.federation import Federation
 from fslora_min.lora import LoRALinear, compact_factors, global_factors
 from fslora_min.methods import (FLASC, METHODS, FedAvgLoRA, FedExLoRA, FedPLoRA, FFALoRA,
                                 HetLoRA, Method, RoLoRA, fold_weights, top_k_entries)
 from fslora_min.server import AGGREGATIONS, Server, ServerConfig, average_padded_deltas
 from fslora_min.sketch import Sketch
 from tests.test_engine import federation, rel
-from tests.test_reliability import Interrupt, assert_same_model, final_state, without_timing
+from tests.test_reliability import (assert_same_model, final_state, run_cut_in_round,
+                                   without_timing)
 from tests.tiny import TEST_CONFIG, tiny_experiment, tiny_federation, tiny_lora_model
 
 NEW_METHODS = ("fed-plora", "flasc", "ffa-lora", "rolora", "fedex-lora")
@@ -339,17 +339,7 @@ def test_interrupted_and_resumed_run_equals_uninterrupted_run(method, tmp_path, 
         return dataclasses.replace(cfg, method=method, checkpoint_every=1)
 
     full, _ = run_experiment(config(str(tmp_path / "full")), progress=False)
-    play = Federation.run_round
-
-    def crash_in_round_2(self, t):
-        if t == 2:
-            raise Interrupt
-        return play(self, t)
-
-    with monkeypatch.context() as mp:
-        mp.setattr(Federation, "run_round", crash_in_round_2)
-        with pytest.raises(Interrupt):
-            run_experiment(config(str(tmp_path / "cut")), progress=False)
+    run_cut_in_round(config(str(tmp_path / "cut")), 2, monkeypatch)
     resumed, _ = run_experiment(config(str(tmp_path / "cut")), progress=False, resume=True)
     assert without_timing(resumed.to_dict()) == without_timing(full.to_dict())
     assert_same_model(final_state(tmp_path / "cut"), final_state(tmp_path / "full"))

@@ -94,6 +94,21 @@ class Interrupt(Exception):
     pass
 
 
+def run_cut_in_round(cfg, t_cut: int, monkeypatch) -> None:
+    """Run `cfg` until an Interrupt raised as round `t_cut` starts (a killed process)."""
+    play = Federation.run_round
+
+    def crash(self, t):
+        if t == t_cut:
+            raise Interrupt
+        return play(self, t)
+
+    with monkeypatch.context() as mp:
+        mp.setattr(Federation, "run_round", crash)
+        with pytest.raises(Interrupt):
+            run_experiment(cfg, progress=False)
+
+
 @pytest.mark.parametrize("method, server_optimizer, dropout", [
     ("fslora", "sgdm", 0.3), ("flexlora", "avg", 0.0), ("flora", "avg", 0.3)])
 def test_interrupted_and_resumed_run_equals_uninterrupted_run(method, server_optimizer, dropout,
@@ -105,17 +120,7 @@ def test_interrupted_and_resumed_run_equals_uninterrupted_run(method, server_opt
                                                               optimizer=server_optimizer))
 
     full, _ = run_experiment(config(str(tmp_path / "full")), progress=False)
-    play = Federation.run_round
-
-    def crash_in_round_3(self, t):
-        if t == 3:
-            raise Interrupt
-        return play(self, t)
-
-    with monkeypatch.context() as mp:
-        mp.setattr(Federation, "run_round", crash_in_round_3)
-        with pytest.raises(Interrupt):
-            run_experiment(config(str(tmp_path / "cut")), progress=False)
+    run_cut_in_round(config(str(tmp_path / "cut")), 3, monkeypatch)
     assert len(final_state(tmp_path / "cut")["history"]["rounds"]) == 2
     resumed, _ = run_experiment(config(str(tmp_path / "cut")), progress=False, resume=True)
     assert without_timing(resumed.to_dict()) == without_timing(full.to_dict())
