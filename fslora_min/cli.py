@@ -111,8 +111,9 @@ def add_knob(group: argparse._ArgumentGroup, attr: str, f: dataclasses.Field, hi
     flag, meta = flag_of(f), f.metadata
     options = dict(dest=f"{attr}.{f.name}", default=argparse.SUPPRESS,
                    help=meta["help"] + _default_text(attr, f, kind))
-    if kind is bool:
-        group.add_argument(flag, *meta["aliases"], action="store_true", **options)
+    if kind is bool:  # a switch: --x turns it on, or --no-x turns off one that is on by default
+        action = argparse.BooleanOptionalAction if f.default else "store_true"
+        group.add_argument(flag, *meta["aliases"], action=action, **options)
         return flag
     parse = _command_line_type(meta["parse"]) if meta["parse"] else kind
     group.add_argument(flag, *meta["aliases"], type=parse, choices=meta["choices"],

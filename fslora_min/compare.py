@@ -19,7 +19,8 @@ Protocol, for every row of every table:
 Every run is cached (RunCache) under a key of exactly what can change its numbers (the whole
 experiment config but the output folder, the task, CODE_VERSION); a run to T rounds also serves
 any shorter horizon (nothing before round t depends on T). The committed study's runs
-(results/compare/runs-TASK.jsonl) are read first, so rerunning it replays it without training.
+(results/compare/TASK/runs.jsonl) are read first, so rerunning it replays it without training.
+Each task writes into a folder of its own (OUT/TASK/): its runs, tables, grids, figures, verdicts.
 """
 
 from __future__ import annotations
@@ -137,7 +138,7 @@ def task(cfg: CompareConfig) -> ExperimentConfig:
     if cfg.task == "shakespeare":
         model, data = replace(model, vocab_size=len(VOCAB)), ShakespeareConfig(seq_len=16)
     fed = FederationConfig(num_clients=cfg.num_clients, participants=cfg.num_clients,
-                           rounds=cfg.horizons[2], eval_every=1)
+                           rounds=cfg.horizons[2], eval_every=1, client_eval=False)
     return ExperimentConfig(model=model, data=data, federation=fed,
                             lora=LoRAConfig(rank=cfg.rank, alpha=cfg.lora_alpha),
                             pretrain=PretrainConfig(steps=cfg.pretrain_steps, batch_size=32,
@@ -193,7 +194,8 @@ def task_spec(cfg: CompareConfig) -> dict:
 
 def run_key(exp: ExperimentConfig, spec: dict) -> str:
     """Exactly what can change a run's numbers: every setting of the experiment but where it is
-    written and its rounds (a longer run serves a shorter one), the task, the numerics version.
+    written, its rounds (a longer run serves a shorter one) and whether clients are scored each
+    round (the curves are the global set's), the task, the numerics version.
 
     Settings are keyed by their own name (by "group.name" where a name occurs in several groups),
     not by the config class that holds them, so regrouping the config classes keeps the key.
@@ -204,7 +206,8 @@ def run_key(exp: ExperimentConfig, spec: dict) -> str:
         return [(path, node)]
 
     flat = [(p, v) for p, v in leaves(asdict(exp), ())
-            if p not in (("out_dir",), ("checkpoint_every",), ("federation", "rounds"))]
+            if p not in (("out_dir",), ("checkpoint_every",), ("federation", "rounds"),
+                         ("federation", "client_eval"))]
     names = [p[-1] for p, _ in flat]
     settings = {(p[-1] if names.count(p[-1]) == 1 else ".".join(p[-2:])): v for p, v in flat}
     return json.dumps({"code_version": CODE_VERSION, "task": spec, "settings": settings},
@@ -616,14 +619,13 @@ def study(cfg: CompareConfig, cache: RunCache) -> list[tuple[TableSpec, list[Row
 
 
 def run_compare(cfg: CompareConfig, train: bool = True, figures: bool = True) -> Path:
-    """Run (or replay) the study of cfg.task and write its tables, grids, figures and
-    verdicts.md into cfg.out_dir."""
+    """Run (or replay) the study of cfg.task and write its runs, tables, grids, figures and
+    verdicts.md into cfg.out_dir/TASK/."""
     torch.set_num_threads(1)  # tiny models: threads only contend on a shared CPU
-    out = Path(cfg.out_dir)
+    out = Path(cfg.out_dir) / cfg.task
     out.mkdir(parents=True, exist_ok=True)
-    log = out / f"runs-{cfg.task}.jsonl"
     bar = tqdm(desc=f"compare {cfg.task}: runs trained", disable=not train)
-    cache = RunCache(log, [COMMITTED / f"runs-{cfg.task}.jsonl"], train, bar)
+    cache = RunCache(out / "runs.jsonl", [COMMITTED / cfg.task / "runs.jsonl"], train, bar)
     start = time.perf_counter()
     results = study(cfg, cache)
     bar.close()
@@ -638,7 +640,7 @@ def run_compare(cfg: CompareConfig, train: bool = True, figures: bool = True) ->
         write_atomic(out / f"{table.name}.grid.md", grid_table(table, rows, cfg.tune_seeds))
         if figures:
             draw(table, rows, out)
-    write_atomic(out / f"verdicts-{cfg.task}.md",
+    write_atomic(out / "verdicts.md",
                  verdict_table([(t, cfg.task, c) for t, _, c in results]))
     print(f"compare {cfg.task}: {time.perf_counter() - start:.0f} s wall, {cache.trained} runs "
           f"trained ({cache.trained_seconds:.0f} s), the rest replayed; wrote {out}/")
@@ -680,7 +682,7 @@ def readme_blocks() -> dict[str, str]:
     verdicts, status, summary = [], [], []
     for task_name in STUDY_TASKS:
         cfg = CompareConfig(task=task_name)
-        cache = RunCache(Path(os.devnull), [COMMITTED / f"runs-{task_name}.jsonl"], train=False)
+        cache = RunCache(Path(os.devnull), [COMMITTED / task_name / "runs.jsonl"], train=False)
         for table, rows, claims in study(cfg, cache):
             verdicts.append((table, task_name, claims))
             runs = [r for row in rows for r in row.runs]

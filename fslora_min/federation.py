@@ -54,6 +54,9 @@ class FederationConfig:
                               "always evaluated)", check="positive integer")
     dropout: float = knob(0.0, "probability that a participant fails mid-round (after its "
                                "download, before its upload)", check="probability")
+    client_eval: bool = knob(True, "at each evaluation, also score every client on its own "
+                                   "held-out set (else only before round 1 and after the last; "
+                                   "it never changes training)")
 
     def __post_init__(self) -> None:
         if self.participants is None:
@@ -248,8 +251,9 @@ class Federation:
         if t % self.fed.eval_every == 0 or t == self.fed.rounds:
             record.heldout_loss, record.heldout_acc = evaluate(server.model,
                                                                self.data.global_heldout)
-            record.client_heldout_loss, record.client_heldout_acc = evaluate_clients(server.model,
-                                                                                     self.data)
+            if self.fed.client_eval or t == self.fed.rounds:
+                record.client_heldout_loss, record.client_heldout_acc = evaluate_clients(
+                    server.model, self.data)
         return record
 
     def aggregate(self, updates: list[ClientUpdate], clients: list[int],

@@ -61,9 +61,10 @@ def plot_history(history: History, title: str, path: Path) -> None:
     (ax_loss, ax_acc), (ax_up, ax_cov) = axes
     for ax, first, key in ((ax_loss, history.initial_client_loss, "client_heldout_loss"),
                            (ax_acc, history.initial_client_acc, "client_heldout_acc")):
-        per_round = [first] + [getattr(r, key) for r in evaluated]  # (rounds + 1, clients)
+        scored = [r for r in evaluated if getattr(r, key) is not None]  # FederationConfig
+        per_round = [first] + [getattr(r, key) for r in scored]  # (rounds + 1, clients)
         if first:
-            ax.plot(rounds, per_round, color="0.75", linewidth=0.7)
+            ax.plot([0] + [r.round for r in scored], per_round, color="0.75", linewidth=0.7)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax_loss.plot(rounds, loss, marker=".")
     ax_loss.set(xlabel="round", ylabel="global held-out loss", title="loss")

@@ -143,7 +143,7 @@ def test_claims_pair_the_same_seeds_at_each_horizon():
 
 
 def test_cache_serves_shorter_horizons_and_survives_a_cut_last_line(tmp_path):
-    log = tmp_path / "runs-synthetic.jsonl"
+    log = tmp_path / "runs.jsonl"
     exp = task(CompareConfig())
     key = run_key(exp, {"name": "synthetic"})
     curve = [3.0 - 0.01 * t for t in range(21)]
@@ -160,21 +160,21 @@ def test_cache_serves_shorter_horizons_and_survives_a_cut_last_line(tmp_path):
 
 
 def test_quick_compare_writes_its_tables_and_replays_without_training(tmp_path, capsys):
-    out = tmp_path / "cmp"
-    assert main(["compare", "--quick", "--out", str(out)]) == 0
+    assert main(["compare", "--quick", "--out", str(tmp_path / "cmp")]) == 0
+    out = tmp_path / "cmp" / "synthetic"  # each task writes into a folder of its own
     text = (out / "main.md").read_text()
     assert all(f"| {m} |" in text for m in MAIN_METHODS) and "| watch |" in text
-    assert "fslora < hetlora" in (out / "verdicts-synthetic.md").read_text()
+    assert "fslora < hetlora" in (out / "verdicts.md").read_text()
     for name in ("main.grid.md", "main.png", "coverage.png"):
         assert (out / name).stat().st_size > 0
     runs = [json.loads(line)["summary"]
-            for line in (out / "runs-synthetic.jsonl").read_text().splitlines()]
+            for line in (out / "runs.jsonl").read_text().splitlines()]
     assert {r["seed"] for r in runs if r["method"] == "hetlora"} == {0, 1, 100, 101}
-    before = (out / "runs-synthetic.jsonl").read_text()
+    before = (out / "runs.jsonl").read_text()
     capsys.readouterr()
-    assert main(["compare", "--quick", "--out", str(out)]) == 0
+    assert main(["compare", "--quick", "--out", str(tmp_path / "cmp")]) == 0
     assert "0 runs trained" in capsys.readouterr().out
-    assert (out / "runs-synthetic.jsonl").read_text() == before
+    assert (out / "runs.jsonl").read_text() == before
     assert (out / "main.md").read_text() == text
     assert not list(out.glob(".*tmp"))
 
@@ -206,7 +206,7 @@ def test_compare_writes_under_runs_by_default():
 
 def test_readmes_match_the_committed_runs():
     """Every study figure in results/compare/README.md and README.md is what `compare --readme`
-    writes from the committed runs (results/compare/runs-*.jsonl)."""
+    writes from the committed runs (results/compare/TASK/runs.jsonl)."""
     blocks = readme_blocks()
     for path, names in ((COMMITTED / "README.md", ("verdicts", "status")),
                         (COMMITTED.parents[1] / "README.md", ("summary",))):

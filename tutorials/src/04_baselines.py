@@ -89,13 +89,13 @@ print(cfg)
 # %%
 start = time.perf_counter()
 with contextlib.redirect_stderr(io.StringIO()):  # hide the progress bar
-    run_compare(cfg)
-print(f"{time.perf_counter() - start:.0f} s; wrote {sorted(p.name for p in out.iterdir())}")
+    written = run_compare(cfg)  # out / "synthetic": each task writes into a folder of its own
+print(f"{time.perf_counter() - start:.0f} s; wrote {sorted(p.name for p in written.iterdir())}")
 
 
 def show_figure(name: str) -> None:
     """Draw a PNG that run_compare wrote."""
-    img = plt.imread(out / name)
+    img = plt.imread(written / name)
     fig, ax = plt.subplots(figsize=(img.shape[1] / 100, img.shape[0] / 100))
     ax.imshow(img)
     ax.axis("off")
@@ -109,14 +109,14 @@ def show_figure(name: str) -> None:
 # difference at each horizon with its 95% t-interval, and the verdict its sign gives.
 
 # %%
-print((out / "main.md").read_text().split("The whole tuning grid")[0])
+print((written / "main.md").read_text().split("The whole tuning grid")[0])
 
 # %% [markdown]
 # The tuning evidence: every (row, lr, server step) with its loss on each tuning seed at the
 # last rung it reached ("diverged" points are never chosen).
 
 # %%
-print((out / "main.grid.md").read_text())
+print((written / "main.grid.md").read_text())
 
 # %% [markdown]
 # ## Curves and coverage
@@ -161,7 +161,7 @@ from fslora_min.methods import FedPLoRA, Method, payload_numbers
 from fslora_min.plots_compare import plot_curves
 
 start = time.perf_counter()
-cache = RunCache(out / f"runs-{cfg.task}.jsonl", [COMMITTED / f"runs-{cfg.task}.jsonl"],
+cache = RunCache(written / "runs.jsonl", [COMMITTED / cfg.task / "runs.jsonl"],
                  train=True)
 (main_table, main_rows, _), = study(cfg, cache)  # replayed: the main table's tuned rows
 fslora = next(row for row in main_rows if row.label == "fslora")
@@ -236,7 +236,7 @@ print(f"{time.perf_counter() - start:.0f} s for this section, {cache.trained} ru
 # The verdicts, printed from the run rather than typed:
 
 # %%
-print((out / "verdicts-synthetic.md").read_text())
+print((written / "verdicts.md").read_text())
 
 # %% [markdown]
 # With 2 seeds and 10 rounds of 4 clients the intervals are wide: a verdict needs more seeds
