@@ -57,6 +57,7 @@ class Method:
     """
 
     name = "fslora"
+    server_step = True  # the server moves the global factors by eta_g times the aggregate
 
     def global_rank(self, r: int, client_ranks: list[int], full_rank: int) -> int:
         """R, the rank the server holds; `full_rank` = max over modules of min(m, n)."""
@@ -173,8 +174,10 @@ class ProductMethod(Method):
 
     Client i trains a rank-k_i LoRA of its own (the sketch's indices 0..k_i-1 only label it)
     at scale s_i = alpha / k_i. Aggregation weights p_i are the clients' data sizes, normalised
-    over the participants.
+    over the participants. The server sets the global model itself: eta_g is not used.
     """
+
+    server_step = False
 
     def __init__(self, r: int, seed_generator: torch.Generator) -> None:
         self.r = r  # the configured global rank, whose FSLoRA scale the clients get
