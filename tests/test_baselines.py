@@ -131,8 +131,8 @@ def test_per_index_sketch_weights_match_dense_forward_and_gradients():
         layer.lora_B.normal_()
     sk = Sketch(torch.tensor([1, 4, 5]), r, torch.tensor([2.0, 0.5, 3.0], dtype=torch.float64))
     x = torch.randn(2, 3, n, dtype=torch.float64)
-    b = layer.lora_B.detach()[:, sk.index].clone().requires_grad_(True)
-    a = layer.lora_A.detach()[sk.index].clone().requires_grad_(True)
+    b = layer.lora_B.detach()[:, sk.indices].clone().requires_grad_(True)
+    a = layer.lora_A.detach()[sk.indices].clone().requires_grad_(True)
     b_ref, a_ref = b.detach().clone().requires_grad_(True), a.detach().clone().requires_grad_(True)
     dense = layer.weight + layer.scale * b_ref @ torch.diag(sk.per_index) @ a_ref  # W0 + s B S A
     ref = x @ dense.T + layer.bias
