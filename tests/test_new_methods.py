@@ -15,7 +15,8 @@ from fslora_min.client import ClientUpdate
 from fslora_min.experiment import run_experiment
 from fslora_min.lora import LoRALinear, compact_factors, global_factors
 from fslora_min.methods import (FLASC, METHODS, FedAvgLoRA, FedExLoRA, FedPLoRA, FFALoRA,
-                                HetLoRA, Method, RoLoRA, fold_weights, top_k_entries)
+                                HetLoRA, Method, RescaledHetLoRA, RoLoRA, fold_weights,
+                                top_k_entries)
 from fslora_min.server import AGGREGATIONS, Server, ServerConfig, average_padded_deltas
 from fslora_min.sketch import Sketch
 from tests.test_engine import federation, rel
@@ -87,11 +88,13 @@ def test_fed_plora_fold_is_the_dense_folded_weight_forward_and_backward():
     assert f.fold.b.grad is None and f.fold.a.grad is None  # the fold stays frozen
 
 
-@pytest.mark.parametrize("make", [FedPLoRA, HetLoRA, lambda: FLASC(position_numbers=0)],
-                         ids=["fed-plora", "hetlora", "flasc, positions free"])
+@pytest.mark.parametrize("make", [FedPLoRA, HetLoRA, RescaledHetLoRA,
+                                  lambda: FLASC(position_numbers=0)],
+                         ids=["fed-plora", "hetlora", "hetlora-rescaled", "flasc, positions free"])
 def test_with_every_budget_r_it_is_fedavg_lora_step_for_step(make):
-    """Fed-PLoRA with every N_i = R folds nothing; HetLoRA's prefix is every rank; FLASC with
-    the whole budget for values sends everything. Each is then FedAvg-LoRA, bit for bit."""
+    """Fed-PLoRA with every N_i = R folds nothing; HetLoRA's prefix (at alpha / r or alpha / k_i,
+    the same at k_i = r) is every rank; FLASC with the whole budget for values sends everything.
+    Each is then FedAvg-LoRA, bit for bit (so the two HetLoRAs are each other, too)."""
     r = 4
     new = tiny_federation([r, r, r], r, method=make())
     avg = tiny_federation([r, r, r], r, method=FedAvgLoRA(full=True))
