@@ -108,7 +108,7 @@ def test_rescaled_hetlora_client_starts_at_alpha_over_k_on_the_prefix(k):
     W0, B, A = (t.detach().clone() for t in (layer.weight, layer.lora_B, layer.lora_A))
     for method, scale in ((RescaledHetLoRA(), alpha / k), (HetLoRA(), alpha / r)):
         down = method.downlink(server, method.sketches(server, k, torch.Generator()))
-        assert down["l"].sketch.index.tolist() == list(range(k))
+        assert down["l"].sketch.indices.tolist() == list(range(k))
         with torch.no_grad(), compact_factors(server.model, down):
             out = layer(x)
         ref = x @ (W0 + scale * B[:, :k] @ A[:k]).T + layer.bias.detach()  # (3, m)
