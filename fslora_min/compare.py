@@ -62,7 +62,8 @@ IMPORTANCE_METHODS = ("fslora", "fslora-topk", "fslora-importance")
 RECENT_METHODS = ("fslora", "fed-plora", "flasc", "ffa-lora", "rolora", "fedex-lora")  # since
 STUDY_TASKS = ("synthetic", "planted", "shakespeare")  # shakespeare: fslora_min/shakespeare.py
 TABLES = {"synthetic": ("main", "recent", "adamw", "server_one", "server_adam", "aggregation",
-                        "published", "importance", "global_rank", "sketch_ratio"),
+                        "hetlora_scale", "lr_scaling", "published", "importance", "global_rank",
+                        "sketch_ratio"),
           "planted": ("planted_ladder", "planted_small", "planted_ratios"),
           "shakespeare": ("main", "recent")}
 
@@ -231,7 +232,8 @@ def run_key(exp: ExperimentConfig, spec: dict) -> str:
 
     flat = [(p, v) for p, v in leaves(asdict(exp), ())
             if p not in (("out_dir",), ("checkpoint_every",), ("federation", "rounds"),
-                         ("federation", "client_eval"))]
+                         ("federation", "client_eval"))
+            and not (p == ("client", "lr_scaling") and v == "none")]  # keys before the knob
     names = [p[-1] for p, _ in flat]
     settings = {(p[-1] if names.count(p[-1]) == 1 else ".".join(p[-2:])): v for p, v in flat}
     return json.dumps({"code_version": CODE_VERSION, "task": spec, "settings": settings},
@@ -509,6 +511,14 @@ def build_tables(cfg: CompareConfig) -> list[TableSpec]:
         for ratio in (1 / 8, 1 / 4, 1 / 2, 3 / 4)]
     imp_rows = method_rows(sgd, cfg.lr_grid, avg_grid, IMPORTANCE_METHODS)
     recent_rows = method_rows(sgd, cfg.lr_grid, avg_grid, RECENT_METHODS)
+    hetlora_rows = method_rows(sgd, cfg.lr_grid, avg_grid, ("fslora", "hetlora",
+                                                             "hetlora-rescaled"))
+    ratio_lr = replace(sgd, client=replace(sgd.client, lr_scaling="ratio"))
+    lr_rows = [RowSpec("fslora", replace(sgd, method="fslora"), cfg.lr_grid, avg_grid),
+               RowSpec("fslora lr x k_i/r", replace(ratio_lr, method="fslora"), cfg.lr_grid,
+                       avg_grid),
+               RowSpec("hetlora lr x k_i/r", replace(ratio_lr, method="hetlora"), cfg.lr_grid,
+                       avg_grid)]
     tables = [
         TableSpec("main", "FSLoRA against the baselines at the same client budgets",
                   "SGD clients, eta_g tuned", main_rows, vs_baselines(main_rows), *full),
@@ -530,6 +540,14 @@ def build_tables(cfg: CompareConfig) -> list[TableSpec]:
                            avg_grid)]
                   + [r for r in main_rows if r.label == "hetlora"],
                   [("fslora per-index", "hetlora")] if "hetlora" in methods else [], *reduced),
+        TableSpec("hetlora_scale", "HetLoRA's scale: alpha / r (ours: the global scale, no "
+                  "rescaling) vs alpha / k_i (the FSLoRA authors' baseline code)",
+                  "SGD clients, eta_g tuned", hetlora_rows,
+                  [("fslora", "hetlora"), ("fslora", "hetlora-rescaled")], *reduced),
+        TableSpec("lr_scaling", "Client lr scaled by k_i / r (a small client steps less)",
+                  "SGD clients at lr x k_i / r, eta_g tuned", lr_rows,
+                  [("fslora lr x k_i/r", "hetlora lr x k_i/r"), ("fslora lr x k_i/r", "fslora")],
+                  *reduced),
         TableSpec("published", "FSLoRA as the authors' code runs (every client full rank r, "
                   "AdamW clients, server AdamW) against the AdamW baselines",
                   "AdamW clients (weight decay 0.01), server AdamW (0.01), rsLoRA",
