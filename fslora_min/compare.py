@@ -41,6 +41,7 @@ from fslora_min.client import ClientConfig
 from fslora_min.data import DataConfig
 from fslora_min.experiment import ExperimentConfig, build_federation
 from fslora_min.federation import Federation, FederationConfig, evaluate
+from fslora_min.knobs import ConfigError, check_knobs, knob
 from fslora_min.lora import LoRAConfig
 from fslora_min.methods import METHODS, Method, make_method
 from fslora_min.model import ModelConfig
@@ -69,17 +70,33 @@ TABLES = {"synthetic": ("main", "recent", "adamw", "server_one", "server_adam", 
 
 @dataclass
 class CompareConfig:
-    task: str = "synthetic"  # synthetic (data.py), planted (planted.py), shakespeare
-    tables: tuple[str, ...] = ()  # () = every table of the task
-    methods: tuple[str, ...] = MAIN_METHODS  # rows of the method tables (any of METHODS)
+    """The study. Its knobs (made by `knob`) are `compare`'s flags, checked once by `check_knobs`
+    (fslora_min/knobs.py); the plain fields are the protocol's settings, set in code."""
+
+    task: str = knob("synthetic", "synthetic: the topic-Markov task (fslora_min/data.py); "
+                                  "planted: text from a teacher with a planted rank-R* update of "
+                                  "one layer, so that the rank binds (fslora_min/planted.py); "
+                                  "shakespeare: LEAF's next-character task "
+                                  "(fslora_min/shakespeare.py)", choices=STUDY_TASKS)
+    tables: tuple[str, ...] = knob((), "which of the task's tables",
+                                   choices=tuple(sorted({t for ts in TABLES.values() for t in ts})),
+                                   default_text="all of the task's")
+    methods: tuple[str, ...] = knob(MAIN_METHODS, "rows of the method tables, fslora among them",
+                                    choices=METHODS)
     seeds: tuple[int, ...] = (0, 1, 2, 3, 4)  # evaluation seeds of the decisive tables
     reduced_seeds: tuple[int, ...] = (0, 1, 2)  # of the convention ablations
     tune_seeds: tuple[int, ...] = (100, 101)  # never reported
-    lr_grid: tuple[float, ...] = (0.03, 0.1, 0.3, 1.0)  # client lr, SGD
+    lr_grid: tuple[float, ...] = knob((0.03, 0.1, 0.3, 1.0), "client learning rates (SGD) every "
+                                                             "row is tuned over", check="positive")
     adamw_lr_grid: tuple[float, ...] = (0.001, 0.003, 0.01, 0.03)  # client lr, AdamW
-    server_lr_grid: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0)  # eta_g, plain averaging
+    server_lr_grid: tuple[float, ...] = knob((1.0, 2.0, 4.0, 8.0), "server steps eta_g (plain "
+                                             "averaging) every row is tuned over",
+                                             check="positive")
     adam_server_lr_grid: tuple[float, ...] = (0.001, 0.003, 0.01, 0.03)  # server Adam(W)
     horizons: tuple[int, int, int] = (30, 100, 300)  # short, middle (tuning), long
+    # Set, it replaces the last of `horizons`; None keeps it.
+    rounds: int | None = knob(None, "the long horizon T of the decisive tables",
+                              check="positive integer", default_text=str(horizons[2]))
     reduced_horizons: tuple[int, int, int] = (30, 60, 100)  # of the convention ablations
     rung: float = 0.25  # successive halving: every grid point to rung x middle horizon ...
     keep: float = 0.25  # ... and this fraction of them to the middle horizon
@@ -90,18 +107,23 @@ class CompareConfig:
     batch_size: int = 8
     pretrain_steps: int = 300
     planted: PlantedConfig = field(default_factory=PlantedConfig)
-    out_dir: str = "runs/compare"
+    out_dir: str = knob("runs/compare", "output folder, each task in a folder of its own "
+                                        "(OUT/TASK/); the committed study's runs are replayed, "
+                                        "not retrained, whatever it is", flag="--out")
 
     def __post_init__(self) -> None:
-        if self.task not in STUDY_TASKS:
-            raise ValueError(f"--task must be one of {STUDY_TASKS}, got {self.task!r}")
+        check_knobs(self)
         bad = set(self.tables) - set(TABLES[self.task])
         if bad:
-            raise ValueError(f"--tables {sorted(bad)} are not tables of task {self.task!r}: "
-                             f"{TABLES[self.task]}")
-        if set(self.methods) - set(METHODS) or "fslora" not in self.methods:
-            raise ValueError(f"--methods must include fslora and be among {METHODS}, "
-                             f"got {self.methods}")
+            raise ConfigError(self, "tables", f"{sorted(bad)} are not tables of task "
+                                              f"{self.task!r}: {TABLES[self.task]}")
+        if "fslora" not in self.methods:
+            raise ConfigError(self, "methods", f"must include fslora, got {self.methods}")
+        if self.rounds is not None:
+            if self.rounds < self.horizons[1]:
+                raise ConfigError(self, "rounds", f"must be at least the middle horizon, "
+                                                  f"{self.horizons[1]}, got {self.rounds}")
+            self.horizons = (*self.horizons[:2], self.rounds)
         if min(len(self.seeds), len(self.reduced_seeds), len(self.tune_seeds)) < 2:
             raise ValueError("a paired interval needs at least 2 evaluation seeds and the "
                              "protocol at least 2 tuning seeds")
@@ -118,7 +140,8 @@ class CompareConfig:
         return self.tables or TABLES[self.task]
 
 
-def quick_config(out_dir: str, task_name: str = "synthetic") -> CompareConfig:
+def quick_config(out_dir: str = "runs/compare-quick", task_name: str = "synthetic"
+                 ) -> CompareConfig:
     """The main table in miniature (the tests run it): 4 clients, 2 + 2 seeds, one grid point,
     3 rounds; every code path of a row but the halving and the widening (tested apart)."""
     tables = ("planted_ladder",) if task_name == "planted" else ("main",)

@@ -423,7 +423,7 @@ class FedPLoRA(Method):
     def downlink(self, server: Server, sketches: dict[str, Sketch]) -> Downlink:
         out = server.downlink(sketches)
         for name, f in out.items():
-            rest = complement(f.sketch.index, server.rank)
+            rest = complement(f.sketch.indices, server.rank)
             if rest.numel():  # N_i < R: the untrained rank-1 modules go into the frozen base
                 f.fold = server.downlink({name: Sketch(rest, server.rank, weight=1.0)})[name]
         return out

@@ -108,7 +108,7 @@ def test_rescaled_hetlora_client_starts_at_alpha_over_k_on_the_prefix(k):
     W0, B, A = (t.detach().clone() for t in (layer.weight, layer.lora_B, layer.lora_A))
     for method, scale in ((RescaledHetLoRA(), alpha / k), (HetLoRA(), alpha / r)):
         down = method.downlink(server, method.sketches(server, k, torch.Generator()))
-        assert down["l"].sketch.index.tolist() == list(range(k))
+        assert down["l"].sketch.indices.tolist() == list(range(k))
         with torch.no_grad(), compact_factors(server.model, down):
             out = layer(x)
         ref = x @ (W0 + scale * B[:, :k] @ A[:k]).T + layer.bias.detach()  # (3, m)
@@ -166,8 +166,8 @@ def test_per_index_sketch_weights_match_dense_forward_and_gradients():
         layer.lora_B.normal_()
     sk = Sketch(torch.tensor([1, 4, 5]), r, torch.tensor([2.0, 0.5, 3.0], dtype=torch.float64))
     x = torch.randn(2, 3, n, dtype=torch.float64)
-    b = layer.lora_B.detach()[:, sk.index].clone().requires_grad_(True)
-    a = layer.lora_A.detach()[sk.index].clone().requires_grad_(True)
+    b = layer.lora_B.detach()[:, sk.indices].clone().requires_grad_(True)
+    a = layer.lora_A.detach()[sk.indices].clone().requires_grad_(True)
     b_ref, a_ref = b.detach().clone().requires_grad_(True), a.detach().clone().requires_grad_(True)
     dense = layer.weight + layer.scale * b_ref @ torch.diag(sk.per_index) @ a_ref  # W0 + s B S A
     ref = x @ dense.T + layer.bias
