@@ -205,10 +205,13 @@ def output_folder(out: str, resume: bool = False, overwrite: bool = False) -> It
     except OSError as err:
         remove_empty(made)
         raise ValueError(f"argument --out: {out!r} is not writable: {err.strerror}") from None
+    before = set(folder.rglob("*"))
     try:
         yield folder
-    except BaseException:
-        remove_empty(made)
+    except BaseException:  # what the command made and left empty goes (compare's OUT/TASK/)
+        new = sorted((p for p in folder.rglob("*") if p.is_dir() and p not in before),
+                     key=lambda p: len(p.parts), reverse=True)
+        remove_empty(new + made)
         raise
 
 
