@@ -2,24 +2,23 @@
 every knob; `python -m fslora_min compare [--quick]` compares every method
 (fslora_min/compare.py).
 
-`run`'s flags are generated from the config dataclasses' knobs (fslora_min/knobs.py): each knob
-is written once, as a field with its type, default, help and check. Every value is checked by
-its config, whose error names the field; it is reported here under its flag. The output folder
-and the checkpoint to resume from are checked too, all before any training."""
+`run`'s and `compare`'s flags are generated from the config dataclasses' knobs
+(fslora_min/knobs.py): each knob is written once, as a field with its type, default, help and
+check. Every value is checked by its config, whose error names the field; it is reported here
+under its flag. The output folder and the checkpoint to resume from are checked too, all before
+any training."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 import shlex
 import sys
 from dataclasses import replace
 from typing import Callable, get_args, get_origin, get_type_hints
 
 from fslora_min.client import OPTIMIZERS, ClientConfig
-from fslora_min.compare import (STUDY_TASKS, TABLES, CompareConfig, quick_config, run_compare,
-                                update_readmes)
+from fslora_min.compare import CompareConfig, quick_config, run_compare, update_readmes
 from fslora_min.compute import ComputeConfig
 from fslora_min.data import DataConfig
 from fslora_min.experiment import (PRESETS, ExperimentConfig, Interrupted, output_folder,
@@ -27,30 +26,9 @@ from fslora_min.experiment import (PRESETS, ExperimentConfig, Interrupted, outpu
 from fslora_min.federation import FederationConfig
 from fslora_min.knobs import ConfigError, flag_of, knobs
 from fslora_min.lora import LoRAConfig
-from fslora_min.methods import METHODS
 from fslora_min.pretrain import PretrainConfig
 from fslora_min.server import ServerConfig
 from fslora_min.tasks import TASKS
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"must be positive and finite, got {value}")
-    return value
 
 
 # The parts of an ExperimentConfig that `run` sets, in --help's order: (title, attribute, class).
@@ -122,6 +100,18 @@ def add_knob(group: argparse._ArgumentGroup, attr: str, f: dataclasses.Field, hi
     return flag
 
 
+def add_knobs(parser: argparse.ArgumentParser, parts: tuple[tuple[str, str, type], ...]
+              ) -> dict[tuple[type, str], str]:
+    """A group of flags for each (title, attribute, config class) of `parts`, one per knob;
+    returns each knob's flag by (class, field name), for naming a bad value."""
+    flags = {}
+    for title, attr, cls in parts:
+        group, hints = parser.add_argument_group(title), get_type_hints(cls)
+        for f in knobs(cls):
+            flags[cls, f.name] = add_knob(group, attr, f, hints[f.name])
+    return flags
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m fslora_min",
@@ -132,11 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run one federation (see 'run --help')",
                          description="One federation. Every flag is a field of the configs in "
                                      "fslora_min/ (fslora_min/knobs.py).")
-    flags = {}
-    for title, attr, cls in PARTS:
-        group, hints = run.add_argument_group(title), get_type_hints(cls)
-        for f in knobs(cls):
-            flags[cls, f.name] = add_knob(group, attr, f, hints[f.name])
+    flags = add_knobs(run, PARTS)
     g = run.add_argument_group("run")
     g.add_argument("--preset", choices=PRESETS, default="default",
                    help="model and data sizes; " + "; ".join(f"{p}: {describe_preset(p)}"
@@ -156,51 +142,38 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(command_parser=run, flags=flags)
     cmp = sub.add_parser("compare", help="the reproduction study: every row tuned, every claim "
                                          "over seeds and horizons, with verdicts "
-                                         "(fslora_min/compare.py)")
-    d_cmp = CompareConfig()
-    cmp.add_argument("--quick", action="store_true",
-                     help="the main table in miniature (the tests run it): 4 clients, 2 + 2 "
-                          "seeds, one grid point, 3 rounds")
-    cmp.add_argument("--task", choices=STUDY_TASKS, default=d_cmp.task,
-                     help="synthetic: the topic-Markov task; planted: text from a teacher with a "
-                          "planted rank-R* update of one layer (rank binds); shakespeare: LEAF's "
-                          f"next-character task; default: {d_cmp.task}")
-    cmp.add_argument("--tables", nargs="+", choices=sorted({t for ts in TABLES.values()
-                                                            for t in ts}), default=None,
-                     help="which of the task's tables (default: all of them)")
-    cmp.add_argument("--methods", nargs="+", choices=METHODS, default=list(d_cmp.methods),
-                     help=f"rows of the method tables, fslora among them (default: "
-                          f"{' '.join(d_cmp.methods)})")
-    cmp.add_argument("--lr-grid", type=_positive_float, nargs="+", default=None,
-                     help=f"client learning rates (SGD) every row is tuned over "
-                          f"(default: {' '.join(map(str, d_cmp.lr_grid))})")
-    cmp.add_argument("--server-lr-grid", type=_positive_float, nargs="+", default=None,
-                     help=f"server steps eta_g (plain averaging) every row is tuned over "
-                          f"(default: {' '.join(map(str, d_cmp.server_lr_grid))})")
-    cmp.add_argument("--rounds", type=_positive_int, default=None,
-                     help=f"the long horizon T of the decisive tables (default: "
-                          f"{d_cmp.horizons[2]})")
-    cmp.add_argument("--out", default=None,
-                     help="output folder (default runs/compare, or runs/compare-quick); the "
-                          "committed study's runs are replayed, not retrained, whatever it is")
-    cmp.add_argument("--no-train", action="store_true",
-                     help="write the tables from cached runs only, marking what is missing")
-    cmp.add_argument("--readme", action="store_true",
-                     help="only rewrite the study's blocks in results/compare/README.md and "
-                          "README.md from the committed runs (no training)")
-    cmp.set_defaults(command_parser=cmp)
+                                         "(fslora_min/compare.py)",
+                         description="The reproduction study. Its flags are the knobs of "
+                                     "CompareConfig (fslora_min/compare.py); the mode flags "
+                                     "choose what it does with them.")
+    q = quick_config()
+    cmp_flags = add_knobs(cmp, (("study", "compare", CompareConfig),))
+    g = cmp.add_argument_group("mode")
+    g.add_argument("--quick", action="store_true",
+                   help=f"the main table in miniature (the tests run it): {q.num_clients} "
+                        f"clients, {len(q.seeds)} + {len(q.tune_seeds)} seeds, one grid point, "
+                        f"{q.horizons[2]} rounds; --out defaults to {q.out_dir}")
+    g.add_argument("--no-train", action="store_true",
+                   help="write the tables from cached runs only, marking what is missing")
+    g.add_argument("--readme", action="store_true",
+                   help="only rewrite the study's blocks in results/compare/README.md and "
+                        "README.md from the committed runs (no training; other flags ignored)")
+    cmp.set_defaults(command_parser=cmp, flags=cmp_flags)
     return parser
+
+
+def given_knobs(args: argparse.Namespace, attr: str) -> dict[str, object]:
+    """The knobs of part `attr` given on the command line, by field name (add_knob's dests)."""
+    prefix = attr + "."
+    return {dest[len(prefix):]: value for dest, value in vars(args).items()
+            if dest.startswith(prefix)}
 
 
 def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
     """Turn parsed `run` arguments into an ExperimentConfig: each part is built from the flags
     given (the preset's values or the field defaults for the rest), which checks it; raises a
     ConfigError (a ValueError) naming the field of a bad value."""
-    given: dict[str, dict] = {attr: {} for _, attr, _ in PARTS}
-    for dest, value in vars(args).items():
-        attr, _, name = dest.partition(".")
-        if name:
-            given[attr][name] = value
+    given = {attr: given_knobs(args, attr) for _, attr, _ in PARTS}
     from_preset = dict(zip(PRESET_PARTS, preset(args.preset, args.task)))
     if given["data"] and args.task != "synthetic":  # the data knobs are the synthetic task's
         flag = args.flags[DataConfig, next(iter(given["data"]))]
@@ -212,10 +185,20 @@ def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
     return ExperimentConfig(**given["experiment"], **(from_preset | parts))
 
 
-def under_flag(args: argparse.Namespace, err: ConfigError) -> str:
-    """A config error as the command line names it: under its flag, when it has one."""
-    flag = args.flags.get((err.config, err.field))
-    return f"argument {flag}: {err.problem}" if flag else str(err)
+def compare_config_from_args(args: argparse.Namespace) -> CompareConfig:
+    """Turn parsed `compare` arguments into a CompareConfig: the flags given over the study's
+    defaults (or --quick's), which checks them; raises a ConfigError naming a bad value's field."""
+    given = {name: tuple(value) if isinstance(value, list) else value
+             for name, value in given_knobs(args, "compare").items()}
+    base = quick_config(task_name=given.get("task", "synthetic")) if args.quick else CompareConfig()
+    return replace(base, **given)
+
+
+def under_flag(args: argparse.Namespace, err: ValueError) -> str:
+    """An error as the command line names it: a config error under its flag, when it has one."""
+    if isinstance(err, ConfigError) and (err.config, err.field) in args.flags:
+        return f"argument {args.flags[err.config, err.field]}: {err.problem}"
+    return str(err)
 
 
 def print_summary(cfg: ExperimentConfig, history, info: dict) -> None:
@@ -267,20 +250,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.readme:
             update_readmes()
             return 0
-        out = args.out or ("runs/compare-quick" if args.quick else CompareConfig().out_dir)
         try:
-            cfg = quick_config(out, args.task) if args.quick else CompareConfig(task=args.task,
-                                                                                out_dir=out)
-            h = cfg.horizons
-            cfg = replace(cfg, tables=tuple(args.tables or cfg.tables),
-                          methods=tuple(args.methods),
-                          lr_grid=tuple(args.lr_grid or cfg.lr_grid),
-                          server_lr_grid=tuple(args.server_lr_grid or cfg.server_lr_grid),
-                          horizons=(h[0], h[1], args.rounds or h[2]))
-            with output_folder(out):  # checked writable; removed again if nothing was written
+            cfg = compare_config_from_args(args)
+            with output_folder(cfg.out_dir):  # checked writable; removed if nothing was written
                 run_compare(cfg, train=not args.no_train)
         except ValueError as err:  # a bad value, an unwritable --out or base-model cache
-            args.command_parser.error(str(err))
+            args.command_parser.error(under_flag(args, err))
         return 0
     try:
         cfg = config_from_args(args)
@@ -288,10 +263,8 @@ def main(argv: list[str] | None = None) -> int:
             history, info = run_experiment(cfg, not args.no_progress, args.resume,
                                            args.overwrite)
             out = write_outputs(cfg, history, info)
-    except ConfigError as err:
+    except ValueError as err:  # a bad value (a ConfigError names its flag), an unusable --out
         args.command_parser.error(under_flag(args, err))
-    except ValueError as err:
-        args.command_parser.error(str(err))
     except Interrupted as stop:
         again = [a for a in argv if a != "--overwrite"] + ([] if args.resume else ["--resume"])
         print(stop.line(shlex.join(["python", "-m", "fslora_min", *again])), file=sys.stderr)

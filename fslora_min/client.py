@@ -23,6 +23,7 @@ from fslora_min.model import dropout_masks, lm_loss
 from fslora_min.sketch import Sketch
 
 OPTIMIZERS = ("sgd", "adamw")
+LR_SCALINGS = ("none", "ratio")
 
 
 @dataclass
@@ -30,6 +31,13 @@ class ClientConfig:
     local_steps: int = knob(10, "H, the local optimizer steps each participant takes per round",
                             check="positive integer")
     lr: float = knob(0.2, "local learning rate eta", check="positive")
+    lr_scaling: str = knob(
+        "none", "client i's learning rate: eta (none) or eta k_i / R (ratio), k_i the ranks it "
+                "trains and R the server's rank: k_i / r for fslora and its ablations, hetlora(-"
+                "rescaled), fed-plora, flora; 1 (eta unchanged) where clients train all R ranks "
+                "(fedavg-min/-full, flasc, ffa-lora, rolora, fedex-lora); flexlora: "
+                "k_i / max(r, min(m, n)), its server's rank",
+        choices=LR_SCALINGS)
     optimizer: str = knob("sgd", "local optimizer: sgd (the paper's analysis) or adamw; its "
                                  "state is fresh every round", flag="--client-optimizer",
                           choices=OPTIMIZERS)
@@ -51,10 +59,27 @@ class ClientUpdate:
     trainable_parameters: int  # numbers the client's optimizer updated: sum k_i (m + n)
 
 
-def make_optimizer(params: list[torch.Tensor], cfg: ClientConfig) -> torch.optim.Optimizer:
+def make_optimizer(params: list[torch.Tensor], cfg: ClientConfig,
+                   lr: float) -> torch.optim.Optimizer:
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr)
-    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(params, lr=lr)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
+
+
+def lr_ratio(downlink: dict[str, CompactFactors], lr_scaling: str) -> float:
+    """The factor on client i's learning rate: 1 ("none") or k_i / R ("ratio"), k_i the ranks
+    it trains and R the rank of the server's LoRA (its sketches' `rank`).
+
+    With "ratio", FSLoRA's client steps at eta k_i / r on a forward scaled by r / k_i.
+    """
+    if lr_scaling == "none":
+        return 1.0
+    ranks = {(f.sketch.k, f.sketch.rank) for f in downlink.values()}
+    if len(ranks) != 1:
+        raise ValueError(f"lr_scaling='ratio' needs one rank k_i per client, but its modules "
+                         f"train (k, R) = {sorted(ranks)}")
+    k, R = ranks.pop()
+    return k / R
 
 
 def client_update(client_id: int, downlink: dict[str, CompactFactors],
@@ -89,7 +114,7 @@ def train_client(model: nn.Module, client_id: int, downlink: dict[str, CompactFa
                                   f.sketch, f.fold, f.train_b, f.train_a)  # a fold stays frozen
              for name, f in downlink.items()}
     params = [t for f in local.values() for t in (f.b, f.a) if t.requires_grad]
-    opt = make_optimizer(params, cfg)
+    opt = make_optimizer(params, cfg, cfg.lr * lr_ratio(downlink, cfg.lr_scaling))
     with compact_factors(model, local), dropout_masks(model, None if masks is None else [masks]):
         for _ in range(cfg.local_steps):
             loss = lm_loss(model, *split_inputs_targets(next(batches).to(device)))

@@ -41,6 +41,7 @@ from fslora_min.client import ClientConfig
 from fslora_min.data import DataConfig
 from fslora_min.experiment import ExperimentConfig, build_federation
 from fslora_min.federation import Federation, FederationConfig, evaluate
+from fslora_min.knobs import ConfigError, check_knobs, knob
 from fslora_min.lora import LoRAConfig
 from fslora_min.methods import METHODS, Method, make_method
 from fslora_min.model import ModelConfig
@@ -49,8 +50,8 @@ from fslora_min.pretrain import PretrainConfig, load_or_pretrain
 from fslora_min.shakespeare import VOCAB, ShakespeareConfig
 from fslora_min.profiles import (DEFAULT_PROFILES, budgets_from_profiles, memory_bytes,
                                  upload_bytes)
-from fslora_min.protocol import (Choice, Paired, choose, diverged, paired_interval, plateau,
-                                 verdict, widen)
+from fslora_min.protocol import (NOT_REPRODUCED, REPRODUCED, Choice, Paired, choose, diverged,
+                                 paired_interval, plateau, verdict, widen)
 from fslora_min.server import ServerConfig
 
 CODE_VERSION = 2  # bump when a change alters any run's numbers: older cached runs are not reused
@@ -58,26 +59,44 @@ COMMITTED = Path(__file__).resolve().parents[1] / "results" / "compare"
 MAIN_METHODS = ("fslora", "hetlora", "flexlora", "flora", "fedavg-min", "fedavg-full")
 BASELINES = ("hetlora", "flexlora", "flora", "fedavg-min")  # the paper says FSLoRA beats these
 IMPORTANCE_METHODS = ("fslora", "fslora-topk", "fslora-importance")
+RECENT_METHODS = ("fslora", "fed-plora", "flasc", "ffa-lora", "rolora", "fedex-lora")  # since
 STUDY_TASKS = ("synthetic", "planted", "shakespeare")  # shakespeare: fslora_min/shakespeare.py
-TABLES = {"synthetic": ("main", "adamw", "server_one", "server_adam", "aggregation",
-                        "published", "importance", "global_rank", "sketch_ratio"),
+TABLES = {"synthetic": ("main", "recent", "adamw", "server_one", "server_adam", "aggregation",
+                        "hetlora_scale", "lr_scaling", "published", "importance", "global_rank",
+                        "sketch_ratio"),
           "planted": ("planted_ladder", "planted_small", "planted_ratios"),
-          "shakespeare": ("main",)}
+          "shakespeare": ("main", "recent")}
 
 
 @dataclass
 class CompareConfig:
-    task: str = "synthetic"  # synthetic (data.py), planted (planted.py), shakespeare
-    tables: tuple[str, ...] = ()  # () = every table of the task
-    methods: tuple[str, ...] = MAIN_METHODS  # rows of the method tables (any of METHODS)
+    """The study. Its knobs (made by `knob`) are `compare`'s flags, checked once by `check_knobs`
+    (fslora_min/knobs.py); the plain fields are the protocol's settings, set in code."""
+
+    task: str = knob("synthetic", "synthetic: the topic-Markov task (fslora_min/data.py); "
+                                  "planted: text from a teacher with a planted rank-R* update of "
+                                  "one layer, so that the rank binds (fslora_min/planted.py); "
+                                  "shakespeare: LEAF's next-character task "
+                                  "(fslora_min/shakespeare.py)", choices=STUDY_TASKS)
+    tables: tuple[str, ...] = knob((), "which of the task's tables",
+                                   choices=tuple(sorted({t for ts in TABLES.values() for t in ts})),
+                                   default_text="all of the task's")
+    methods: tuple[str, ...] = knob(MAIN_METHODS, "rows of the method tables, fslora among them",
+                                    choices=METHODS)
     seeds: tuple[int, ...] = (0, 1, 2, 3, 4)  # evaluation seeds of the decisive tables
     reduced_seeds: tuple[int, ...] = (0, 1, 2)  # of the convention ablations
     tune_seeds: tuple[int, ...] = (100, 101)  # never reported
-    lr_grid: tuple[float, ...] = (0.03, 0.1, 0.3, 1.0)  # client lr, SGD
+    lr_grid: tuple[float, ...] = knob((0.03, 0.1, 0.3, 1.0), "client learning rates (SGD) every "
+                                                             "row is tuned over", check="positive")
     adamw_lr_grid: tuple[float, ...] = (0.001, 0.003, 0.01, 0.03)  # client lr, AdamW
-    server_lr_grid: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0)  # eta_g, plain averaging
+    server_lr_grid: tuple[float, ...] = knob((1.0, 2.0, 4.0, 8.0), "server steps eta_g (plain "
+                                             "averaging) every row is tuned over",
+                                             check="positive")
     adam_server_lr_grid: tuple[float, ...] = (0.001, 0.003, 0.01, 0.03)  # server Adam(W)
     horizons: tuple[int, int, int] = (30, 100, 300)  # short, middle (tuning), long
+    # Set, it replaces the last of `horizons`; None keeps it.
+    rounds: int | None = knob(None, "the long horizon T of the decisive tables",
+                              check="positive integer", default_text=str(horizons[2]))
     reduced_horizons: tuple[int, int, int] = (30, 60, 100)  # of the convention ablations
     rung: float = 0.25  # successive halving: every grid point to rung x middle horizon ...
     keep: float = 0.25  # ... and this fraction of them to the middle horizon
@@ -88,18 +107,23 @@ class CompareConfig:
     batch_size: int = 8
     pretrain_steps: int = 300
     planted: PlantedConfig = field(default_factory=PlantedConfig)
-    out_dir: str = "runs/compare"
+    out_dir: str = knob("runs/compare", "output folder, each task in a folder of its own "
+                                        "(OUT/TASK/); the committed study's runs are replayed, "
+                                        "not retrained, whatever it is", flag="--out")
 
     def __post_init__(self) -> None:
-        if self.task not in STUDY_TASKS:
-            raise ValueError(f"--task must be one of {STUDY_TASKS}, got {self.task!r}")
+        check_knobs(self)
         bad = set(self.tables) - set(TABLES[self.task])
         if bad:
-            raise ValueError(f"--tables {sorted(bad)} are not tables of task {self.task!r}: "
-                             f"{TABLES[self.task]}")
-        if set(self.methods) - set(METHODS) or "fslora" not in self.methods:
-            raise ValueError(f"--methods must include fslora and be among {METHODS}, "
-                             f"got {self.methods}")
+            raise ConfigError(self, "tables", f"{sorted(bad)} are not tables of task "
+                                              f"{self.task!r}: {TABLES[self.task]}")
+        if "fslora" not in self.methods:
+            raise ConfigError(self, "methods", f"must include fslora, got {self.methods}")
+        if self.rounds is not None:
+            if self.rounds < self.horizons[1]:
+                raise ConfigError(self, "rounds", f"must be at least the middle horizon, "
+                                                  f"{self.horizons[1]}, got {self.rounds}")
+            self.horizons = (*self.horizons[:2], self.rounds)
         if min(len(self.seeds), len(self.reduced_seeds), len(self.tune_seeds)) < 2:
             raise ValueError("a paired interval needs at least 2 evaluation seeds and the "
                              "protocol at least 2 tuning seeds")
@@ -116,7 +140,8 @@ class CompareConfig:
         return self.tables or TABLES[self.task]
 
 
-def quick_config(out_dir: str, task_name: str = "synthetic") -> CompareConfig:
+def quick_config(out_dir: str = "runs/compare-quick", task_name: str = "synthetic"
+                 ) -> CompareConfig:
     """The main table in miniature (the tests run it): 4 clients, 2 + 2 seeds, one grid point,
     3 rounds; every code path of a row but the halving and the widening (tested apart)."""
     tables = ("planted_ladder",) if task_name == "planted" else ("main",)
@@ -207,7 +232,8 @@ def run_key(exp: ExperimentConfig, spec: dict) -> str:
 
     flat = [(p, v) for p, v in leaves(asdict(exp), ())
             if p not in (("out_dir",), ("checkpoint_every",), ("federation", "rounds"),
-                         ("federation", "client_eval"))]
+                         ("federation", "client_eval"))
+            and not (p == ("client", "lr_scaling") and v == "none")]  # keys before the knob
     names = [p[-1] for p, _ in flat]
     settings = {(p[-1] if names.count(p[-1]) == 1 else ".".join(p[-2:])): v for p, v in flat}
     return json.dumps({"code_version": CODE_VERSION, "task": spec, "settings": settings},
@@ -321,6 +347,7 @@ class TableSpec:
     claims: list[tuple[str, str]]  # (a, b): the paper says row a reaches a lower loss than b
     seeds: tuple[int, ...]
     horizons: tuple[int, int, int]
+    paper: bool = True  # False: the claims are questions the paper did not ask (later methods)
 
 
 @dataclass
@@ -409,16 +436,18 @@ def claim_results(table: TableSpec, rows: dict[str, Row]) -> list[dict]:
         seeds = sorted(set(ra) & set(rb))
         for name, h in zip(("short", "middle", "long"), table.horizons):
             p = paired_interval([ra[s][h] - rb[s][h] for s in seeds]) if len(seeds) >= 2 else None
+            word = verdict(p) if p else "pending"
+            if not table.paper:  # no claim to reproduce: say which row is lower
+                word = {REPRODUCED: f"{a} lower", NOT_REPRODUCED: f"{b} lower"}.get(word, word)
             out.append({"a": a, "b": b, "horizon": name, "rounds": h, "seeds": len(seeds),
-                        "paired": p, "verdict": verdict(p) if p else "pending"})
+                        "paired": p, "verdict": word})
     return out
 
 
 def server_steps(method: str, grid: tuple[float, ...]) -> tuple[float, ...]:
     """The server-step grid of a method's row: eta_g = 1 alone when its server sets the global
     factors itself (FlexLoRA's SVD, FLoRA's merge) instead of stepping them by eta_g D."""
-    steps_by_eta_g = type(make_method(method, 1, torch.Generator())).aggregate
-    return grid if steps_by_eta_g is Method.aggregate else (1.0,)
+    return grid if make_method(method, 1, torch.Generator()).server_step else (1.0,)
 
 
 def build_tables(cfg: CompareConfig) -> list[TableSpec]:
@@ -481,9 +510,21 @@ def build_tables(cfg: CompareConfig) -> list[TableSpec]:
         avg_grid)
         for ratio in (1 / 8, 1 / 4, 1 / 2, 3 / 4)]
     imp_rows = method_rows(sgd, cfg.lr_grid, avg_grid, IMPORTANCE_METHODS)
+    recent_rows = method_rows(sgd, cfg.lr_grid, avg_grid, RECENT_METHODS)
+    hetlora_rows = method_rows(sgd, cfg.lr_grid, avg_grid, ("fslora", "hetlora",
+                                                             "hetlora-rescaled"))
+    ratio_lr = replace(sgd, client=replace(sgd.client, lr_scaling="ratio"))
+    lr_rows = [RowSpec("fslora", replace(sgd, method="fslora"), cfg.lr_grid, avg_grid),
+               RowSpec("fslora lr x k_i/r", replace(ratio_lr, method="fslora"), cfg.lr_grid,
+                       avg_grid),
+               RowSpec("hetlora lr x k_i/r", replace(ratio_lr, method="hetlora"), cfg.lr_grid,
+                       avg_grid)]
     tables = [
         TableSpec("main", "FSLoRA against the baselines at the same client budgets",
                   "SGD clients, eta_g tuned", main_rows, vs_baselines(main_rows), *full),
+        TableSpec("recent", "FSLoRA against the methods published since, at the same client "
+                  "budgets", "SGD clients, eta_g tuned", recent_rows,
+                  [("fslora", m) for m in RECENT_METHODS[1:]], *reduced, paper=False),
         TableSpec("adamw", "Client AdamW (budgets from AdamW's own memory)",
                   "AdamW clients, eta_g tuned", adamw_rows, vs_baselines(adamw_rows), *reduced),
         TableSpec("server_one", "Plain averaging, eta_g = 1 (no server step tuned)",
@@ -499,6 +540,14 @@ def build_tables(cfg: CompareConfig) -> list[TableSpec]:
                            avg_grid)]
                   + [r for r in main_rows if r.label == "hetlora"],
                   [("fslora per-index", "hetlora")] if "hetlora" in methods else [], *reduced),
+        TableSpec("hetlora_scale", "HetLoRA's scale: alpha / r (ours: the global scale, no "
+                  "rescaling) vs alpha / k_i (the FSLoRA authors' baseline code)",
+                  "SGD clients, eta_g tuned", hetlora_rows,
+                  [("fslora", "hetlora"), ("fslora", "hetlora-rescaled")], *reduced),
+        TableSpec("lr_scaling", "Client lr scaled by k_i / r (a small client steps less)",
+                  "SGD clients at lr x k_i / r, eta_g tuned", lr_rows,
+                  [("fslora lr x k_i/r", "hetlora lr x k_i/r"), ("fslora lr x k_i/r", "fslora")],
+                  *reduced),
         TableSpec("published", "FSLoRA as the authors' code runs (every client full rank r, "
                   "AdamW clients, server AdamW) against the AdamW baselines",
                   "AdamW clients (weight decay 0.01), server AdamW (0.01), rsLoRA",
@@ -555,7 +604,7 @@ def row_table(table: TableSpec, rows: list[Row]) -> str:
 
 
 def claim_table(results: list[dict]) -> str:
-    return markdown(["claim (paper: a < b)", "horizon", "seeds", "a - b [95% CI]", "verdict"],
+    return markdown(["claim a < b", "horizon", "seeds", "a - b [95% CI]", "verdict"],
                     [[f"{c['a']} < {c['b']}", f"{c['horizon']} ({c['rounds']})",
                       str(c["seeds"]), c["paired"].text() if c["paired"] else "-", c["verdict"]]
                      for c in results])
@@ -604,7 +653,7 @@ def verdict_table(results: list[tuple[TableSpec, str, list[dict]]]) -> str:
     body = [[f"{c['a']} < {c['b']}", task_name, table.condition, f"{c['horizon']} ({c['rounds']})",
              str(c["seeds"]), c["paired"].text() if c["paired"] else "-", c["verdict"]]
             for table, task_name, claims in results for c in claims]
-    return markdown(["claim (paper: a < b)", "task", "condition", "horizon (rounds)", "seeds",
+    return markdown(["claim a < b", "task", "condition", "horizon (rounds)", "seeds",
                      "a - b [95% CI]", "verdict"], body)
 
 
@@ -701,7 +750,7 @@ def readme_blocks() -> dict[str, str]:
             "status": markdown(["table", "task", "evaluation runs", "tuning runs",
                                 "planned rounds", "rounds run", "training s", "s / round"],
                                status),
-            "summary": markdown(["claim (paper: a < b)", "task", "condition",
+            "summary": markdown(["claim a < b", "task", "condition",
                                  "a - b at the long horizon [95% CI]", "verdict"], summary)}
 
 

@@ -12,6 +12,8 @@ them together, in H passes over all P clients' minibatches stacked into one (P b
   exactly the gradient of its own loss (the other clients' rows do not depend on them);
 - one optimizer steps the stacked factors. SGD and AdamW are elementwise, so this is P
   independent optimizers; a padded rank has coefficient 0, hence gradient 0, hence never moves.
+  Clients with learning rates of their own (ClientConfig.lr_scaling) get them by
+  `scale_client_steps`.
 
 Each client still draws its own minibatches from its own stream and starts from its own
 downlink, so both engines give the same updates to float rounding (tests/test_engine.py). The
@@ -29,8 +31,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from fslora_min.client import (ClientConfig, ClientUpdate, client_update, make_optimizer,
-                               train_client)
+from fslora_min.client import (ClientConfig, ClientUpdate, client_update, lr_ratio,
+                               make_optimizer, train_client)
 from fslora_min.compute import CPU_PASS_BYTES
 from fslora_min.data import Minibatches, split_inputs_targets
 from fslora_min.lora import (BatchedFactors, CompactFactors, LoRALinear, batched_compact_factors,
@@ -105,6 +107,19 @@ def stack_client_factors(fs: list[CompactFactors | None], scale: float,
     return BatchedFactors(b, a, client_scale)
 
 
+def scale_client_steps(params: list[torch.Tensor], before: list[torch.Tensor],
+                       ratios: torch.Tensor) -> None:
+    """x_p <- x_p^0 + rho_p (x_p - x_p^0) for each client p of the stacked factors (P, ...):
+    client p's step at learning rate eta rho_p instead of eta.
+
+    Exact for SGD and AdamW: given the optimizer's state (moments of the gradients, which never
+    depend on the lr), their step, decoupled weight decay included, is linear in the lr.
+    """
+    with torch.no_grad():
+        for x, x0 in zip(params, before):
+            x.copy_(torch.lerp(x0, x, ratios.to(x).view(-1, *[1] * (x.dim() - 1))))
+
+
 def train_clients_batched(model: nn.Module, client_ids: list[int], downlinks: list[Downlink],
                           batches: list[Minibatches], cfg: ClientConfig,
                           num_examples: list[int],
@@ -118,7 +133,10 @@ def train_clients_batched(model: nn.Module, client_ids: list[int], downlinks: li
     scales = {name: layer.scale for name, layer in lora_modules(model)}
     factors = stack_downlinks(downlinks, scales, device)
     params = [t for f in factors.values() for t in (f.b, f.a) if t.requires_grad]
-    opt = make_optimizer(params, cfg)  # elementwise: P independent SGD or AdamW optimizers
+    opt = make_optimizer(params, cfg, cfg.lr)  # elementwise: P independent SGD or AdamW
+    ratios = torch.tensor([lr_ratio(down, cfg.lr_scaling) for down in downlinks],
+                          dtype=torch.float64)  # (P,): client p's lr is eta rho_p
+    own_lrs = bool((ratios != 1).any())
     with batched_compact_factors(model, factors), dropout_masks(model, masks):
         for _ in range(cfg.local_steps):
             mine = [next(stream) for stream in batches]  # each client's own next minibatch
@@ -131,7 +149,10 @@ def train_clients_batched(model: nn.Module, client_ids: list[int], downlinks: li
             loss = lm_loss(model, inputs, targets, groups=len(mine)).sum()
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            before = [x.detach().clone() for x in params] if own_lrs else []
             opt.step()
+            if own_lrs:
+                scale_client_steps(params, before, ratios)
     return [client_update(i, down, {name: (factors[name].b[p, :, :f.sketch.k],  # (m, k)
                                            factors[name].a[p, :f.sketch.k])  # (k, n)
                                      for name, f in down.items()}, num_examples[p])

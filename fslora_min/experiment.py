@@ -53,8 +53,8 @@ def _ratio(text: str) -> float:
 class ExperimentConfig:
     method: str = knob(
         "fslora", "fslora: each client trains a random k_i-subset of the r ranks, scaled r/k_i; "
-                  "fedavg-min / fedavg-full: every client trains rank min_i k_i / r; hetlora: "
-                  "the first k_i ranks; flexlora: SVD of the averaged product; flora: stacking "
+                  "fedavg-min / fedavg-full: every client trains rank min_i k_i / r; hetlora / "
+                  "hetlora-rescaled: the first k_i ranks at alpha/r / at alpha/k_i; flexlora: SVD of the averaged product; flora: stacking "
                   "merged into W0; fslora-topk / fslora-importance: importance-based index sets "
                   "without / with 1/pi reweighting; fed-plora: k_i random ranks trained, the "
                   "rest folded into W0; flasc: dense rank-r local LoRA, top-k messages of "
@@ -205,10 +205,13 @@ def output_folder(out: str, resume: bool = False, overwrite: bool = False) -> It
     except OSError as err:
         remove_empty(made)
         raise ValueError(f"argument --out: {out!r} is not writable: {err.strerror}") from None
+    before = set(folder.rglob("*"))
     try:
         yield folder
-    except BaseException:
-        remove_empty(made)
+    except BaseException:  # what the command made and left empty goes (compare's OUT/TASK/)
+        new = sorted((p for p in folder.rglob("*") if p.is_dir() and p not in before),
+                     key=lambda p: len(p.parts), reverse=True)
+        remove_empty(new + made)
         raise
 
 

@@ -72,12 +72,12 @@ def flag_of(f: dataclasses.Field) -> str:
 def check_knobs(config: object) -> None:
     """Raise ConfigError for the first knob of `config` whose value fails its check or choices.
 
-    None passes for a knob whose default is None (it means "not set"); a list or tuple value is
-    checked entry by entry.
+    None or () passes for a knob whose default it is (it means "not set": e.g. all N, every
+    table); a list or tuple value is checked entry by entry.
     """
     for f in knobs(type(config)):
         value = getattr(config, f.name)
-        if value is None and f.default is None:
+        if value in (None, ()) and value == f.default:
             continue
         check, choices = f.metadata["check"], f.metadata["choices"]
         for v in value if isinstance(value, (list, tuple)) else (value,):

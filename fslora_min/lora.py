@@ -173,7 +173,7 @@ class LoRALinear(nn.Module):
             return lora_linear(x, self.weight, self.bias, b, a, None, client_scale, self.backend,
                                gemm=self.gemm)
         if self.sketch is not None:  # W0 + s (r/k) B[:, I] A[I, :]
-            index = self.sketch.index.to(x.device)
+            index = self.sketch.indices.to(x.device)
             B, client_scale = _weighted(self.lora_B, self.sketch, index, self.scale)  # (m, r)
             # Sketch checked its index when it was made: no range check (a device sync) here
             return lora_linear(x, self.weight, self.bias, B, self.lora_A, index, client_scale,

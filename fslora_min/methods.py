@@ -19,7 +19,9 @@ LoRA scale convention (one for all methods): the global model is W0 + s B A with
 (R the server's rank); a client trains W0 + s_i b a with s_i = s * (diagonal value of its
 sketch). FSLoRA, FedAvg-LoRA, FlexLoRA and FLoRA give a rank-k_i client s_i = alpha / k_i (the
 ordinary LoRA scale of its own rank; for FSLoRA it is s * r / k_i); HetLoRA trains a prefix of
-the global rank-r LoRA at the global s = alpha / r (no rescaling), as in its paper.
+the global rank-r LoRA at the global s = alpha / r (no rescaling), as in its paper;
+`hetlora-rescaled` trains the same prefix at alpha / k_i, the convention of the FSLoRA authors'
+baseline code (docs/method.md section 5).
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ class Method:
     """
 
     name = "fslora"
+    server_step = True  # the server moves the global factors by eta_g times the aggregate
 
     def global_rank(self, r: int, client_ranks: list[int], full_rank: int) -> int:
         """R, the rank the server holds; `full_rank` = max over modules of min(m, n)."""
@@ -130,10 +133,26 @@ class HetLoRA(Method):
     """
 
     name = "hetlora"
+    prefix_weight: float | None = 1.0  # the diagonal value at the prefix (None: r / k_i)
 
     def sketches(self, server: Server, k: int, generator: torch.Generator) -> dict[str, Sketch]:
-        return {name: Sketch(torch.arange(k), server.rank, weight=1.0)
+        return {name: Sketch(torch.arange(k), server.rank, weight=self.prefix_weight)
                 for name in server.module_names}
+
+
+class RescaledHetLoRA(HetLoRA):
+    """HetLoRA whose client trains its prefix at s r / k_i (alpha / k_i with the plain LoRA
+    scale): diagonal value r / k_i, FSLoRA's sketch weight on HetLoRA's fixed first k_i ranks.
+
+    The convention of the FSLoRA authors' baseline code. It matters because it sets the size of
+    a small client's step: under SGD a client's step on its product b a grows like its scale
+    squared, so at alpha / k_i a rank-k_i client moves (r / k_i)^2 times as far as at alpha / r
+    for one lr; each convention has its own best lr, and the two rows can order differently
+    against FSLoRA. With every k_i = r they coincide: HetLoRA, and FedAvg-LoRA, step for step.
+    """
+
+    name = "hetlora-rescaled"
+    prefix_weight = None
 
 
 class TopKImportance(Method):
@@ -173,8 +192,10 @@ class ProductMethod(Method):
 
     Client i trains a rank-k_i LoRA of its own (the sketch's indices 0..k_i-1 only label it)
     at scale s_i = alpha / k_i. Aggregation weights p_i are the clients' data sizes, normalised
-    over the participants.
+    over the participants. The server sets the global model itself: eta_g is not used.
     """
+
+    server_step = False
 
     def __init__(self, r: int, seed_generator: torch.Generator) -> None:
         self.r = r  # the configured global rank, whose FSLoRA scale the clients get
@@ -338,8 +359,8 @@ def stack_factors(server: Server, updates: list[ClientUpdate],
     return {name: (torch.cat(bs[name], 1), torch.cat(as_[name], 0)) for name in bs}
 
 
-METHODS = ("fslora", "fedavg-min", "fedavg-full", "hetlora", "flexlora", "flora",
-           "fslora-topk", "fslora-importance", "fed-plora", "flasc", "ffa-lora", "rolora",
+METHODS = ("fslora", "fedavg-min", "fedavg-full", "hetlora", "hetlora-rescaled", "flexlora",
+           "flora", "fslora-topk", "fslora-importance", "fed-plora", "flasc", "ffa-lora", "rolora",
            "fedex-lora")
 
 
@@ -351,6 +372,8 @@ def make_method(name: str, r: int, init_stream: torch.Generator) -> Method:
         return FedAvgLoRA(full=name == "fedavg-full")
     if name == "hetlora":
         return HetLoRA()
+    if name == "hetlora-rescaled":
+        return RescaledHetLoRA()
     if name == "flexlora":
         return FlexLoRA(r, init_stream)
     if name == "flora":
@@ -400,7 +423,7 @@ class FedPLoRA(Method):
     def downlink(self, server: Server, sketches: dict[str, Sketch]) -> Downlink:
         out = server.downlink(sketches)
         for name, f in out.items():
-            rest = complement(f.sketch.index, server.rank)
+            rest = complement(f.sketch.indices, server.rank)
             if rest.numel():  # N_i < R: the untrained rank-1 modules go into the frozen base
                 f.fold = server.downlink({name: Sketch(rest, server.rank, weight=1.0)})[name]
         return out

@@ -97,7 +97,7 @@ def average_padded_deltas(updates: list[ClientUpdate], r: int,
     for update in updates:
         w = float(update.num_examples) if normalizer == "data" else 1.0  # w_i
         for name, (db, da) in update.deltas.items():
-            index = update.sketches[name].index.to(db.device)
+            index = update.sketches[name].indices.to(db.device)
             full_b, full_a = pad_delta(db, da, index, r)
             if name not in total:
                 total[name] = [torch.zeros_like(full_b), torch.zeros_like(full_a)]
@@ -144,7 +144,7 @@ class Server:
         out = {}
         for name, sk in sketches.items():
             layer = self.modules[name]
-            index = sk.index.to(layer.lora_B.device)
+            index = sk.indices.to(layer.lora_B.device)
             out[name] = CompactFactors(layer.lora_B.detach()[:, index].clone(),
                                        layer.lora_A.detach()[index].clone(), sk)
         return out
@@ -153,7 +153,7 @@ class Server:
         """Add one to each rank index of each module that a client trained this round."""
         for update in updates:
             for name, sk in update.sketches.items():
-                self.coverage[name][sk.index.cpu()] += 1
+                self.coverage[name][sk.indices.cpu()] += 1
 
     def apply_updates(self, updates: list[ClientUpdate]) -> None:
         """Average the padded deltas and step the global factors; count rank coverage."""

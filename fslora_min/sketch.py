@@ -31,26 +31,26 @@ def check_rank_pair(r: int, k: int) -> None:
 class Sketch:
     """The index set I (k distinct ranks out of r) and its diagonal values (r / k by default)."""
 
-    index: torch.Tensor  # (k,) int64, distinct values in [0, r)
+    indices: torch.Tensor  # I: (k,) int64, distinct values in [0, r)
     rank: int  # r, the global rank the indices refer to
     # The diagonal value(s) at I: None means r / k (unbiased for a uniform I); a float is one
-    # value for every index; a (k,) tensor is one value per index, in the order of `index`.
+    # value for every index; a (k,) tensor is one value per index, in the order of `indices`.
     weight: float | torch.Tensor | None = None
 
     def __post_init__(self) -> None:
-        check_rank_pair(self.rank, int(self.index.numel()))
-        if self.index.dtype != torch.int64 or self.index.dim() != 1:
-            raise ValueError(f"sketch index must be a 1-D int64 tensor, got {self.index.dtype} "
-                             f"of shape {tuple(self.index.shape)}")
-        lo, hi = int(self.index.min()), int(self.index.max())
+        check_rank_pair(self.rank, int(self.indices.numel()))
+        if self.indices.dtype != torch.int64 or self.indices.dim() != 1:
+            raise ValueError(f"sketch index must be a 1-D int64 tensor, got {self.indices.dtype} "
+                             f"of shape {tuple(self.indices.shape)}")
+        lo, hi = int(self.indices.min()), int(self.indices.max())
         if lo < 0 or hi >= self.rank:
             raise ValueError(f"sketch index out of range [0, {self.rank}): min {lo}, max {hi}")
-        if torch.unique(self.index).numel() != self.index.numel():
-            raise ValueError(f"sketch index has repeated entries: {self.index.tolist()}")
+        if torch.unique(self.indices).numel() != self.indices.numel():
+            raise ValueError(f"sketch index has repeated entries: {self.indices.tolist()}")
         if isinstance(self.weight, torch.Tensor):
-            if self.weight.shape != self.index.shape:
+            if self.weight.shape != self.indices.shape:
                 raise ValueError(f"per-index sketch weights must have shape "
-                                 f"{tuple(self.index.shape)}, got {tuple(self.weight.shape)}")
+                                 f"{tuple(self.indices.shape)}, got {tuple(self.weight.shape)}")
             if not bool(torch.isfinite(self.weight).all() and (self.weight > 0).all()):
                 raise ValueError(f"sketch weights must be positive and finite, "
                                  f"got {self.weight.tolist()}")
@@ -59,7 +59,7 @@ class Sketch:
 
     @property
     def k(self) -> int:
-        return int(self.index.numel())
+        return int(self.indices.numel())
 
     @property
     def per_index(self) -> torch.Tensor | None:
@@ -77,8 +77,8 @@ class Sketch:
     def diagonal(self) -> torch.Tensor:
         """diag(S) as a dense (r,) float64 vector: for tests and theory, never for training."""
         d = torch.zeros(self.rank, dtype=torch.float64)
-        d[self.index] = (self.sketch_weight if self.per_index is None
-                         else self.per_index.to(torch.float64))
+        d[self.indices] = (self.sketch_weight if self.per_index is None
+                           else self.per_index.to(torch.float64))
         return d
 
 

@@ -64,7 +64,7 @@ def check_update(update: ClientUpdate, client_id: int, sent: dict[str, CompactFa
             raise BadUpdate(f"{who}: {field} for modules {names}, expected {sorted(sent)}")
     for name, factors in sent.items():
         where = f"{who}, module {name}"
-        check_index(getattr(update.sketches[name], "index", None), factors.sketch.index, r,
+        check_index(getattr(update.sketches[name], "indices", None), factors.sketch.indices, r,
                     where)
         pair = update.deltas[name]
         if not isinstance(pair, tuple) or len(pair) != 2:

@@ -15,7 +15,7 @@ from fslora_min.sketch import Sketch
 def with_index(sketch: Sketch, index: torch.Tensor) -> Sketch:
     """A sketch object carrying an arbitrary index, as a forged upload would (no checks)."""
     bad = copy.copy(sketch)
-    object.__setattr__(bad, "index", index)
+    object.__setattr__(bad, "indices", index)
     return bad
 
 
@@ -23,7 +23,7 @@ def corrupt(kind: str, u: ClientUpdate, r: int) -> ClientUpdate:
     name = next(iter(u.deltas))
     db, da = (t.clone() for t in u.deltas[name])
     sketches, deltas = dict(u.sketches), dict(u.deltas)
-    index = sketches[name].index
+    index = sketches[name].indices
     if kind == "nan":
         db[0, 0] = float("nan")
     elif kind == "inf":

@@ -12,9 +12,11 @@ from fslora_min.experiment import run_experiment
 from fslora_min.importance import (exact_sketch_mean, importance_sketch, inclusion_probabilities,
                                    systematic_sample, top_k_index)
 from fslora_min.lora import CompactFactors, LoRALinear, compact_factors, sketched
-from fslora_min.methods import METHODS, FlexLoRA, FLoRA, client_products, stack_factors
+from fslora_min.methods import (METHODS, FlexLoRA, FLoRA, HetLoRA, RescaledHetLoRA,
+                                client_products, stack_factors)
 from fslora_min.server import Server, ServerConfig
 from fslora_min.sketch import Sketch
+from tests.test_engine import federation
 from tests.tiny import tiny_experiment
 
 
@@ -92,6 +94,39 @@ def test_flexlora_sends_the_best_rank_k_approximation():
     torch.testing.assert_close(err, (sigma[2:] ** 2).sum(), rtol=1e-10, atol=1e-10)  # Eckart-Young
 
 
+@pytest.mark.parametrize("k", [1, 3, 5])
+def test_rescaled_hetlora_client_starts_at_alpha_over_k_on_the_prefix(k):
+    """hetlora-rescaled: W0 + (alpha / k) B[:, :k] A[:k, :]; hetlora: the same at alpha / r."""
+    m, n, r = 7, 4, 5
+    g = torch.Generator().manual_seed(k)
+    alpha = 0.5 + 3 * torch.rand(1, generator=g).item()
+    layer = LoRALinear(nn.Linear(n, m).double(), r, alpha=alpha, backend="torch", generator=g)
+    with torch.no_grad():
+        layer.lora_B.normal_(generator=g)  # B starts at 0: draw it, or the forward is W0's
+    server = Server(nn.ModuleDict({"l": layer}), ServerConfig())
+    x = torch.randn(3, n, dtype=torch.float64, generator=g)
+    W0, B, A = (t.detach().clone() for t in (layer.weight, layer.lora_B, layer.lora_A))
+    for method, scale in ((RescaledHetLoRA(), alpha / k), (HetLoRA(), alpha / r)):
+        down = method.downlink(server, method.sketches(server, k, torch.Generator()))
+        assert down["l"].sketch.indices.tolist() == list(range(k))
+        with torch.no_grad(), compact_factors(server.model, down):
+            out = layer(x)
+        ref = x @ (W0 + scale * B[:, :k] @ A[:k]).T + layer.bias.detach()  # (3, m)
+        torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+
+
+def test_rescaled_hetlora_moves_the_numbers_of_hetlora():
+    """Only the diagonal value differs: the same prefixes down and the same deltas up."""
+    feds = [federation([1, 2, 4], "batched", "sgd", method, "cpu", torch.float64)
+            for method in ("hetlora", "hetlora-rescaled")]
+    records = [fed.run_round(1) for fed in feds]
+    for field in ("numbers_down", "numbers_up", "bytes_down", "bytes_up"):
+        assert getattr(records[0], field) == getattr(records[1], field), field
+    per_rank = sum(m + n for m, n in feds[0].server.shapes.values())
+    assert records[1].numbers_up == [k * per_rank for k in (1, 2, 4)]  # k_i (m + n) per module
+    assert records[0].heldout_loss != records[1].heldout_loss  # the scale did act
+
+
 @pytest.mark.parametrize("r,k", [(6, 1), (6, 3), (8, 5), (5, 5)])
 def test_reweighted_importance_sketch_is_exactly_unbiased_by_enumeration(r, k):
     scores = torch.rand(r, generator=torch.Generator().manual_seed(r * 10 + k)) ** 3
@@ -131,8 +166,8 @@ def test_per_index_sketch_weights_match_dense_forward_and_gradients():
         layer.lora_B.normal_()
     sk = Sketch(torch.tensor([1, 4, 5]), r, torch.tensor([2.0, 0.5, 3.0], dtype=torch.float64))
     x = torch.randn(2, 3, n, dtype=torch.float64)
-    b = layer.lora_B.detach()[:, sk.index].clone().requires_grad_(True)
-    a = layer.lora_A.detach()[sk.index].clone().requires_grad_(True)
+    b = layer.lora_B.detach()[:, sk.indices].clone().requires_grad_(True)
+    a = layer.lora_A.detach()[sk.indices].clone().requires_grad_(True)
     b_ref, a_ref = b.detach().clone().requires_grad_(True), a.detach().clone().requires_grad_(True)
     dense = layer.weight + layer.scale * b_ref @ torch.diag(sk.per_index) @ a_ref  # W0 + s B S A
     ref = x @ dense.T + layer.bias

@@ -1,6 +1,7 @@
 """The CLI: bad values exit with an error that names them and their flag (before any training),
 --help is generated from the config knobs, and messages never give unsafe advice."""
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -14,10 +15,11 @@ import torch
 
 import fslora_min.federation as federation_module
 from fslora_min.checkpoint import CHECKPOINT_NAME, MAGIC, CheckpointError, read_payload
-from fslora_min.cli import PARTS, main
+from fslora_min.cli import PARTS, build_parser, compare_config_from_args, main
+from fslora_min.compare import CompareConfig, quick_config
 from fslora_min.experiment import RUN_FILES, preset
 from fslora_min.federation import Federation
-from fslora_min.knobs import flag_of, knobs
+from fslora_min.knobs import ConfigError, flag_of, knobs
 from fslora_min.pretrain import load_or_pretrain
 
 
@@ -91,16 +93,68 @@ def test_bad_arguments_exit_with_an_error_naming_the_value(args, needle, capsys,
 
 @pytest.mark.parametrize("args,needle", [
     (["--rounds", "0"], "argument --rounds: must be a positive integer, got 0"),
-    (["--rounds", "ten"], "not an integer: 'ten'"),
-    (["--lr-grid", "0.1", "-1"], "must be positive and finite, got -1.0"),
-    (["--task", "mars"], "invalid choice: 'mars'"),
-    (["--tables", "everything"], "invalid choice: 'everything'"),
+    (["--rounds", "ten"], "argument --rounds: invalid int value: 'ten'"),
+    (["--rounds", "50"], "argument --rounds: must be at least the middle horizon, 100, got 50"),
+    (["--quick", "--rounds", "1"], "argument --rounds: must be at least the middle horizon, 2"),
+    (["--lr-grid", "0.1", "-1"], "argument --lr-grid: must be positive and finite, got -1.0"),
+    (["--server-lr-grid", "nan"], "argument --server-lr-grid: must be positive and finite"),
+    (["--task", "mars"], "argument --task: invalid choice: 'mars'"),
+    (["--tables", "everything"], "argument --tables: invalid choice: 'everything'"),
+    (["--methods", "magic"], "argument --methods: invalid choice: 'magic'"),
+    (["--methods", "hetlora"], "argument --methods: must include fslora, got ('hetlora',)"),
+    (["--out"], "argument --out: expected one argument"),
 ])
-def test_bad_compare_arguments_exit_with_an_error(args, needle, capsys):
+def test_bad_compare_arguments_exit_with_an_error_naming_the_flag(args, needle, capsys, tmp_path):
     with pytest.raises(SystemExit) as exc:
-        main(["compare", *args])
+        main(["compare", "--out", str(tmp_path / "cmp"), *args])
     assert exc.value.code == 2
-    assert needle in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.startswith("usage: python -m fslora_min compare ") and needle in err
+    assert not (tmp_path / "cmp").exists()
+
+
+def test_compare_help_explains_every_knob_with_its_default_once(capsys):
+    with pytest.raises(SystemExit):
+        main(["compare", "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse's line wrapping undone
+    cfg, quick = CompareConfig(), quick_config()
+    for f in knobs(CompareConfig):
+        help_start = " ".join(f.metadata["help"].split()[:4])
+        assert f"{flag_of(f)} " in text and help_start in text, (f.name, help_start)
+    assert "(default: None)" not in text and not re.search(r"\(default: [^)]*\) \(default:", text)
+    assert f"the long horizon T of the decisive tables (default: {cfg.horizons[2]})" in text
+    assert f"(default: {' '.join(cfg.methods)})" in text and "(default: 0.03 0.1 0.3 1)" in text
+    assert f"(default: {cfg.out_dir})" in text and "(default: all of the task's)" in text
+    assert (f"{quick.num_clients} clients, {len(quick.seeds)} + {len(quick.tune_seeds)} seeds, one "
+            f"grid point, {quick.horizons[2]} rounds; --out defaults to {quick.out_dir}") in text
+    for flag in ("--quick", "--no-train", "--readme"):
+        assert f"{flag} " in text
+
+
+@pytest.mark.parametrize("argv,want", [
+    ([], CompareConfig()),
+    (["--quick"], quick_config()),
+    (["--rounds", "400"], CompareConfig(horizons=(30, 100, 400))),
+    (["--quick", "--rounds", "5", "--task", "planted"],
+     dataclasses.replace(quick_config(task_name="planted"), horizons=(1, 2, 5))),
+    (["--tables", "main", "adamw", "--methods", "fslora", "flora", "--lr-grid", "0.5",
+      "--server-lr-grid", "1", "2", "--out", "elsewhere"],
+     CompareConfig(tables=("main", "adamw"), methods=("fslora", "flora"), lr_grid=(0.5,),
+                   server_lr_grid=(1.0, 2.0), out_dir="elsewhere")),
+])
+def test_compare_flags_set_their_fields_and_rounds_only_the_long_horizon(argv, want):
+    cfg = compare_config_from_args(build_parser().parse_args(["compare", *argv]))
+    for f in dataclasses.fields(CompareConfig):
+        if f.name != "rounds":  # the flag, folded into horizons
+            assert getattr(cfg, f.name) == getattr(want, f.name), f.name
+    assert cfg.tables == want.tables and isinstance(cfg.lr_grid, tuple)
+
+
+def test_an_empty_tuple_knob_is_refused_unless_it_is_the_default():
+    assert CompareConfig(tables=()).table_names == CompareConfig().table_names
+    for name in ("methods", "lr_grid", "server_lr_grid"):
+        with pytest.raises(ConfigError, match=f"{name}: must not be empty"):
+            CompareConfig(**{name: ()})
 
 
 def test_help_explains_every_knob(capsys):

@@ -182,7 +182,7 @@ def test_quick_compare_writes_its_tables_and_replays_without_training(tmp_path, 
 @pytest.mark.parametrize("args,needle", [
     (["--out", "/proc/x"], "argument --out: '/proc/x' is not writable"),
     (["--task", "planted", "--tables", "main"], "are not tables of task 'planted'"),
-    (["--methods", "hetlora"], "--methods must include fslora"),
+    (["--methods", "hetlora"], "argument --methods: must include fslora"),
 ])
 def test_bad_compare_invocations_exit_with_a_message(args, needle, capsys):
     with pytest.raises(SystemExit) as exc:

@@ -68,18 +68,20 @@ def test_batched_linear_rejects_mismatched_shapes():
 
 def federation(ranks: list[int], engine: str, optimizer: str, method: str, device: str,
                dtype: torch.dtype, r: int = 4, last_rows: int | None = None,
-               clients_per_pass: int = 0, dropout: float = 0.0) -> Federation:
+               clients_per_pass: int = 0, dropout: float = 0.0, lr_scaling: str = "none",
+               lr: float | None = None) -> Federation:
     """A tiny full-participation federation, built identically for either engine.
 
     `last_rows` cuts the last client's training set to that many sequences; `dropout` is the
-    model's. The model starts in eval mode, as a pretrained base does (fslora_min/pretrain.py).
+    model's; `lr` (default: the optimizer's own) and `lr_scaling` the clients'. The model
+    starts in eval mode, as a pretrained base does (fslora_min/pretrain.py).
     """
     model = tiny_lora_model(r, dropout).to(device, dtype).eval()
     fed = FederationConfig(num_clients=len(ranks), participants=len(ranks), rounds=2)
     compute = ComputeConfig(engine=engine, clients_per_pass=clients_per_pass)
-    client = ClientConfig(local_steps=3, lr=0.3 if optimizer == "sgd" else 0.01,
-                          optimizer=optimizer, weight_decay=0.1 if optimizer == "adamw" else 0.0,
-                          batch_size=4)
+    lr = (0.3 if optimizer == "sgd" else 0.01) if lr is None else lr
+    client = ClientConfig(local_steps=3, lr=lr, lr_scaling=lr_scaling, optimizer=optimizer,
+                          weight_decay=0.1 if optimizer == "adamw" else 0.0, batch_size=4)
     data = make_federated_data(TINY_DATA, len(ranks))
     if last_rows is not None:
         data.clients[-1].train = data.clients[-1].train[:last_rows]
@@ -116,6 +118,46 @@ def test_batched_engine_gives_the_sequential_global_factors(optimizer, ranks, me
             assert rel(bat[name][1], A) < TOL[dtype], (run, name)
         for p_seq, p_bat in zip(results["sequential"].parameters(), results[run].parameters()):
             assert rel(p_bat, p_seq) < TOL[dtype], run  # FLoRA also merges into W0
+
+
+def trained_model(ranks: list[int], engine: str, optimizer: str, rounds: int = 2,
+                  **knobs) -> torch.nn.Module:
+    """The server's model after `rounds` rounds of a float64 fslora `federation` on a CPU."""
+    fed = federation(ranks, engine, optimizer, "fslora", "cpu", torch.float64, **knobs)
+    for t in range(1, rounds + 1):
+        fed.run_round(t)
+    return fed.server.model
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_per_client_lr_k_over_r_batched_gives_the_sequential_model(optimizer):
+    """lr_scaling="ratio" on k_i = 1, 2, 4 of r = 4 (client lrs eta/4, eta/2, eta), in one
+    batched pass and in passes of 2, against the one-client reference; it acts."""
+    seq = trained_model([1, 2, 4], "sequential", optimizer, lr_scaling="ratio")
+    for per_pass in (3, 2):
+        bat = trained_model([1, 2, 4], "batched", optimizer, lr_scaling="ratio",
+                            clients_per_pass=per_pass)
+        for p_seq, p_bat in zip(seq.parameters(), bat.parameters()):
+            assert rel(p_bat, p_seq) < 1e-10, per_pass
+    plain = global_factors(trained_model([1, 2, 4], "sequential", optimizer))
+    for name, (B, A) in global_factors(seq).items():
+        assert rel(B, plain[name][0]) > 1e-3, name
+
+
+@pytest.mark.parametrize("engine", ["sequential", "batched"])
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_lr_ratio_is_eta_k_over_r_exactly(engine, optimizer):
+    """Every k_i = r: "ratio" is "none", bit for bit. Every k_i = 2 of 4: "ratio" is "none" at
+    eta / 2 (bit for bit in the reference; to rounding in the batched engine's rescaled step)."""
+    base = 0.3 if optimizer == "sgd" else 0.01
+    pairs = (([4, 4], dict(lr_scaling="ratio"), dict(), 0.0),
+             ([2, 2], dict(lr_scaling="ratio", lr=base), dict(lr=base / 2),
+              0.0 if engine == "sequential" else 1e-12))
+    for ranks, scaled, plain, tol in pairs:
+        a = trained_model(ranks, engine, optimizer, rounds=1, **scaled)
+        b = trained_model(ranks, engine, optimizer, rounds=1, **plain)
+        for p, q in zip(a.parameters(), b.parameters()):
+            assert torch.equal(p, q) if tol == 0 else rel(p, q) < tol, ranks
 
 
 @pytest.mark.parametrize("engine", ["sequential", "batched"])

@@ -106,7 +106,7 @@ def test_one_local_step_moves_only_the_sketched_ranks(optimizer):
     assert all(p.grad is None for p in server.model.parameters())  # the client trained copies
     server.apply_updates([update])
     for name, m in server.modules.items():
-        index = update.sketches[name].index  # the ONE index set of this module
+        index = update.sketches[name].indices  # the ONE index set of this module
         B0, A0 = before[name]
         moved_cols = (m.lora_B.detach() != B0).any(0).nonzero().flatten()
         moved_rows = (m.lora_A.detach() != A0).any(1).nonzero().flatten()

@@ -78,7 +78,7 @@ def test_codec_round_trips_downlinks_and_updates(method):
         assert client == i and list(back) == list(down)
         for name, f in down.items():
             assert torch.equal(back[name].b, f.b) and torch.equal(back[name].a, f.a)
-            assert torch.equal(back[name].sketch.index, f.sketch.index)
+            assert torch.equal(back[name].sketch.indices, f.sketch.indices)
             if f.sketch.per_index is None:
                 assert back[name].sketch.sketch_weight == f.sketch.sketch_weight
             else:
@@ -92,7 +92,7 @@ def test_codec_round_trips_downlinks_and_updates(method):
         update.client_id, update.num_examples, update.trainable_parameters)
     for name, (db, da) in update.deltas.items():
         assert torch.equal(back.deltas[name][0], db) and torch.equal(back.deltas[name][1], da)
-        assert torch.equal(back.sketches[name].index, update.sketches[name].index)
+        assert torch.equal(back.sketches[name].indices, update.sketches[name].indices)
     fewer = dict(list(plan.downlinks[0].items())[1:])  # a reply for a module never sent
     with pytest.raises(KeyError, match="not sent"):
         decode_update(encode_update(update), fewer)

@@ -349,8 +349,8 @@ def test_training_step_matches_torch_backend(mode, gemm, triton_calls):
             context = lora.sketched(model, sketches)
         else:
             factors = {name: lora.CompactFactors(
-                modules[name].lora_B[:, sk.index.to(DEVICE)].detach().clone().requires_grad_(),
-                modules[name].lora_A[sk.index.to(DEVICE)].detach().clone().requires_grad_(), sk)
+                modules[name].lora_B[:, sk.indices.to(DEVICE)].detach().clone().requires_grad_(),
+                modules[name].lora_A[sk.indices.to(DEVICE)].detach().clone().requires_grad_(), sk)
                 for name, sk in sketches.items()}
             params = [p for f in factors.values() for p in (f.b, f.a)]
             context = lora.compact_factors(model, factors)

@@ -58,7 +58,7 @@ def test_forward_and_gradients_match_dense_float64(rslora, k):
     torch.testing.assert_close(layer.lora_A.grad, A.grad, rtol=1e-12, atol=1e-12)
     if sketch is not None:  # ranks outside I get exactly zero gradient
         outside = torch.ones(r, dtype=torch.bool)
-        outside[sketch.index] = False
+        outside[sketch.indices] = False
         assert torch.all(layer.lora_B.grad[:, outside] == 0)
         assert torch.all(layer.lora_A.grad[outside] == 0)
 
@@ -70,8 +70,8 @@ def test_compact_mode_equals_sketched_mode():
     wrap = nn.ModuleDict({"l": layer})
     with sketched(wrap, {"l": sketch}):
         y_sketched = layer(x)
-    f = CompactFactors(layer.lora_B[:, sketch.index].detach(), layer.lora_A[sketch.index].detach(),
-                       sketch)
+    f = CompactFactors(layer.lora_B[:, sketch.indices].detach(),
+                       layer.lora_A[sketch.indices].detach(), sketch)
     with compact_factors(wrap, {"l": f}):
         y_compact = layer(x)
     torch.testing.assert_close(y_compact, y_sketched, rtol=1e-12, atol=1e-12)

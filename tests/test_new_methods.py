@@ -15,7 +15,8 @@ from fslora_min.client import ClientUpdate
 from fslora_min.experiment import run_experiment
 from fslora_min.lora import LoRALinear, compact_factors, global_factors
 from fslora_min.methods import (FLASC, METHODS, FedAvgLoRA, FedExLoRA, FedPLoRA, FFALoRA,
-                                HetLoRA, Method, RoLoRA, fold_weights, top_k_entries)
+                                HetLoRA, Method, RescaledHetLoRA, RoLoRA, fold_weights,
+                                top_k_entries)
 from fslora_min.server import AGGREGATIONS, Server, ServerConfig, average_padded_deltas
 from fslora_min.sketch import Sketch
 from tests.test_engine import federation, rel
@@ -58,7 +59,8 @@ def test_fed_plora_client_starts_at_exactly_the_global_model_and_fslora_does_not
                 downs[method.name] = (down, server.model(x))
     plora, fslora = downs["fed-plora"], downs["fslora"]
     torch.testing.assert_close(plora[1], global_out, rtol=1e-12, atol=1e-12)
-    assert all(torch.equal(plora[0][n].sketch.index, fslora[0][n].sketch.index) for n in plora[0])
+    assert all(torch.equal(plora[0][n].sketch.indices, fslora[0][n].sketch.indices)
+               for n in plora[0])
     if k < r:
         assert rel(fslora[1], global_out) > 1e-3  # r / k_i rescaling starts elsewhere
         assert all(f.fold.sketch.k == r - k for f in plora[0].values())
@@ -75,7 +77,7 @@ def test_fed_plora_fold_is_the_dense_folded_weight_forward_and_backward():
     x = torch.randn(3, n, dtype=torch.float64)
     b_ref, a_ref = (t.detach().clone().requires_grad_(True) for t in (f.b, f.a))
     w_i = fold_weights(layer.weight, layer.scale, layer.lora_B.detach(),
-                       layer.lora_A.detach(), f.sketch.index)  # W0_i, dense
+                       layer.lora_A.detach(), f.sketch.indices)  # W0_i, dense
     ref = x @ (w_i + layer.scale * b_ref @ a_ref).T + layer.bias
     with compact_factors(server.model, {"l": f}):
         out = layer(x)
@@ -86,11 +88,13 @@ def test_fed_plora_fold_is_the_dense_folded_weight_forward_and_backward():
     assert f.fold.b.grad is None and f.fold.a.grad is None  # the fold stays frozen
 
 
-@pytest.mark.parametrize("make", [FedPLoRA, HetLoRA, lambda: FLASC(position_numbers=0)],
-                         ids=["fed-plora", "hetlora", "flasc, positions free"])
+@pytest.mark.parametrize("make", [FedPLoRA, HetLoRA, RescaledHetLoRA,
+                                  lambda: FLASC(position_numbers=0)],
+                         ids=["fed-plora", "hetlora", "hetlora-rescaled", "flasc, positions free"])
 def test_with_every_budget_r_it_is_fedavg_lora_step_for_step(make):
-    """Fed-PLoRA with every N_i = R folds nothing; HetLoRA's prefix is every rank; FLASC with
-    the whole budget for values sends everything. Each is then FedAvg-LoRA, bit for bit."""
+    """Fed-PLoRA with every N_i = R folds nothing; HetLoRA's prefix (at alpha / r or alpha / k_i,
+    the same at k_i = r) is every rank; FLASC with the whole budget for values sends everything.
+    Each is then FedAvg-LoRA, bit for bit (so the two HetLoRAs are each other, too)."""
     r = 4
     new = tiny_federation([r, r, r], r, method=make())
     avg = tiny_federation([r, r, r], r, method=FedAvgLoRA(full=True))
@@ -107,8 +111,8 @@ def hand_average(updates: list[ClientUpdate], r: int, normalizer: str):
     m, n = updates[0].deltas["l"][0].shape[0], updates[0].deltas["l"][1].shape[1]
     D_b, D_a = torch.zeros(m, r, dtype=torch.float64), torch.zeros(r, n, dtype=torch.float64)
     for j in range(r):
-        holders = [(u, u.sketches["l"].index.tolist().index(j)) for u in updates
-                   if j in u.sketches["l"].index.tolist()]
+        holders = [(u, u.sketches["l"].indices.tolist().index(j)) for u in updates
+                   if j in u.sketches["l"].indices.tolist()]
         if not holders:
             continue
         if normalizer == "participants":

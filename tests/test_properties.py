@@ -46,7 +46,7 @@ def test_module_sketches_are_independent_draws_per_module():
         assert list(sketches) == names
         assert all(s.k == k and s.rank == r and s.sketch_weight == r / k for s in sketches.values())
     # with r = 8, k = 4 the 6 modules share one index set with probability C(8,4)^-5: never
-    sets = {tuple(s.index.tolist()) for s in sample_module_sketches(names, 8, 4, g).values()}
+    sets = {tuple(s.indices.tolist()) for s in sample_module_sketches(names, 8, 4, g).values()}
     assert len(sets) > 1
 
 
@@ -109,7 +109,7 @@ def test_aggregation_is_linear_order_free_and_leaves_undrawn_ranks_at_zero(norma
         Rb, Ra = average_padded_deltas(d[::-1], r, normalizer)["l"]
         torch.testing.assert_close(Rb, Db, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(Ra, Da, rtol=1e-12, atol=1e-12)
-        drawn = sorted({j for u in d for j in u.sketches["l"].index.tolist()})
+        drawn = sorted({j for u in d for j in u.sketches["l"].indices.tolist()})
         undrawn = [j for j in range(r) if j not in drawn]
         assert not Db[:, undrawn].any() and not Da[undrawn].any(), (case, undrawn)
 
@@ -127,7 +127,7 @@ def test_server_step_moves_exactly_the_drawn_ranks_by_the_average():
         updates = random_round(rng, g, r, m, n)
         Db, Da = average_padded_deltas(updates, r)["l"]
         server.apply_updates(updates)
-        drawn = sorted({j for u in updates for j in u.sketches["l"].index.tolist()})
+        drawn = sorted({j for u in updates for j in u.sketches["l"].indices.tolist()})
         undrawn = [j for j in range(r) if j not in drawn]
         B, A = model["l"].lora_B.detach(), model["l"].lora_A.detach()
         assert torch.equal(B[:, undrawn], B0[:, undrawn]) and torch.equal(A[undrawn], A0[undrawn])
@@ -135,7 +135,7 @@ def test_server_step_moves_exactly_the_drawn_ranks_by_the_average():
         torch.testing.assert_close(A, A0 + Da, rtol=1e-12, atol=1e-12)
         counts = torch.zeros(r, dtype=torch.long)
         for u in updates:
-            counts[u.sketches["l"].index] += 1
+            counts[u.sketches["l"].indices] += 1
         assert torch.equal(server.coverage["l"], counts), case
 
 

@@ -220,7 +220,7 @@ def test_the_cli_offers_the_task_and_refuses_what_does_not_fit_it(capsys, tmp_pa
 def test_compare_and_the_flower_app_build_the_same_task():
     exp = task(CompareConfig(task="shakespeare"))
     assert isinstance(exp.data, ShakespeareConfig) and exp.model.vocab_size == len(VOCAB)
-    with pytest.raises(ValueError, match="--task must be one of"):
+    with pytest.raises(ValueError, match="task: must be one of"):
         CompareConfig(task="poems")
     pytest.importorskip("flwr", reason="flwr is not installed: it is an optional extra")
     from fslora_flower.config import experiment_config

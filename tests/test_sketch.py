@@ -14,9 +14,9 @@ def test_sampled_index_sets_are_distinct_in_range_and_uniform():
     counts = torch.zeros(r)
     for _ in range(draws):
         sk = sample_sketch(r, k, g)
-        assert sk.k == k and sk.index.unique().numel() == k
-        assert 0 <= int(sk.index.min()) and int(sk.index.max()) < r
-        counts[sk.index] += 1
+        assert sk.k == k and sk.indices.unique().numel() == k
+        assert 0 <= int(sk.indices.min()) and int(sk.indices.max()) < r
+        counts[sk.indices] += 1
     # each index has inclusion probability k/r; 5 standard deviations of a binomial
     p = k / r
     assert torch.all((counts / draws - p).abs() < 5 * (p * (1 - p) / draws) ** 0.5)
@@ -28,8 +28,8 @@ def test_one_sketch_per_module_and_seeded_replay():
     s2 = sample_module_sketches(names, 16, 4, torch.Generator().manual_seed(5))
     s3 = sample_module_sketches(names, 16, 4, torch.Generator().manual_seed(6))
     assert list(s1) == names
-    assert all(torch.equal(s1[n].index, s2[n].index) for n in names)
-    assert any(not torch.equal(s1[n].index, s3[n].index) for n in names)
+    assert all(torch.equal(s1[n].indices, s2[n].indices) for n in names)
+    assert any(not torch.equal(s1[n].indices, s3[n].indices) for n in names)
     assert s1["a"].sketch_weight == 4.0
 
 

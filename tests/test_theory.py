@@ -12,12 +12,14 @@ import numpy as np
 import pytest
 import torch
 
-from theory import bias_runs, convergence, derived, noise, sketch_moments, smoothness
+from theory import bias_runs, convergence, corollary, derived, noise, sketch_moments, smoothness
 from theory.bound import (BoundConstants, L_bar, L_tilde, bound_terms, convergence_bound,
-                          corollary_min_rounds, corollary_step, derived_max_step,
-                          derived_step_conditions, max_step)
+                          corollary_min_rounds, corollary_step, derived_bound,
+                          derived_bound_terms, derived_max_step, derived_step_conditions,
+                          max_step)
 from theory.calibration import Effort, calibrate
-from theory.constants import smoothness_L
+from theory.constants import (fixed_sketch_constants, sketched_objective_smoothness,
+                              smoothness_L)
 from theory.enumeration import all_sketch_diagonals
 from theory.hessian import hessian_norms
 from theory.lsq_problem import LSQConfig, LSQProblem, project
@@ -36,8 +38,7 @@ def restore_torch_defaults():
 @pytest.mark.parametrize("script,png", [(sketch_moments, ["sketch_moments.png"]),
                                         (smoothness, ["smoothness.png"]),
                                         (convergence, ["convergence_ratios.png",
-                                                       "convergence_sweeps.png",
-                                                       "convergence_rate.png"])])
+                                                       "convergence_sweeps.png"])])
 def test_script_passes_at_quick_size(script, png, tmp_path):
     assert script.main(["--quick", "--figures", str(tmp_path)]) == 0
     for name in png:
@@ -246,11 +247,13 @@ def test_a_bad_distort_names_the_flag():
     assert convergence.parse_distort(["sigma_g2=0.01", "L=2"]) == {"sigma_g2": 0.01, "L": 2.0}
 
 
-def derived_conditions_by_hand(L: float, c_h: float, ratios, H: int) -> list[float]:
-    """C1-C3 of README.md's derived theorem, from L_i = (r / k_i) L."""
+def derived_conditions_by_hand(L: float, c_h: float, ratios, H: int,
+                               L_s: float | None = None) -> list[float]:
+    """C1-C3 of theory/README.md's derived theorem, from L_i = (r / k_i) L (L_s: L_bar if None)."""
     Li = L / np.asarray(ratios)
-    return [1 / (8 * H * Li.mean()), 1 / (math.sqrt(18) * H * Li.max()),
-            1 / (6 * math.sqrt(3) * H * math.sqrt((c_h + 1) * (Li**2).mean()))]
+    L_s = Li.mean() if L_s is None else L_s
+    return [1 / (3 * H * L_s), 1 / (math.sqrt(18) * H * Li.max()),
+            math.sqrt(5 / 48) / (H * math.sqrt((c_h + 1) * (Li**2).mean()))]
 
 
 def test_derived_step_condition_from_independently_measured_constants():
@@ -264,8 +267,9 @@ def test_derived_step_condition_from_independently_measured_constants():
     pts = problem.x0 + 0.3 * torch.randn((2, problem.x0.numel()), generator=g)
     dense = lambda f, x: float(torch.linalg.eigvalsh(
         torch.autograd.functional.hessian(f, x)).abs().max())
-    L, L_plain, fixed = 0.0, 0.0, np.zeros(problem.N)
+    L, L_plain, fixed, L_s = 0.0, 0.0, np.zeros(problem.N), 0.0
     for x in pts:
+        L_s = max(L_s, dense(problem.sketched_loss, x))
         for i in range(problem.N):
             f_i = lambda v, d=torch.ones(r): problem.loss(v, problem.Z[i], problem.Y[i], d)
             L_plain = max(L_plain, dense(f_i, x))
@@ -278,18 +282,22 @@ def test_derived_step_condition_from_independently_measured_constants():
     assert fixed[0] > L_plain  # at k = 1 the fixed sketch is rougher than f_i at X alone
     assert smoothness_L(problem, pts, 300, g) == pytest.approx(L, rel=1e-4)
     assert smoothness_L(problem, pts, 300, g, sketched=False) == pytest.approx(L_plain, rel=1e-4)
+    assert fixed_sketch_constants(problem, pts, 300, g) == pytest.approx(fixed, rel=1e-4)
+    assert sketched_objective_smoothness(problem, pts, 300, g) == pytest.approx(L_s, rel=1e-4)
+    assert L_s <= L * np.mean(1 / q)  # Prop. D.4: f^S is L_bar-smooth
     H, c_h = 3, 1.5
     c = BoundConstants(L=L, sigma_g2=1.0, sigma_s2=0.5, c_h=c_h, sigma_h2=0.1, gap=1.0,
-                       ratios=tuple(q))
-    expect = derived_conditions_by_hand(L, c_h, q, H)
+                       ratios=tuple(q), L_s=L_s)
+    expect = derived_conditions_by_hand(L, c_h, q, H, L_s)
     assert list(derived_step_conditions(c, H).values()) == pytest.approx(expect, rel=1e-12)
     assert derived_max_step(c, H) == pytest.approx(min(expect), rel=1e-12)
 
 
 def test_each_derived_step_condition_binds_or_is_implied():
     """On fresh constants: the derived gamma_max is min(C1, C2, C3) by hand; C1 is implied by C3
-    (L_bar <= sqrt(L L_tilde) and 8 < 6 sqrt(3)); C2 = 1/(sqrt(18) H (r/k_min) L) binds when one
-    client has a much smaller ratio than the rest (so the paper's L in its place fails here)."""
+    (L_s <= L_bar <= sqrt(L L_tilde) and 3 < sqrt(48/5)); C2 = 1/(sqrt(18) H (r/k_min) L) binds
+    when one client has a much smaller ratio than the rest (so the paper's L in its place fails
+    here), and at equal ratios when c_h < 7/8; C3 binds at equal ratios when c_h > 7/8."""
     rng = np.random.default_rng(0)
     for _ in range(20):
         N, H, L, c_h = int(rng.integers(1, 9)), int(rng.integers(1, 5)), rng.uniform(0.5, 5), \
@@ -303,18 +311,94 @@ def test_each_derived_step_condition_binds_or_is_implied():
     c = BoundConstants(L, 1.0, 0.5, 0.0, 0.1, 1.0, q)
     c1, c2, c3 = derived_conditions_by_hand(L, 0.0, q, H)
     assert c2 < c3 and derived_max_step(c, H) == pytest.approx(c2, rel=1e-12)
-    c = BoundConstants(L, 1.0, 0.5, 0.0, 0.1, 1.0, (0.5,) * 4)
-    assert derived_max_step(c, H) == pytest.approx(derived_conditions_by_hand(L, 0.0, c.ratios,
-                                                                             H)[2], rel=1e-12)
+    for c_h, binding in ((0.0, 1), (2.0, 2)):
+        c = BoundConstants(L, 1.0, 0.5, c_h, 0.1, 1.0, (0.5,) * 4)
+        expect = derived_conditions_by_hand(L, c_h, c.ratios, H)
+        assert int(np.argmin(expect)) == binding
+        assert derived_max_step(c, H) == pytest.approx(expect[binding], rel=1e-12)
 
 
-def test_derived_theorem_holds_at_its_step_and_fails_with_wrong_constants():
+def test_derived_bound_implies_theorem_4_4_under_its_second_condition():
+    """README.md step (10): with H = 1 (one local step: the sketch-noise terms agree) and gamma
+    under both the derived conditions and 1/(N H^2 L), the derived bound (L_s = L_bar) is at most
+    Theorem 4.4's, term family by term family; a drift coefficient 10x too large breaks it."""
+    rng = np.random.default_rng(1)
+    for _ in range(50):
+        N = int(rng.integers(1, 9))
+        c = BoundConstants(rng.uniform(0.5, 5), *rng.uniform(0, 2, 3), 0.1, rng.uniform(0, 3),
+                           tuple(rng.choice([0.125, 0.25, 0.5, 1.0], N)))
+        gamma = min(derived_max_step(c, 1), 1 / (N * c.L)) * rng.uniform(0.1, 1)
+        ours, paper = derived_bound_terms(c, gamma, 50, 1), bound_terms(c, gamma, 50, 1)
+        drift = sum(v for k, v in ours.items() if k.startswith("drift"))
+        assert drift <= sum(v for k, v in paper.items() if k.startswith("L_tilde"))
+        assert ours["gap"] == pytest.approx(paper["gap"])
+        assert derived_bound(c, gamma, 50, 1) <= convergence_bound(c, gamma, 50, 1)
+    c = BoundConstants(1.0, 1.0, 0.0, 0.0, 0.0, 0.0, (1.0,))  # only sigma_g: drift 12/5 vs 12
+    gamma = 1 / 1.0
+    drift = derived_bound_terms(c, gamma, 1, 1)["drift sigma_g"]
+    assert drift <= bound_terms(c, gamma, 1, 1)["L_tilde sigma_g"] < 10 * drift
+
+
+def test_derived_theorem_holds_at_its_step_and_fails_with_wrong_constants(monkeypatch):
     g = setup(0)
     problem = LSQProblem(LSQConfig(ranks=(1, 2, 4, 6)))
-    effort = Effort(seeds=1, gd_steps=200, power_iters=30, keep_points=4, attempts=4)
+    effort = Effort(seeds=1, gd_steps=200, power_iters=30, keep_points=4, attempts=4,
+                    measure_L_s=True)
     out = calibrate(problem, 60, 2, effort, g, step_rule=derived_max_step)
     assert out.step <= derived_max_step(out.constants, 2) * (1 + 1e-12)
-    assert out.step < max_step(out.constants, 2)  # C3 carries sqrt(3) more than Theorem 4.4
+    assert out.step > max_step(out.constants, 2)  # C3 is 1.9x Theorem 4.4's first condition
     assert all(c.ok for c in derived.derived_checks("run", out, 2, {}))
-    # gap-dominated (the derived step is small): only the gap / 1000 with L / 100 breaks it
+    # gap-dominated: only the gap / 1000 with L / 100 breaks the bound
     assert not all(c.ok for c in derived.derived_checks("run", out, 2, {"L": 0.01, "gap": 1e-3}))
+    # Prop. D.4 for the measured f^S: 10 x L_s exceeds L_bar
+    assert not derived.derived_checks("run", out, 2, {"L_s": 10.0})[-1].ok
+    # the drift step: mean_i L_i^2 exceeds L L_bar, so the L_bar variant does not follow; with
+    # the paper's plain L for each client's fixed sketch it would not, and the check fails
+    drift, _ = derived.drift_step_checks("run", problem, out, 30, g)
+    assert all(c.ok for c in drift)
+    monkeypatch.setattr(derived, "fixed_sketch_constants",
+                        lambda problem, *a: np.full(problem.N, out.constants.L))
+    drift, _ = derived.drift_step_checks("run", problem, out, 30, g)
+    assert not drift[0].ok
+
+
+def test_corollary_rate_over_N_and_H_and_without_its_N(monkeypatch):
+    """The bound at gamma_T = sqrt(N/(T H L_tilde)) is C / sqrt(T H N) for every N, H, T, and
+    gamma_T meets the condition from T_min on; a step without its N breaks the rate."""
+    rng = np.random.default_rng(2)
+    cases = []
+    for N in (2, 4, 8):
+        for H in (1, 2, 4):
+            c = BoundConstants(rng.uniform(0.5, 5), *rng.uniform(0, 2, 3), 0.1, 1.0,
+                               tuple(rng.choice([0.25, 0.5, 1.0], N)))
+            T0 = corollary_min_rounds(c, H)
+            assert corollary_step(c, T0, H) <= max_step(c, H) * (1 + 1e-12)
+            assert corollary_step(c, max(T0 - 1, 1), H) > max_step(c, H) or T0 == 1
+            cases.append((c, T0, H))
+    assert all(ch.ok for c, T, H in cases for ch in corollary.rate_checks("r", c, T, H))
+    monkeypatch.setattr(corollary, "corollary_step",
+                        lambda c, T, H: math.sqrt(1 / (T * H * L_tilde(c))))
+    assert not all(ch.ok for c, T, H in cases for ch in corollary.rate_checks("r", c, T, H))
+
+
+def test_corollary_run_checks_hold_and_fail_with_wrong_constants(small_run):
+    problem = LSQProblem(LSQConfig(ranks=(4, 4, 4, 4)))
+    effort = Effort(seeds=1, gd_steps=200, power_iters=30, keep_points=4)
+    g = torch.Generator().manual_seed(0)
+    checks, row = corollary.run_point(problem, small_run, 40, 2, small_run.step, effort, g, {},
+                                      "run")
+    assert all(c.ok for c in checks) and row["observed"] > 0
+    checks, _ = corollary.run_point(problem, small_run, 40, 2, small_run.step, effort, g,
+                                    {"L": 0.01, "gap": 0.01}, "run")
+    assert not all(c.ok for c in checks)
+
+
+def test_global_sketched_objective_at_mixed_ratios():
+    """smoothness.py's mixed row: f^S within L_bar (Prop. D.4), each fixed sketch within
+    (r/k_i) L; L_bar / 10 breaks the first, L / 2 the tight client."""
+    g = setup(0)
+    m = smoothness.mixed_smoothness((1, 2, 4, 6), 10, 60, g)
+    assert all(c.ok for c in smoothness.mixed_checks(m, 1.0))
+    assert not smoothness.mixed_checks(m, 0.1)[0].ok
+    assert not all(c.ok for c in smoothness.mixed_checks(m, 0.5)[1:])
+    assert m["L_s"] < m["L_bar"] < m["L_tilde"]

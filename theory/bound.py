@@ -13,8 +13,9 @@ This is the one place the bound lives: the scripts, the tests and the notebook a
          + 12 (gamma L_tilde / N) (sigma_g^2 + sigma_s^2 + 3 sigma_h^2)
 
 `sharp=True` puts L_bar where the theorem has L_tilde (in the step-size condition and in the
-last term): a substitution, not derived; the derivation in README.md ('Theorem 4.4 derived with
-the sharper constant') keeps L L_tilde = mean_i ((r/k_i) L)^2. Its theorem is `derived_*` below.
+last term): a substitution, not derived (theory/README.md: the drift step needs mean_i L_i^2 =
+L L_tilde with L_i = (r/k_i) L, and that constant is attained). The theorem derived line by line
+in theory/README.md is `derived_*` below.
 """
 
 from __future__ import annotations
@@ -36,11 +37,16 @@ class BoundConstants:
     sigma_h2: float  # (A3)
     gap: float  # f^S(X^0) - f*
     ratios: tuple[float, ...]  # k_i / r, one per client (N = len(ratios))
+    # smoothness of f^S itself, measured (max ||hess f^S|| over visited points); None: use its
+    # bound L_bar (Prop. D.4). Only the derived theorem's descent step uses it.
+    L_s: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("L", "sigma_g2", "sigma_s2", "c_h", "sigma_h2", "gap"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"BoundConstants.{name} must be >= 0, got {getattr(self, name)}")
+        if self.L_s is not None and not self.L_s >= 0:
+            raise ValueError(f"BoundConstants.L_s must be >= 0 or None, got {self.L_s}")
         if not self.ratios or not all(0 < q <= 1 for q in self.ratios):
             raise ValueError(f"ratios k_i/r must lie in (0, 1], got {self.ratios}")
 
@@ -49,7 +55,10 @@ class BoundConstants:
         return len(self.ratios)
 
     def scaled(self, **factors: float) -> "BoundConstants":
-        """A copy with some constants multiplied, e.g. scaled(L=0.1): for showing checks can fail."""
+        """A copy with some constants multiplied, e.g. scaled(L=0.1): for showing checks can fail.
+        L_s is measured apart from L, so scaling L leaves it alone (scale both to move both)."""
+        if "L_s" in factors and self.L_s is None:
+            raise ValueError("scaled(L_s=...): L_s was not measured (it is None)")
         return replace(self, **{k: getattr(self, k) * v for k, v in factors.items()})
 
 
@@ -109,48 +118,55 @@ def fixed_sketch_smoothness(c: BoundConstants) -> np.ndarray:
     return c.L / np.asarray(c.ratios, dtype=float)
 
 
-def derived_step_conditions(c: BoundConstants, H: int) -> dict[str, float]:
-    """The step conditions of the theorem derived in README.md ('Theorem 4.4 derived with the
-    sharper constant'), each where its proof uses it:
+def sketched_smoothness(c: BoundConstants) -> float:
+    """L_s: the smoothness of f^S the descent step uses: measured (c.L_s) or its bound L_bar."""
+    return L_bar(c) if c.L_s is None else c.L_s
 
-        C1: gamma <= 1 / (8 H L_s),  L_s = L_bar (f^S is L_bar-smooth, Prop. D.4)   descent step (5)
-        C2: gamma <= 1 / (sqrt(18) H max_i L_i),  L_i = (r / k_i) L                drift step (6)
-        C3: gamma <= 1 / (6 sqrt(3) H sqrt((c_h + 1) L L_tilde)),
-            L L_tilde = mean_i L_i^2                                               step (7)
+
+def derived_step_conditions(c: BoundConstants, H: int) -> dict[str, float]:
+    """The step conditions of the theorem derived in README.md ('Theorem 4.4 derived'), each
+    where its proof uses it:
+
+        C1: gamma <= 1 / (3 H L_s),  L_s the smoothness of f^S (<= L_bar, Prop. D.4)  step (4)
+        C2: gamma <= 1 / (sqrt(18) H max_i L_i),  L_i = (r / k_i) L              drift, step (6)
+        C3: gamma <= sqrt(5/48) / (H sqrt((c_h + 1) L L_tilde)),
+            L L_tilde = mean_i L_i^2                                                step (8)
     """
     L_max = float(fixed_sketch_smoothness(c).max())
-    return {"C1 1/(8 H L_s)": 1 / (8 * H * L_bar(c)),
+    return {"C1 1/(3 H L_s)": 1 / (3 * H * sketched_smoothness(c)),
             "C2 1/(sqrt(18) H L_max)": 1 / (math.sqrt(18) * H * L_max),
-            "C3 1/(6 sqrt(3) H sqrt((c_h+1) L L_tilde))":
-                1 / (6 * math.sqrt(3) * H * math.sqrt((c.c_h + 1) * c.L * L_tilde(c)))}
+            "C3 sqrt(5/48)/(H sqrt((c_h+1) L L_tilde))":
+                math.sqrt(5 / 48) / (H * math.sqrt((c.c_h + 1) * c.L * L_tilde(c)))}
 
 
 def derived_max_step(c: BoundConstants, H: int) -> float:
-    """gamma_max of the derived theorem: the smallest of C1, C2, C3 (README.md, step (8))."""
+    """gamma_max of the derived theorem: the smallest of C1, C2, C3 (README.md, step (9))."""
     return min(derived_step_conditions(c, H).values())
 
 
 def derived_bound_terms(c: BoundConstants, gamma: float, T: np.ndarray | int,
                         H: int) -> dict[str, np.ndarray]:
-    """The derived theorem's right side (README.md, step (8)), term by term, over the T given:
+    """The derived theorem's right side (README.md, step (9)), term by term, over the T given:
 
-        gap:            8 (f^S(X^0) - f*) / (gamma T H)
-        L_s sigma_g:    8 gamma L_s sigma_g^2 / N
-        L_s sigma_s:   16 gamma H L_s sigma_s^2 / N     (the sketch is held for H steps)
-        drift sigma_g: 18 gamma^2 H   L L_tilde sigma_g^2
-        drift sigma_s: 54 gamma^2 H^2 L L_tilde sigma_s^2
-        drift sigma_h:108 gamma^2 H^2 L L_tilde sigma_h^2
+        gap:            4 (f^S(X^0) - f*) / (gamma T H)
+        L_s sigma_g:    6 gamma L_s sigma_g^2 / N
+        L_s sigma_s:    6 gamma H L_s sigma_s^2 / N      (the sketch is held for H steps)
+        drift sigma_g: 12/5 gamma^2 H     L L_tilde sigma_g^2
+        drift sigma_s: 24/5 gamma^2 H^2   L L_tilde sigma_s^2
+        drift sigma_h: 48/5 gamma^2 H^2   L L_tilde sigma_h^2
 
-    with L_s = L_bar and L L_tilde = mean_i ((r / k_i) L)^2; valid when gamma <= derived_max_step.
+    with L L_tilde = mean_i ((r / k_i) L)^2; valid when gamma <= derived_max_step. Under
+    Theorem 4.4's second condition gamma <= 1 / (N H^2 L), gamma^2 H^2 L L_tilde <= gamma
+    L_tilde / N, and the drift terms are at most its 12 (gamma L_tilde / N)(...) term.
     """
     T = np.asarray(T, dtype=float)
-    flat, ls, ll = np.ones_like(T), L_bar(c), c.L * L_tilde(c)
-    return {"gap": 8 * c.gap / (gamma * T * H),
-            "L_s sigma_g": 8 * gamma * ls * c.sigma_g2 / c.N * flat,
-            "L_s sigma_s": 16 * gamma * H * ls * c.sigma_s2 / c.N * flat,
-            "drift sigma_g": 18 * gamma**2 * H * ll * c.sigma_g2 * flat,
-            "drift sigma_s": 54 * gamma**2 * H**2 * ll * c.sigma_s2 * flat,
-            "drift sigma_h": 108 * gamma**2 * H**2 * ll * c.sigma_h2 * flat}
+    flat, ls, ll = np.ones_like(T), sketched_smoothness(c), c.L * L_tilde(c)
+    return {"gap": 4 * c.gap / (gamma * T * H),
+            "L_s sigma_g": 6 * gamma * ls * c.sigma_g2 / c.N * flat,
+            "L_s sigma_s": 6 * gamma * H * ls * c.sigma_s2 / c.N * flat,
+            "drift sigma_g": 12 / 5 * gamma**2 * H * ll * c.sigma_g2 * flat,
+            "drift sigma_s": 24 / 5 * gamma**2 * H**2 * ll * c.sigma_s2 * flat,
+            "drift sigma_h": 48 / 5 * gamma**2 * H**2 * ll * c.sigma_h2 * flat}
 
 
 def derived_bound(c: BoundConstants, gamma: float, T: np.ndarray | int, H: int) -> np.ndarray:
@@ -167,3 +183,16 @@ def corollary_step(c: BoundConstants, T: int, H: int, sharp: bool = False) -> fl
 def corollary_min_rounds(c: BoundConstants, H: int, sharp: bool = False) -> int:
     """The smallest T for which the corollary's step meets the theorem's condition."""
     return math.ceil(c.N / (H * fixed_sketch_constant(c, sharp) * max_step(c, H, sharp) ** 2))
+
+
+def corollary_rate(c: BoundConstants, T: int, H: int) -> float:
+    """Theorem 4.4's bound at Corollary 4.5's step gamma_T = sqrt(N / (T H L_tilde)), in closed form:
+
+        [ 4 gap sqrt(L_tilde) + (6 L_bar (sigma_g^2 + sigma_s^2)
+          + 12 L_tilde (sigma_g^2 + sigma_s^2 + 3 sigma_h^2)) / sqrt(L_tilde) ] / sqrt(T H N)
+
+    so O(sqrt(L_tilde) / sqrt(T H N)) for fixed constants: the corollary's rate."""
+    lt, noise = L_tilde(c), c.sigma_g2 + c.sigma_s2
+    const = 4 * c.gap * math.sqrt(lt) + (6 * L_bar(c) * noise
+                                         + 12 * lt * (noise + 3 * c.sigma_h2)) / math.sqrt(lt)
+    return const / math.sqrt(T * H * c.N)

@@ -41,6 +41,7 @@ class Effort:
     power_iters: int = 100  # power iterations per Hessian norm
     keep_points: int = 16  # rounds per run whose iterates join the measured region
     attempts: int = 4
+    measure_L_s: bool = False  # also measure the smoothness of f^S itself (the derived theorem)
 
 
 @dataclass
@@ -61,7 +62,8 @@ def run_seeds(problem: LSQProblem, rounds: int, H: int, step: float, effort: Eff
 
 def measured_constants(problem: LSQProblem, points: list[torch.Tensor], f_star: float,
                        effort: Effort, g: torch.Generator) -> BoundConstants:
-    return fit_constants(measure(problem, points, f_star, effort.power_iters, g), problem.ratios)
+    raw = measure(problem, points, f_star, effort.power_iters, g, effort.measure_L_s)
+    return fit_constants(raw, problem.ratios)
 
 
 def calibrate(problem: LSQProblem, rounds: int, H: int, effort: Effort, g: torch.Generator,

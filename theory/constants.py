@@ -17,6 +17,9 @@ every expectation computed exactly:
   the smallest sigma_h^2 that makes (A3) hold at every visited point. sigma_h^2(c_h) falls as
   c_h grows, to a floor set by the points near a stationary point (where q ~ 0 but h_i is not);
   we keep the knee: the smallest c_h whose sigma_h^2 is within 5% of that floor.
+- L_s (only when asked): max over visited X of ||hess f^S(X)||_2, the smoothness of the global
+  sketched objective itself, which the descent step of the derived theorem uses (its bound is
+  L_bar = L mean_i (r/k_i), Prop. D.4). f^S is exact (all index sets), so is its Hessian.
 - f*: the minimum of f^S over a long gradient descent from X^0 and over every visited point. A
   local method may overestimate inf f^S; that makes f^S(X^0) - f* smaller and so the bound
   smaller: the check only gets harder.
@@ -48,6 +51,7 @@ class Raw:
     grad_sq: np.ndarray  # (K,): ||grad f^S(X)||^2
     f_star: float
     f0: float
+    L_s: float | None = None  # max ||hess f^S|| over the points, when measured
 
 
 def smoothness_L(problem: LSQProblem, points: torch.Tensor, iters: int,
@@ -89,11 +93,35 @@ def variances_at(problem: LSQProblem, x: torch.Tensor) -> tuple[float, float, to
     return sig_s, sig_g, (gi - gbar).pow(2).sum(-1), float(gbar.pow(2).sum())
 
 
+def fixed_sketch_constants(problem: LSQProblem, points: torch.Tensor, iters: int,
+                           g: torch.Generator, chunk: int = 8) -> np.ndarray:
+    """L_i = max over points X (K, p) and client i's index sets S of ||hess f~_i(X; S)||_2: (N,),
+    the fixed-sketch smoothness each client's local steps see (at most (r/k_i) L)."""
+    (N, C, r), p = problem.D.shape, points.shape[1]
+    loss = lambda y: problem.loss(y, problem.Z[:, None], problem.Y[:, None], problem.D)
+    best = np.zeros(N)
+    for xs in points.split(chunk):
+        norms = hessian_norms(loss, xs[:, None, None].expand(len(xs), N, C, p).contiguous(),
+                              iters, g)  # (K', N, C)
+        norms = norms.masked_fill(~(problem.w > 0), 0.0)  # padding index sets
+        best = np.maximum(best, norms.amax((0, 2)).numpy())
+    return best
+
+
+def sketched_objective_smoothness(problem: LSQProblem, points: torch.Tensor, iters: int,
+                                  g: torch.Generator, chunk: int = 8) -> float:
+    """L_s = max over points X (K, p) of ||hess f^S(X)||_2, f^S exact over all index sets."""
+    return max(float(hessian_norms(problem.sketched_loss, xs, iters, g).max())
+               for xs in points.split(chunk))
+
+
 def measure(problem: LSQProblem, points: list[torch.Tensor], f_star: float, iters: int,
-            g: torch.Generator) -> Raw:
-    """L, sigma_s^2, sigma_g^2 and the heterogeneity data over the visited points (see above)."""
+            g: torch.Generator, global_smoothness: bool = False) -> Raw:
+    """L, sigma_s^2, sigma_g^2 and the heterogeneity data over the visited points (see above);
+    L_s too when `global_smoothness`."""
     pts = torch.stack(points)  # (K, p)
     L = smoothness_L(problem, pts, iters, g)
+    L_s = sketched_objective_smoothness(problem, pts, iters, g) if global_smoothness else None
     sig_s, sig_g, het, gsq = 0.0, 0.0, [], []
     for x in tqdm(pts, desc="variances", leave=False, mininterval=1.0):
         s, v, h, q = variances_at(problem, x)
@@ -102,7 +130,7 @@ def measure(problem: LSQProblem, points: list[torch.Tensor], f_star: float, iter
         gsq.append(q)
     f_visited = float(problem.sketched_loss(pts).min())
     return Raw(L, sig_g, sig_s, np.array(het), np.array(gsq), min(f_star, f_visited),
-               float(problem.sketched_loss(problem.x0)))
+               float(problem.sketched_loss(problem.x0)), L_s)
 
 
 def heterogeneity_bound(raw: Raw, c_h: float) -> float:
@@ -115,4 +143,4 @@ def fit_constants(raw: Raw, ratios: tuple[float, ...]) -> BoundConstants:
     floor = heterogeneity_bound(raw, C_H_GRID[-1])
     c_h = next(c for c in C_H_GRID if heterogeneity_bound(raw, c) <= 1.05 * floor + 1e-300)
     return BoundConstants(raw.L, raw.sigma_g2, raw.sigma_s2, c_h, heterogeneity_bound(raw, c_h),
-                          raw.f0 - raw.f_star, ratios)
+                          raw.f0 - raw.f_star, ratios, raw.L_s)

@@ -10,10 +10,8 @@ These runs start far from a stationary point, so the gap term carries the bound 
 terms see theory/noise.py), and at each ratio's own gamma_max the observed average is ~ gap /
 (gamma T H): its order over the ratios is set by gamma_max, so it is printed, not checked. The
 ratios are then run again at ONE common step, where the late-round gradient floor is printed
-beside the noise terms of the bound. Then the corollary: gamma_T = sqrt(N / (T H L_tilde)) for
-several T past the smallest T it allows (only T varies), checked against the bound at each T; its
-log-log slope against 1 / sqrt(T H N) is 1 by construction of gamma_T, so it is printed beside a
-control at one fixed gamma. How each constant is measured: theory/constants.py.
+beside the noise terms of the bound. Corollary 4.5 (over T, N and H) is theory/corollary.py.
+How each constant is measured: theory/constants.py.
 
     python -m theory.convergence [--quick] [--distort L=0.01 --distort gap=0.01 (must FAIL)]
 """
@@ -27,16 +25,16 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from theory.bound import (L_bar, L_tilde, bound_terms, convergence_bound,  # noqa: E402
-                          corollary_min_rounds, corollary_step, max_step)
+                          max_step)
 from theory.calibration import Effort, Outcome, calibrate, measured_constants, run_seeds  # noqa
 from theory.lsq_problem import LSQConfig, LSQProblem  # noqa: E402
-from theory.report import (Check, exit_code, loglog_slope, script_parser,  # noqa: E402
-                           print_checks, save_figure, setup)
+from theory.report import (Check, exit_code, script_parser, print_checks,  # noqa: E402
+                           save_figure, setup)
 
 
 def parse_distort(items: list[str]) -> dict[str, float]:
     """--distort NAME=FACTOR items -> {NAME: FACTOR}; a bad item is an error naming the flag."""
-    fields = ("L", "sigma_g2", "sigma_s2", "c_h", "sigma_h2", "gap")
+    fields = ("L", "sigma_g2", "sigma_s2", "c_h", "sigma_h2", "gap", "L_s")
     out = {}
     for item in items:
         name, _, value = item.partition("=")
@@ -128,32 +126,6 @@ def common_step_rows(problems: dict[str, LSQProblem], rows: list[tuple[str, Outc
     return checks, lines, gamma
 
 
-def corollary(problem: LSQProblem, base: Outcome, H: int, rounds: list[int], effort: Effort,
-              g, distort: dict) -> tuple[list[Check], dict]:
-    """Runs at gamma_T = sqrt(N / (T H L_tilde)) for each T (all past the smallest T allowed, so
-    the condition holds); the constants are measured again over every point these runs visit."""
-    steps = [corollary_step(base.constants, T, H) for T in rounds]
-    outs = [run_seeds(problem, T, H, s, effort, f"corollary T={T}") for T, s in zip(rounds, steps)]
-    points = base.points + [x for recs in outs for rec in recs for x in rec.points]
-    c = measured_constants(problem, points, base.f_star, effort, g).scaled(**distort)
-    observed = np.array([np.mean([rec.running_average()[-1] for rec in recs]) for recs in outs])
-    bound = np.array([convergence_bound(c, s, T, H) for T, s in zip(rounds, steps)])
-    x = 1 / np.sqrt(np.array(rounds) * H * c.N)
-    checks = [Check(f"corollary T={T}: gamma_T <= gamma_max", s, max_step(c, H), rtol=1e-12)
-              for T, s in zip(rounds, steps)]
-    checks += [Check(f"corollary T={T}: avg ||grad f^S||^2 <= bound", o, b)
-               for T, o, b in zip(rounds, observed, bound)]
-    # control: the same T at one fixed step (the smallest T's): the slope of 1 above comes from
-    # the schedule gamma_T ~ T^(-1/2) (gap term ~ 1 / (gamma T)), not from the runs
-    # (one run of the longest T gives every shorter T's running average)
-    control = run_seeds(problem, max(rounds), H, steps[0], effort, "fixed gamma")
-    fixed = np.mean([rec.running_average() for rec in control], axis=0)[np.array(rounds) - 1]
-    slopes = {"bound": loglog_slope(x, bound), "observed": loglog_slope(x, observed),
-              "fixed gamma": loglog_slope(x, fixed)}
-    return checks, {"x": x, "observed": observed, "bound": bound, "fixed": fixed,
-                    "slopes": slopes, "min_rounds": corollary_min_rounds(base.constants, H)}
-
-
 def plot_curves(ax, rows: list[tuple[str, Outcome, int]], distort: dict, title: str) -> None:
     """Observed (solid) against the bound with L_tilde (dashed) and L_bar (dotted), per setting;
     the legend (one entry per setting, one per line style) sits outside the axes."""
@@ -169,7 +141,7 @@ def plot_curves(ax, rows: list[tuple[str, Outcome, int]], distort: dict, title: 
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
 
 
-def plot_all(ratios, Hs, Ns, rate, distort: dict, folder: str) -> None:
+def plot_all(ratios, Hs, Ns, distort: dict, folder: str) -> None:
     fig, ax = plt.subplots(figsize=(8.5, 5))
     plot_curves(ax, ratios, distort, "FSLoRA at each ratio's gamma_max: bound against observed")
     save_figure(fig, folder, "convergence_ratios.png")
@@ -177,17 +149,6 @@ def plot_all(ratios, Hs, Ns, rate, distort: dict, folder: str) -> None:
     plot_curves(axes[0], Hs, distort, "local steps H (k/r = 1/2)")
     plot_curves(axes[1], Ns, distort, "clients N (k/r = 1/2)")
     save_figure(fig, folder, "convergence_sweeps.png")
-    fig, ax = plt.subplots(figsize=(6, 4.5))
-    sl = rate["slopes"]
-    ax.loglog(rate["x"], rate["bound"], "s--", label=f"bound (slope {sl['bound']:.2f})")
-    ax.loglog(rate["x"], rate["observed"], "o-",
-              label=f"observed, gamma_T (slope {sl['observed']:.2f})")
-    ax.loglog(rate["x"], rate["fixed"], "^:",
-              label=f"observed, fixed gamma (slope {sl['fixed gamma']:.2f})")
-    ax.set(xlabel="1 / sqrt(T H N)  (only T varies)", ylabel="(1/T) sum_t ||grad f^S(X^t)||^2",
-           title=f"Corollary 4.5: gamma = sqrt(N/(T H L_tilde)), T >= {rate['min_rounds']}")
-    ax.legend(fontsize=8)
-    save_figure(fig, folder, "convergence_rate.png")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -228,17 +189,10 @@ def main(argv: list[str] | None = None) -> int:
                                                           args.distort)
     print(f"\nevery ratio at one step gamma = {gamma:.4g} (the smallest gamma_max):")
     print("\n".join(common_lines))
-    T0 = corollary_min_rounds(base[1].constants, 2)
-    T1 = round(1.25 * T0)  # slack: the constants are measured again over the new runs' points
-    rounds = [T1, 2 * T1] if args.quick else [T1, 2 * T1, 4 * T1, 8 * T1]
-    cor_checks, rate = corollary(problems[base[0]], base[1], 2, rounds, effort, g, args.distort)
-    print("\ncorollary: log-log slopes against 1/sqrt(T H N) (only T varies): "
-          + ", ".join(f"{k} {v:.3f}" for k, v in rate["slopes"].items()))
     checks += common_checks
     print_checks("Theorem 4.4: observed against the bound", checks)
-    print_checks(f"Corollary 4.5 (N=4 H=2 k/r=1/2; smallest T allowed: {T0})", cor_checks)
-    plot_all(by_ratio + mixed, by_H, by_N, rate, args.distort, args.figures)
-    return exit_code(checks + cor_checks)
+    plot_all(by_ratio + mixed, by_H, by_N, args.distort, args.figures)
+    return exit_code(checks)
 
 
 if __name__ == "__main__":

@@ -50,7 +50,7 @@ def encode_downlink(downlink: Downlink, client_id: int, rank: int) -> RecordDict
     fs = list(downlink.values())
     per_index = [f.sketch.per_index is not None for f in fs]
     arrays = {"factors": pack(t for f in fs for t in (f.b, f.a)),
-              "index": pack(f.sketch.index for f in fs)}
+              "indices": pack(f.sketch.indices for f in fs)}
     if any(per_index):  # one diagonal value per index (the importance sketch)
         arrays["weights"] = pack(f.sketch.per_index for f in fs if f.sketch.per_index is not None)
     settings = {"client_id": client_id, "rank": rank, "modules": list(downlink),
@@ -69,7 +69,7 @@ def decode_downlink(content: RecordDict) -> tuple[int, Downlink]:
     ms, ks, ns = list(s["m"]), list(s["k"]), list(s["n"])
     factors = iter(unpack(arrays["factors"], [shape for m, k, n in zip(ms, ks, ns)
                                               for shape in ((m, k), (k, n))], "factors"))
-    indices = unpack(arrays["index"], [(k,) for k in ks], "index sets")
+    indices = unpack(arrays["indices"], [(k,) for k in ks], "index sets")
     weights = iter(unpack(arrays["weights"], [(k,) for k, p in zip(ks, s["per_index"]) if p],
                           "weights") if "weights" in arrays else [])
     downlink = {}
@@ -84,7 +84,7 @@ def encode_update(update: ClientUpdate) -> RecordDict:
     """A client's upload: per module (db, da) and the index set it trained; its counts."""
     names = list(update.deltas)
     arrays = {"deltas": pack(d for name in names for d in update.deltas[name]),
-              "index": pack(update.sketches[name].index for name in names)}
+              "indices": pack(update.sketches[name].indices for name in names)}
     counts = {"client_id": update.client_id, "num_examples": update.num_examples,
               "trainable_parameters": update.trainable_parameters}
     return RecordDict({ARRAYS: ArrayRecord(torch_state_dict=arrays),
@@ -106,7 +106,7 @@ def decode_update(content: RecordDict, sent: Downlink) -> ClientUpdate:
     fs = [sent[name] for name in names]
     deltas = iter(unpack(arrays["deltas"], [shape for f in fs for shape in
                                             (tuple(f.b.shape), tuple(f.a.shape))], "deltas"))
-    indices = unpack(arrays["index"], [(f.sketch.k,) for f in fs], "index sets")
+    indices = unpack(arrays["indices"], [(f.sketch.k,) for f in fs], "index sets")
     counts = content[COUNTS]
     return ClientUpdate(int(counts["client_id"]),
                         {name: Sketch(index, f.sketch.rank, f.sketch.weight)

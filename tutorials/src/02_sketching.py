@@ -53,12 +53,12 @@ print(f"seed {SEED}, device cpu, torch {torch.__version__}, threads 1, fast mode
 r, k = 8, 2
 sketches = [sample_sketch(r, k, g) for _ in range(6)]
 for sk in sketches[:3]:
-    print(f"I = {sk.index.tolist()}, sketch weight r/k = {sk.sketch_weight:g}, diag(S) = {sk.diagonal().tolist()}")
+    print(f"I = {sk.indices.tolist()}, sketch weight r/k = {sk.sketch_weight:g}, diag(S) = {sk.diagonal().tolist()}")
 
 fig, axes = plt.subplots(1, 6, figsize=(12, 2.3))
 for ax, sk in zip(axes, sketches):
     ax.imshow(torch.diag(sk.diagonal()), cmap="Blues", vmin=0, vmax=r / k)
-    ax.set(title=f"I = {sk.index.tolist()}", xticks=[], yticks=[])
+    ax.set(title=f"I = {sk.indices.tolist()}", xticks=[], yticks=[])
 fig.suptitle(f"six sketches S, r = {r}, k = {k} (dark = r/k = {r // k}, white = 0)", y=1.05);
 
 # %% [markdown]
@@ -162,14 +162,14 @@ x = torch.randn(4, n, generator=g)
 with sketched(model, {"0": sk}):
     y = model(x)
 y.square().sum().backward()
-W = lora.weight + lora.scale * (r / k) * lora.lora_B[:, sk.index] @ lora.lora_A[sk.index]
-print("I =", sk.index.tolist(), "| max |sketched - W0 + s (r/k) B[:, I] A[I, :]| =",
+W = lora.weight + lora.scale * (r / k) * lora.lora_B[:, sk.indices] @ lora.lora_A[sk.indices]
+print("I =", sk.indices.tolist(), "| max |sketched - W0 + s (r/k) B[:, I] A[I, :]| =",
       (y - (x @ W.T + lora.bias)).abs().max().item())
 print("columns of B with a gradient:", torch.nonzero(lora.lora_B.grad.abs().sum(0)).flatten().tolist())
 print("rows of A with a gradient:   ", torch.nonzero(lora.lora_A.grad.abs().sum(1)).flatten().tolist())
 
-b = lora.lora_B.detach()[:, sk.index].clone().requires_grad_(True)  # (m, k)
-a = lora.lora_A.detach()[sk.index].clone().requires_grad_(True)  # (k, n)
+b = lora.lora_B.detach()[:, sk.indices].clone().requires_grad_(True)  # (m, k)
+a = lora.lora_A.detach()[sk.indices].clone().requires_grad_(True)  # (k, n)
 with compact_factors(model, {"0": CompactFactors(b, a, sk)}):
     y_compact = model(x)
 print(f"compact layer: b {tuple(b.shape)}, a {tuple(a.shape)}: {b.numel() + a.numel()} trainable "

@@ -104,7 +104,7 @@ for i in participants:
     numbers = payload_numbers(downlink)
     up = sum(db.numel() + da.numel() for db, da in update.deltas.values())
     f = downlink[watch]
-    print(f"client {i}: k={ranks[i]}  I({watch}) = {sketches[watch].index.tolist()}  "
+    print(f"client {i}: k={ranks[i]}  I({watch}) = {sketches[watch].indices.tolist()}  "
           f"b {tuple(f.b.shape)} a {tuple(f.a.shape)}  trains {update.trainable_parameters:,}  "
           f"down {numbers:,} / up {up:,} numbers = {4 * up / 1024:.1f} KiB each way")
     updates.append(update)
@@ -112,7 +112,7 @@ for i in participants:
 fed.method.aggregate(server, updates, downlinks)  # zero-pad, average over P_1, X <- X + D
 
 moved = torch.nonzero((server.modules[watch].lora_B.detach() - B_before).abs().sum(0))
-drawn = sorted({j for u in updates for j in u.sketches[watch].index.tolist()})
+drawn = sorted({j for u in updates for j in u.sketches[watch].indices.tolist()})
 print(f"\n{watch}: ranks drawn by someone {drawn}; columns of B that moved {moved.flatten().tolist()}")
 print("ranks nobody drew stay exactly where they were:",
       sorted(set(range(lora_cfg.rank)) - set(drawn)))

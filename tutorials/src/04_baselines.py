@@ -217,7 +217,7 @@ for label, row in fold_rows.items():
     print(f"{label}: KiB down per client-round {down:.1f}")
 print(row_table(fold, list(fold_rows.values())))
 print(claim_table(claim_results(fold, fold_rows)))
-plot_curves(list(fold_rows.values()), fold.title, out / "fold.png")
+plot_curves(list(fold_rows.values()), fold.title, written / "fold.png")
 show_figure("fold.png")
 print(f"{time.perf_counter() - start:.0f} s for this section, {cache.trained} runs trained")
 

@@ -73,14 +73,14 @@ x = torch.randn(T, n, generator=g)
 W0, bias = torch.randn(m, n, generator=g) / n**0.5, torch.randn(m, generator=g)
 B, A = torch.randn(m, r, generator=g) / r**0.5, torch.randn(r, n, generator=g) / n**0.5
 print(f"x {tuple(x.shape)}, W0 {tuple(W0.shape)}, B {tuple(B.shape)}, A {tuple(A.shape)}, "
-      f"I = {sk.index.tolist()}, c = {c:g}")
+      f"I = {sk.indices.tolist()}, c = {c:g}")
 
 
 def run(backend: str, dtype: torch.dtype, gemm: str = "pointer") -> dict[str, torch.Tensor]:
     """y and the gradients of sum(y * probe) w.r.t. x, B and A, for one backend."""
     xs, Bs, As = (t.to(device, dtype, copy=True).requires_grad_(True) for t in (x, B, A))
     y = lora_linear(xs, W0.to(device, dtype), bias.to(device, dtype), Bs, As,
-                    sk.index.to(device), c, backend=backend, gemm=gemm)
+                    sk.indices.to(device), c, backend=backend, gemm=gemm)
     probe = torch.linspace(-1, 1, y.numel(), dtype=dtype, device=device).view_as(y)
     (y * probe).sum().backward()
     return {"y": y.detach(), "dx": xs.grad, "dB": Bs.grad, "dA": As.grad}
@@ -106,11 +106,11 @@ for backend, gemm in (("torch", "pointer"), ("triton", "pointer"), ("triton", "t
 
 # %%
 tri = run("triton", torch.float32)
-print("I =", sk.index.tolist())
+print("I =", sk.indices.tolist())
 print("columns of B with a gradient:", torch.nonzero(tri["dB"].abs().sum(0)).flatten().tolist())
 print("rows of A with a gradient:   ", torch.nonzero(tri["dA"].abs().sum(1)).flatten().tolist())
-same = torch.allclose(lora_linear_reference(x, W0, bias, B, A, sk.index, c),
-                      lora_linear(x, W0, bias, B, A, sk.index, c, backend="torch"))
+same = torch.allclose(lora_linear_reference(x, W0, bias, B, A, sk.indices, c),
+                      lora_linear(x, W0, bias, B, A, sk.indices, c, backend="torch"))
 print("backend='torch' is kernels.reference.lora_linear_reference:", same)
 
 fig, axes = plt.subplots(1, 2, figsize=(10, 2.6))

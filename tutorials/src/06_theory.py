@@ -109,8 +109,9 @@ for i, name in enumerate(("bound", "observed")):
 
 # %% [markdown]
 # The curves: solid is the observed running average `(1/T) sum_t ||grad f^S(X^t)||^2`, dashed the
-# theorem's bound, dotted the sharper bound with `L_bar` in place of `L_tilde` (the project proves
-# the fixed-sketch loss is `(r/k) L`-smooth, not only `(r/k)^2 L`: `theory/README.md`).
+# theorem's bound, dotted the bound with `L_bar` in place of `L_tilde`: a substitution, not a
+# result (`theory/README.md` derives the theorem line by line: `L_tilde` enters through the
+# client drift as `mean_i ((r/k_i) L)^2`, even with the sharper `(r/k) L` constant).
 
 # %%
 fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -171,9 +172,10 @@ ax.legend(fontsize=8);
 # %% [markdown]
 # The fixed-sketch smoothness sits on the `(r/k) L` line (ratio 1.00): that constant is tight,
 # and the paper's `(r/k)^2 L` is loose by exactly `k / r`. The expected sketched loss is smoother
-# still: averaging over sketches undoes most of the `r / k` amplification. Replacing `L_tilde`
-# by `L_bar` in the theorem (the dotted curves above) is what the tight constant buys: a step
-# larger by `sqrt(r/k)` and a rate constant that grows like `sqrt(r/k)` instead of `r/k`.
+# still: averaging over sketches undoes most of the `r / k` amplification. What the tight
+# constant does NOT buy is `L_bar` in place of `L_tilde` (the dotted curves above): the drift of
+# a client's local steps needs its fixed-sketch constant squared, `((r/k) L)^2`, averaged over
+# clients, which is `L L_tilde`; `python -m theory.derived` measures it above `L L_bar`.
 
 # %% [markdown]
 # ## The bias of the sketched objective
