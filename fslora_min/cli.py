@@ -21,8 +21,8 @@ from fslora_min.client import OPTIMIZERS, ClientConfig
 from fslora_min.compare import CompareConfig, quick_config, run_compare, update_readmes
 from fslora_min.compute import ComputeConfig
 from fslora_min.data import DataConfig
-from fslora_min.experiment import (PRESETS, ExperimentConfig, Interrupted, output_folder,
-                                   preset, run_experiment, write_outputs)
+from fslora_min.experiment import (PRESETS, ExperimentConfig, Interrupted, Preset,
+                                   output_folder, preset, run_experiment, write_outputs)
 from fslora_min.federation import FederationConfig
 from fslora_min.knobs import ConfigError, flag_of, knobs
 from fslora_min.lora import LoRAConfig
@@ -39,12 +39,12 @@ PARTS = (("method, client ranks and outputs", "experiment", ExperimentConfig),
          ("data", "data", DataConfig), ("local training (clients)", "client", ClientConfig),
          ("server", "server", ServerConfig), ("pretraining", "pretrain", PretrainConfig),
          ("compute", "compute", ComputeConfig))
-PRESET_PARTS = ("model", "data", "pretrain")  # what `preset(name)` returns, in order
+PRESET_PARTS = Preset._fields  # what `preset(name, task)` sets, in order
 
 
 def describe_preset(name: str) -> str:
     """A preset's sizes in a few words, for --help."""
-    model, data, pretrain = preset(name)
+    model, data, pretrain = preset(name)[:3]
     return (f"{model.n_layer} block{'s' * (model.n_layer > 1)} of width {model.d_model}, a "
             f"{data.vocab_size}-token vocabulary, {data.train_seqs} training sequences of "
             f"{data.seq_len} tokens per client, {pretrain.steps} pretraining steps")
@@ -56,11 +56,12 @@ def _default_text(attr: str, f: dataclasses.Field, kind: type) -> str:
         return f" (default: {f.metadata['default_text']})"
     if kind is bool:
         return ""
-    if attr in PRESET_PARTS:
-        values = {p: getattr(preset(p)[PRESET_PARTS.index(attr)], f.name) for p in PRESETS}
+    if attr in PRESET_PARTS:  # the values of the presets (and tasks) that have this knob
+        parts = {f"--preset {p}" + (f" --task {t}" if t != "synthetic" else ""):
+                 preset(p, t)[PRESET_PARTS.index(attr)] for t in TASKS for p in PRESETS}
+        values = {k: getattr(v, f.name) for k, v in parts.items() if hasattr(v, f.name)}
         if len(set(values.values())) > 1:
-            return " (default: " + ", ".join(f"{v} with --preset {p}"
-                                            for p, v in values.items()) + ")"
+            return " (default: " + ", ".join(f"{v} with {k}" for k, v in values.items()) + ")"
     default = f.default_factory() if f.default is dataclasses.MISSING else f.default
     if default is None:
         return ""

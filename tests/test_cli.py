@@ -196,14 +196,16 @@ def test_help_is_generated_from_every_knob_with_its_default_once(capsys):
     # one default per knob: never "(default: all N) (default: None)"
     assert "(default: None)" not in text and not re.search(r"\(default: [^)]*\) \(default:", text)
     assert "(default: all N)" in text and "(default: 10)" in text  # --participants, --clients
-    assert "(default: 300 with --preset default, 150 with --preset tiny)" in text
+    assert ("(default: 300 with --preset default, 150 with --preset tiny, 600 with --preset "
+            "default --task shakespeare, 100 with --preset tiny --task shakespeare)") in text
+    assert "0.05 with --preset default --task shakespeare" in text  # --lr: a preset's step
 
 
 def test_help_says_what_local_steps_and_the_tiny_preset_are(capsys):
     text = run_help(capsys)
     steps = text[text.index("--local-steps LOCAL_STEPS"):].split(" --lr ")[0]
     assert "local optimizer steps each participant takes per round" in steps
-    model, data, pretrain = preset("tiny")
+    model, data, pretrain = preset("tiny")[:3]
     assert (f"tiny: {model.n_layer} block of width {model.d_model}, a {data.vocab_size}-token "
             f"vocabulary, {data.train_seqs} training sequences of {data.seq_len} tokens per "
             f"client, {pretrain.steps} pretraining steps") in text
@@ -221,7 +223,7 @@ def test_a_bad_value_names_the_flag_under_the_run_usage(argv, capsys, tmp_path):
 
 
 def test_an_unreadable_base_model_cache_is_rebuilt_without_unsafe_advice(capsys, tmp_path):
-    model, data, pretrain = preset("tiny")
+    model, data, pretrain = preset("tiny")[:3]
     _, path = load_or_pretrain(model, data, pretrain, cache_dir=tmp_path, progress=False)
     for content in (b"not a torch file", pickle.dumps(print, protocol=2)):
         path.write_bytes(content)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from fslora_min.cli import main
+from fslora_min.cli import build_parser, config_from_args, main
 from fslora_min.client import ClientConfig
 from fslora_min.compare import CompareConfig, task
 from fslora_min.experiment import ExperimentConfig, preset, run_experiment
@@ -175,7 +175,7 @@ def test_bad_values_are_refused_by_name():
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    model, data, pretrain = preset("tiny", "shakespeare")
+    model, data, pretrain = preset("tiny", "shakespeare")[:3]
     cfg = ExperimentConfig(
         ratios=[0.25, 0.5, 1.0], out_dir=str(tmp_path_factory.mktemp("run")), model=model,
         data=data, pretrain=pretrain, lora=LoRAConfig(rank=4, alpha=8.0),
@@ -226,3 +226,14 @@ def test_compare_and_the_flower_app_build_the_same_task():
     from fslora_flower.config import experiment_config
     cfg = experiment_config({"fslora-args": "--task shakespeare --preset tiny --clients 3"})
     assert cfg.data == preset("tiny", "shakespeare")[1]
+
+
+def test_the_shakespeare_preset_sets_its_own_steps_and_flags_override_them():
+    args = build_parser().parse_args(["run", "--task", "shakespeare"])
+    cfg = config_from_args(args)
+    want = preset("default", "shakespeare")
+    assert (cfg.client.lr, cfg.server.server_lr) == (want.client.lr, want.server.server_lr)
+    assert want.client.lr != ClientConfig().lr  # not the synthetic demo's lr
+    args = build_parser().parse_args(["run", "--task", "shakespeare", "--lr", "0.3"])
+    cfg = config_from_args(args)
+    assert cfg.client.lr == 0.3 and cfg.server.server_lr == want.server.server_lr

@@ -15,7 +15,7 @@ from fslora_min.lora import LoRAConfig, apply_lora, lora_modules
 from fslora_min.model import Transformer
 from fslora_min.server import Server, ServerConfig
 
-TEST_CONFIG, TINY_DATA, TINY_PRETRAIN = preset("tiny")  # the CLI's --preset tiny
+TEST_CONFIG, TINY_DATA, TINY_PRETRAIN = preset("tiny")[:3]  # the CLI's --preset tiny
 
 
 def tiny_experiment(out_dir: str, **knobs) -> ExperimentConfig:
