@@ -9,7 +9,8 @@ Protocol, for every row of every table:
    rounds, then the best `keep` fraction to the middle horizon; the lowest mean global held-out
    loss over the tuning seeds (each on its own data) wins. A point that diverged on any tuning
    seed is never chosen; a best point on a grid edge widens the grid once and is flagged if it
-   is still on an edge. The whole grid is written beside each table (NAME.grid.md).
+   is still on an edge; a grid where every point diverged widens once towards smaller steps
+   (both axes). The whole grid is written beside each table (NAME.grid.md).
 2. Evaluation: the chosen point on every evaluation seed to the long horizon, the global
    held-out loss recorded every round. Seed s sets DataConfig.seed (topics, base model,
    partition, held-out sets) and FederationConfig.seed (participants, sketches, minibatches).
@@ -397,10 +398,12 @@ def tune(row: RowSpec, tune_seeds: tuple[int, ...], middle: int, cfg: CompareCon
         if any(math.isnan(s) for s in final.values()):
             return Choice(None, ("tuning incomplete",)), grid
         choice = choose(final | {p: math.inf for p in points if p not in final}, lrs, steps)
-        if not choice.edges or attempt == 1:
+        # every point diverged: the steps that learn lie below the grid
+        edges = ("lowest lr", "lowest server step") if choice.point is None else choice.edges
+        if not edges or attempt == 1:
             return choice, grid
-        lrs = widen(lrs, choice.edges, "lr", 3.0)
-        steps = widen(steps, choice.edges, "server step", 2.0)
+        lrs = widen(lrs, edges, "lr", 3.0)
+        steps = widen(steps, edges, "server step", 2.0)
     raise AssertionError("unreachable")
 
 

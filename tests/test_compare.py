@@ -125,6 +125,12 @@ def test_tuning_halves_the_grid_never_takes_a_diverged_point_and_widens_an_edge(
     cache = FakeCache(100.0, 2.0, diverge_above=1e9)
     choice, _ = tune(replace(row, lr_grid=(0.1, 0.3)), (100, 101), 40, cfg, cache, {})
     assert choice.point[0] == pytest.approx(0.9) and "highest lr" in choice.edges
+    # every point diverges: both axes widen once downward, where a point learns
+    cache = FakeCache(0.03, 1.0, diverge_above=0.09)
+    choice, _ = tune(replace(row, lr_grid=(0.1, 0.3), step_grid=(1.0, 2.0)), (100, 101), 40,
+                     cfg, cache, {})
+    assert choice.point == pytest.approx((0.1 / 3, 1.0))
+    assert any(g == 0.5 for _, g, *_ in cache.asked)  # the step axis widened too
 
 
 def test_claims_pair_the_same_seeds_at_each_horizon():
