@@ -33,12 +33,15 @@ def plot_curves(rows: list, title: str, path: Path,
                 title=f"loss (mean, band: min..max over {len(rows[0].runs)} seeds)")
     axes[0].xaxis.set_major_locator(MaxNLocator(integer=True))
     axes[0].legend(fontsize=7)
-    accs = [[r["acc"] for r in row.runs] for row in rows]
-    axes[1].bar(range(len(rows)), [np.mean(a) for a in accs], yerr=[np.std(a) for a in accs],
-                color="tab:green", capsize=3)
-    axes[1].set_xticks(range(len(rows)), [row.label for row in rows], rotation=30, ha="right",
-                       fontsize=7)
-    axes[1].set(ylabel="final next-token accuracy", title="accuracy (mean ± std)")
+    # accuracy is measured at a run's last round only: a run cut from a longer one has none here
+    accs = [[r["acc"] for r in row.runs if "acc" in r] for row in rows]
+    axes[1].bar(range(len(rows)), [np.mean(a) if a else np.nan for a in accs],
+                yerr=[np.std(a) if a else 0.0 for a in accs], color="tab:green", capsize=3)
+    axes[1].set_xticks(range(len(rows)), [f"{row.label}\n({len(a)} of {len(row.runs)} seeds)"
+                                          for row, a in zip(rows, accs)],
+                       rotation=30, ha="right", fontsize=7)
+    axes[1].set(ylabel="final next-token accuracy",
+                title="accuracy (mean ± std; runs that ended at this horizon)")
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

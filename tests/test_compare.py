@@ -18,7 +18,8 @@ from fslora_min.client import ClientUpdate
 from fslora_min.compare import (COMMITTED, MAIN_METHODS, CompareConfig, Row, RowSpec, RunCache,
                                 TableSpec, block_pattern, budget_table, build_tables,
                                 claim_results, flops_per_local_step, module_shapes,
-                                readme_blocks, run_key, server_steps, task, tune, with_run)
+                                readme_blocks, run_key, server_steps, task, truncate, tune,
+                                with_run)
 from fslora_min.lora import LoRALinear
 from fslora_min.protocol import Choice, paired_interval
 from fslora_min.profiles import (DEFAULT_PROFILES, DeviceProfile, budgets_from_profiles,
@@ -243,3 +244,16 @@ def test_server_adamw_decays_the_factors_and_steps_by_the_sign_of_the_average():
         torch.testing.assert_close(x1.detach(), want, rtol=1e-10, atol=1e-10)
     with pytest.raises(ValueError, match="weight_decay: must be >= 0"):
         ServerConfig(optimizer="adamw", weight_decay=-1.0)
+
+
+def test_curves_are_drawn_when_a_run_was_cut_from_a_longer_one(tmp_path):
+    """A reduced table's run may be served by a longer run, truncated: it has no accuracy."""
+    from fslora_min.plots_compare import plot_curves
+
+    cut = truncate({"curve": [3.0, 2.5, 2.2, 2.1], "acc": 0.4, "val_loss": 2.0, "coverage": {},
+                    "wall": 3.0}, 2)
+    whole = {"curve": [3.0, 2.6, 2.3], "acc": 0.3, "wall": 2.0}
+    rows = [Row("a", Choice((0.1, 1.0), ()), {}, [cut, whole], 0.1, 1.0),
+            Row("b", Choice((0.1, 1.0), ()), {}, [cut], 0.1, 1.0)]
+    plot_curves(rows, "t", tmp_path / "c.png")
+    assert (tmp_path / "c.png").stat().st_size > 0
