@@ -164,7 +164,7 @@ def task(cfg: CompareConfig) -> ExperimentConfig:
     if cfg.task == "shakespeare":
         model, data = replace(model, vocab_size=len(VOCAB)), ShakespeareConfig(seq_len=16)
     fed = FederationConfig(num_clients=cfg.num_clients, participants=cfg.num_clients,
-                           rounds=cfg.horizons[2], eval_every=1, client_eval=False)
+                           rounds=cfg.horizons[2], eval_every=1)
     return ExperimentConfig(model=model, data=data, federation=fed,
                             lora=LoRAConfig(rank=cfg.rank, alpha=cfg.lora_alpha),
                             pretrain=PretrainConfig(steps=cfg.pretrain_steps, batch_size=32,
@@ -242,7 +242,11 @@ def run_key(exp: ExperimentConfig, spec: dict) -> str:
 
 
 def train_run(exp: ExperimentConfig, spec: dict) -> dict:
-    """Play one federation (on the task's data) and summarise it; the loss of every round."""
+    """Play one federation (on the task's data) and summarise it; the loss of every round.
+
+    Clients are scored on their own held-out sets only at the end: the curves are the global
+    set's (client_eval is not part of a run's key)."""
+    exp = replace(exp, federation=replace(exp.federation, client_eval=False))
     federation, info = build_federation(exp, progress=False)
     if spec["name"] == "planted":
         base, _ = load_or_pretrain(exp.model, exp.data, exp.pretrain, progress=False)
