@@ -151,7 +151,7 @@ def quick_config(out_dir: str = "runs/compare-quick", task_name: str = "syntheti
                          adam_server_lr_grid=(0.01,), horizons=(1, 2, 3),
                          reduced_horizons=(1, 2, 3), rung=0.5, keep=0.5, num_clients=4,
                          pretrain_steps=100, out_dir=out_dir,
-                         planted=PlantedConfig(rank=4, probe_seqs=32))
+                         planted=PlantedConfig(rank=4, probe_seqs=32, train_seqs=32))
 
 
 def task(cfg: CompareConfig) -> ExperimentConfig:
@@ -163,6 +163,8 @@ def task(cfg: CompareConfig) -> ExperimentConfig:
                       heldout_seqs=8, global_heldout_seqs=64)
     if cfg.task == "shakespeare":
         model, data = replace(model, vocab_size=len(VOCAB)), ShakespeareConfig(seq_len=16)
+    if cfg.task == "planted":
+        data = replace(data, train_seqs=cfg.planted.train_seqs)
     fed = FederationConfig(num_clients=cfg.num_clients, participants=cfg.num_clients,
                            rounds=cfg.horizons[2], eval_every=1)
     return ExperimentConfig(model=model, data=data, federation=fed,

@@ -36,9 +36,13 @@ class PlantedConfig:
     strength: float = 1.0  # RMS of the planted change of the layer's output / RMS of its output
     prefix: int = 4  # tokens of each sequence from the client's topic mixture
     probe_seqs: int = 256  # base-model sequences whose layer inputs give the directions
+    # Training sequences per client the teacher writes. With 32 (the synthetic task's), 300
+    # rounds of H = 5 steps x batch 8 are ~190 epochs and the held-out loss turns up within
+    # tens of rounds, before the planted change is learnt; with 1024 it still falls at 300.
+    train_seqs: int = 1024
 
     def __post_init__(self) -> None:
-        for name in ("rank", "prefix", "probe_seqs"):
+        for name in ("rank", "prefix", "probe_seqs", "train_seqs"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"planted {name} must be a positive integer, "
                                  f"got {getattr(self, name)!r}")
