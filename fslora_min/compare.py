@@ -700,9 +700,22 @@ def run_compare(cfg: CompareConfig, train: bool = True, figures: bool = True) ->
             draw(table, rows, out)
     write_atomic(out / "verdicts.md",
                  verdict_table([(t, cfg.task, c) for t, _, c in results]))
-    print(f"compare {cfg.task}: {time.perf_counter() - start:.0f} s wall, {cache.trained} runs "
+    wall = time.perf_counter() - start
+    if cache.trained:
+        log_sitting(out / "sittings.jsonl", cfg.table_names, wall, cache.trained)
+    print(f"compare {cfg.task}: {wall:.0f} s wall, {cache.trained} runs "
           f"trained ({cache.trained_seconds:.0f} s), the rest replayed; wrote {out}/")
     return out
+
+
+def log_sitting(path: Path, tables: tuple[str, ...], wall: float, trained: int) -> None:
+    """Append what one training `compare` cost (wall and this process's CPU seconds) to the
+    task's sittings log, the source of the READMEs' wall-time table."""
+    record = {"tables": list(tables), "wall_s": round(wall), "cpu_s": round(time.process_time()),
+              "runs_trained": trained, "finished": time.strftime("%Y-%m-%d %H:%M UTC",
+                                                                 time.gmtime())}
+    with path.open("a") as f:
+        f.write(json.dumps(record) + "\n")
 
 
 def draw(table: TableSpec, rows: list[Row], out: Path) -> None:
@@ -726,7 +739,7 @@ def draw(table: TableSpec, rows: list[Row], out: Path) -> None:
 
 # ------------------------------------------------------------------------------------- READMEs
 
-README_BLOCKS = {COMMITTED / "README.md": ("verdicts", "status"),
+README_BLOCKS = {COMMITTED / "README.md": ("verdicts", "status", "sittings"),
                  COMMITTED.parents[1] / "README.md": ("summary",)}
 
 
@@ -755,12 +768,37 @@ def readme_blocks() -> dict[str, str]:
                          c["paired"].text() if c["paired"] else "-", c["verdict"]]
                         for c in claims if c["horizon"] == "long"
                         and table.name in ("main", "planted_small")]
+    sittings = [[", ".join(f"`{t}`" for t in r["tables"]), task_name, r["finished"],
+                 duration(r["wall_s"]), f"{r['cpu_s']} s", str(r["runs_trained"])]
+                for task_name in STUDY_TASKS
+                for r in read_jsonl(COMMITTED / task_name / "sittings.jsonl")]
+    logged = [entry["summary"] for task_name in STUDY_TASKS
+              for entry in read_jsonl(COMMITTED / task_name / "runs.jsonl")]
+    rounds, seconds = sum(len(r["curve"]) - 1 for r in logged), sum(r["wall"] for r in logged)
     return {"verdicts": verdict_table(verdicts),
             "status": markdown(["table", "task", "evaluation runs", "tuning runs",
                                 "planned rounds", "rounds run", "training s", "s / round"],
-                               status),
+                               status)
+            + f"\nEvery committed run ({len(logged)} in the three logs, runs no table uses "
+              f"included): {rounds} rounds, {seconds:.0f} s of training "
+              f"({seconds / 3600:.1f} h of one core).\n",
+            "sittings": markdown(["tables", "task", "finished", "wall", "CPU (user + system)",
+                                  "runs trained"], sittings),
             "summary": markdown(["claim a < b", "task", "condition",
                                  "a - b at the long horizon [95% CI]", "verdict"], summary)}
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def duration(seconds: float) -> str:
+    """'1 h 32 min 51 s', '8 min 0 s', '51 s': from the largest unit that is not 0."""
+    h, rest = divmod(round(seconds), 3600)
+    parts = [(h, "h"), *zip(divmod(rest, 60), ("min", "s"))]
+    while len(parts) > 1 and parts[0][0] == 0:
+        parts.pop(0)
+    return " ".join(f"{v} {u}" for v, u in parts)
 
 
 def fill_blocks(text: str, blocks: dict[str, str], names: tuple[str, ...]) -> str:

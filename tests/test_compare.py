@@ -18,8 +18,8 @@ from fslora_min.client import ClientUpdate
 from fslora_min.compare import (COMMITTED, MAIN_METHODS, CompareConfig, Row, RowSpec, RunCache,
                                 TableSpec, block_pattern, budget_table, build_tables,
                                 claim_results, flops_per_local_step, module_shapes,
-                                readme_blocks, run_key, server_steps, task, truncate, tune,
-                                with_run)
+                                README_BLOCKS, duration, readme_blocks, run_key, server_steps,
+                                task, truncate, tune, with_run)
 from fslora_min.lora import LoRALinear
 from fslora_min.protocol import Choice, paired_interval
 from fslora_min.profiles import (DEFAULT_PROFILES, DeviceProfile, budgets_from_profiles,
@@ -177,11 +177,14 @@ def test_quick_compare_writes_its_tables_and_replays_without_training(tmp_path, 
     runs = [json.loads(line)["summary"]
             for line in (out / "runs.jsonl").read_text().splitlines()]
     assert {r["seed"] for r in runs if r["method"] == "hetlora"} == {0, 1, 100, 101}
+    sitting, = [json.loads(line) for line in (out / "sittings.jsonl").read_text().splitlines()]
+    assert sitting["tables"] == ["main"] and sitting["runs_trained"] == len(runs)
     before = (out / "runs.jsonl").read_text()
     capsys.readouterr()
     assert main(["compare", "--quick", "--out", str(tmp_path / "cmp")]) == 0
     assert "0 runs trained" in capsys.readouterr().out
     assert (out / "runs.jsonl").read_text() == before
+    assert len((out / "sittings.jsonl").read_text().splitlines()) == 1  # a replay costs nothing
     assert (out / "main.md").read_text() == text
     assert not list(out.glob(".*tmp"))
 
@@ -215,8 +218,8 @@ def test_readmes_match_the_committed_runs():
     """Every study figure in results/compare/README.md and README.md is what `compare --readme`
     writes from the committed runs (results/compare/TASK/runs.jsonl)."""
     blocks = readme_blocks()
-    for path, names in ((COMMITTED / "README.md", ("verdicts", "status")),
-                        (COMMITTED.parents[1] / "README.md", ("summary",))):
+    assert sorted(n for names in README_BLOCKS.values() for n in names) == sorted(blocks)
+    for path, names in README_BLOCKS.items():
         text = path.read_text()
         for name in names:
             found = block_pattern(name).search(text)
@@ -257,3 +260,9 @@ def test_curves_are_drawn_when_a_run_was_cut_from_a_longer_one(tmp_path):
             Row("b", Choice((0.1, 1.0), ()), {}, [cut], 0.1, 1.0)]
     plot_curves(rows, "t", tmp_path / "c.png")
     assert (tmp_path / "c.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("seconds,text", [(0, "0 s"), (51, "51 s"), (488, "8 min 8 s"),
+                                          (3600, "1 h 0 min 0 s"), (480, "8 min 0 s"), (5571, "1 h 32 min 51 s")])
+def test_duration_reads_as_hours_minutes_seconds(seconds, text):
+    assert duration(seconds) == text
