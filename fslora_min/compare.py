@@ -65,7 +65,7 @@ STUDY_TASKS = ("synthetic", "planted", "shakespeare")  # shakespeare: fslora_min
 TABLES = {"synthetic": ("main", "recent", "adamw", "server_one", "server_adam", "aggregation",
                         "hetlora_scale", "lr_scaling", "published", "importance", "global_rank",
                         "sketch_ratio"),
-          "planted": ("planted_ladder", "planted_small", "planted_ratios"),
+          "planted": ("planted_ladder", "planted_small", "planted_ratios", "planted_global_rank"),
           "shakespeare": ("main", "recent")}
 
 
@@ -480,6 +480,15 @@ def build_tables(cfg: CompareConfig) -> list[TableSpec]:
 
     methods = cfg.methods
     pair = tuple(m for m in ("fslora", "hetlora") if m in methods)
+    k = 4
+    rank_rows = [RowSpec(f"r={k * c}", replace(sgd, client_ranks=[k] * cfg.num_clients,
+                                               lora=replace(sgd.lora, rank=k * c)),
+                         cfg.lr_grid, avg_grid) for c in (1, 2, 4)]
+
+    def global_rank(name: str, title: str) -> TableSpec:
+        return TableSpec(name, title,
+                         "SGD clients, eta_g tuned", rank_rows, [("r=16", "r=4")], *reduced)
+
     tables = []
     if cfg.task == "planted":
         exp = sgd
@@ -500,7 +509,9 @@ def build_tables(cfg: CompareConfig) -> list[TableSpec]:
                       *full),
             TableSpec("planted_ratios", "Planted rank: the paper's ratios (device profiles)",
                       "SGD clients, eta_g tuned, k_i = 2, 4, 8, 12", ratio_rows,
-                      vs_baselines(ratio_rows), *reduced)]
+                      vs_baselines(ratio_rows), *reduced),
+            global_rank("planted_global_rank", f"Planted rank: global rank r, every client "
+                        f"k_i = {k}")]
         return [t for t in tables if t.name in cfg.table_names]
     main_rows = method_rows(sgd, cfg.lr_grid, avg_grid, methods)
     adamw_rows = method_rows(adamw, cfg.adamw_lr_grid, avg_grid, methods)
@@ -510,10 +521,6 @@ def build_tables(cfg: CompareConfig) -> list[TableSpec]:
         server=ServerConfig(optimizer="adamw", weight_decay=0.01)), cfg.adamw_lr_grid, adam_grid)
     adam_exp = replace(sgd, server=ServerConfig(optimizer="adam"))
     coverage = replace(sgd, server=ServerConfig(aggregation="coverage"))
-    k = 4
-    rank_rows = [RowSpec(f"r={k * c}", replace(sgd, client_ranks=[k] * cfg.num_clients,
-                                               lora=replace(sgd.lora, rank=k * c)),
-                         cfg.lr_grid, avg_grid) for c in (1, 2, 4)]
     ratio_rows = [RowSpec(f"k/r={ratio:g}", replace(
         sgd, client_ranks=[max(1, round(ratio * cfg.rank))] * cfg.num_clients), cfg.lr_grid,
         avg_grid)
@@ -565,8 +572,7 @@ def build_tables(cfg: CompareConfig) -> list[TableSpec]:
         TableSpec("importance", "Uniform index sets vs importance without / with reweighting",
                   "SGD clients, eta_g tuned", imp_rows,
                   [("fslora", "fslora-topk"), ("fslora-importance", "fslora-topk")], *reduced),
-        TableSpec("global_rank", f"Global rank r, every client k_i = {k}",
-                  "SGD clients, eta_g tuned", rank_rows, [("r=16", "r=4")], *reduced),
+        global_rank("global_rank", f"Global rank r, every client k_i = {k}"),
         TableSpec("sketch_ratio", f"Sketching ratio k/r (every client the same), r = {cfg.rank}",
                   "SGD clients, eta_g tuned", ratio_rows, [("k/r=0.75", "k/r=0.25")], *reduced),
     ]
