@@ -704,6 +704,9 @@ def run_compare(cfg: CompareConfig, train: bool = True, figures: bool = True) ->
         write_atomic(out / f"{table.name}.grid.md", grid_table(table, rows, cfg.tune_seeds))
         if figures:
             draw(table, rows, out)
+    if cfg.tables:  # verdicts.md holds every table of the task: replay the others, train none
+        cache.train = False
+        results = study(replace(cfg, tables=()), cache)
     write_atomic(out / "verdicts.md",
                  verdict_table([(t, cfg.task, c) for t, _, c in results]))
     wall = time.perf_counter() - start

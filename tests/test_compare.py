@@ -171,7 +171,9 @@ def test_quick_compare_writes_its_tables_and_replays_without_training(tmp_path, 
     out = tmp_path / "cmp" / "synthetic"  # each task writes into a folder of its own
     text = (out / "main.md").read_text()
     assert all(f"| {m} |" in text for m in MAIN_METHODS) and "| watch |" in text
-    assert "fslora < hetlora" in (out / "verdicts.md").read_text()
+    verdicts = (out / "verdicts.md").read_text()
+    assert "fslora < hetlora" in verdicts
+    assert "| r=16 < r=4 | synthetic |" in verdicts  # every table of the task, pending or not
     for name in ("main.grid.md", "main.png", "coverage.png"):
         assert (out / name).stat().st_size > 0
     runs = [json.loads(line)["summary"]
