@@ -14,21 +14,15 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 from fslora_min.plots import draw_coverage, expected_count  # noqa: E402
 
 
-def plot_curves(rows: list, title: str, path: Path,
-                predicted: dict[str, float] | None = None) -> None:
+def plot_curves(rows: list, title: str, path: Path) -> None:
     """Global held-out loss against round (mean over seeds, band = min..max), and final accuracy.
-
-    `predicted` (row label -> loss) draws a theory's prediction for a row as a dashed line in the
-    row's colour (the error a method keeps at its objective's minimiser).
-    """
+    (theory/planted_check.py draws the theory's predictions beside the planted task's runs.)"""
     fig, axes = plt.subplots(1, 2, figsize=(12, 4))
     for row in rows:
         curves = np.array([r["curve"] for r in row.runs])  # (seeds, rounds + 1)
         mean = curves.mean(0)
-        line, = axes[0].plot(mean, label=f"{row.label} (lr {row.lr:g}, step {row.server_lr:g})")
+        axes[0].plot(mean, label=f"{row.label} (lr {row.lr:g}, step {row.server_lr:g})")
         axes[0].fill_between(range(len(mean)), curves.min(0), curves.max(0), alpha=0.2)
-        if predicted and row.label in predicted:
-            axes[0].axhline(predicted[row.label], ls="--", color=line.get_color())
     axes[0].set(xlabel="round", ylabel="global held-out loss",
                 title=f"loss (mean, band: min..max over {len(rows[0].runs)} seeds)")
     axes[0].xaxis.set_major_locator(MaxNLocator(integer=True))
