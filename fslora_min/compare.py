@@ -773,7 +773,7 @@ def readme_blocks() -> dict[str, str]:
             status.append([f"`{table.name}`", task_name, f"{len(runs)} of {wanted}",
                            str(len(tuning)), str(planned_rounds(table, cfg)), str(rounds),
                            f"{seconds:.0f}", f"{seconds / rounds:.2f}" if rounds else "-"])
-            summary += [[f"{c['a']} < {c['b']}", task_name, table.condition,
+            summary += [[f"{c['a']} < {c['b']}", task_name, table.condition, str(c["rounds"]),
                          c["paired"].text() if c["paired"] else "-", c["verdict"]]
                         for c in claims if c["horizon"] == "long"
                         and table.name in ("main", "planted_small")]
@@ -793,8 +793,8 @@ def readme_blocks() -> dict[str, str]:
               f"({seconds / 3600:.1f} h of one core).\n",
             "sittings": markdown(["tables", "task", "finished", "wall", "CPU (user + system)",
                                   "runs trained"], sittings),
-            "summary": markdown(["claim a < b", "task", "condition",
-                                 "a - b at the long horizon [95% CI]", "verdict"], summary)}
+            "summary": markdown(["claim a < b", "task", "condition", "rounds (long horizon)",
+                                 "a - b [95% CI]", "verdict"], summary)}
 
 
 def read_jsonl(path: Path) -> list[dict]:
