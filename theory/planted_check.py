@@ -76,7 +76,9 @@ def compare_tables(runs_file: Path) -> list[dict]:
     for name in TABLES:
         table, rows = results[name]
         for row in rows:
-            if row.label not in FIXED_POINT_METHODS or len(row.runs) < 2:
+            # fedavg-full ignores the client ranks: it is the reference row itself (0 by definition)
+            if (row.label not in FIXED_POINT_METHODS or row.label == "fedavg-full"
+                    or len(row.runs) < 2):
                 continue
             ranks = tuple(row.runs[0]["client_ranks"])
             fractions = measured_fractions({r["seed"]: r["curve"] for r in row.runs}, reference,
