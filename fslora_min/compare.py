@@ -26,6 +26,7 @@ Each task writes into a folder of its own (OUT/TASK/): its runs, tables, grids, 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -221,6 +222,13 @@ def task_spec(cfg: CompareConfig) -> dict:
 
 
 def run_key(exp: ExperimentConfig, spec: dict) -> str:
+    """A run's cache key: the SHA-256 digest of `run_settings` as canonical JSON (the logs hold
+    one per run; the JSON is about 1 KiB)."""
+    canonical = json.dumps(run_settings(exp, spec), sort_keys=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def run_settings(exp: ExperimentConfig, spec: dict) -> dict:
     """Exactly what can change a run's numbers: every setting of the experiment but where it is
     written, its rounds (a longer run serves a shorter one) and whether clients are scored each
     round (the curves are the global set's), the task, the numerics version.
@@ -239,8 +247,7 @@ def run_key(exp: ExperimentConfig, spec: dict) -> str:
             and not (p == ("client", "lr_scaling") and v == "none")]  # keys before the knob
     names = [p[-1] for p, _ in flat]
     settings = {(p[-1] if names.count(p[-1]) == 1 else ".".join(p[-2:])): v for p, v in flat}
-    return json.dumps({"code_version": CODE_VERSION, "task": spec, "settings": settings},
-                      sort_keys=True)
+    return {"code_version": CODE_VERSION, "task": spec, "settings": settings}
 
 
 def train_run(exp: ExperimentConfig, spec: dict) -> dict:
@@ -759,10 +766,11 @@ def block_pattern(name: str) -> re.Pattern:
 def readme_blocks() -> dict[str, str]:
     """{block name: its text}, every number from the committed runs (the default study,
     replayed without training)."""
-    verdicts, status, summary = [], [], []
+    verdicts, status, summary, logged = [], [], [], []
     for task_name in STUDY_TASKS:
         cfg = CompareConfig(task=task_name)
         cache = RunCache(Path(os.devnull), [COMMITTED / task_name / "runs.jsonl"], train=False)
+        logged += [run for runs in cache.runs.values() for run in runs]
         for table, rows, claims in study(cfg, cache):
             verdicts.append((table, task_name, claims))
             runs = [r for row in rows for r in row.runs]
@@ -781,8 +789,6 @@ def readme_blocks() -> dict[str, str]:
                  duration(r["wall_s"]), f"{r['cpu_s']} s", str(r["runs_trained"])]
                 for task_name in STUDY_TASKS
                 for r in read_jsonl(COMMITTED / task_name / "sittings.jsonl")]
-    logged = [entry["summary"] for task_name in STUDY_TASKS
-              for entry in read_jsonl(COMMITTED / task_name / "runs.jsonl")]
     rounds, seconds = sum(len(r["curve"]) - 1 for r in logged), sum(r["wall"] for r in logged)
     return {"verdicts": verdict_table(verdicts),
             "status": markdown(["table", "task", "evaluation runs", "tuning runs",

@@ -3,6 +3,7 @@ the run cache and its key, tuning by successive halving on a fake loss surface, 
 --quick run end to end and its replay, bad output folders, and the READMEs against the
 committed runs."""
 
+import hashlib
 import json
 import math
 import random
@@ -18,8 +19,8 @@ from fslora_min.client import ClientUpdate
 from fslora_min.compare import (COMMITTED, MAIN_METHODS, CompareConfig, Row, RowSpec, RunCache,
                                 TableSpec, block_pattern, budget_table, build_tables,
                                 claim_results, flops_per_local_step, module_shapes,
-                                README_BLOCKS, duration, readme_blocks, run_key, server_steps,
-                                task, truncate, tune, with_run)
+                                README_BLOCKS, duration, readme_blocks, run_key, run_settings,
+                                server_steps, task, truncate, tune, with_run)
 from fslora_min.lora import LoRALinear
 from fslora_min.protocol import Choice, paired_interval
 from fslora_min.profiles import (DEFAULT_PROFILES, DeviceProfile, budgets_from_profiles,
@@ -82,7 +83,9 @@ def test_run_key_holds_what_changes_numbers_and_nothing_else():
                     replace(exp, federation=replace(exp.federation, seed=5)),
                     replace(exp, method="hetlora")):
         assert run_key(changed, {"name": "synthetic"}) != key
-    settings = json.loads(key)["settings"]
+    content = run_settings(exp, {"name": "synthetic"})
+    assert key == hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
+    settings = content["settings"]
     assert {"data.seed", "federation.seed", "pretrain.seed", "rank"} <= set(settings)
     assert "rounds" not in settings and "out_dir" not in settings
     evaluation = with_run(exp, 3, 0.1, 2.0, 10)  # a seed sets the data and the federation
