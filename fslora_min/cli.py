@@ -1,6 +1,6 @@
 """Command line: `python -m fslora_min` runs the demo; `python -m fslora_min run --help` lists
 every knob; `python -m fslora_min compare [--quick]` compares every method
-(fslora_min/compare.py).
+(fslora_min/study/compare.py).
 
 `run`'s and `compare`'s flags are generated from the config dataclasses' knobs
 (fslora_min/knobs.py): each knob is written once, as a field with its type, default, help and
@@ -18,7 +18,7 @@ from dataclasses import replace
 from typing import Callable, get_args, get_origin, get_type_hints
 
 from fslora_min.client import OPTIMIZERS, ClientConfig
-from fslora_min.compare import CompareConfig, quick_config, run_compare, update_readmes
+from fslora_min.study.compare import CompareConfig, quick_config, run_compare, update_readmes
 from fslora_min.compute import ComputeConfig
 from fslora_min.data import DataConfig
 from fslora_min.experiment import (PRESETS, ExperimentConfig, Interrupted, Preset,
@@ -143,9 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(command_parser=run, flags=flags)
     cmp = sub.add_parser("compare", help="the reproduction study: every row tuned, every claim "
                                          "over seeds and horizons, with verdicts "
-                                         "(fslora_min/compare.py)",
+                                         "(fslora_min/study/compare.py)",
                          description="The reproduction study. Its flags are the knobs of "
-                                     "CompareConfig (fslora_min/compare.py); the mode flags "
+                                     "CompareConfig (fslora_min/study/compare.py); the mode flags "
                                      "choose what it does with them.")
     q = quick_config()
     cmp_flags = add_knobs(cmp, (("study", "compare", CompareConfig),))

@@ -16,7 +16,7 @@ import torch
 import fslora_min.federation as federation_module
 from fslora_min.checkpoint import CHECKPOINT_NAME, MAGIC, CheckpointError, read_payload
 from fslora_min.cli import PARTS, build_parser, compare_config_from_args, main
-from fslora_min.compare import CompareConfig, quick_config
+from fslora_min.study.compare import CompareConfig, quick_config
 from fslora_min.experiment import RUN_FILES, preset
 from fslora_min.federation import Federation
 from fslora_min.knobs import ConfigError, flag_of, knobs

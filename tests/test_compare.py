@@ -1,4 +1,4 @@
-"""The reproduction study (fslora_min/compare.py): device-profile budgets, the FLOP estimate,
+"""The reproduction study (fslora_min/study/compare.py): device-profile budgets, the FLOP estimate,
 the run cache and its key, tuning by successive halving on a fake loss surface, claims, a
 --quick run end to end and its replay, bad output folders, and the READMEs against the
 committed runs."""
@@ -16,14 +16,14 @@ import torch.nn as nn
 
 from fslora_min.cli import main
 from fslora_min.client import ClientUpdate
-from fslora_min.compare import (COMMITTED, MAIN_METHODS, CompareConfig, Row, RowSpec, RunCache,
+from fslora_min.study.compare import (COMMITTED, MAIN_METHODS, CompareConfig, Row, RowSpec, RunCache,
                                 TableSpec, block_pattern, budget_table, build_tables,
                                 claim_results, flops_per_local_step, module_shapes,
                                 README_BLOCKS, duration, readme_blocks, run_key, run_settings,
                                 server_steps, task, truncate, tune, with_run)
 from fslora_min.lora import LoRALinear
-from fslora_min.protocol import Choice, paired_interval
-from fslora_min.profiles import (DEFAULT_PROFILES, DeviceProfile, budgets_from_profiles,
+from fslora_min.study.protocol import Choice, paired_interval
+from fslora_min.study.profiles import (DEFAULT_PROFILES, DeviceProfile, budgets_from_profiles,
                                  memory_bytes, rank_budget, upload_bytes)
 from fslora_min.server import Server, ServerConfig
 from fslora_min.sketch import Sketch
@@ -256,7 +256,7 @@ def test_server_adamw_decays_the_factors_and_steps_by_the_sign_of_the_average():
 
 def test_curves_are_drawn_when_a_run_was_cut_from_a_longer_one(tmp_path):
     """A reduced table's run may be served by a longer run, truncated: it has no accuracy."""
-    from fslora_min.plots_compare import plot_curves
+    from fslora_min.study.plots import plot_curves
 
     cut = truncate({"curve": [3.0, 2.5, 2.2, 2.1], "acc": 0.4, "val_loss": 2.0, "coverage": {},
                     "wall": 3.0}, 2)

@@ -14,7 +14,7 @@ import json
 import pytest
 import torch
 
-from fslora_min.bench_engine import BenchConfig, run_benchmark
+from fslora_min.study.bench_engine import BenchConfig, run_benchmark
 from fslora_min.data import make_federated_data, minibatches
 from fslora_min.engine import (CPU_PASS_BYTES, default_clients_per_pass, resolve_engine,
                                stack_downlinks, train_clients_batched)

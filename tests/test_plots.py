@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from matplotlib.ticker import MaxNLocator
 
-from fslora_min import plots, plots_compare
+from fslora_min import plots
+from fslora_min.study import plots as plots_compare
 from fslora_min.experiment import describe, write_outputs
 from tests.tiny import tiny_experiment, tiny_federation
 

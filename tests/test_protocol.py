@@ -1,4 +1,4 @@
-"""fslora_min/protocol.py: the t quantile against closed forms, the paired interval's coverage,
+"""fslora_min/study/protocol.py: the t quantile against closed forms, the paired interval's coverage,
 verdicts, grid choice with divergence and edges, plateau checks."""
 
 import math
@@ -7,7 +7,7 @@ import statistics
 
 import pytest
 
-from fslora_min.protocol import (INCONCLUSIVE, NOT_REPRODUCED, REPRODUCED, Paired, choose,
+from fslora_min.study.protocol import (INCONCLUSIVE, NOT_REPRODUCED, REPRODUCED, Paired, choose,
                                  diverged, paired_interval, plateau, t_quantile, verdict, widen)
 
 

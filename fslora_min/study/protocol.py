@@ -1,5 +1,5 @@
-"""The statistics of the reproduction study (fslora_min/compare.py): paired intervals, verdicts,
-grid choice, plateau checks.
+"""The statistics of the reproduction study (fslora_min/study/compare.py): paired intervals,
+verdicts, grid choice, plateau checks.
 
 A claim of the paper is "method a reaches a lower loss than method b". Both are run on the same
 evaluation seeds (each seed: its own data, partition, participants, minibatches), so the

@@ -1,7 +1,7 @@
 """Benchmark: rounds per second of the batched engine against the sequential loop.
 
-    python -m fslora_min.bench_engine                     # the device in use, 4, 16, 64 clients
-    python -m fslora_min.bench_engine --device cpu --clients 4 16 --repeats 3
+    python -m fslora_min.study.bench_engine               # the device in use, 4, 16, 64 clients
+    python -m fslora_min.study.bench_engine --device cpu --clients 4 16 --repeats 3
 
 One federation per (engine, clients) on the default tiny model (ModelConfig(): 4 layers,
 d = 128), full participation, r = 16 and the paper's ratios (k_i = 2, 4, 8, 12 in turn), the
@@ -113,7 +113,7 @@ def time_engines(num_clients: int, device: torch.device, cfg: BenchConfig) -> di
 
 def cpu_peak_mib(num_clients: int, engine: str, cfg: BenchConfig) -> dict[str, float]:
     """A fresh process's peak resident memory over one round, and what it held before it."""
-    cmd = [sys.executable, "-m", "fslora_min.bench_engine", "--memory-child", engine,
+    cmd = [sys.executable, "-m", "fslora_min.study.bench_engine", "--memory-child", engine,
            "--clients", str(num_clients), "--rank", str(cfg.rank), "--device", "cpu",
            "--clients-per-pass", str(cfg.clients_per_pass)]
     text = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
@@ -174,7 +174,7 @@ def run_benchmark(cfg: BenchConfig) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     d = BenchConfig()
-    p = argparse.ArgumentParser(prog="python -m fslora_min.bench_engine", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m fslora_min.study.bench_engine", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default=d.device, help="cpu, cuda, or auto")
     p.add_argument("--clients", type=int, nargs="+", default=list(d.clients))

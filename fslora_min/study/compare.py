@@ -1,6 +1,6 @@
 """The reproduction study: each claim of the paper (arXiv 2501.19389, section 5) against the
 baselines, with a verdict and the conditions under which it holds (statistics:
-fslora_min/protocol.py).
+fslora_min/study/protocol.py).
 
 Protocol, for every row of every table:
 1. Tuning on a grid of client lr x server step eta_g (plain averaging X <- X + eta_g D, so
@@ -50,14 +50,14 @@ from fslora_min.model import ModelConfig
 from fslora_min.planted import PlantedConfig, make_planted_data
 from fslora_min.pretrain import PretrainConfig, load_or_pretrain
 from fslora_min.shakespeare import VOCAB, ShakespeareConfig
-from fslora_min.profiles import (DEFAULT_PROFILES, budgets_from_profiles, memory_bytes,
+from fslora_min.study.profiles import (DEFAULT_PROFILES, budgets_from_profiles, memory_bytes,
                                  upload_bytes)
-from fslora_min.protocol import (NOT_REPRODUCED, REPRODUCED, Choice, Paired, choose, diverged,
+from fslora_min.study.protocol import (NOT_REPRODUCED, REPRODUCED, Choice, Paired, choose, diverged,
                                  paired_interval, plateau, verdict, widen)
 from fslora_min.server import ServerConfig
 
 CODE_VERSION = 2  # bump when a change alters any run's numbers: older cached runs are not reused
-COMMITTED = Path(__file__).resolve().parents[1] / "results" / "compare"
+COMMITTED = Path(__file__).resolve().parents[2] / "results" / "compare"
 MAIN_METHODS = ("fslora", "hetlora", "flexlora", "flora", "fedavg-min", "fedavg-full")
 BASELINES = ("hetlora", "flexlora", "flora", "fedavg-min")  # the paper says FSLoRA beats these
 IMPORTANCE_METHODS = ("fslora", "fslora-topk", "fslora-importance")
@@ -736,7 +736,7 @@ def log_sitting(path: Path, tables: tuple[str, ...], wall: float, trained: int) 
 
 def draw(table: TableSpec, rows: list[Row], out: Path) -> None:
     """Curves (mean and band over seeds) of the rows that have runs; coverage for the main table."""
-    from fslora_min import plots_compare  # matplotlib only when writing figures
+    from fslora_min.study import plots as plots_compare  # matplotlib only when writing figures
 
     done = [r for r in rows if r.runs]
     if not done:
