@@ -1,8 +1,7 @@
 """Command line: `python -m fslora_min` runs the demo; `python -m fslora_min run --help` lists
-every knob; `python -m fslora_min compare [--quick]` compares every method
-(fslora_min/study/compare.py).
+every knob. (`python -m fslora_min compare`, the study, is fslora_min/study/cli.py.)
 
-`run`'s and `compare`'s flags are generated from the config dataclasses' knobs
+`run`'s flags are generated from the config dataclasses' knobs
 (fslora_min/knobs.py): each knob is written once, as a field with its type, default, help and
 check. Every value is checked by its config, whose error names the field; it is reported here
 under its flag. The output folder and the checkpoint to resume from are checked too, all before
@@ -18,7 +17,6 @@ from dataclasses import replace
 from typing import Callable, get_args, get_origin, get_type_hints
 
 from fslora_min.client import OPTIMIZERS, ClientConfig
-from fslora_min.study.compare import CompareConfig, quick_config, run_compare, update_readmes
 from fslora_min.compute import ComputeConfig
 from fslora_min.data import DataConfig
 from fslora_min.experiment import (PRESETS, ExperimentConfig, Interrupted, Preset,
@@ -141,25 +139,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="replace the run the output folder holds (else it is refused)")
     g.add_argument("--no-progress", action="store_true", help="hide progress bars")
     run.set_defaults(command_parser=run, flags=flags)
-    cmp = sub.add_parser("compare", help="the reproduction study: every row tuned, every claim "
-                                         "over seeds and horizons, with verdicts "
-                                         "(fslora_min/study/compare.py)",
-                         description="The reproduction study. Its flags are the knobs of "
-                                     "CompareConfig (fslora_min/study/compare.py); the mode flags "
-                                     "choose what it does with them.")
-    q = quick_config()
-    cmp_flags = add_knobs(cmp, (("study", "compare", CompareConfig),))
-    g = cmp.add_argument_group("mode")
-    g.add_argument("--quick", action="store_true",
-                   help=f"the main table in miniature (the tests run it): {q.num_clients} "
-                        f"clients, {len(q.seeds)} + {len(q.tune_seeds)} seeds, one grid point, "
-                        f"{q.horizons[2]} rounds; --out defaults to {q.out_dir}")
-    g.add_argument("--no-train", action="store_true",
-                   help="write the tables from cached runs only, marking what is missing")
-    g.add_argument("--readme", action="store_true",
-                   help="only rewrite the study's blocks in results/compare/README.md and "
-                        "README.md from the committed runs (no training; other flags ignored)")
-    cmp.set_defaults(command_parser=cmp, flags=cmp_flags)
     return parser
 
 
@@ -184,15 +163,6 @@ def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
                     else cls(**given[attr]))
              for _, attr, cls in PARTS if attr != "experiment"}
     return ExperimentConfig(**given["experiment"], **(from_preset | parts))
-
-
-def compare_config_from_args(args: argparse.Namespace) -> CompareConfig:
-    """Turn parsed `compare` arguments into a CompareConfig: the flags given over the study's
-    defaults (or --quick's), which checks them; raises a ConfigError naming a bad value's field."""
-    given = {name: tuple(value) if isinstance(value, list) else value
-             for name, value in given_knobs(args, "compare").items()}
-    base = quick_config(task_name=given.get("task", "synthetic")) if args.quick else CompareConfig()
-    return replace(base, **given)
 
 
 def under_flag(args: argparse.Namespace, err: ValueError) -> str:
@@ -244,20 +214,9 @@ def print_clients(history, info: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] not in ("run", "compare", "-h", "--help"):
+    if not argv or argv[0] not in ("run", "-h", "--help"):
         argv = ["run", *argv]  # the demo: run's defaults, or run's flags without the command
     args = parser.parse_args(argv)
-    if args.command == "compare":
-        if args.readme:
-            update_readmes()
-            return 0
-        try:
-            cfg = compare_config_from_args(args)
-            with output_folder(cfg.out_dir):  # checked writable; removed if nothing was written
-                run_compare(cfg, train=not args.no_train)
-        except ValueError as err:  # a bad value, an unwritable --out or base-model cache
-            args.command_parser.error(under_flag(args, err))
-        return 0
     try:
         cfg = config_from_args(args)
         with output_folder(cfg.out_dir, args.resume, args.overwrite):

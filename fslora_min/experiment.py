@@ -31,7 +31,7 @@ from fslora_min.compute import ComputeConfig
 from fslora_min.data import DataConfig
 from fslora_min.federation import Federation, FederationConfig, History, evaluate
 from fslora_min.knobs import ConfigError, check_knobs, knob
-from fslora_min.lora import LoRAConfig, apply_lora, count_lora_parameters
+from fslora_min.lora import LoRAConfig, adapted_layers, apply_lora, count_lora_parameters
 from fslora_min.methods import METHODS, make_method
 from fslora_min.model import TEST_CONFIG, ModelConfig, Transformer, count_parameters
 from fslora_min.pretrain import PretrainConfig, load_or_pretrain
@@ -228,14 +228,6 @@ def output_folder(out: str, resume: bool = False, overwrite: bool = False) -> It
                      key=lambda p: len(p.parts), reverse=True)
         remove_empty(new + made)
         raise
-
-
-def adapted_layers(model: nn.Module, targets: tuple[str, ...]) -> dict[str, nn.Linear]:
-    """The nn.Linear layers LoRA adapts (fslora_min/lora.py `apply_lora`), by qualified name."""
-    return {f"{parent_name}.{name}" if parent_name else name: m
-            for parent_name, parent in model.named_modules()
-            for name, m in parent.named_children()
-            if name in targets and isinstance(m, nn.Linear)}
 
 
 def full_rank(model: nn.Module, targets: tuple[str, ...]) -> int:

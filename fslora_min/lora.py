@@ -220,16 +220,23 @@ def apply_lora(model: nn.Module, r: int, alpha: float, targets: tuple[str, ...] 
                          f"got {tuple(targets)}")
     for p in model.parameters():
         p.requires_grad_(False)
-    replaced = []
-    for parent_name, parent in list(model.named_modules()):
-        for child_name, child in list(parent.named_children()):
-            if child_name in targets and type(child) is nn.Linear:
-                setattr(parent, child_name, LoRALinear(child, r, alpha, rslora, backend,
-                                                                generator, gemm))
-                replaced.append(f"{parent_name}.{child_name}" if parent_name else child_name)
-    if not replaced:
+    layers = adapted_layers(model, targets)
+    if not layers:
         raise ValueError(f"no nn.Linear named one of {targets} found: nothing was adapted")
+    for name, layer in layers.items():
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent), attr,
+                LoRALinear(layer, r, alpha, rslora, backend, generator, gemm))
     return [name for name, _ in lora_modules(model)]
+
+
+def adapted_layers(model: nn.Module, targets: tuple[str, ...]) -> dict[str, nn.Linear]:
+    """The nn.Linear layers LoRA adapts (those whose attribute name is in `targets`), by
+    qualified name in model order: the one walk `apply_lora` and the shape checks share."""
+    return {f"{parent_name}.{name}" if parent_name else name: m
+            for parent_name, parent in model.named_modules()
+            for name, m in parent.named_children()
+            if name in targets and type(m) is nn.Linear}
 
 
 def lora_modules(model: nn.Module) -> list[tuple[str, LoRALinear]]:

@@ -15,8 +15,10 @@ import torch
 
 import fslora_min.federation as federation_module
 from fslora_min.checkpoint import CHECKPOINT_NAME, MAGIC, CheckpointError, read_payload
-from fslora_min.cli import PARTS, build_parser, compare_config_from_args, main
-from fslora_min.study.compare import CompareConfig, quick_config
+from fslora_min.cli import PARTS, build_parser, main
+from fslora_min.study.cli import build_parser as compare_parser
+from fslora_min.study.cli import compare_config_from_args, main as compare
+from fslora_min.study.config import CompareConfig, quick_config
 from fslora_min.experiment import RUN_FILES, preset
 from fslora_min.federation import Federation
 from fslora_min.knobs import ConfigError, flag_of, knobs
@@ -106,7 +108,7 @@ def test_bad_arguments_exit_with_an_error_naming_the_value(args, needle, capsys,
 ])
 def test_bad_compare_arguments_exit_with_an_error_naming_the_flag(args, needle, capsys, tmp_path):
     with pytest.raises(SystemExit) as exc:
-        main(["compare", "--out", str(tmp_path / "cmp"), *args])
+        compare(["--out", str(tmp_path / "cmp"), *args])
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("usage: python -m fslora_min compare ") and needle in err
@@ -115,7 +117,7 @@ def test_bad_compare_arguments_exit_with_an_error_naming_the_flag(args, needle, 
 
 def test_compare_help_explains_every_knob_with_its_default_once(capsys):
     with pytest.raises(SystemExit):
-        main(["compare", "--help"])
+        compare(["--help"])
     text = " ".join(capsys.readouterr().out.split())  # argparse's line wrapping undone
     cfg, quick = CompareConfig(), quick_config()
     for f in knobs(CompareConfig):
@@ -143,7 +145,7 @@ def test_compare_help_explains_every_knob_with_its_default_once(capsys):
                    server_lr_grid=(1.0, 2.0), out_dir="elsewhere")),
 ])
 def test_compare_flags_set_their_fields_and_rounds_only_the_long_horizon(argv, want):
-    cfg = compare_config_from_args(build_parser().parse_args(["compare", *argv]))
+    cfg = compare_config_from_args(compare_parser().parse_args(argv))
     for f in dataclasses.fields(CompareConfig):
         if f.name != "rounds":  # the flag, folded into horizons
             assert getattr(cfg, f.name) == getattr(want, f.name), f.name
@@ -341,9 +343,9 @@ def test_an_unwritable_base_model_cache_is_an_error_naming_fslora_cache(capsys, 
     (tmp_path / "a-file").write_text("not a folder")
     monkeypatch.setenv("FSLORA_CACHE", str(tmp_path / "a-file" / "cache"))
     argv = ([*TINY, "--out", str(tmp_path / "run")] if command == "run" else
-            ["compare", "--quick", "--out", str(tmp_path / "run")])
+            ["--quick", "--out", str(tmp_path / "run")])
     with pytest.raises(SystemExit) as exc:
-        main(argv)
+        (main if command == "run" else compare)(argv)
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert "cannot write the base-model cache in" in err and "set FSLORA_CACHE to a" in err

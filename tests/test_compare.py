@@ -14,17 +14,19 @@ import pytest
 import torch
 import torch.nn as nn
 
-from fslora_min.cli import main
+from fslora_min.study.cli import main as compare
 from fslora_min.client import ClientUpdate
-from fslora_min.study.compare import (COMMITTED, MAIN_METHODS, CompareConfig, Row, RowSpec, RunCache,
-                                TableSpec, block_pattern, budget_table, build_tables,
-                                claim_results, flops_per_local_step, module_shapes,
-                                README_BLOCKS, duration, readme_blocks, run_key, run_settings,
-                                server_steps, task, truncate, tune, with_run)
+from fslora_min.study.compare import claim_results
+from fslora_min.study.config import COMMITTED, MAIN_METHODS, CompareConfig, task
+from fslora_min.study.readme import README_BLOCKS, block_pattern, duration, readme_blocks
+from fslora_min.study.runs import RunCache, run_key, run_settings, truncate
+from fslora_min.study.tables import RowSpec, TableSpec, build_tables, server_steps
+from fslora_min.study.tuning import Row, tune, with_run
 from fslora_min.lora import LoRALinear
 from fslora_min.study.protocol import Choice, paired_interval
-from fslora_min.study.profiles import (DEFAULT_PROFILES, DeviceProfile, budgets_from_profiles,
-                                 memory_bytes, rank_budget, upload_bytes)
+from fslora_min.study.profiles import (DEFAULT_PROFILES, DeviceProfile, budget_table,
+                                       budgets_from_profiles, flops_per_local_step,
+                                       memory_bytes, module_shapes, rank_budget, upload_bytes)
 from fslora_min.server import Server, ServerConfig
 from fslora_min.sketch import Sketch
 
@@ -59,7 +61,7 @@ def test_client_budgets_use_the_clients_optimizer_memory(optimizer):
     exp = task(cfg)
     exp = replace(exp, client=replace(exp.client, optimizer=optimizer))
     shapes = module_shapes(exp)
-    md, ks = budget_table(exp, cfg)
+    md, ks = budget_table(exp)
     for profile, k in zip(DEFAULT_PROFILES, ks):
         used = memory_bytes(k, shapes, 4, optimizer)
         assert used <= profile.memory_bytes, (profile.name, k, used)
@@ -170,7 +172,7 @@ def test_cache_serves_shorter_horizons_and_survives_a_cut_last_line(tmp_path):
 
 
 def test_quick_compare_writes_its_tables_and_replays_without_training(tmp_path, capsys):
-    assert main(["compare", "--quick", "--out", str(tmp_path / "cmp")]) == 0
+    assert compare(["--quick", "--out", str(tmp_path / "cmp")]) == 0
     out = tmp_path / "cmp" / "synthetic"  # each task writes into a folder of its own
     text = (out / "main.md").read_text()
     assert all(f"| {m} |" in text for m in MAIN_METHODS) and "| watch |" in text
@@ -186,7 +188,7 @@ def test_quick_compare_writes_its_tables_and_replays_without_training(tmp_path, 
     assert sitting["tables"] == ["main"] and sitting["runs_trained"] == len(runs)
     before = (out / "runs.jsonl").read_text()
     capsys.readouterr()
-    assert main(["compare", "--quick", "--out", str(tmp_path / "cmp")]) == 0
+    assert compare(["--quick", "--out", str(tmp_path / "cmp")]) == 0
     assert "0 runs trained" in capsys.readouterr().out
     assert (out / "runs.jsonl").read_text() == before
     assert len((out / "sittings.jsonl").read_text().splitlines()) == 1  # a replay costs nothing
@@ -201,7 +203,7 @@ def test_quick_compare_writes_its_tables_and_replays_without_training(tmp_path, 
 ])
 def test_bad_compare_invocations_exit_with_a_message(args, needle, capsys):
     with pytest.raises(SystemExit) as exc:
-        main(["compare", *args])
+        compare(args)
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert needle in err and "Traceback" not in err

@@ -12,7 +12,7 @@ import torch
 
 from fslora_min.cli import build_parser, config_from_args, main
 from fslora_min.client import ClientConfig
-from fslora_min.study.compare import CompareConfig, task
+from fslora_min.study.config import CompareConfig, task
 from fslora_min.experiment import ExperimentConfig, preset, run_experiment
 from fslora_min.federation import FederationConfig
 from fslora_min.lora import LoRAConfig

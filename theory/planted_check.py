@@ -33,7 +33,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from fslora_min.study.compare import COMMITTED, CompareConfig, RunCache, study  # noqa: E402
+from fslora_min.study.compare import study  # noqa: E402
+from fslora_min.study.config import COMMITTED, CompareConfig  # noqa: E402
+from fslora_min.study.runs import RunCache  # noqa: E402
 from fslora_min.study.protocol import paired_interval  # noqa: E402
 from theory.report import save_figure, script_parser  # noqa: E402
 from theory.sketch_bias import FIXED_POINT_METHODS, predicted_fixed_point  # noqa: E402

@@ -15,6 +15,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
+from fslora_min.experiment import ExperimentConfig
+from fslora_min.lora import adapted_layers
+from fslora_min.model import Transformer
+
 OPTIMIZER_SLOTS = {"sgd": 0, "adamw": 2}  # optimizer state tensors per trainable tensor
 
 
@@ -74,3 +80,41 @@ def budgets_from_profiles(profiles: tuple[DeviceProfile, ...], num_clients: int,
     """(profile, k_i) per client, the profiles taken in turn."""
     return [(p, rank_budget(p, shapes, r, dtype_bytes, optimizer))
             for p in (profiles[i % len(profiles)] for i in range(num_clients))]
+
+
+def module_shapes(exp: ExperimentConfig) -> list[tuple[int, int]]:
+    """(m, n) of every LoRA module of the task's model, as model.py builds its projections."""
+    with torch.device("meta"):  # shapes only: no memory, no initialisation work
+        layers = adapted_layers(Transformer(exp.model), exp.lora.targets)
+    return [(layer.out_features, layer.in_features) for layer in layers.values()]
+
+
+def flops_per_local_step(exp: ExperimentConfig, k: int) -> float:
+    """~ tokens * (4 P_lin + 6 k sum(m + n)) + attention: one minibatch forward and backward.
+
+    The frozen linear weights (P_lin numbers, LM head included) cost 2 FLOPs per weight per token
+    forward and 2 backward (activation gradients only); the LoRA factors 2 forward and 4 backward
+    (both gradients); causal attention ~ 2 * 2 * t * d per token per layer forward, x3 with the
+    backward.
+    """
+    mc, tokens = exp.model, exp.client.batch_size * exp.data.seq_len
+    p_lin = sum(m * n for m, n in module_shapes(exp)) + mc.d_model * mc.vocab_size
+    lora = k * sum(m + n for m, n in module_shapes(exp))
+    attention = 3 * 4 * exp.data.seq_len * mc.d_model * mc.n_layer
+    return tokens * (4 * p_lin + 6 * lora + attention)
+
+
+def budget_table(exp: ExperimentConfig) -> tuple[str, list[int]]:
+    """Each client's device budgets, its k_i, and the memory (with the clients' own optimizer's
+    state) and upload that k_i uses."""
+    shapes = module_shapes(exp)
+    assigned = budgets_from_profiles(DEFAULT_PROFILES, exp.federation.num_clients, shapes,
+                                     exp.lora.rank, optimizer=exp.client.optimizer)
+    lines = ["| client | device | memory budget (KiB) | upload budget (KiB/round) | k_i | "
+             "memory used (KiB) | upload used (KiB/round) |", "|" + "---|" * 7]
+    for i, (p, k) in enumerate(assigned):
+        lines.append(f"| {i} | {p.name} | {p.memory_bytes / 1024:.1f} | "
+                     f"{p.upload_bytes / 1024:.1f} | {k} | "
+                     f"{memory_bytes(k, shapes, 4, exp.client.optimizer) / 1024:.1f} | "
+                     f"{upload_bytes(k, shapes, 4) / 1024:.1f} |")
+    return "\n".join(lines) + "\n", [k for _, k in assigned]

@@ -24,7 +24,7 @@
 # rolora fedex-lora` (any subset that includes `fslora`). The closest of them, Fed-PLoRA, gets
 # its own section below.
 #
-# `fslora_min.study.compare` runs them as a reproduction study: every row tuned the same way (a grid
+# `fslora_min.study` runs them as a reproduction study: every row tuned the same way (a grid
 # of client learning rate x server step `eta_g`, by successive halving, on tuning seeds that are
 # never reported), then every evaluation seed (each with its own data, partition and
 # participants), and for each claim of the paper the paired difference (FSLoRA minus the
@@ -54,7 +54,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-from fslora_min.study.compare import quick_config, run_compare
+from fslora_min.study.compare import run_compare
+from fslora_min.study.config import quick_config
 
 torch.set_num_threads(1)
 print(f"seeds are part of the config below; device cpu, torch {torch.__version__}, threads 1, "
@@ -153,8 +154,12 @@ show_figure("coverage.png")
 # held-out sequences, with what each costs.
 
 # %%
-from fslora_min.study.compare import (COMMITTED, RunCache, TableSpec, claim_results, claim_table,
-                                evaluate_row, row_table, study, task_spec, with_run)
+from fslora_min.study.compare import claim_results, study
+from fslora_min.study.config import COMMITTED
+from fslora_min.study.report import claim_table, row_table
+from fslora_min.study.runs import RunCache, task_spec
+from fslora_min.study.tables import TableSpec
+from fslora_min.study.tuning import evaluate_row, with_run
 from fslora_min.experiment import build_federation
 from fslora_min.lora import compact_factors
 from fslora_min.methods import FedPLoRA, Method, payload_numbers

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from fslora_min.client import ClientConfig
-from fslora_min.study.compare import CompareConfig, task
+from fslora_min.study.config import CompareConfig, task
 from fslora_min.experiment import run_experiment
 from fslora_min.federation import FederationConfig
 from fslora_min.shakespeare import (TRAGEDIES, VOCAB, ShakespeareConfig, eligible_roles,

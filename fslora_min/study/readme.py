@@ -1,0 +1,93 @@
+"""The study's blocks in results/compare/README.md and README.md (verdicts, status, sittings,
+summary), every number from the committed runs: `python -m fslora_min compare --readme`."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+from fslora_min.study.compare import study
+from fslora_min.study.config import COMMITTED, STUDY_TASKS, CompareConfig
+from fslora_min.study.report import markdown, verdict_table, write_atomic
+from fslora_min.study.runs import RunCache
+from fslora_min.study.tuning import planned_rounds
+
+README_BLOCKS = {COMMITTED / "README.md": ("verdicts", "status", "sittings"),
+                 COMMITTED.parents[1] / "README.md": ("summary",)}
+
+
+def block_pattern(name: str) -> re.Pattern:
+    return re.compile(rf"(<!-- study:{name} -->\n)(.*?)(<!-- /study:{name} -->)", re.S)
+
+
+def readme_blocks() -> dict[str, str]:
+    """{block name: its text}, every number from the committed runs (the default study,
+    replayed without training)."""
+    verdicts, status, summary, logged = [], [], [], []
+    for task_name in STUDY_TASKS:
+        cfg = CompareConfig(task=task_name)
+        cache = RunCache(Path(os.devnull), [COMMITTED / task_name / "runs.jsonl"], train=False)
+        logged += [run for runs in cache.runs.values() for run in runs]
+        for table, rows, claims in study(cfg, cache):
+            verdicts.append((table, task_name, claims))
+            runs = [r for row in rows for r in row.runs]
+            tuning = [r for row in rows for rs in row.grid.values() for r in rs if r is not None]
+            wanted = len(rows) * len(table.seeds)
+            rounds = sum(len(r["curve"]) - 1 for r in runs + tuning)
+            seconds = sum(r["wall"] for r in runs + tuning)
+            status.append([f"`{table.name}`", task_name, f"{len(runs)} of {wanted}",
+                           str(len(tuning)), str(planned_rounds(table, cfg)), str(rounds),
+                           f"{seconds:.0f}", f"{seconds / rounds:.2f}" if rounds else "-"])
+            summary += [[f"{c['a']} < {c['b']}", task_name, table.condition, str(c["rounds"]),
+                         c["paired"].text() if c["paired"] else "-", c["verdict"]]
+                        for c in claims if c["horizon"] == "long"
+                        and table.name in ("main", "planted_small")]
+    sittings = [[", ".join(f"`{t}`" for t in r["tables"]), task_name, r["finished"],
+                 duration(r["wall_s"]), f"{r['cpu_s']} s", str(r["runs_trained"])]
+                for task_name in STUDY_TASKS
+                for r in read_jsonl(COMMITTED / task_name / "sittings.jsonl")]
+    rounds, seconds = sum(len(r["curve"]) - 1 for r in logged), sum(r["wall"] for r in logged)
+    return {"verdicts": verdict_table(verdicts),
+            "status": markdown(["table", "task", "evaluation runs", "tuning runs",
+                                "planned rounds", "rounds run", "training s", "s / round"],
+                               status)
+            + f"\nEvery committed run ({len(logged)} in the three logs, runs no table uses "
+              f"included): {rounds} rounds, {seconds:.0f} s of training "
+              f"({seconds / 3600:.1f} h of one core).\n",
+            "sittings": markdown(["tables", "task", "finished", "wall", "CPU (user + system)",
+                                  "runs trained"], sittings),
+            "summary": markdown(["claim a < b", "task", "condition", "rounds (long horizon)",
+                                 "a - b [95% CI]", "verdict"], summary)}
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def duration(seconds: float) -> str:
+    """'1 h 32 min 51 s', '8 min 0 s', '51 s': from the largest unit that is not 0."""
+    h, rest = divmod(round(seconds), 3600)
+    parts = [(h, "h"), *zip(divmod(rest, 60), ("min", "s"))]
+    while len(parts) > 1 and parts[0][0] == 0:
+        parts.pop(0)
+    return " ".join(f"{v} {u}" for v, u in parts)
+
+
+def fill_blocks(text: str, blocks: dict[str, str], names: tuple[str, ...]) -> str:
+    """`text` with each named `<!-- study:NAME -->` block replaced; an error if one is missing."""
+    for name in names:
+        pattern = block_pattern(name)
+        if not pattern.search(text):
+            raise ValueError(f"no <!-- study:{name} --> block to fill")
+        text = pattern.sub(lambda m: m.group(1) + blocks[name] + m.group(3), text)
+    return text
+
+
+def update_readmes() -> None:
+    """Rewrite the study's blocks in results/compare/README.md and README.md."""
+    blocks = readme_blocks()
+    for path, names in README_BLOCKS.items():
+        write_atomic(path, fill_blocks(path.read_text(), blocks, names))
+        print(f"wrote {', '.join(names)} into {path}")
