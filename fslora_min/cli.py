@@ -131,7 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the data, with the preset's sizes for it: synthetic, the topic-Markov "
                         "language (fslora_min/data.py); shakespeare, LEAF's next-character task, "
                         "one client per speaking role of a tragedy, the base pretrained on the "
-                        "other plays (fslora_min/shakespeare.py; the text in data/shakespeare/) "
+                        "other plays (fslora_min/shakespeare.py; the text in data/shakespeare/); "
+                        "planted, the synthetic clients' text continued by a teacher with a "
+                        "low-rank change planted in one layer (fslora_min/planted.py) "
                         "(default: synthetic)")
     g.add_argument("--resume", action="store_true",
                    help="continue from the output folder's checkpoint (same arguments)")

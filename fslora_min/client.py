@@ -23,6 +23,7 @@ from fslora_min.model import dropout_masks, lm_loss
 from fslora_min.sketch import Sketch
 
 OPTIMIZERS = ("sgd", "adamw")
+Downlink = dict[str, CompactFactors]  # what the server sends a client: its factors per module
 LR_SCALINGS = ("none", "ratio")
 
 

@@ -31,7 +31,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from fslora_min.client import (ClientConfig, ClientUpdate, client_update, lr_ratio,
+from fslora_min.client import (ClientConfig, ClientUpdate, Downlink, client_update, lr_ratio,
                                make_optimizer, train_client)
 from fslora_min.compute import CPU_PASS_BYTES
 from fslora_min.data import Minibatches, split_inputs_targets
@@ -42,8 +42,6 @@ from fslora_min.model import dropout_masks, lm_loss
 # What "auto" picks per device type: the engine bench_engine.py measured faster there
 # (results/engine/README.md).
 FASTER_ENGINE = {"cpu": "batched", "cuda": "batched"}
-
-Downlink = dict[str, CompactFactors]
 
 
 def resolve_engine(engine: str, device: torch.device) -> str:

@@ -32,13 +32,14 @@ from fslora_min.data import DataConfig
 from fslora_min.federation import Federation, FederationConfig, History, evaluate
 from fslora_min.knobs import ConfigError, check_knobs, knob
 from fslora_min.lora import LoRAConfig, adapted_layers, apply_lora, count_lora_parameters
-from fslora_min.methods import METHODS, make_method
 from fslora_min.model import TEST_CONFIG, ModelConfig, Transformer, count_parameters
+from fslora_min.planted import PlantedConfig, PlantedDataConfig
 from fslora_min.pretrain import PretrainConfig, load_or_pretrain
+from fslora_min.registry import METHODS, make_method
 from fslora_min.rng import LORA_INIT, generator
 from fslora_min.server import Server, ServerConfig
 from fslora_min.shakespeare import VOCAB, ShakespeareConfig
-from fslora_min.tasks import TASKS, TaskConfig, federated_data, task_name
+from fslora_min.tasks import TASKS, TaskConfig, federated_data, on_base, task_name
 
 
 def _ratio(text: str) -> float:
@@ -122,6 +123,8 @@ def preset(name: str, task: str = "synthetic") -> Preset:
     """'default' (the demo) or 'tiny' (a 1-block width-16 model, for tests and trying flags)."""
     if task == "shakespeare":
         return shakespeare_preset(name)
+    if task == "planted":
+        return planted_preset(name)
     if task != "synthetic":
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
     if name == "default":
@@ -159,6 +162,16 @@ def shakespeare_preset(name: str) -> Preset:
         return Preset(model, ShakespeareConfig(seq_len=16),
                       PretrainConfig(steps=100, batch_size=16, lr=1e-2))
     raise ValueError(f"preset must be one of {PRESETS}, got {name!r}")
+
+
+def planted_preset(name: str) -> Preset:
+    """The synthetic preset's model, base and clients, their text continued by a teacher whose
+    last MLP projection has a rank-min(16, d) update planted (fslora_min/planted.py)."""
+    model, data, pretrain, client, server = preset(name)
+    planted = PlantedConfig(layer=f"blocks.{model.n_layer - 1}.mlp.proj",
+                            rank=min(16, model.d_model), train_seqs=data.train_seqs)
+    return Preset(model, PlantedDataConfig(**asdict(data), planted=planted), pretrain, client,
+                  server)
 
 
 def assign_client_ranks(cfg: ExperimentConfig) -> list[int]:
@@ -294,6 +307,7 @@ def build_federation(cfg: ExperimentConfig, progress: bool = True) -> tuple[Fede
     client_ranks = assign_client_ranks(cfg)
     data = federated_data(cfg.data, fed.num_clients)  # before pretraining: it checks N
     base, cache = load_or_pretrain(cfg.model, cfg.data, cfg.pretrain, progress=progress)
+    data = on_base(cfg.data, data, base)  # the planted task's teacher continues the text
     method = make_method(cfg.method, lora.rank, generator(fed.seed, LORA_INIT, 1))
     global_rank = method.global_rank(lora.rank, client_ranks, full_rank(base, lora.targets))
     trained = method.trained_ranks(client_ranks, lora.rank)

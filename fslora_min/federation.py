@@ -27,12 +27,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from fslora_min.client import ClientConfig, ClientUpdate
+from fslora_min.client import ClientConfig, ClientUpdate, Downlink
 from fslora_min.compute import ComputeConfig
 from fslora_min.data import FederatedData, minibatches, split_inputs_targets
 from fslora_min.engine import default_clients_per_pass, resolve_engine, train_clients
 from fslora_min.knobs import ConfigError, check_knobs, knob
-from fslora_min.methods import Downlink, Method
+from fslora_min.methods import Method
 from fslora_min.ranks import validate_ranks
 from fslora_min.rng import DROPOUT, MASKS, MINIBATCHES, PARTICIPANTS, SKETCHES, generator
 from fslora_min.server import Server, sample_participants

@@ -14,18 +14,20 @@ cheaply and a student of rank < R* must leave some of the change unlearnt.
 
 Clients keep the synthetic task's non-IID split: each sequence starts with `prefix` tokens of
 the client's own topic mixture (fslora_min/data.py) and the teacher continues it by sampling.
+The task's config is `PlantedDataConfig` (fslora_min/tasks.py): the synthetic task's knobs and
+the planted update's.
 """
 
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 
-from fslora_min.data import ClientData, DataConfig, FederatedData, make_federated_data
-from fslora_min.data import pretraining_batches, split_inputs_targets
+from fslora_min.data import (ClientData, DataConfig, FederatedData, pretraining_batches,
+                             split_inputs_targets)
 from fslora_min.rng import PLANTED, generator
 
 
@@ -48,6 +50,23 @@ class PlantedConfig:
                                  f"got {getattr(self, name)!r}")
         if not self.strength > 0:
             raise ValueError(f"planted strength must be positive, got {self.strength!r}")
+
+
+@dataclass
+class PlantedDataConfig(DataConfig):
+    """The planted task: the synthetic task's clients (DataConfig), every sequence continued by
+    the teacher that `planted` describes. Its base model is the synthetic task's."""
+
+    planted: PlantedConfig = field(default_factory=PlantedConfig)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.planted.train_seqs != self.train_seqs:
+            raise ValueError(f"planted train_seqs={self.planted.train_seqs} differs from the "
+                             f"data's train_seqs={self.train_seqs}")
+        if self.planted.prefix >= self.seq_len:
+            raise ValueError(f"planted prefix {self.planted.prefix} leaves no teacher tokens in "
+                             f"sequences of {self.seq_len + 1}")
 
 
 @torch.no_grad()
@@ -102,17 +121,15 @@ def continue_with(teacher: nn.Module, seqs: torch.Tensor, prefix: int,
     return out
 
 
-def make_planted_data(base: nn.Module, data: DataConfig, num_clients: int,
-                      cfg: PlantedConfig) -> FederatedData:
-    """The synthetic split (fslora_min/data.py) with every sequence continued by the teacher."""
-    if cfg.prefix >= data.seq_len:
-        raise ValueError(f"planted prefix {cfg.prefix} leaves no teacher tokens in sequences of "
-                         f"{data.seq_len + 1}")
-    teacher = make_teacher(base, data, cfg)
-    markov = make_federated_data(data, num_clients)
-    gen = generator(data.seed, PLANTED, 1)
-    clients = [ClientData(continue_with(teacher, c.train, cfg.prefix, gen),
-                          continue_with(teacher, c.heldout, cfg.prefix, gen), c.topic_mix)
+def make_planted_data(base: nn.Module, markov: FederatedData,
+                      cfg: PlantedDataConfig) -> FederatedData:
+    """The synthetic split `markov` (fslora_min/data.py, made from `cfg`) with every sequence
+    continued by the teacher."""
+    teacher = make_teacher(base, cfg, cfg.planted)
+    gen = generator(cfg.seed, PLANTED, 1)
+    prefix = cfg.planted.prefix
+    clients = [ClientData(continue_with(teacher, c.train, prefix, gen),
+                          continue_with(teacher, c.heldout, prefix, gen), c.topic_mix)
                for c in markov.clients]
-    heldout = continue_with(teacher, markov.global_heldout, cfg.prefix, gen)
+    heldout = continue_with(teacher, markov.global_heldout, prefix, gen)
     return FederatedData(clients, heldout, markov.base_tables, markov.client_tables)

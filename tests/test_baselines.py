@@ -12,8 +12,9 @@ from fslora_min.experiment import run_experiment
 from fslora_min.importance import (exact_sketch_mean, importance_sketch, inclusion_probabilities,
                                    systematic_sample, top_k_index)
 from fslora_min.lora import CompactFactors, LoRALinear, compact_factors, sketched
-from fslora_min.methods import (METHODS, FlexLoRA, FLoRA, HetLoRA, RescaledHetLoRA,
-                                client_products, stack_factors)
+from fslora_min.methods import (FlexLoRA, FLoRA, HetLoRA, RescaledHetLoRA, client_products,
+                                stack_factors)
+from fslora_min.registry import METHODS
 from fslora_min.server import Server, ServerConfig
 from fslora_min.sketch import Sketch
 from tests.test_engine import federation

@@ -199,7 +199,8 @@ def test_help_is_generated_from_every_knob_with_its_default_once(capsys):
     assert "(default: None)" not in text and not re.search(r"\(default: [^)]*\) \(default:", text)
     assert "(default: all N)" in text and "(default: 10)" in text  # --participants, --clients
     assert ("(default: 300 with --preset default, 150 with --preset tiny, 600 with --preset "
-            "default --task shakespeare, 100 with --preset tiny --task shakespeare)") in text
+            "default --task shakespeare, 100 with --preset tiny --task shakespeare, 300 with "
+            "--preset default --task planted, 150 with --preset tiny --task planted)") in text
     assert "0.05 with --preset default --task shakespeare" in text  # --lr: a preset's step
 
 

@@ -1,5 +1,5 @@
-"""The reproduction study (fslora_min/study/compare.py): device-profile budgets, the FLOP estimate,
-the run cache and its key, tuning by successive halving on a fake loss surface, claims, a
+"""The reproduction study (fslora_min/study/): device-profile budgets, the FLOP estimate, the
+run cache and its key, tuning by successive halving on a fake loss surface, claims, a
 --quick run end to end and its replay, bad output folders, and the READMEs against the
 committed runs."""
 
@@ -8,7 +8,7 @@ import json
 import math
 import random
 import re
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import pytest
 import torch
@@ -23,6 +23,7 @@ from fslora_min.study.runs import RunCache, run_key, run_settings, truncate
 from fslora_min.study.tables import RowSpec, TableSpec, build_tables, server_steps
 from fslora_min.study.tuning import Row, tune, with_run
 from fslora_min.lora import LoRALinear
+from fslora_min.planted import PlantedConfig, PlantedDataConfig
 from fslora_min.study.protocol import Choice, paired_interval
 from fslora_min.study.profiles import (DEFAULT_PROFILES, DeviceProfile, budget_table,
                                        budgets_from_profiles, flops_per_local_step,
@@ -75,17 +76,18 @@ def test_client_budgets_use_the_clients_optimizer_memory(optimizer):
 
 def test_run_key_holds_what_changes_numbers_and_nothing_else():
     exp = task(CompareConfig())
-    key = run_key(exp, {"name": "synthetic"})
-    assert key == run_key(replace(exp, out_dir="elsewhere", checkpoint_every=3),
-                          {"name": "synthetic"})
-    assert key == run_key(with_run(exp, 0, exp.client.lr, 1.0, 7), {"name": "synthetic"})
-    assert key != run_key(exp, {"name": "planted"})
+    key = run_key(exp)
+    assert key == run_key(replace(exp, out_dir="elsewhere", checkpoint_every=3))
+    assert key == run_key(with_run(exp, 0, exp.client.lr, 1.0, 7))
+    planted = PlantedConfig(train_seqs=exp.data.train_seqs)  # the same text, continued
+    assert key != run_key(replace(exp, data=PlantedDataConfig(**asdict(exp.data),
+                                                              planted=planted)))
     for changed in (replace(exp, client=replace(exp.client, lr=0.123)),
                     replace(exp, data=replace(exp.data, seed=5)),
                     replace(exp, federation=replace(exp.federation, seed=5)),
                     replace(exp, method="hetlora")):
-        assert run_key(changed, {"name": "synthetic"}) != key
-    content = run_settings(exp, {"name": "synthetic"})
+        assert run_key(changed) != key
+    content = run_settings(exp)
     assert key == hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
     settings = content["settings"]
     assert {"data.seed", "federation.seed", "pretrain.seed", "rank"} <= set(settings)
@@ -101,7 +103,7 @@ class FakeCache:
         self.best, self.diverge_above = (math.log(best_lr), math.log(best_step)), diverge_above
         self.asked: list[tuple[float, float, int, int]] = []
 
-    def get(self, exp, spec):
+    def get(self, exp):
         lr, step, seed, t = (exp.client.lr, exp.server.server_lr, exp.federation.seed,
                              exp.federation.rounds)
         self.asked.append((lr, step, seed, t))
@@ -116,7 +118,7 @@ def test_tuning_halves_the_grid_never_takes_a_diverged_point_and_widens_an_edge(
     cfg = CompareConfig(rung=0.25, keep=0.25)
     row = RowSpec("x", task(cfg), (0.03, 0.1, 0.3, 1.0), (1.0, 2.0, 4.0, 8.0))
     cache = FakeCache(random.choice([0.1, 0.3]), random.choice([2.0, 4.0]), diverge_above=1e9)
-    choice, grid = tune(row, (100, 101), 40, cfg, cache, {})
+    choice, grid = tune(row, (100, 101), 40, cfg, cache)
     assert choice.edges == () and choice.point == pytest.approx((math.exp(cache.best[0]),
                                                                  math.exp(cache.best[1])))
     long = {(lr, g) for lr, g, _, t in cache.asked if t == 40}
@@ -124,17 +126,17 @@ def test_tuning_halves_the_grid_never_takes_a_diverged_point_and_widens_an_edge(
     assert {s for _, _, s, _ in cache.asked} == {100, 101}
     # the best is on the high-lr edge, but one step past it diverges: widened once, not flagged
     cache = FakeCache(3.0, 2.0, diverge_above=2.5)
-    choice, grid = tune(replace(row, lr_grid=(0.1, 0.3, 1.0)), (100, 101), 40, cfg, cache, {})
+    choice, grid = tune(replace(row, lr_grid=(0.1, 0.3, 1.0)), (100, 101), 40, cfg, cache)
     assert choice.point == (1.0, 2.0) and choice.edges == ()
     assert any(lr == pytest.approx(3.0) for lr, *_ in cache.asked)  # the widened column
     # an optimum far outside the grid stays on its edge after one widening: flagged
     cache = FakeCache(100.0, 2.0, diverge_above=1e9)
-    choice, _ = tune(replace(row, lr_grid=(0.1, 0.3)), (100, 101), 40, cfg, cache, {})
+    choice, _ = tune(replace(row, lr_grid=(0.1, 0.3)), (100, 101), 40, cfg, cache)
     assert choice.point[0] == pytest.approx(0.9) and "highest lr" in choice.edges
     # every point diverges: both axes widen once downward, where a point learns
     cache = FakeCache(0.03, 1.0, diverge_above=0.09)
     choice, _ = tune(replace(row, lr_grid=(0.1, 0.3), step_grid=(1.0, 2.0)), (100, 101), 40,
-                     cfg, cache, {})
+                     cfg, cache)
     assert choice.point == pytest.approx((0.1 / 3, 1.0))
     assert any(g == 0.5 for _, g, *_ in cache.asked)  # the step axis widened too
 
@@ -157,15 +159,14 @@ def test_claims_pair_the_same_seeds_at_each_horizon():
 def test_cache_serves_shorter_horizons_and_survives_a_cut_last_line(tmp_path):
     log = tmp_path / "runs.jsonl"
     exp = task(CompareConfig())
-    key = run_key(exp, {"name": "synthetic"})
+    key = run_key(exp)
     curve = [3.0 - 0.01 * t for t in range(21)]
     summary = {"curve": curve, "acc": 0.5, "val_loss": 2.0, "coverage": {}, "wall": 20.0}
     log.write_text(json.dumps({"key": key, "summary": summary}) + "\n" + '{"key": "cut')
     cache = RunCache(log, [], train=False)
-    short = cache.get(with_run(exp, exp.federation.seed, exp.client.lr, 1.0, 5),
-                      {"name": "synthetic"})
+    short = cache.get(with_run(exp, exp.federation.seed, exp.client.lr, 1.0, 5))
     assert short["curve"] == curve[:6] and "acc" not in short and short["wall"] == 5.0
-    assert cache.get(with_run(exp, 0, exp.client.lr, 1.0, 30), {"name": "synthetic"}) is None
+    assert cache.get(with_run(exp, 0, exp.client.lr, 1.0, 30)) is None
     log.write_text('{"key": "cut\n' + json.dumps({"key": key, "summary": summary}) + "\n")
     with pytest.raises(ValueError, match="line 1 is not a run record"):
         RunCache(log, [], train=False)

@@ -23,7 +23,7 @@ from fslora_min.client import ClientConfig
 from fslora_min.compute import ComputeConfig
 from fslora_min.federation import Federation, FederationConfig
 from fslora_min.lora import apply_lora, global_factors
-from fslora_min.methods import make_method
+from fslora_min.registry import make_method
 from fslora_min.model import ModelConfig, Transformer
 from fslora_min.server import Server, ServerConfig
 from kernels.batched_lora import batched_lora_linear, batched_lora_linear_reference

@@ -1,4 +1,4 @@
-"""The methods published since FSLoRA (the last section of fslora_min/methods.py) and the per-rank
+"""The methods published since FSLoRA (fslora_min/rivals.py) and the per-rank
 normalizers (fslora_min/server.py): each one's defining exactness property, its reduction to
 FedAvg-LoRA where one exists, and what it moves and trains by the one accounting. float64."""
 
@@ -14,9 +14,10 @@ from fslora_min.cli import build_parser, config_from_args
 from fslora_min.client import ClientUpdate
 from fslora_min.experiment import run_experiment
 from fslora_min.lora import LoRALinear, compact_factors, global_factors
-from fslora_min.methods import (FLASC, METHODS, FedAvgLoRA, FedExLoRA, FedPLoRA, FFALoRA,
-                                HetLoRA, Method, RescaledHetLoRA, RoLoRA, fold_weights,
-                                top_k_entries)
+from fslora_min.methods import FedAvgLoRA, HetLoRA, Method, RescaledHetLoRA
+from fslora_min.registry import METHODS
+from fslora_min.rivals import (FLASC, FedExLoRA, FedPLoRA, FFALoRA, RoLoRA, fold_weights,
+                               top_k_entries)
 from fslora_min.server import AGGREGATIONS, Server, ServerConfig, average_padded_deltas
 from fslora_min.sketch import Sketch
 from tests.test_engine import federation, rel

@@ -1,18 +1,24 @@
 """fslora_min/planted.py: the planted update has rank R*, lies on the top principal input
-directions with equal effect per direction, and only the teacher's continuation is resampled."""
+directions with equal effect per direction, and only the teacher's continuation is resampled;
+the task (fslora_min/tasks.py) builds its data once, from the synthetic split and the base."""
 
+from dataclasses import asdict
+
+import pytest
 import torch
 
-from fslora_min.data import DataConfig, make_federated_data
+from fslora_min.data import DataConfig, make_federated_data, pretraining_batches
 from fslora_min.model import TEST_CONFIG, Transformer
-from fslora_min.planted import (PlantedConfig, layer_inputs, make_planted_data, make_teacher,
+from fslora_min.planted import (PlantedConfig, PlantedDataConfig, layer_inputs, make_teacher,
                                 planted_delta)
-from fslora_min.data import pretraining_batches
+from fslora_min.tasks import federated_data, on_base, task_name
 
 DATA = DataConfig(vocab_size=TEST_CONFIG.vocab_size, seq_len=TEST_CONFIG.context,
                   n_base_topics=3, successors=2, train_seqs=6, heldout_seqs=2,
                   global_heldout_seqs=5, seed=int(torch.randint(1000, ())))
-CFG = PlantedConfig(layer="blocks.0.mlp.proj", rank=3, strength=0.7, prefix=2, probe_seqs=16)
+CFG = PlantedConfig(layer="blocks.0.mlp.proj", rank=3, strength=0.7, prefix=2, probe_seqs=16,
+                    train_seqs=DATA.train_seqs)
+TASK = PlantedDataConfig(**asdict(DATA), planted=CFG)
 
 
 def test_planted_delta_has_equal_effect_along_the_top_principal_directions():
@@ -39,10 +45,19 @@ def test_teacher_changes_one_layer_and_continues_the_clients_prefixes():
     layer = base.get_submodule(CFG.layer)
     probe = next(pretraining_batches(DATA, CFG.probe_seqs, DATA.seed))
     assert layer_inputs(base, layer, probe).shape == (CFG.probe_seqs * DATA.seq_len, 4 * 16)
-    planted = make_planted_data(base, DATA, 3, CFG)
+    assert task_name(TASK) == "planted"
+    planted = on_base(TASK, federated_data(TASK, 3), base)
     markov = make_federated_data(DATA, 3)
     for p, m in zip(planted.clients, markov.clients):
         assert torch.equal(p.train[:, :CFG.prefix], m.train[:, :CFG.prefix])
         assert not torch.equal(p.train, m.train)
-    again = make_planted_data(base, DATA, 3, CFG)
+    again = on_base(TASK, federated_data(TASK, 3), base)
     assert torch.equal(again.global_heldout, planted.global_heldout)  # seeded
+
+
+def test_the_planted_config_refuses_a_prefix_without_teacher_tokens_and_two_sizes():
+    with pytest.raises(ValueError, match="leaves no teacher tokens"):
+        PlantedDataConfig(**asdict(DATA), planted=PlantedConfig(prefix=DATA.seq_len,
+                                                                train_seqs=DATA.train_seqs))
+    with pytest.raises(ValueError, match="differs from the data's train_seqs"):
+        PlantedDataConfig(**asdict(DATA), planted=PlantedConfig(train_seqs=7))

@@ -1,5 +1,5 @@
-"""fslora_min/study/protocol.py: the t quantile against closed forms, the paired interval's coverage,
-verdicts, grid choice with divergence and edges, plateau checks."""
+"""fslora_min/study/protocol.py: the t quantile against closed forms, the paired interval's
+coverage, verdicts, grid choice with divergence and edges, plateau checks."""
 
 import math
 import random

@@ -1,8 +1,8 @@
 """What crosses the network in a Flower round, and back: downlinks and client updates as records.
 
-A downlink (server -> client i, fslora_min/methods.py) is, per adapted module, the compact
-factors b = B[:, I] (m x k_i) and a = A[I, :] (k_i x n) with the index set I and its diagonal
-value(s); an update (client -> server, fslora_min/client.py) is, per module, the deltas
+A downlink (server -> client i, fslora_min/client.py `Downlink`) is, per adapted module, the
+compact factors b = B[:, I] (m x k_i) and a = A[I, :] (k_i x n) with the index set I and its
+diagonal value(s); an update (client -> server, fslora_min/client.py) is, per module, the deltas
 db (m x k_i), da (k_i x n) and the index set it trained.
 
 Each travels packed: the modules' factors (or deltas) flattened into one array, their index
@@ -26,7 +26,7 @@ from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
 from fslora_min.client import ClientUpdate
 from fslora_min.lora import CompactFactors
-from fslora_min.methods import Downlink
+from fslora_min.client import Downlink
 from fslora_min.sketch import Sketch
 
 ARRAYS, SETTINGS, COUNTS = "arrays", "settings", "counts"

@@ -40,7 +40,7 @@ from fslora_min.study.config import COMMITTED, CompareConfig, task
 from fslora_min.study.profiles import budget_table
 from fslora_min.study.protocol import NOT_REPRODUCED, REPRODUCED, paired_interval, verdict
 from fslora_min.study.report import grid_table, table_markdown, verdict_table, write_atomic
-from fslora_min.study.runs import RunCache, task_spec
+from fslora_min.study.runs import RunCache
 from fslora_min.study.tables import TableSpec, build_tables
 from fslora_min.study.tuning import Row, evaluate_row
 
@@ -63,10 +63,9 @@ def claim_results(table: TableSpec, rows: dict[str, Row]) -> list[dict]:
 
 def study(cfg: CompareConfig, cache: RunCache) -> list[tuple[TableSpec, list[Row], list[dict]]]:
     """Every table of cfg: its rows tuned and evaluated (from the cache or trained), its claims."""
-    spec = task_spec(cfg)
     out = []
     for table in build_tables(cfg):
-        rows = {r.label: evaluate_row(r, table, cfg, cache, spec) for r in table.rows}
+        rows = {r.label: evaluate_row(r, table, cfg, cache) for r in table.rows}
         out.append((table, list(rows.values()), claim_results(table, rows)))
     return out
 

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from fslora_min.client import ClientConfig
@@ -12,10 +12,10 @@ from fslora_min.experiment import ExperimentConfig
 from fslora_min.federation import FederationConfig
 from fslora_min.knobs import ConfigError, check_knobs, knob
 from fslora_min.lora import LoRAConfig
-from fslora_min.methods import METHODS
 from fslora_min.model import ModelConfig
-from fslora_min.planted import PlantedConfig
+from fslora_min.planted import PlantedConfig, PlantedDataConfig
 from fslora_min.pretrain import PretrainConfig
+from fslora_min.registry import METHODS
 from fslora_min.shakespeare import VOCAB, ShakespeareConfig
 
 COMMITTED = Path(__file__).resolve().parents[2] / "results" / "compare"
@@ -126,7 +126,8 @@ def task(cfg: CompareConfig) -> ExperimentConfig:
     if cfg.task == "shakespeare":
         model, data = replace(model, vocab_size=len(VOCAB)), ShakespeareConfig(seq_len=16)
     if cfg.task == "planted":
-        data = replace(data, train_seqs=cfg.planted.train_seqs)
+        data = PlantedDataConfig(**asdict(replace(data, train_seqs=cfg.planted.train_seqs)),
+                                 planted=cfg.planted)
     fed = FederationConfig(num_clients=cfg.num_clients, participants=cfg.num_clients,
                            rounds=cfg.horizons[2], eval_every=1)
     return ExperimentConfig(model=model, data=data, federation=fed,

@@ -21,23 +21,25 @@ from tqdm import tqdm
 from fslora_min.experiment import ExperimentConfig, build_federation
 from fslora_min.federation import evaluate
 from fslora_min.study.profiles import flops_per_local_step
+from fslora_min.tasks import TaskConfig, task_name
 
 CODE_VERSION = 2  # bump when a change alters any run's numbers: older cached runs are not reused
 
 
-def task_spec(cfg: CompareConfig) -> dict:
-    """The part of a run's key that the ExperimentConfig does not hold: which task."""
-    return {"name": cfg.task} | (asdict(cfg.planted) if cfg.task == "planted" else {})
+def task_spec(data: TaskConfig) -> dict:
+    """The part of a run's key that names its task: the planted update's settings with it."""
+    name = task_name(data)
+    return {"name": name} | (asdict(data.planted) if name == "planted" else {})
 
 
-def run_key(exp: ExperimentConfig, spec: dict) -> str:
+def run_key(exp: ExperimentConfig) -> str:
     """A run's cache key: the SHA-256 digest of `run_settings` as canonical JSON (the logs hold
     one per run; the JSON is about 1 KiB)."""
-    canonical = json.dumps(run_settings(exp, spec), sort_keys=True)
+    canonical = json.dumps(run_settings(exp), sort_keys=True)
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def run_settings(exp: ExperimentConfig, spec: dict) -> dict:
+def run_settings(exp: ExperimentConfig) -> dict:
     """Exactly what can change a run's numbers: every setting of the experiment but where it is
     written, its rounds (a longer run serves a shorter one) and whether clients are scored each
     round (the curves are the global set's), the task, the numerics version.
@@ -53,25 +55,20 @@ def run_settings(exp: ExperimentConfig, spec: dict) -> dict:
     flat = [(p, v) for p, v in leaves(asdict(exp), ())
             if p not in (("out_dir",), ("checkpoint_every",), ("federation", "rounds"),
                          ("federation", "client_eval"))
+            and p[:2] != ("data", "planted")  # the task's part of the key (task_spec)
             and not (p == ("client", "lr_scaling") and v == "none")]  # keys before the knob
     names = [p[-1] for p, _ in flat]
     settings = {(p[-1] if names.count(p[-1]) == 1 else ".".join(p[-2:])): v for p, v in flat}
-    return {"code_version": CODE_VERSION, "task": spec, "settings": settings}
+    return {"code_version": CODE_VERSION, "task": task_spec(exp.data), "settings": settings}
 
 
-def train_run(exp: ExperimentConfig, spec: dict) -> dict:
+def train_run(exp: ExperimentConfig) -> dict:
     """Play one federation (on the task's data) and summarise it; the loss of every round.
 
     Clients are scored on their own held-out sets only at the end: the curves are the global
     set's (client_eval is not part of a run's key)."""
     exp = replace(exp, federation=replace(exp.federation, client_eval=False))
     federation, info = build_federation(exp, progress=False)
-    if spec["name"] == "planted":
-        base, _ = load_or_pretrain(exp.model, exp.data, exp.pretrain, progress=False)
-        planted = PlantedConfig(**{k: v for k, v in spec.items() if k != "name"})
-        data = make_planted_data(base, exp.data, exp.federation.num_clients, planted)
-        federation = Federation(federation.server, data, federation.client_ranks,
-                                exp.federation, exp.client, federation.method, exp.compute)
     start = time.perf_counter()
     history = federation.run(progress=False)
     wall = time.perf_counter() - start
@@ -120,16 +117,16 @@ class RunCache:
                 raise ValueError(f"{path}: line {i + 1} is not a run record") from None
             self.runs.setdefault(entry["key"], []).append(entry["summary"])
 
-    def get(self, exp: ExperimentConfig, spec: dict) -> dict | None:
+    def get(self, exp: ExperimentConfig) -> dict | None:
         """The run of `exp` (its first `rounds` rounds), from the cache or trained; None when
         it is missing and training is off."""
-        key, rounds = run_key(exp, spec), exp.federation.rounds
+        key, rounds = run_key(exp), exp.federation.rounds
         longer = [s for s in self.runs.get(key, []) if len(s["curve"]) > rounds]
         if longer:
             return truncate(min(longer, key=lambda s: len(s["curve"])), rounds)
         if not self.train:
             return None
-        summary = train_run(exp, spec)
+        summary = train_run(exp)
         self.trained_seconds += summary["wall"]
         self.trained += 1
         with self.log.open("a") as f:

@@ -8,7 +8,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from fslora_min.experiment import ExperimentConfig
-from fslora_min.methods import make_method
+from fslora_min.registry import make_method
 from fslora_min.server import ServerConfig
 from fslora_min.study.config import (BASELINES, IMPORTANCE_METHODS, RECENT_METHODS,
                                      CompareConfig, task)

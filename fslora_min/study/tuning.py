@@ -35,14 +35,14 @@ def with_run(exp: ExperimentConfig, seed: int, lr: float, step: float,
 
 
 def tune(row: RowSpec, tune_seeds: tuple[int, ...], middle: int, cfg: CompareConfig,
-         cache: RunCache, spec: dict) -> tuple[Choice, dict]:
+         cache: RunCache) -> tuple[Choice, dict]:
     """Successive halving over the row's grid, widened once past an edge (module docstring)."""
     lrs, steps = list(row.lr_grid), list(row.step_grid)
     rung = max(1, round(cfg.rung * middle))
     grid: dict[tuple[float, float], list[dict | None]] = {}
 
     def score(point: tuple[float, float], rounds: int) -> float:
-        runs = [cache.get(with_run(row.exp, s, *point, rounds), spec) for s in tune_seeds]
+        runs = [cache.get(with_run(row.exp, s, *point, rounds)) for s in tune_seeds]
         grid[point] = runs
         if any(r is None for r in runs):
             return math.nan  # missing (no training): the choice waits for it
@@ -73,12 +73,11 @@ def tune(row: RowSpec, tune_seeds: tuple[int, ...], middle: int, cfg: CompareCon
     return (Choice(None, ("tuning incomplete",)) if choice is None else choice), grid
 
 
-def evaluate_row(row: RowSpec, table: TableSpec, cfg: CompareConfig, cache: RunCache,
-                 spec: dict) -> Row:
-    choice, grid = tune(row, cfg.tune_seeds, table.horizons[1], cfg, cache, spec)
+def evaluate_row(row: RowSpec, table: TableSpec, cfg: CompareConfig, cache: RunCache) -> Row:
+    choice, grid = tune(row, cfg.tune_seeds, table.horizons[1], cfg, cache)
     if choice.point is None:
         return Row(row.label, choice, grid, [])
-    runs = [cache.get(with_run(row.exp, s, *choice.point, table.horizons[2]), spec)
+    runs = [cache.get(with_run(row.exp, s, *choice.point, table.horizons[2]))
             for s in table.seeds]
     return Row(row.label, choice, grid, [r for r in runs if r is not None], *choice.point)
 

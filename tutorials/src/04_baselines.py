@@ -157,12 +157,13 @@ show_figure("coverage.png")
 from fslora_min.study.compare import claim_results, study
 from fslora_min.study.config import COMMITTED
 from fslora_min.study.report import claim_table, row_table
-from fslora_min.study.runs import RunCache, task_spec
+from fslora_min.study.runs import RunCache
 from fslora_min.study.tables import TableSpec
 from fslora_min.study.tuning import evaluate_row, with_run
 from fslora_min.experiment import build_federation
 from fslora_min.lora import compact_factors
-from fslora_min.methods import FedPLoRA, Method, payload_numbers
+from fslora_min.methods import Method, payload_numbers
+from fslora_min.rivals import FedPLoRA
 from fslora_min.study.plots import plot_curves
 
 start = time.perf_counter()
@@ -216,7 +217,7 @@ fed_plora_spec = replace(fslora_spec, label="fed-plora",
 fold = TableSpec("fold", "Rescale (FSLoRA) or fold (Fed-PLoRA), same client ranks",
                  main_table.condition, [fslora_spec, fed_plora_spec], [("fslora", "fed-plora")],
                  main_table.seeds, main_table.horizons)
-fold_rows = {row.label: evaluate_row(row, fold, cfg, cache, task_spec(cfg)) for row in fold.rows}
+fold_rows = {row.label: evaluate_row(row, fold, cfg, cache) for row in fold.rows}
 for label, row in fold_rows.items():
     down = np.mean([r["bytes_down"] for r in row.runs]) / 1024
     print(f"{label}: KiB down per client-round {down:.1f}")
