@@ -10,6 +10,7 @@ S^2" is exact only for plain SGD (docs/method.md section 3, last paragraph).
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -19,7 +20,7 @@ import torch.nn as nn
 from fslora_min.data import split_inputs_targets
 from fslora_min.knobs import check_knobs, knob
 from fslora_min.lora import CompactFactors, compact_factors
-from fslora_min.model import dropout_masks, lm_loss
+from fslora_min.model import lm_loss
 from fslora_min.sketch import Sketch
 
 OPTIMIZERS = ("sgd", "adamw")
@@ -95,6 +96,53 @@ def client_update(client_id: int, downlink: dict[str, CompactFactors],
                   for n, (db, da) in deltas.items())  # what was trained; frozen factors stay home
     return ClientUpdate(client_id, {n: f.sketch for n, f in downlink.items()}, deltas,
                         num_examples, numbers)
+
+
+class ClientDropout(nn.Module):
+    """nn.Dropout whose masks come from each client's own generator.
+
+    `generators` holds one per client whose rows the input stacks: the sequential engine
+    passes one, the batched engine (fslora_min/engine.py) the P clients of a pass, whose
+    (P b, ...) inputs hold client p's rows at [p b, (p + 1) b). Each client draws its (b, ...)
+    mask from its own generator, in the same order in both engines, so both train on the same
+    masks and a seed replays them.
+    """
+
+    def __init__(self, p: float, generators: list[torch.Generator]) -> None:
+        super().__init__()
+        self.p, self.generators = p, generators
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return x
+        P = len(self.generators)
+        if x.shape[0] % P:
+            raise ValueError(f"{x.shape[0]} rows cannot be split among {P} clients' masks")
+        shape = (x.shape[0] // P, *x.shape[1:])  # one client's (b, ...)
+        keep = torch.cat([torch.rand(shape, generator=g, device=x.device, dtype=x.dtype)
+                          for g in self.generators]) >= self.p  # (P b, ...)
+        return x * keep / (1 - self.p)
+
+
+@contextmanager
+def dropout_masks(model: nn.Module, generators: list[torch.Generator] | None) -> Iterator[None]:
+    """Local training: train mode (dropout acts), each nn.Dropout of the model drawing each
+    client's masks from its generator (`ClientDropout`; None: nn.Dropout's own, from torch's
+    global generator); the model's layers and previous mode afterwards, so evaluation
+    (fslora_min/federation.py) runs in eval mode."""
+    swapped = [(parent, name, child) for parent in model.modules()
+               for name, child in parent.named_children()
+               if type(child) is nn.Dropout and generators is not None]
+    was_training = model.training
+    for parent, name, child in swapped:
+        setattr(parent, name, ClientDropout(child.p, generators))
+    model.train()
+    try:
+        yield
+    finally:
+        for parent, name, child in swapped:
+            setattr(parent, name, child)
+        model.train(was_training)
 
 
 def train_client(model: nn.Module, client_id: int, downlink: dict[str, CompactFactors],

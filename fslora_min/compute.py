@@ -9,7 +9,7 @@ import torch
 
 from fslora_min.knobs import ConfigError, check_knobs, knob
 from kernels.dispatch import BACKENDS, check_backend
-from kernels.fused import GEMM_CHOICES
+from kernels.inputs import GEMM_CHOICES
 
 ENGINES = ("auto", "sequential", "batched")
 CPU_PASS_BYTES = 8 * 2**20  # the widest activation of one CPU pass (fslora_min/engine.py)

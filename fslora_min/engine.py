@@ -31,13 +31,13 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from fslora_min.client import (ClientConfig, ClientUpdate, Downlink, client_update, lr_ratio,
-                               make_optimizer, train_client)
+from fslora_min.client import (ClientConfig, ClientUpdate, Downlink, client_update,
+                               dropout_masks, lr_ratio, make_optimizer, train_client)
 from fslora_min.compute import CPU_PASS_BYTES
 from fslora_min.data import Minibatches, split_inputs_targets
 from fslora_min.lora import (BatchedFactors, CompactFactors, LoRALinear, batched_compact_factors,
                              lora_modules)
-from fslora_min.model import dropout_masks, lm_loss
+from fslora_min.model import lm_loss
 
 # What "auto" picks per device type: the engine bench_engine.py measured faster there
 # (results/engine/README.md).

@@ -4,14 +4,15 @@
     W = W0 + s * (r/k) * B[:, I] @ A[I, :]  (with a sketch: W0 + s * B S A)
 
 `lora_B` (m x r) starts at zero and `lora_A` (r x n) random, so at init the layer equals its
-base. The layer runs in one of four modes, chosen by context managers, never by train()/eval():
-- global:  W0 + s B A, the server's model (evaluation, inference);
-- sketched: W0 + s B S A on the global factors; gradients reach only the ranks in I;
-- compact:  W0 + s (r/k) b a with client-owned factors b = B[:, I] (m x k), a = A[I, :] (k x n):
-            what a client trains, so its trainable state scales with k, never with r;
-- batched:  P clients' compact factors at once (fslora_min/engine.py): the input holds the
-            clients' tokens side by side, W0 runs once over all of them, and client p's rows get
-            s (r/k_p) b_p a_p (kernels/batched_lora.py).
+base. Its forward is plain LoRA, W0 + s B A (the server's model: evaluation, inference), unless
+a context manager sets one of three other modes (never train()/eval()), each a small object
+with its own forward:
+- `Sketched`: W0 + s B S A on the global factors; gradients reach only the ranks in I;
+- `CompactFactors`: W0 + s (r/k) b a with client-owned factors b = B[:, I] (m x k),
+  a = A[I, :] (k x n): what a client trains, so its trainable state scales with k, never r;
+- `BatchedFactors`: P clients' compact factors at once (fslora_min/engine.py): the input holds
+  the clients' tokens side by side, W0 runs once over all of them, and client p's rows get
+  s (r/k_p) b_p a_p (kernels/batched_lora.py).
 Modules are found by type (`lora_modules`), never by matching parameter names.
 """
 
@@ -24,8 +25,8 @@ from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
-from fslora_min.compute import ComputeConfig
 from fslora_min.knobs import ConfigError, check_knobs, knob
 from fslora_min.sketch import Sketch, check_rank_pair
 from kernels import lora_linear
@@ -63,19 +64,29 @@ def lora_scale(alpha: float, r: int, rslora: bool = False) -> float:
 class CompactFactors:
     """A client's trainable factors for one module: b = B[:, I], a = A[I, :], and its sketch.
 
-    `fold`, when given, is a FROZEN low-rank term the client adds to its base (Fed-PLoRA's
-    Select-N-Fold: the ranks it does not train): the forward is W0 + fold + c b a, with the
-    fold's own factors and sketch weights. It is computed factored, never formed as m x n.
-    `train_b` / `train_a` say which factors the client trains (FFA-LoRA freezes a; RoLoRA
-    alternates); a frozen factor's delta is exactly zero and is not uploaded.
+    `fold`, when given, is a FROZEN low-rank term beside the trained ranks (Fed-PLoRA's
+    Select-N-Fold, fslora_min/rivals.py: the ranks a client does not train), at the same
+    diagonal value: the forward is W0 + c [b, b_f] [a; a_f], computed factored, never formed as
+    m x n. `train_b` / `train_a` say which factors the client trains (FFA-LoRA freezes a;
+    RoLoRA alternates); a frozen factor's delta is exactly zero and is not uploaded.
     """
 
     b: torch.Tensor  # (m, k)
     a: torch.Tensor  # (k, n)
     sketch: Sketch
-    fold: CompactFactors | None = None  # frozen: b (m, f), a (f, n), its sketch's weights
+    fold: CompactFactors | None = None  # frozen: b (m, f), a (f, n), the same diagonal value
     train_b: bool = True
     train_a: bool = True
+
+    def forward(self, layer: LoRALinear, x: torch.Tensor) -> torch.Tensor:
+        """W0 x + s (r/k) b a x (+ the fold's ranks, in the same product)."""
+        b, client_scale = _weighted(self.b, self.sketch, None, layer.scale)  # (m, k)
+        a = self.a  # (k, n)
+        if self.fold is not None:
+            fold_b, _ = _weighted(self.fold.b, self.fold.sketch, None, layer.scale)  # (m, f)
+            b, a = torch.cat([b, fold_b], 1), torch.cat([a, self.fold.a], 0)  # (m, k + f)
+        return lora_linear(x, layer.weight, layer.bias, b, a, None, client_scale, layer.backend,
+                           gemm=layer.gemm)
 
 
 @dataclass
@@ -87,6 +98,33 @@ class BatchedFactors:
     client_scale: torch.Tensor  # (P, K): s * diag(S_p) at client p's k_p ranks, 0 beyond
     fold: BatchedFactors | None = None  # the clients' frozen folds (CompactFactors.fold), padded
 
+    def forward(self, layer: LoRALinear, x: torch.Tensor) -> torch.Tensor:
+        """Client p's rows: W0 x + s (r/k_p) b_p a_p x (+ its fold's ranks beside them)."""
+        b, a, client_scale = self.b, self.a, self.client_scale
+        if self.fold is not None:  # frozen ranks beside the trained ones (no gradient reaches)
+            b, a = torch.cat([b, self.fold.b], 2), torch.cat([a, self.fold.a], 1)
+            client_scale = torch.cat([client_scale, self.fold.client_scale], 1)  # (P, K + F)
+        xs = x.reshape(self.b.shape[0], -1, x.shape[-1])  # (P, T, n): clients in batch order
+        y = batched_lora_linear(xs, layer.weight, layer.bias, b, a, client_scale)  # (P, T, m)
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+@dataclass
+class Sketched:
+    """W0 + s (r/k) B[:, I] A[I, :] on the global factors (one sketch S of the r ranks)."""
+
+    sketch: Sketch
+
+    def forward(self, layer: LoRALinear, x: torch.Tensor) -> torch.Tensor:
+        index = self.sketch.indices.to(x.device)
+        B, client_scale = _weighted(layer.lora_B, self.sketch, index, layer.scale)  # (m, r)
+        # Sketch checked its index when it was made: no range check (a device sync) here
+        return lora_linear(x, layer.weight, layer.bias, B, layer.lora_A, index, client_scale,
+                           layer.backend, check_index=False, gemm=layer.gemm)
+
+
+Mode = Sketched | CompactFactors | BatchedFactors
+
 
 class LoRALinear(nn.Module):
     """Drop-in for nn.Linear: frozen W0 (m x n) and bias, LoRA factors B (m x r), A (r x n).
@@ -97,9 +135,8 @@ class LoRALinear(nn.Module):
     """
 
     def __init__(self, base: nn.Linear, r: int, alpha: float, rslora: bool = False,
-                 backend: str = ComputeConfig.lora_backend,
-                 generator: torch.Generator | None = None,
-                 gemm: str = ComputeConfig.lora_gemm) -> None:
+                 backend: str = "auto", generator: torch.Generator | None = None,
+                 gemm: str = "pointer") -> None:
         super().__init__()
         self.scale = lora_scale(alpha, r, rslora)  # s; checks r and alpha
         m, n = base.out_features, base.in_features
@@ -115,9 +152,7 @@ class LoRALinear(nn.Module):
                                                device=base.weight.device))  # (m, r)
         self.r, self.alpha, self.rslora = r, alpha, rslora
         self.backend, self.gemm = backend, gemm
-        self.sketch: Sketch | None = None  # set by `sketched(...)`
-        self.compact: CompactFactors | None = None  # set by `compact_factors(...)`
-        self.batched: BatchedFactors | None = None  # set by `batched_compact_factors(...)`
+        self.mode: Mode | None = None  # set by `sketched`, `compact_factors`, `batched_...`
         self.merged = False
 
     @property
@@ -149,37 +184,12 @@ class LoRALinear(nn.Module):
         self.merged = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (..., n) -> (..., m)
-        if self.merged:
-            if self.sketch is not None or self.compact is not None or self.batched is not None:
-                raise RuntimeError("a merged LoRA layer cannot run sketched: unmerge() first")
-            return nn.functional.linear(x, self.weight, self.bias)
-        if self.batched is not None:  # P clients: W0 + s (r/k_p) b_p a_p on client p's rows
-            f = self.batched
-            b, a, client_scale = f.b, f.a, f.client_scale
-            if f.fold is not None:  # frozen ranks beside the trained ones (no gradient reaches)
-                b, a = torch.cat([b, f.fold.b], 2), torch.cat([a, f.fold.a], 1)
-                client_scale = torch.cat([client_scale, f.fold.client_scale], 1)  # (P, K + F)
-            xs = x.reshape(f.b.shape[0], -1, x.shape[-1])  # (P, T, n): clients in batch order
-            y = batched_lora_linear(xs, self.weight, self.bias, b, a, client_scale)  # (P, T, m)
-            return y.reshape(*x.shape[:-1], y.shape[-1])
-        if self.compact is not None:  # client training: W0 + s (r/k) b a (+ its fold)
-            c = self.compact
-            b, client_scale = _weighted(c.b, c.sketch, None, self.scale)  # (m, k)
-            a = c.a
-            if c.fold is not None:  # one matmul over [b, b_fold], at the layer's scale s
-                fb, fold_scale = _weighted(c.fold.b, c.fold.sketch, None, self.scale)  # (m, f)
-                b = torch.cat([b * (client_scale / self.scale), fb * (fold_scale / self.scale)], 1)
-                a, client_scale = torch.cat([a, c.fold.a], 0), self.scale  # (k + f, n)
-            return lora_linear(x, self.weight, self.bias, b, a, None, client_scale, self.backend,
-                               gemm=self.gemm)
-        if self.sketch is not None:  # W0 + s (r/k) B[:, I] A[I, :]
-            index = self.sketch.indices.to(x.device)
-            B, client_scale = _weighted(self.lora_B, self.sketch, index, self.scale)  # (m, r)
-            # Sketch checked its index when it was made: no range check (a device sync) here
-            return lora_linear(x, self.weight, self.bias, B, self.lora_A, index, client_scale,
-                               self.backend, check_index=False, gemm=self.gemm)
-        return lora_linear(x, self.weight, self.bias, self.lora_B, self.lora_A, None,
-                           self.scale, self.backend, gemm=self.gemm)
+        if self.merged:  # W0 already holds s B A
+            return F.linear(x, self.weight, self.bias)
+        if self.mode is None:  # plain LoRA: W0 x + s B A x
+            return lora_linear(x, self.weight, self.bias, self.lora_B, self.lora_A, None,
+                               self.scale, self.backend, gemm=self.gemm)
+        return self.mode.forward(self, x)
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, r={self.r}, "
@@ -189,7 +199,8 @@ class LoRALinear(nn.Module):
 
 def _weighted(b: torch.Tensor, sketch: Sketch, index: torch.Tensor | None,
               scale: float) -> tuple[torch.Tensor, float]:
-    """(b, c = s * sketch weight) for one diagonal value; (b diag(w), s) for per-index values w.
+    """(b', c) with c b' = s b diag(w), w the sketch's diagonal values: (b, s w) when they are
+    one number, (b diag(w), s) when they are one per index.
 
     `b` is compact (m, k) when `index` is None, else the global (m, r) whose columns `index` the
     kernel selects. Multiplying b by w (not its gradient) gives b the exact gradient of
@@ -206,9 +217,8 @@ def _weighted(b: torch.Tensor, sketch: Sketch, index: torch.Tensor | None,
 
 
 def apply_lora(model: nn.Module, r: int, alpha: float, targets: tuple[str, ...] = ALL_TARGETS,
-               rslora: bool = False, backend: str = ComputeConfig.lora_backend,
-               generator: torch.Generator | None = None,
-               gemm: str = ComputeConfig.lora_gemm) -> list[str]:
+               rslora: bool = False, backend: str = "auto",
+               generator: torch.Generator | None = None, gemm: str = "pointer") -> list[str]:
     """Replace each nn.Linear whose attribute name is in `targets` by a LoRALinear; freeze the rest.
 
     Returns the qualified names of the new LoRA modules, in model order. Raises if a target names
@@ -245,28 +255,30 @@ def lora_modules(model: nn.Module) -> list[tuple[str, LoRALinear]]:
 
 
 @contextmanager
-def _mode(model: nn.Module, attr: str, given: dict[str, Any],
-          check: Callable[[str, "LoRALinear", Any], None]) -> Iterator[None]:
-    """Set `attr` of every LoRA layer to its value in `given` (after `check`); unset on exit."""
+def _mode(model: nn.Module, given: dict[str, Mode],
+          check: Callable[[str, LoRALinear, Any], None]) -> Iterator[None]:
+    """Run every LoRA layer in its mode from `given` (after `check`); plain LoRA again on exit."""
     modules = dict(lora_modules(model))
     _check_names(modules, given)
     try:
-        for name, value in given.items():
-            check(name, modules[name], value)
-            setattr(modules[name], attr, value)
+        for name, mode in given.items():
+            if modules[name].merged:
+                raise RuntimeError("a merged LoRA layer cannot run sketched: unmerge() first")
+            check(name, modules[name], mode)
+            modules[name].mode = mode
         yield
     finally:
         for m in modules.values():
-            setattr(m, attr, None)
+            m.mode = None
 
 
 def sketched(model: nn.Module, sketches: dict[str, Sketch]) -> AbstractContextManager[None]:
     """Run the model's LoRA layers on the global factors with W0 + s B S A (one S per module)."""
-    def check(name: str, layer: LoRALinear, sk: Sketch) -> None:
-        if sk.rank != layer.r:
-            raise ValueError(f"sketch for {name} is over rank {sk.rank}, "
+    def check(name: str, layer: LoRALinear, mode: Sketched) -> None:
+        if mode.sketch.rank != layer.r:
+            raise ValueError(f"sketch for {name} is over rank {mode.sketch.rank}, "
                              f"but the layer has r={layer.r}")
-    return _mode(model, "sketch", sketches, check)
+    return _mode(model, {name: Sketched(sk) for name, sk in sketches.items()}, check)
 
 
 def compact_factors(model: nn.Module,
@@ -278,7 +290,10 @@ def compact_factors(model: nn.Module,
             raise ValueError(f"compact factors for {name} have shapes {tuple(f.b.shape)} and "
                              f"{tuple(f.a.shape)}, expected ({layer.out_features}, {k}) and "
                              f"({k}, {layer.in_features})")
-    return _mode(model, "compact", factors, check)
+        if f.fold is not None and not same_diagonal(f.sketch, f.fold.sketch):
+            raise ValueError(f"the fold of {name} must share its trained ranks' one diagonal "
+                             f"value")
+    return _mode(model, factors, check)
 
 
 def batched_compact_factors(model: nn.Module,
@@ -293,7 +308,12 @@ def batched_compact_factors(model: nn.Module,
             raise ValueError(f"batched factors for {name} have shapes {tuple(f.b.shape)} and "
                              f"{tuple(f.a.shape)}, expected ({P}, {layer.out_features}, {K}) and "
                              f"({P}, {K}, {layer.in_features})")
-    return _mode(model, "batched", factors, check)
+    return _mode(model, factors, check)
+
+
+def same_diagonal(a: Sketch, b: Sketch) -> bool:
+    """Both sketches put one and the same value on their diagonal."""
+    return a.per_index is None and b.per_index is None and a.sketch_weight == b.sketch_weight
 
 
 def _check_names(modules: dict[str, LoRALinear], given: dict) -> None:

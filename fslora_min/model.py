@@ -9,8 +9,6 @@ each can be given its own LoRA adapter (fslora_min/lora.py). Shapes: batch b, ti
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -25,7 +23,7 @@ class ModelConfig:
     n_layer: int = 4
     n_head: int = 4
     d_model: int = 128  # width; each head has d_model // n_head channels
-    dropout: float = 0.0  # in client training (fslora_min/client.py) and pretraining
+    dropout: float = 0.0  # in pretraining and client training (each client's own masks there)
     bias: bool = True  # biases in the linear layers and LayerNorms
 
     def __post_init__(self) -> None:
@@ -42,50 +40,6 @@ class ModelConfig:
 TEST_CONFIG = ModelConfig(vocab_size=16, context=8, n_layer=1, n_head=2, d_model=16)
 
 
-class Dropout(nn.Dropout):
-    """nn.Dropout whose masks, in local training, come from each client's own generator.
-
-    `dropout_masks` sets `generators`, one per client whose rows the input stacks: the
-    sequential engine passes one, the batched engine (fslora_min/engine.py) the P clients of a
-    pass, whose (P b, ...) inputs hold client p's rows at [p b, (p + 1) b). Each client draws its
-    (b, ...) mask from its own generator, in the same order in both engines, so both train on
-    the same masks and a seed replays them. Without generators (pretraining) it is nn.Dropout.
-    """
-
-    generators: list[torch.Generator] | None = None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.generators is None:
-            return super().forward(x)
-        if not self.training or self.p == 0:
-            return x
-        P = len(self.generators)
-        if x.shape[0] % P:
-            raise ValueError(f"{x.shape[0]} rows cannot be split among {P} clients' masks")
-        shape = (x.shape[0] // P, *x.shape[1:])  # one client's (b, ...)
-        keep = torch.cat([torch.rand(shape, generator=g, device=x.device, dtype=x.dtype)
-                          for g in self.generators]) >= self.p  # (P b, ...)
-        return x * keep / (1 - self.p)
-
-
-@contextmanager
-def dropout_masks(model: nn.Module, generators: list[torch.Generator] | None) -> Iterator[None]:
-    """Local training: train mode (dropout acts), each client's masks from its generator
-    (`Dropout`; None: torch's global generator); the model's previous mode afterwards, so
-    evaluation (fslora_min/federation.py) runs in eval mode."""
-    layers = [m for m in model.modules() if isinstance(m, Dropout)]
-    was_training = model.training
-    model.train()
-    for layer in layers:
-        layer.generators = generators
-    try:
-        yield
-    finally:
-        for layer in layers:
-            layer.generators = None
-        model.train(was_training)
-
-
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -94,7 +48,7 @@ class CausalSelfAttention(nn.Module):
         self.k = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
         self.v = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
         self.out = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
-        self.dropout = Dropout(cfg.dropout)
+        self.dropout = nn.Dropout(cfg.dropout)
         mask = torch.tril(torch.ones(cfg.context, cfg.context, dtype=torch.bool))
         self.register_buffer("causal_mask", mask, persistent=False)  # (context, context)
 
@@ -118,7 +72,7 @@ class MLP(nn.Module):
         super().__init__()
         self.fc = nn.Linear(cfg.d_model, 4 * cfg.d_model, bias=cfg.bias)
         self.proj = nn.Linear(4 * cfg.d_model, cfg.d_model, bias=cfg.bias)
-        self.dropout = Dropout(cfg.dropout)
+        self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.dropout(self.proj(F.gelu(self.fc(x))))  # (b, t, d)
@@ -145,7 +99,7 @@ class Transformer(nn.Module):
         self.cfg = cfg
         self.token_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.pos_emb = nn.Embedding(cfg.context, cfg.d_model)
-        self.drop = Dropout(cfg.dropout)
+        self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)

@@ -29,8 +29,7 @@ def rank_from_ratio(ratio: float, r: int) -> int:
     if k < 1:
         raise ValueError(f"sketching ratio {ratio!r} of global rank r={r} gives k={k}: "
                          f"use a ratio of at least {1 / r:.4g} or a larger r")
-    check_rank_pair(r, k)
-    return k
+    return k  # <= r, as ratio <= 1
 
 
 def ranks_from_ratios(ratios: list[float], num_clients: int, r: int) -> list[int]:

@@ -17,14 +17,11 @@ are int32: every operand must have fewer than 2^31 elements.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-# triton.jit reads TRITON_INTERPRET when the kernels below are decorated, i.e. at import.
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+from kernels.inputs import INTERPRET  # read by triton.jit when the kernels below are decorated
 
 
 # The value every new kernel output starts with; None leaves it uninitialised. The tests set NaN,

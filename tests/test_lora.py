@@ -148,7 +148,7 @@ def test_sketch_over_wrong_rank_or_missing_module_is_rejected():
     with pytest.raises(ValueError, match="missing"):
         with sketched(model, {names[0]: sample_sketch(4, 2, g)}):
             pass
-    assert all(m.sketch is None for _, m in lora_modules(model))
+    assert all(m.mode is None for _, m in lora_modules(model))
 
 
 def test_every_index_set_is_equally_likely_and_expected_sketch_is_identity():
