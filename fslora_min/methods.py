@@ -27,7 +27,6 @@ baseline code (docs/method.md section 5).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -36,7 +35,7 @@ from fslora_min.client import ClientUpdate, Downlink
 from fslora_min.importance import importance_sketch, rank_importance, top_k_index
 from fslora_min.lora import CompactFactors, lora_scale
 from fslora_min.server import Server
-from fslora_min.sketch import Sketch, full_sketch, sample_index_set, sample_module_sketches
+from fslora_min.sketch import Sketch, full_sketch, sample_module_sketches
 
 
 def payload_numbers(downlink: Downlink) -> int:

@@ -40,8 +40,6 @@ never needed, before the same `shrink_dy` and dA passes.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 

@@ -172,6 +172,7 @@ def test_cache_serves_shorter_horizons_and_survives_a_cut_last_line(tmp_path):
         RunCache(log, [], train=False)
 
 
+@pytest.mark.slow
 def test_quick_compare_writes_its_tables_and_replays_without_training(tmp_path, capsys):
     assert compare(["--quick", "--out", str(tmp_path / "cmp")]) == 0
     out = tmp_path / "cmp" / "synthetic"  # each task writes into a folder of its own
@@ -222,6 +223,7 @@ def test_compare_writes_under_runs_by_default():
     assert CompareConfig().out_dir == "runs/compare"
 
 
+@pytest.mark.slow
 def test_readmes_match_the_committed_runs():
     """Every study figure in results/compare/README.md and README.md is what `compare --readme`
     writes from the committed runs (results/compare/TASK/runs.jsonl)."""

@@ -125,6 +125,7 @@ def test_the_launcher_refuses_bad_fslora_args_with_one_error_line(flags, needle,
     assert not (tmp_path / "work").exists()
 
 
+@pytest.mark.slow
 def test_flower_run_equals_the_in_process_run_and_moves_the_accounted_bytes(tmp_path):
     expected = in_process(2)
     result = flower_run(tmp_path, ["", ""], timeout_s=300)
@@ -140,6 +141,7 @@ def test_flower_run_equals_the_in_process_run_and_moves_the_accounted_bytes(tmp_
             assert down < w["down_bytes"] < down + 4096 and up < w["up_bytes"] < up + 4096
 
 
+@pytest.mark.slow
 def test_a_dead_client_and_bad_replies_leave_what_the_good_replies_give(tmp_path):
     # in round 2: client 1's ClientApp process dies (no reply), client 2 replies with NaN
     # deltas (screened out), client 3 with a record that is no update (unreadable)

@@ -40,6 +40,7 @@ def test_spearman_orders():
     assert spearman([1, 2, 3], [30, 20, 10]) == pytest.approx(-1.0)
 
 
+@pytest.mark.slow
 def test_script_runs_on_the_committed_runs(tmp_path, capsys):
     assert main(["--figures", str(tmp_path)]) == 0
     out = capsys.readouterr().out

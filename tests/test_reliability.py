@@ -70,6 +70,7 @@ def start_cli(out: Path, cache: Path, *extra: str) -> subprocess.Popen:
                             stderr=subprocess.PIPE)
 
 
+@pytest.mark.slow
 def test_cli_killed_with_sigkill_then_resumed_is_bit_identical(tmp_path, cache):
     reference = start_cli(tmp_path / "ref", cache)  # also fills the pretraining cache
     assert reference.wait(timeout=120) == 0, reference.stderr.read().decode()
@@ -109,6 +110,7 @@ def run_cut_in_round(cfg, t_cut: int, monkeypatch) -> None:
             run_experiment(cfg, progress=False)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method, server_optimizer, dropout", [
     ("fslora", "sgdm", 0.3), ("flexlora", "avg", 0.0), ("flora", "avg", 0.3)])
 def test_interrupted_and_resumed_run_equals_uninterrupted_run(method, server_optimizer, dropout,

@@ -35,6 +35,7 @@ def restore_torch_defaults():
     torch.set_num_threads(threads)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script,png", [(sketch_moments, ["sketch_moments.png"]),
                                         (smoothness, ["smoothness.png"]),
                                         (convergence, ["convergence_ratios.png",
@@ -45,6 +46,7 @@ def test_script_passes_at_quick_size(script, png, tmp_path):
         assert (tmp_path / name).stat().st_size > 1000
 
 
+@pytest.mark.slow
 def test_smoothness_check_fails_with_a_wrong_constant(tmp_path):
     """The measured (r/k) L is tight, so half of L must break 'L_fixed <= (r/k) L'."""
     assert smoothness.main(["--quick", "--figures", str(tmp_path), "--distort-L", "0.5"]) == 1

@@ -66,6 +66,7 @@ def test_notebook_imports_the_library_and_redefines_none_of_it(name):
     assert not defined & library_names(), f"redefines library names {defined & library_names()}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
 def test_notebook_runs_in_fast_mode(name):
     """Runs the committed notebook's code cells in order in one namespace, in a fresh process."""
