@@ -116,7 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m fslora_min",
         description="Federated Sketching LoRA on a tiny transformer. With no command (or with "
                     "only run's flags), runs the demo: pretrain or reuse a base model, then a "
-                    "federation of clients with heterogeneous sketching ratios.")
+                    "federation of clients with heterogeneous sketching ratios. The "
+                    "reproduction study is 'python -m fslora_min compare' (see 'compare "
+                    "--help'; fslora_min/study/).")
     sub = parser.add_subparsers(dest="command")
     run = sub.add_parser("run", help="run one federation (see 'run --help')",
                          description="One federation. Every flag is a field of the configs in "

@@ -60,72 +60,6 @@ def lora_scale(alpha: float, r: int, rslora: bool = False) -> float:
     return alpha / math.sqrt(r) if rslora else alpha / r
 
 
-@dataclass
-class CompactFactors:
-    """A client's trainable factors for one module: b = B[:, I], a = A[I, :], and its sketch.
-
-    `fold`, when given, is a FROZEN low-rank term beside the trained ranks (Fed-PLoRA's
-    Select-N-Fold, fslora_min/rivals.py: the ranks a client does not train), at the same
-    diagonal value: the forward is W0 + c [b, b_f] [a; a_f], computed factored, never formed as
-    m x n. `train_b` / `train_a` say which factors the client trains (FFA-LoRA freezes a;
-    RoLoRA alternates); a frozen factor's delta is exactly zero and is not uploaded.
-    """
-
-    b: torch.Tensor  # (m, k)
-    a: torch.Tensor  # (k, n)
-    sketch: Sketch
-    fold: CompactFactors | None = None  # frozen: b (m, f), a (f, n), the same diagonal value
-    train_b: bool = True
-    train_a: bool = True
-
-    def forward(self, layer: LoRALinear, x: torch.Tensor) -> torch.Tensor:
-        """W0 x + s (r/k) b a x (+ the fold's ranks, in the same product)."""
-        b, client_scale = _weighted(self.b, self.sketch, None, layer.scale)  # (m, k)
-        a = self.a  # (k, n)
-        if self.fold is not None:
-            fold_b, _ = _weighted(self.fold.b, self.fold.sketch, None, layer.scale)  # (m, f)
-            b, a = torch.cat([b, fold_b], 1), torch.cat([a, self.fold.a], 0)  # (m, k + f)
-        return lora_linear(x, layer.weight, layer.bias, b, a, None, client_scale, layer.backend,
-                           gemm=layer.gemm)
-
-
-@dataclass
-class BatchedFactors:
-    """P clients' factors for one module, zero-padded to K = max_p k_p (kernels/batched_lora.py)."""
-
-    b: torch.Tensor  # (P, m, K)
-    a: torch.Tensor  # (P, K, n)
-    client_scale: torch.Tensor  # (P, K): s * diag(S_p) at client p's k_p ranks, 0 beyond
-    fold: BatchedFactors | None = None  # the clients' frozen folds (CompactFactors.fold), padded
-
-    def forward(self, layer: LoRALinear, x: torch.Tensor) -> torch.Tensor:
-        """Client p's rows: W0 x + s (r/k_p) b_p a_p x (+ its fold's ranks beside them)."""
-        b, a, client_scale = self.b, self.a, self.client_scale
-        if self.fold is not None:  # frozen ranks beside the trained ones (no gradient reaches)
-            b, a = torch.cat([b, self.fold.b], 2), torch.cat([a, self.fold.a], 1)
-            client_scale = torch.cat([client_scale, self.fold.client_scale], 1)  # (P, K + F)
-        xs = x.reshape(self.b.shape[0], -1, x.shape[-1])  # (P, T, n): clients in batch order
-        y = batched_lora_linear(xs, layer.weight, layer.bias, b, a, client_scale)  # (P, T, m)
-        return y.reshape(*x.shape[:-1], y.shape[-1])
-
-
-@dataclass
-class Sketched:
-    """W0 + s (r/k) B[:, I] A[I, :] on the global factors (one sketch S of the r ranks)."""
-
-    sketch: Sketch
-
-    def forward(self, layer: LoRALinear, x: torch.Tensor) -> torch.Tensor:
-        index = self.sketch.indices.to(x.device)
-        B, client_scale = _weighted(layer.lora_B, self.sketch, index, layer.scale)  # (m, r)
-        # Sketch checked its index when it was made: no range check (a device sync) here
-        return lora_linear(x, layer.weight, layer.bias, B, layer.lora_A, index, client_scale,
-                           layer.backend, check_index=False, gemm=layer.gemm)
-
-
-Mode = Sketched | CompactFactors | BatchedFactors
-
-
 class LoRALinear(nn.Module):
     """Drop-in for nn.Linear: frozen W0 (m x n) and bias, LoRA factors B (m x r), A (r x n).
 
@@ -195,6 +129,71 @@ class LoRALinear(nn.Module):
         return (f"in={self.in_features}, out={self.out_features}, r={self.r}, "
                 f"scale={self.scale:.4g}, rslora={self.rslora}, backend={self.backend}, "
                 f"gemm={self.gemm}")
+
+
+@dataclass
+class Sketched:
+    """W0 + s (r/k) B[:, I] A[I, :] on the global factors (one sketch S of the r ranks)."""
+
+    sketch: Sketch
+
+    def forward(self, layer: LoRALinear, x: torch.Tensor) -> torch.Tensor:
+        index = self.sketch.indices.to(x.device)
+        B, client_scale = _weighted(layer.lora_B, self.sketch, index, layer.scale)  # (m, r)
+        # Sketch checked its index when it was made: no range check (a device sync) here
+        return lora_linear(x, layer.weight, layer.bias, B, layer.lora_A, index, client_scale,
+                           layer.backend, check_index=False, gemm=layer.gemm)
+
+
+@dataclass
+class CompactFactors:
+    """A client's trainable factors for one module: b = B[:, I], a = A[I, :], and its sketch.
+
+    `fold`, when given, is a FROZEN low-rank term beside the trained ranks (Fed-PLoRA's
+    Select-N-Fold, fslora_min/rivals.py: the ranks a client does not train), at the same
+    diagonal value: the forward is W0 + c [b, b_f] [a; a_f], computed factored, never formed as
+    m x n. `train_b` / `train_a` say which factors the client trains (FFA-LoRA freezes a;
+    RoLoRA alternates); a frozen factor's delta is exactly zero and is not uploaded.
+    """
+
+    b: torch.Tensor  # (m, k)
+    a: torch.Tensor  # (k, n)
+    sketch: Sketch
+    fold: CompactFactors | None = None  # frozen: b (m, f), a (f, n), the same diagonal value
+    train_b: bool = True
+    train_a: bool = True
+
+    def forward(self, layer: LoRALinear, x: torch.Tensor) -> torch.Tensor:
+        """W0 x + s (r/k) b a x (+ the fold's ranks, in the same product)."""
+        b, client_scale = _weighted(self.b, self.sketch, None, layer.scale)  # (m, k)
+        a = self.a  # (k, n)
+        if self.fold is not None:  # the same diagonal value (`compact_factors` checks)
+            b, a = torch.cat([b, self.fold.b], 1), torch.cat([a, self.fold.a], 0)  # (m, k + f)
+        return lora_linear(x, layer.weight, layer.bias, b, a, None, client_scale, layer.backend,
+                           gemm=layer.gemm)
+
+
+@dataclass
+class BatchedFactors:
+    """P clients' factors for one module, zero-padded to K = max_p k_p (kernels/batched_lora.py)."""
+
+    b: torch.Tensor  # (P, m, K)
+    a: torch.Tensor  # (P, K, n)
+    client_scale: torch.Tensor  # (P, K): s * diag(S_p) at client p's k_p ranks, 0 beyond
+    fold: BatchedFactors | None = None  # the clients' frozen folds (CompactFactors.fold), padded
+
+    def forward(self, layer: LoRALinear, x: torch.Tensor) -> torch.Tensor:
+        """Client p's rows: W0 x + s (r/k_p) b_p a_p x (+ its fold's ranks beside them)."""
+        b, a, client_scale = self.b, self.a, self.client_scale
+        if self.fold is not None:  # frozen ranks beside the trained ones (no gradient reaches)
+            b, a = torch.cat([b, self.fold.b], 2), torch.cat([a, self.fold.a], 1)
+            client_scale = torch.cat([client_scale, self.fold.client_scale], 1)  # (P, K + F)
+        xs = x.reshape(self.b.shape[0], -1, x.shape[-1])  # (P, T, n): clients in batch order
+        y = batched_lora_linear(xs, layer.weight, layer.bias, b, a, client_scale)  # (P, T, m)
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+Mode = Sketched | CompactFactors | BatchedFactors
 
 
 def _weighted(b: torch.Tensor, sketch: Sketch, index: torch.Tensor | None,
