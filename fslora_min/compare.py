@@ -52,8 +52,8 @@ from fslora_min.pretrain import PretrainConfig, load_or_pretrain
 from fslora_min.shakespeare import VOCAB, ShakespeareConfig
 from fslora_min.profiles import (DEFAULT_PROFILES, budgets_from_profiles, memory_bytes,
                                  upload_bytes)
-from fslora_min.protocol import (NOT_REPRODUCED, REPRODUCED, Choice, Paired, choose, diverged,
-                                 paired_interval, plateau, verdict, widen)
+from fslora_min.protocol import (NOT_REPRODUCED, REPRODUCED, Choice, choose, diverged,
+                                 diverged_seeds, holm, paired_interval, plateau, verdict, widen)
 from fslora_min.server import ServerConfig
 
 CODE_VERSION = 2  # bump when a change alters any run's numbers: older cached runs are not reused
@@ -444,7 +444,10 @@ def planned_rounds(table: TableSpec, cfg: CompareConfig) -> int:
 
 
 def claim_results(table: TableSpec, rows: dict[str, Row]) -> list[dict]:
-    """Per claim and horizon: the paired difference's interval and verdict (None: < 2 seeds)."""
+    """Per claim and horizon: the paired difference's interval, its raw p-value and verdict
+    (None and "pending": < 2 seeds), and which rows diverged by then (a diverged cell's verdict
+    says so and holm_correct leaves it out of the family). The corrected verdict comes from
+    holm_correct, over the whole task."""
     out = []
     for a, b in table.claims:
         ra = {r["seed"]: r["curve"] for r in rows[a].runs}
@@ -452,12 +455,34 @@ def claim_results(table: TableSpec, rows: dict[str, Row]) -> list[dict]:
         seeds = sorted(set(ra) & set(rb))
         for name, h in zip(("short", "middle", "long"), table.horizons):
             p = paired_interval([ra[s][h] - rb[s][h] for s in seeds]) if len(seeds) >= 2 else None
-            word = verdict(p) if p else "pending"
-            if not table.paper:  # no claim to reproduce: say which row is lower
-                word = {REPRODUCED: f"{a} lower", NOT_REPRODUCED: f"{b} lower"}.get(word, word)
+            gone = [f"{label} ({k} of {len(curves)} seeds)" for label, curves in
+                    ((a, [ra[s] for s in seeds]), (b, [rb[s] for s in seeds]))
+                    if (k := diverged_seeds(curves, h))]
+            raw = ("diverged: " + ", ".join(gone) if gone and p else
+                   claim_word(table, a, b, verdict(p)) if p else "pending")
             out.append({"a": a, "b": b, "horizon": name, "rounds": h, "seeds": len(seeds),
-                        "paired": p, "verdict": word})
+                        "tuned": table.horizons[1], "paired": p, "diverged": bool(gone),
+                        "raw": raw, "p_holm": None, "family": 0, "verdict": raw})
     return out
+
+
+def claim_word(table: TableSpec, a: str, b: str, word: str) -> str:
+    """A verdict in the table's words: the paper's claim reproduced or not, or (a table of
+    questions the paper did not ask) which row is lower."""
+    if table.paper:
+        return word
+    return {REPRODUCED: f"{a} lower", NOT_REPRODUCED: f"{b} lower"}.get(word, word)
+
+
+def holm_correct(results: list[tuple[TableSpec, list[dict]]]) -> None:
+    """Holm's correction over one task's claims x horizons (protocol.holm): every cell with a
+    finite p-value and no diverged row is in the family; its `verdict` becomes the corrected
+    one (`raw` keeps the uncorrected). Diverged and pending cells keep their word."""
+    family = [(table, c) for table, claims in results for c in claims
+              if c["paired"] and not c["diverged"] and math.isfinite(c["paired"].p)]
+    for (table, c), adjusted in zip(family, holm([c["paired"].p for _, c in family])):
+        c["p_holm"], c["family"] = adjusted, len(family)
+        c["verdict"] = claim_word(table, c["a"], c["b"], verdict(c["paired"], adjusted))
 
 
 def server_steps(method: str, grid: tuple[float, ...]) -> tuple[float, ...]:
@@ -625,11 +650,22 @@ def row_table(table: TableSpec, rows: list[Row]) -> str:
     return markdown(head, body)
 
 
+CLAIM_HEAD = ["horizon (rounds)", "rows tuned at", "seeds", "a - b [95% CI]", "p",
+              "p (Holm)", "verdict (raw)", "verdict (Holm)"]
+
+
+def claim_cells(c: dict) -> list[str]:
+    """A claim's cells after its name: horizon, the rounds every row was tuned at, seeds, the
+    interval, raw and Holm-adjusted p (holm_correct), raw and corrected verdicts."""
+    p = c["paired"]
+    return [f"{c['horizon']} ({c['rounds']})", str(c["tuned"]), str(c["seeds"]),
+            p.text() if p else "-", f"{p.p:.2g}" if p and math.isfinite(p.p) else "-",
+            f"{c['p_holm']:.2g}" if c["p_holm"] is not None else "-", c["raw"], c["verdict"]]
+
+
 def claim_table(results: list[dict]) -> str:
-    return markdown(["claim a < b", "horizon", "seeds", "a - b [95% CI]", "verdict"],
-                    [[f"{c['a']} < {c['b']}", f"{c['horizon']} ({c['rounds']})",
-                      str(c["seeds"]), c["paired"].text() if c["paired"] else "-", c["verdict"]]
-                     for c in results])
+    return markdown(["claim a < b", *CLAIM_HEAD],
+                    [[f"{c['a']} < {c['b']}", *claim_cells(c)] for c in results])
 
 
 def grid_table(table: TableSpec, rows: list[Row], tune_seeds: tuple[int, ...]) -> str:
@@ -664,28 +700,40 @@ def table_markdown(table: TableSpec, rows: list[Row], cfg: CompareConfig, claims
             f"H = {cfg.local_steps}, batch {cfg.batch_size}, alpha = {cfg.lora_alpha:g}, "
             f"r = {cfg.rank}. Status: {status}; {runs} runs, {seconds:.0f} s of training "
             f"(sum of the runs' wall times, 1 torch thread each).\n\n"
-            + row_table(table, rows) + "\n## Claims\n\n" + claim_table(claims)
+            + row_table(table, rows) + "\n## Claims\n\n" + claims_note(claims)
+            + claim_table(claims)
             + f"\nThe whole tuning grid: `{table.name}.grid.md`.\n")
     return text + (f"\n## Client budgets from device profiles\n\n{budgets_md}" if budgets_md
                    else "")
 
 
+def claims_note(claims: list[dict]) -> str:
+    """What the claim columns mean: one tuning horizon for all three, Holm over the task."""
+    family = max((c["family"] for c in claims), default=0)
+    return ("Every row is tuned once, at the middle horizon (\"rows tuned at\"), and that "
+            "choice is evaluated at all three horizons. \"p\" is the paired t-test's two-sided "
+            f"p-value; \"p (Holm)\" is Holm's adjustment over the task's {family} tested claim x "
+            "horizon cells (verdicts.md), and \"verdict (Holm)\" decides where it is <= 0.05. A "
+            "cell whose row diverged by that horizon (a seed's loss non-finite or above its "
+            "start) says `diverged` and is left out of the family.\n\n")
+
+
 def verdict_table(results: list[tuple[TableSpec, str, list[dict]]]) -> str:
     """The study's verdicts: claim x condition (task, horizon, training) -> verdict."""
-    body = [[f"{c['a']} < {c['b']}", task_name, table.condition, f"{c['horizon']} ({c['rounds']})",
-             str(c["seeds"]), c["paired"].text() if c["paired"] else "-", c["verdict"]]
+    body = [[f"{c['a']} < {c['b']}", task_name, table.condition, *claim_cells(c)]
             for table, task_name, claims in results for c in claims]
-    return markdown(["claim a < b", "task", "condition", "horizon (rounds)", "seeds",
-                     "a - b [95% CI]", "verdict"], body)
+    return markdown(["claim a < b", "task", "condition", *CLAIM_HEAD], body)
 
 
 def study(cfg: CompareConfig, cache: RunCache) -> list[tuple[TableSpec, list[Row], list[dict]]]:
-    """Every table of cfg: its rows tuned and evaluated (from the cache or trained), its claims."""
+    """Every table of cfg: its rows tuned and evaluated (from the cache or trained), its claims,
+    Holm-corrected over all of them (so over the task's when cfg names no tables)."""
     spec = task_spec(cfg)
     out = []
     for table in build_tables(cfg):
         rows = {r.label: evaluate_row(r, table, cfg, cache, spec) for r in table.rows}
         out.append((table, list(rows.values()), claim_results(table, rows)))
+    holm_correct([(table, claims) for table, _, claims in out])
     return out
 
 
@@ -700,8 +748,13 @@ def run_compare(cfg: CompareConfig, train: bool = True, figures: bool = True) ->
     start = time.perf_counter()
     results = study(cfg, cache)
     bar.close()
+    if cfg.tables:  # Holm's family and verdicts.md are the task's: replay the rest, train none
+        cache.train = False
+        results = study(replace(cfg, tables=()), cache)
     budgets_md = budget_table(task(cfg), cfg)[0]
     for table, rows, claims in results:
+        if table.name not in cfg.table_names:
+            continue
         runs = [r for row in rows for r in row.runs] + [
             r for row in rows for rs in row.grid.values() for r in rs if r is not None]
         text = table_markdown(table, rows, cfg, claims, len(runs),
@@ -711,9 +764,6 @@ def run_compare(cfg: CompareConfig, train: bool = True, figures: bool = True) ->
         write_atomic(out / f"{table.name}.grid.md", grid_table(table, rows, cfg.tune_seeds))
         if figures:
             draw(table, rows, out)
-    if cfg.tables:  # verdicts.md holds every table of the task: replay the others, train none
-        cache.train = False
-        results = study(replace(cfg, tables=()), cache)
     write_atomic(out / "verdicts.md",
                  verdict_table([(t, cfg.task, c) for t, _, c in results]))
     wall = time.perf_counter() - start

@@ -18,7 +18,8 @@ from fslora_min.cli import main
 from fslora_min.client import ClientUpdate
 from fslora_min.compare import (COMMITTED, MAIN_METHODS, CompareConfig, Row, RowSpec, RunCache,
                                 TableSpec, block_pattern, budget_table, build_tables,
-                                claim_results, flops_per_local_step, module_shapes,
+                                claim_results, flops_per_local_step, holm_correct,
+                                module_shapes,
                                 README_BLOCKS, duration, readme_blocks, run_key, run_settings,
                                 server_steps, task, truncate, tune, with_run)
 from fslora_min.lora import LoRALinear
@@ -150,6 +151,33 @@ def test_claims_pair_the_same_seeds_at_each_horizon():
         want = paired_interval([curves["a"][s][r["rounds"]] - curves["b"][s][r["rounds"]]
                                 for s in range(3)])
         assert r["seeds"] == 3 and r["paired"] == want
+
+
+def test_a_diverged_row_is_never_the_other_rows_win_nor_a_plain_inconclusive():
+    """b's loss ends above its start (or is non-finite) by the long horizon: the cells there say
+    `diverged`, never "reproduced" (a below b) nor "inconclusive", and are not in Holm's family;
+    the earlier horizons are decided as usual."""
+    falling = [[3.0 - 0.1 * t - 0.01 * s for t in range(11)] for s in range(3)]
+    rising = [[3.0 - 0.05 * t + (2.0 if t == 10 else 0.0) + 0.02 * s for t in range(11)]
+              for s in range(3)]
+    broken = [c[:10] + [math.inf] for c in falling]
+    table = TableSpec("t", "t", "c", [], [("a", "b")], (0, 1, 2), (2, 5, 10))
+    for b_curves in (rising, broken):
+        rows = {m: Row(m, Choice((0.1, 1.0), ()), {},
+                       [{"seed": s, "curve": c} for s, c in enumerate(curves)])
+                for m, curves in (("a", falling), ("b", b_curves))}
+        results = claim_results(table, rows)
+        holm_correct([(table, results)])
+        short, middle, long = results
+        assert long["verdict"] == long["raw"] == "diverged: b (3 of 3 seeds)"
+        assert long["p_holm"] is None and short["family"] == middle["family"] == 2
+        assert short["verdict"] != long["verdict"]
+    rows = {"a": Row("a", Choice((0.1, 1.0), ()), {},
+                     [{"seed": s, "curve": c} for s, c in enumerate(rising)]),
+            "b": Row("b", Choice((0.1, 1.0), ()), {},
+                     [{"seed": s, "curve": [3.0] * 11} for s in range(3)])}
+    long = claim_results(replace(table, paper=False), rows)[2]
+    assert long["verdict"] == "diverged: a (3 of 3 seeds)"  # not "b lower" either
 
 
 def test_cache_serves_shorter_horizons_and_survives_a_cut_last_line(tmp_path):
