@@ -210,6 +210,7 @@ def test_quick_compare_writes_its_tables_and_replays_without_training(tmp_path, 
     runs = [json.loads(line)["summary"]
             for line in (out / "runs.jsonl").read_text().splitlines()]
     assert {r["seed"] for r in runs if r["method"] == "hetlora"} == {0, 1, 100, 101}
+    assert f"`--quick` ({len(runs)} runs of 3 rounds" in (COMMITTED / "README.md").read_text()
     sitting, = [json.loads(line) for line in (out / "sittings.jsonl").read_text().splitlines()]
     assert sitting["tables"] == ["main"] and sitting["runs_trained"] == len(runs)
     before = (out / "runs.jsonl").read_text()
@@ -260,6 +261,24 @@ def test_readmes_match_the_committed_runs():
             assert found.group(2) == blocks[name], (
                 f"{path}'s {name} block differs from the committed runs: "
                 f"run python -m fslora_min compare --readme")
+    # the prose's counts of decisions before and after Holm, per task
+    cells = [line.split(" | ") for line in blocks["verdicts"].splitlines()[2:]]
+    counts = []
+    for task_name in ("synthetic", "planted", "shakespeare"):
+        mine = [c for c in cells if c[1] == task_name and not c[-1].startswith("diverged")]
+        counts += [sum(c[-2] not in ("inconclusive", "pending") for c in mine),
+                   sum(c[-1] not in ("inconclusive |", "pending |") for c in mine)]
+    assert ("(synthetic: {} raw decisions, {} after Holm; planted: {}, {}; Shakespeare: {}, {}; "
+            "one\nShakespeare cell diverged)".format(*counts)
+            in (COMMITTED / "README.md").read_text())
+
+
+def test_the_readme_opens_with_its_answer_in_at_most_150_words_and_its_figure():
+    text = (COMMITTED / "README.md").read_text()
+    answer = block_pattern("answer").search(text)
+    assert answer and text.index(answer.group(0)) < text.index("<!-- study:verdicts -->")
+    assert len(answer.group(2).split()) <= 150
+    assert "](forest.png)" in text and (COMMITTED / "forest.png").stat().st_size > 0
 
 
 def test_server_adamw_decays_the_factors_and_steps_by_the_sign_of_the_average():
