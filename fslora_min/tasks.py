@@ -4,6 +4,10 @@
 - "shakespeare": LEAF's next-character task on the shipped plays, one client per speaking role
   (fslora_min/shakespeare.py, `ShakespeareConfig`).
 
+(The linear task, fslora_min/linear.py, is not one of these: its squared loss on one linear map
+does not fit the language-model loss of the federation's clients, so it plays the same round
+with the same Server and Method objects through a small adapter of its own.)
+
 Both give the same `FederatedData` and the same endless pretraining stream of (batch,
 seq_len + 1) token windows, so pretraining, the federation, evaluation and every method run one
 code path whatever the task.
