@@ -279,11 +279,16 @@ class FlexLoRA(ProductMethod):
             out[name] = CompactFactors(b.to(layer.lora_B), a.to(layer.lora_A), sk)
         return out
 
+    def products(self, server: Server, updates: list[ClientUpdate],
+                 downlinks: list[Downlink]) -> dict[str, torch.Tensor]:
+        """The global update dW per module (raFLoRA reweights it by rank partition)."""
+        return client_products(server, updates, downlinks)
+
     def aggregate(self, server: Server, updates: list[ClientUpdate],
                   downlinks: list[Downlink]) -> None:
         server.count_coverage(updates)
         self.svds = {}
-        for name, dw in client_products(server, updates, downlinks).items():
+        for name, dw in self.products(server, updates, downlinks).items():
             layer = server.modules[name]
             self.svds[name] = torch.linalg.svd(dw.double(), full_matrices=False)
             b, a = truncated_factors(self.svds[name], layer.r, layer.scale)
@@ -361,7 +366,7 @@ def stack_factors(server: Server, updates: list[ClientUpdate],
 
 METHODS = ("fslora", "fedavg-min", "fedavg-full", "hetlora", "hetlora-rescaled", "flexlora",
            "flora", "fslora-topk", "fslora-importance", "fed-plora", "flasc", "ffa-lora", "rolora",
-           "fedex-lora")
+           "fedex-lora", "raflora")
 
 
 def make_method(name: str, r: int, init_stream: torch.Generator) -> Method:
@@ -386,6 +391,9 @@ def make_method(name: str, r: int, init_stream: torch.Generator) -> Method:
               "fedex-lora": FedExLoRA}
     if name in recent:
         return recent[name]()
+    if name == "raflora":  # fslora_min/raflora.py builds on FlexLoRA, so it is imported here
+        from fslora_min.raflora import RaFLoRA
+        return RaFLoRA(r, init_stream)
     raise ValueError(f"method must be one of {METHODS}, got {name!r}")
 
 
