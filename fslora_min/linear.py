@@ -127,8 +127,16 @@ def train_linear_client(model: nn.Module, client_id: int, downlink: dict[str, Co
     return client_update(client_id, downlink, {n: (f.b, f.a) for n, f in local.items()}, len(z))
 
 
-def run_linear(cfg: LinearConfig) -> dict:
-    """Play cfg.rounds rounds; the fraction of the target left after every round."""
+def update_spectrum(model: LinearModel) -> list[float]:
+    """Singular values of the global update W - W0 = s B A (W0 as initialised; FLoRA's merges
+    into W0 included), largest first: where its energy sits, rank by rank."""
+    with torch.no_grad():
+        return torch.linalg.svdvals(model.proj.weight + model.proj.delta_weight()).tolist()
+
+
+def run_linear(cfg: LinearConfig, record_every: int = 0) -> dict:
+    """Play cfg.rounds rounds; the fraction of the target left after every round, and with
+    `record_every` > 0 the update's singular values at round 0 and every that many rounds."""
     g = torch.Generator().manual_seed(cfg.seed)
     target = planted_target(cfg, g)
     z = [whitened_design(cfg, g) for _ in cfg.client_ranks]
@@ -141,8 +149,12 @@ def run_linear(cfg: LinearConfig) -> dict:
     model = LinearModel(cfg, global_rank, torch.Generator().manual_seed(cfg.seed + 2))
     server = Server(model, ServerConfig())
     sketch_stream = torch.Generator().manual_seed(cfg.seed + 3)
-    curve = [excess_fraction(model, target)]
-    for _ in range(cfg.rounds):
+    curve, spectra = [excess_fraction(model, target)], {}
+    for t in range(cfg.rounds + 1):
+        if record_every and t % record_every == 0:
+            spectra[t] = update_spectrum(model)
+        if t == cfg.rounds:
+            break
         downlinks = [method.downlink(server, method.sketches(server, k, sketch_stream))
                      for k in trained]
         updates = [method.client_upload(
@@ -151,7 +163,7 @@ def run_linear(cfg: LinearConfig) -> dict:
         method.aggregate(server, updates, downlinks)
         curve.append(excess_fraction(model, target))
     return {"method": cfg.method, "global_rank": global_rank, "trained_ranks": trained,
-            "curve": curve}
+            "curve": curve} | ({"spectra": spectra} if record_every else {})
 
 
 def settled(curve: list[float], window: float = 0.1, tolerance: float = 0.002) -> bool:

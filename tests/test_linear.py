@@ -10,7 +10,7 @@ import torch
 
 from fslora_min.linear import (LinearConfig, LinearModel, measured_fraction, planted_target,
                                run_linear, settled, spectrum, squared_loss, whitened_design)
-from fslora_min.linear_study import predicted, spearman
+from fslora_min.linear_study import predicted, smallest_steps, spearman
 
 SMALL = LinearConfig(m=6, n=6, target_rank=4, rank=4, alpha=4.0, client_ranks=(2, 2),
                      samples=8, rounds=150, lr=0.1)
@@ -39,6 +39,12 @@ def test_plateau_test_fails_on_a_falling_curve():
     assert not settled([0.9 ** t for t in range(30)])
     assert settled([0.5 + 0.5 * 0.5 ** t for t in range(100)])
     assert measured_fraction([1.0] * 90 + [0.2] * 10) == pytest.approx(0.2)
+
+
+def test_the_goal_takes_each_configuration_at_its_smallest_step():
+    rows = [("a", SMALL, 0.5, 0.4, False), ("b", replace(SMALL, lr=0.01), 0.5, 0.49, True),
+            ("c", replace(SMALL, method="hetlora"), 0.25, 0.25, True), ("d", SMALL, None, 1, True)]
+    assert [r[0] for r in smallest_steps(rows)] == ["b", "c"]
 
 
 def test_spearman_averages_ties():
