@@ -634,7 +634,8 @@ def row_table(table: TableSpec, rows: list[Row]) -> str:
     """Per row: chosen point, grid edges, seeds run, loss at each horizon, plateau check."""
     h = table.horizons
     head = ["row", "R", "k_i", "client lr", "server step", "grid edge", "seeds"]
-    head += [f"loss @ {t}" for t in h] + [f"plateau @ {h[2]}", "KiB up/client-round"]
+    head += [f"loss @ {t}" for t in h] + [f"plateau @ {h[2]}", f"diverged @ {h[2]}",
+                                          "KiB up/client-round"]
     body = []
     for row in rows:
         r0 = row.runs[0] if row.runs else None
@@ -645,7 +646,9 @@ def row_table(table: TableSpec, rows: list[Row]) -> str:
                  f"{len(row.runs)} of {len(table.seeds)}"]
         cells += [mean_std([r["curve"][t] for r in row.runs]) for t in h]
         flat = [plateau(r["curve"]) for r in row.runs]
+        gone = diverged_seeds([r["curve"] for r in row.runs], h[2])
         cells += [f"{sum(flat)} of {len(flat)} seeds" if flat else "-",
+                  f"{gone} of {len(flat)} seeds" if flat else "-",
                   f"{r0['bytes_up'] / 1024:.1f}" if r0 else "-"]
         body.append(cells)
     return markdown(head, body)
