@@ -40,6 +40,16 @@ def find(verdicts: list[tuple], table_name: str, a: str, task_name: str = "synth
                 and c["horizon"] == "long")
 
 
+def linear_rows() -> tuple[tuple, tuple]:
+    """The linear task's FSLoRA and HetLoRA rows at the mixed ratios, each at its smallest
+    step: (label, config, predicted, measured, at fixed point)."""
+    from fslora_min.linear_study import MIXED, smallest_steps, study_results
+
+    rows = {r[1].method: r for r in smallest_steps(study_results())
+            if r[1].client_ranks == MIXED and not r[1].heterogeneity}
+    return rows["fslora"], rows["hetlora"]
+
+
 def answer_paragraph(verdicts: list[tuple]) -> str:
     """The README's first paragraph (<= 150 words; tests/test_compare.py counts them)."""
     cells = long_cells(verdicts)
@@ -49,18 +59,21 @@ def answer_paragraph(verdicts: list[tuple]) -> str:
     diverged = [cell_text(t, c) for t, c in cells if c["diverged"]]
     undecided = len(cells) - len(won) - len(lost) - len(diverged)
     ratio, rank = find(verdicts, "sketch_ratio", "k/r=0.75"), find(verdicts, "global_rank", "r=16")
+    fs, het = linear_rows()
     return (
         f"**Does FSLoRA win?** Rarely, and by little. Of its {len(cells)} head-to-head "
-        "comparisons at equal client budgets (long horizons, Holm-corrected), FSLoRA is decided lower than {len(won)}: "
+        f"comparisons at equal budgets (long horizons, Holm-corrected), FSLoRA is decided "
+        f"lower than {len(won)}: "
         f"{', '.join(won) or 'none'}; decided higher than {len(lost)}: "
         f"{', '.join(lost) or 'none'}; {undecided} are inconclusive"
         + (f" and {len(diverged)} diverged ({', '.join(diverged)})" if diverged else "")
         + ". **Why:** on the synthetic task the sketch's noise, not the rank, limits it: "
         f"a larger sketch (k/r 3/4 vs 1/4) lowers the loss by {-ratio['paired'].mean:.3f} "
         f"({ratio['verdict']}), while a larger global rank at k = 4 (r = 16 vs 4) raises it by "
-        f"{rank['paired'].mean:.3f} ({rank['verdict']}). Whether FSLoRA's extra ranks pay "
-        "where rank binds is not yet shown: the planted task's verdicts measure its prefix "
-        "(issue 30), and the linear task (results/linear/) tests the mechanism alone.\n")
+        f"{rank['paired'].mean:.3f} ({rank['verdict']}). On the exact linear task "
+        f"(results/linear/), FSLoRA at mixed ratios leaves {fs[3]:.2f} of a flat target, "
+        f"HetLoRA {het[3]:.2f}, as predicted ({fs[2]:.2f}, {het[2]:.2f}): the sketch shrinks "
+        "every rank. Planted-task verdicts measure the prefix (issue 30).\n")
 
 
 def plot_forest(verdicts: list[tuple], path: Path) -> None:

@@ -143,14 +143,21 @@ def plot(results: list, path: Path) -> None:
     plt.close(fig)
 
 
-def main() -> None:
-    OUT.mkdir(parents=True, exist_ok=True)
-    results = []
+def study_results() -> list[tuple[str, LinearConfig, float | None, float, bool]]:
+    """(label, config, predicted, measured, at fixed point) per row, the runs from the log
+    (trained and logged when missing)."""
+    out = []
     for label, cfg in rows():
         curve = cached_run(cfg, OUT / "runs.jsonl")["curve"]
-        results.append((label, cfg, predicted(cfg), measured_fraction(curve), settled(curve)))
-        print(f"{label:40s} predicted {results[-1][2]}  measured {results[-1][3]:.4f}  "
-              f"at fixed point {results[-1][4]}", flush=True)
+        out.append((label, cfg, predicted(cfg), measured_fraction(curve), settled(curve)))
+    return out
+
+
+def main() -> None:
+    OUT.mkdir(parents=True, exist_ok=True)
+    results = study_results()
+    for label, _, pred, meas, flat in results:
+        print(f"{label:40s} predicted {pred}  measured {meas:.4f}  at fixed point {flat}")
     goal = smallest_steps(results)
     worst = max(abs(m - p) for _, _, p, m, _ in goal)
     rho = spearman([p for _, _, p, _, _ in goal], [m for _, _, _, m, _ in goal])

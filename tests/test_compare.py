@@ -277,7 +277,7 @@ def test_the_readme_opens_with_its_answer_in_at_most_150_words_and_its_figure():
     text = (COMMITTED / "README.md").read_text()
     answer = block_pattern("answer").search(text)
     assert answer and text.index(answer.group(0)) < text.index("<!-- study:verdicts -->")
-    assert len(answer.group(2).split()) <= 150
+    assert len(answer.group(2).split()) <= 150 and "{" not in answer.group(2)  # all filled
     assert "](forest.png)" in text and (COMMITTED / "forest.png").stat().st_size > 0
 
 
