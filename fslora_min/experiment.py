@@ -61,7 +61,8 @@ class ExperimentConfig:
                   "without / with 1/pi reweighting; fed-plora: k_i random ranks trained, the "
                   "rest folded into W0; flasc: dense rank-r local LoRA, top-k messages of "
                   "FSLoRA's bytes; ffa-lora / rolora / fedex-lora (rank min_i k_i): A frozen / "
-                  "A and B in alternate rounds / the averaging residual folded into W0",
+                  "A and B in alternate rounds / the averaging residual folded into W0; raflora: "
+                  "flexlora with each rank index averaged over the clients holding it",
         choices=METHODS)
     # unset: the paper's ratios, unless rank_distribution is given
     ratios: list[float] | None = knob(None, "sketching ratios k_i / r in (0, 1], given to "

@@ -276,11 +276,16 @@ class FlexLoRA(ProductMethod):
             out[name] = CompactFactors(b.to(layer.lora_B), a.to(layer.lora_A), sk)
         return out
 
+    def products(self, server: Server, updates: list[ClientUpdate],
+                 downlinks: list[Downlink]) -> dict[str, torch.Tensor]:
+        """The global update dW per module (raFLoRA reweights it by rank partition)."""
+        return client_products(server, updates, downlinks)
+
     def aggregate(self, server: Server, updates: list[ClientUpdate],
                   downlinks: list[Downlink]) -> None:
         server.count_coverage(updates)
         self.svds = {}
-        for name, dw in client_products(server, updates, downlinks).items():
+        for name, dw in self.products(server, updates, downlinks).items():
             layer = server.modules[name]
             self.svds[name] = torch.linalg.svd(dw.double(), full_matrices=False)
             b, a = truncated_factors(self.svds[name], layer.r, layer.scale)

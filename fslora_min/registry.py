@@ -1,5 +1,6 @@
 """Every method by name: the names `--method` accepts and the strategy object each stands for
-(FSLoRA and the paper's baselines: fslora_min/methods.py; the later ones: fslora_min/rivals.py)."""
+(FSLoRA and the paper's baselines: fslora_min/methods.py; the later ones: fslora_min/rivals.py,
+and raFLoRA, which builds on FlexLoRA: fslora_min/raflora.py)."""
 
 from __future__ import annotations
 
@@ -7,11 +8,12 @@ import torch
 
 from fslora_min.methods import (FedAvgLoRA, FlexLoRA, FLoRA, HetLoRA, Method, RescaledHetLoRA,
                                 ReweightedImportance, TopKImportance)
+from fslora_min.raflora import RaFLoRA
 from fslora_min.rivals import FedExLoRA, FedPLoRA, FFALoRA, FLASC, RoLoRA
 
 METHODS = ("fslora", "fedavg-min", "fedavg-full", "hetlora", "hetlora-rescaled", "flexlora",
            "flora", "fslora-topk", "fslora-importance", "fed-plora", "flasc", "ffa-lora", "rolora",
-           "fedex-lora")
+           "fedex-lora", "raflora")
 
 
 def make_method(name: str, r: int, init_stream: torch.Generator) -> Method:
@@ -28,6 +30,8 @@ def make_method(name: str, r: int, init_stream: torch.Generator) -> Method:
         return FlexLoRA(r, init_stream)
     if name == "flora":
         return FLoRA(r, init_stream)
+    if name == "raflora":
+        return RaFLoRA(r, init_stream)
     if name == "fslora-topk":
         return TopKImportance()
     if name == "fslora-importance":

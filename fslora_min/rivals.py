@@ -1,5 +1,7 @@
 """The methods published since FSLoRA, as strategy objects of the same loop (fslora_min/methods.py
 says what a `Method` is asked each round): Fed-PLoRA, FLASC, FFA-LoRA, RoLoRA, FedEx-LoRA.
+raFLoRA, FlexLoRA's SVD with rank-partitioned aggregation, is beside them in
+fslora_min/raflora.py.
 
 Each docstring names the paper and the choices we made where it leaves one open. They answer
 questions the FSLoRA paper did not ask (the study's `recent` table, fslora_min/study/).

@@ -7,6 +7,10 @@
   rank-R* update of one layer, so that adapter rank binds (fslora_min/planted.py,
   `PlantedDataConfig`).
 
+(The linear task, fslora_min/linear.py, is not one of these: its squared loss on one linear map
+does not fit the language-model loss of the federation's clients, so it plays the same round
+with the same Server and Method objects through a small adapter of its own.)
+
 All give the same `FederatedData` and the same endless pretraining stream of (batch,
 seq_len + 1) token windows, so pretraining, the federation, evaluation and every method run one
 code path whatever the task.

@@ -16,7 +16,7 @@ import torch.nn as nn
 
 from fslora_min.study.cli import main as compare
 from fslora_min.client import ClientUpdate
-from fslora_min.study.compare import claim_results
+from fslora_min.study.compare import claim_results, holm_correct
 from fslora_min.study.config import COMMITTED, MAIN_METHODS, CompareConfig, task
 from fslora_min.study.readme import README_BLOCKS, block_pattern, duration, readme_blocks
 from fslora_min.study.runs import RunCache, run_key, run_settings, truncate
@@ -156,6 +156,33 @@ def test_claims_pair_the_same_seeds_at_each_horizon():
         assert r["seeds"] == 3 and r["paired"] == want
 
 
+def test_a_diverged_row_is_never_the_other_rows_win_nor_a_plain_inconclusive():
+    """b's loss ends above its start (or is non-finite) by the long horizon: the cells there say
+    `diverged`, never "reproduced" (a below b) nor "inconclusive", and are not in Holm's family;
+    the earlier horizons are decided as usual."""
+    falling = [[3.0 - 0.1 * t - 0.01 * s for t in range(11)] for s in range(3)]
+    rising = [[3.0 - 0.05 * t + (2.0 if t == 10 else 0.0) + 0.02 * s for t in range(11)]
+              for s in range(3)]
+    broken = [c[:10] + [math.inf] for c in falling]
+    table = TableSpec("t", "t", "c", [], [("a", "b")], (0, 1, 2), (2, 5, 10))
+    for b_curves in (rising, broken):
+        rows = {m: Row(m, Choice((0.1, 1.0), ()), {},
+                       [{"seed": s, "curve": c} for s, c in enumerate(curves)])
+                for m, curves in (("a", falling), ("b", b_curves))}
+        results = claim_results(table, rows)
+        holm_correct([(table, results)])
+        short, middle, long = results
+        assert long["verdict"] == long["raw"] == "diverged: b (3 of 3 seeds)"
+        assert long["p_holm"] is None and short["family"] == middle["family"] == 2
+        assert short["verdict"] != long["verdict"]
+    rows = {"a": Row("a", Choice((0.1, 1.0), ()), {},
+                     [{"seed": s, "curve": c} for s, c in enumerate(rising)]),
+            "b": Row("b", Choice((0.1, 1.0), ()), {},
+                     [{"seed": s, "curve": [3.0] * 11} for s in range(3)])}
+    long = claim_results(replace(table, paper=False), rows)[2]
+    assert long["verdict"] == "diverged: a (3 of 3 seeds)"  # not "b lower" either
+
+
 def test_cache_serves_shorter_horizons_and_survives_a_cut_last_line(tmp_path):
     log = tmp_path / "runs.jsonl"
     exp = task(CompareConfig())
@@ -186,6 +213,7 @@ def test_quick_compare_writes_its_tables_and_replays_without_training(tmp_path, 
     runs = [json.loads(line)["summary"]
             for line in (out / "runs.jsonl").read_text().splitlines()]
     assert {r["seed"] for r in runs if r["method"] == "hetlora"} == {0, 1, 100, 101}
+    assert f"`--quick` ({len(runs)} runs of 3 rounds" in (COMMITTED / "README.md").read_text()
     sitting, = [json.loads(line) for line in (out / "sittings.jsonl").read_text().splitlines()]
     assert sitting["tables"] == ["main"] and sitting["runs_trained"] == len(runs)
     before = (out / "runs.jsonl").read_text()
@@ -237,6 +265,24 @@ def test_readmes_match_the_committed_runs():
             assert found.group(2) == blocks[name], (
                 f"{path}'s {name} block differs from the committed runs: "
                 f"run python -m fslora_min compare --readme")
+    # the prose's counts of decisions before and after Holm, per task
+    cells = [line.split(" | ") for line in blocks["verdicts"].splitlines()[2:]]
+    counts = []
+    for task_name in ("synthetic", "planted", "shakespeare"):
+        mine = [c for c in cells if c[1] == task_name and not c[-1].startswith("diverged")]
+        counts += [sum(c[-2] not in ("inconclusive", "pending") for c in mine),
+                   sum(c[-1] not in ("inconclusive |", "pending |") for c in mine)]
+    assert ("(synthetic: {} raw decisions, {} after Holm; planted: {}, {}; Shakespeare: {}, {}; "
+            "one\nShakespeare cell diverged)".format(*counts)
+            in (COMMITTED / "README.md").read_text())
+
+
+def test_the_readme_opens_with_its_answer_in_at_most_150_words_and_its_figure():
+    text = (COMMITTED / "README.md").read_text()
+    answer = block_pattern("answer").search(text)
+    assert answer and text.index(answer.group(0)) < text.index("<!-- study:verdicts -->")
+    assert len(answer.group(2).split()) <= 150 and "{" not in answer.group(2)  # all filled
+    assert "](forest.png)" in text and (COMMITTED / "forest.png").stat().st_size > 0
 
 
 def test_server_adamw_decays_the_factors_and_steps_by_the_sign_of_the_average():

@@ -14,8 +14,9 @@ Protocol, for every row of every table:
 2. Evaluation: the chosen point on every evaluation seed to the long horizon, the global
    held-out loss recorded every round. Seed s sets DataConfig.seed (topics, base model,
    partition, held-out sets) and FederationConfig.seed (participants, sketches, minibatches).
-3. Claims "a < b": the paired difference L_a(s) - L_b(s) over the seeds, its 95% t-interval and
-   verdict at the short, middle and long horizon.
+3. Claims "a < b": the paired difference L_a(s) - L_b(s) over the seeds, its 95% t-interval,
+   p-value and verdict at the short, middle and long horizon, Holm-corrected over the task's
+   claims x horizons (a cell where a row diverged is marked and left out of the family).
 
 Every run is cached (RunCache) under a key of exactly what can change its numbers (the whole
 experiment config but the output folder, the task, CODE_VERSION); a run to T rounds also serves
@@ -28,6 +29,7 @@ Each task writes into a folder of its own (OUT/TASK/): its runs, tables, grids, 
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from dataclasses import replace
@@ -38,14 +40,19 @@ from tqdm import tqdm
 
 from fslora_min.study.config import COMMITTED, CompareConfig, task
 from fslora_min.study.profiles import budget_table
-from fslora_min.study.protocol import NOT_REPRODUCED, REPRODUCED, paired_interval, verdict
+from fslora_min.study.protocol import (NOT_REPRODUCED, REPRODUCED, diverged_seeds, holm,
+                                       paired_interval, verdict)
 from fslora_min.study.report import grid_table, table_markdown, verdict_table, write_atomic
 from fslora_min.study.runs import RunCache
 from fslora_min.study.tables import TableSpec, build_tables
 from fslora_min.study.tuning import Row, evaluate_row
 
+
 def claim_results(table: TableSpec, rows: dict[str, Row]) -> list[dict]:
-    """Per claim and horizon: the paired difference's interval and verdict (None: < 2 seeds)."""
+    """Per claim and horizon: the paired difference's interval, its raw p-value and verdict
+    (None and "pending": < 2 seeds), and which rows diverged by then (a diverged cell's verdict
+    says so and holm_correct leaves it out of the family). The corrected verdict comes from
+    holm_correct, over the whole task."""
     out = []
     for a, b in table.claims:
         ra = {r["seed"]: r["curve"] for r in rows[a].runs}
@@ -53,20 +60,44 @@ def claim_results(table: TableSpec, rows: dict[str, Row]) -> list[dict]:
         seeds = sorted(set(ra) & set(rb))
         for name, h in zip(("short", "middle", "long"), table.horizons):
             p = paired_interval([ra[s][h] - rb[s][h] for s in seeds]) if len(seeds) >= 2 else None
-            word = verdict(p) if p else "pending"
-            if not table.paper:  # no claim to reproduce: say which row is lower
-                word = {REPRODUCED: f"{a} lower", NOT_REPRODUCED: f"{b} lower"}.get(word, word)
+            gone = [f"{label} ({k} of {len(curves)} seeds)" for label, curves in
+                    ((a, [ra[s] for s in seeds]), (b, [rb[s] for s in seeds]))
+                    if (k := diverged_seeds(curves, h))]
+            raw = ("diverged: " + ", ".join(gone) if gone and p else
+                   claim_word(table, a, b, verdict(p)) if p else "pending")
             out.append({"a": a, "b": b, "horizon": name, "rounds": h, "seeds": len(seeds),
-                        "paired": p, "verdict": word})
+                        "tuned": table.horizons[1], "paired": p, "diverged": bool(gone),
+                        "raw": raw, "p_holm": None, "family": 0, "verdict": raw})
     return out
 
 
+def claim_word(table: TableSpec, a: str, b: str, word: str) -> str:
+    """A verdict in the table's words: the paper's claim reproduced or not, or (a table of
+    questions the paper did not ask) which row is lower."""
+    if table.paper:
+        return word
+    return {REPRODUCED: f"{a} lower", NOT_REPRODUCED: f"{b} lower"}.get(word, word)
+
+
+def holm_correct(results: list[tuple[TableSpec, list[dict]]]) -> None:
+    """Holm's correction over one task's claims x horizons (protocol.holm): every cell with a
+    finite p-value and no diverged row is in the family; its `verdict` becomes the corrected
+    one (`raw` keeps the uncorrected). Diverged and pending cells keep their word."""
+    family = [(table, c) for table, claims in results for c in claims
+              if c["paired"] and not c["diverged"] and math.isfinite(c["paired"].p)]
+    for (table, c), adjusted in zip(family, holm([c["paired"].p for _, c in family])):
+        c["p_holm"], c["family"] = adjusted, len(family)
+        c["verdict"] = claim_word(table, c["a"], c["b"], verdict(c["paired"], adjusted))
+
+
 def study(cfg: CompareConfig, cache: RunCache) -> list[tuple[TableSpec, list[Row], list[dict]]]:
-    """Every table of cfg: its rows tuned and evaluated (from the cache or trained), its claims."""
+    """Every table of cfg: its rows tuned and evaluated (from the cache or trained), its claims,
+    Holm-corrected over all of them (so over the task's when cfg names no tables)."""
     out = []
     for table in build_tables(cfg):
         rows = {r.label: evaluate_row(r, table, cfg, cache) for r in table.rows}
         out.append((table, list(rows.values()), claim_results(table, rows)))
+    holm_correct([(table, claims) for table, _, claims in out])
     return out
 
 
@@ -81,8 +112,13 @@ def run_compare(cfg: CompareConfig, train: bool = True, figures: bool = True) ->
     start = time.perf_counter()
     results = study(cfg, cache)
     bar.close()
+    if cfg.tables:  # Holm's family and verdicts.md are the task's: replay the rest, train none
+        cache.train = False
+        results = study(replace(cfg, tables=()), cache)
     budgets_md = budget_table(task(cfg))[0]
     for table, rows, claims in results:
+        if table.name not in cfg.table_names:
+            continue
         runs = [r for row in rows for r in row.runs] + [
             r for row in rows for rs in row.grid.values() for r in rs if r is not None]
         text = table_markdown(table, rows, cfg, claims, len(runs),
@@ -92,9 +128,6 @@ def run_compare(cfg: CompareConfig, train: bool = True, figures: bool = True) ->
         write_atomic(out / f"{table.name}.grid.md", grid_table(table, rows, cfg.tune_seeds))
         if figures:
             draw(table, rows, out)
-    if cfg.tables:  # verdicts.md holds every table of the task: replay the others, train none
-        cache.train = False
-        results = study(replace(cfg, tables=()), cache)
     write_atomic(out / "verdicts.md",
                  verdict_table([(t, cfg.task, c) for t, _, c in results]))
     wall = time.perf_counter() - start

@@ -1,5 +1,6 @@
-"""The study's blocks in results/compare/README.md and README.md (verdicts, status, sittings,
-summary), every number from the committed runs: `python -m fslora_min compare --readme`."""
+"""The study's blocks in results/compare/README.md and README.md (answer, verdicts, status,
+sittings, summary) and the answer's forest plot, every number from the committed runs:
+`python -m fslora_min compare --readme`."""
 
 from __future__ import annotations
 
@@ -8,13 +9,14 @@ import os
 import re
 from pathlib import Path
 
+from fslora_min.study import answer
 from fslora_min.study.compare import study
 from fslora_min.study.config import COMMITTED, STUDY_TASKS, CompareConfig
-from fslora_min.study.report import markdown, verdict_table, write_atomic
+from fslora_min.study.report import claim_cells, markdown, verdict_table, write_atomic
 from fslora_min.study.runs import RunCache
 from fslora_min.study.tuning import planned_rounds
 
-README_BLOCKS = {COMMITTED / "README.md": ("verdicts", "status", "sittings"),
+README_BLOCKS = {COMMITTED / "README.md": ("answer", "verdicts", "status", "sittings"),
                  COMMITTED.parents[1] / "README.md": ("summary",)}
 
 
@@ -22,9 +24,9 @@ def block_pattern(name: str) -> re.Pattern:
     return re.compile(rf"(<!-- study:{name} -->\n)(.*?)(<!-- /study:{name} -->)", re.S)
 
 
-def readme_blocks() -> dict[str, str]:
+def readme_blocks(forest: Path | None = None) -> dict[str, str]:
     """{block name: its text}, every number from the committed runs (the default study,
-    replayed without training)."""
+    replayed without training); with `forest`, the answer's forest plot drawn there."""
     verdicts, status, summary, logged = [], [], [], []
     for task_name in STUDY_TASKS:
         cfg = CompareConfig(task=task_name)
@@ -41,7 +43,7 @@ def readme_blocks() -> dict[str, str]:
                            str(len(tuning)), str(planned_rounds(table, cfg)), str(rounds),
                            f"{seconds:.0f}", f"{seconds / rounds:.2f}" if rounds else "-"])
             summary += [[f"{c['a']} < {c['b']}", task_name, table.condition, str(c["rounds"]),
-                         c["paired"].text() if c["paired"] else "-", c["verdict"]]
+                         *(claim_cells(c)[i] for i in (3, 5)), c["verdict"]]
                         for c in claims if c["horizon"] == "long"
                         and table.name in ("main", "planted_small")]
     sittings = [[", ".join(f"`{t}`" for t in r["tables"]), task_name, r["finished"],
@@ -49,17 +51,22 @@ def readme_blocks() -> dict[str, str]:
                 for task_name in STUDY_TASKS
                 for r in read_jsonl(COMMITTED / task_name / "sittings.jsonl")]
     rounds, seconds = sum(len(r["curve"]) - 1 for r in logged), sum(r["wall"] for r in logged)
-    return {"verdicts": verdict_table(verdicts),
+    cpu = sum(r["cpu_s"] for t in STUDY_TASKS for r in read_jsonl(COMMITTED / t / "sittings.jsonl"))
+    if forest is not None:
+        answer.plot_forest(verdicts, forest)
+    return {"answer": answer.answer_paragraph(verdicts), "verdicts": verdict_table(verdicts),
             "status": markdown(["table", "task", "evaluation runs", "tuning runs",
                                 "planned rounds", "rounds run", "training s", "s / round"],
                                status)
             + f"\nEvery committed run ({len(logged)} in the three logs, runs no table uses "
-              f"included): {rounds} rounds, {seconds:.0f} s of training "
-              f"({seconds / 3600:.1f} h of one core).\n",
+              f"included): {rounds} rounds, {seconds:.0f} s of training summed over the runs' "
+              f"wall times ({seconds / 3600:.1f} h; each run on 1 thread of a shared, contended "
+              f"CPU, so not CPU time); the sittings below that trained them used {cpu} s of CPU "
+              f"({cpu / 3600:.1f} h).\n",
             "sittings": markdown(["tables", "task", "finished", "wall", "CPU (user + system)",
                                   "runs trained"], sittings),
             "summary": markdown(["claim a < b", "task", "condition", "rounds (long horizon)",
-                                 "a - b [95% CI]", "verdict"], summary)}
+                                 "a - b [95% CI]", "p (Holm)", "verdict (Holm)"], summary)}
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -87,7 +94,7 @@ def fill_blocks(text: str, blocks: dict[str, str], names: tuple[str, ...]) -> st
 
 def update_readmes() -> None:
     """Rewrite the study's blocks in results/compare/README.md and README.md."""
-    blocks = readme_blocks()
+    blocks = readme_blocks(forest=COMMITTED / "forest.png")
     for path, names in README_BLOCKS.items():
         write_atomic(path, fill_blocks(path.read_text(), blocks, names))
         print(f"wrote {', '.join(names)} into {path}")

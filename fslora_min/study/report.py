@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
 import numpy as np
 
 from fslora_min.study.config import CompareConfig
-from fslora_min.study.protocol import diverged, plateau
+from fslora_min.study.protocol import diverged, diverged_seeds, plateau
 from fslora_min.study.tables import TableSpec
 from fslora_min.study.tuning import Row
+
 
 def write_atomic(path: Path, text: str) -> None:
     """Write via a temporary file and a rename: a failed write never leaves half a file."""
@@ -32,7 +34,8 @@ def row_table(table: TableSpec, rows: list[Row]) -> str:
     """Per row: chosen point, grid edges, seeds run, loss at each horizon, plateau check."""
     h = table.horizons
     head = ["row", "R", "k_i", "client lr", "server step", "grid edge", "seeds"]
-    head += [f"loss @ {t}" for t in h] + [f"plateau @ {h[2]}", "KiB up/client-round"]
+    head += [f"loss @ {t}" for t in h] + [f"plateau @ {h[2]}", f"diverged @ {h[2]}",
+                                          "KiB up/client-round"]
     body = []
     for row in rows:
         r0 = row.runs[0] if row.runs else None
@@ -43,17 +46,30 @@ def row_table(table: TableSpec, rows: list[Row]) -> str:
                  f"{len(row.runs)} of {len(table.seeds)}"]
         cells += [mean_std([r["curve"][t] for r in row.runs]) for t in h]
         flat = [plateau(r["curve"]) for r in row.runs]
+        gone = diverged_seeds([r["curve"] for r in row.runs], h[2])
         cells += [f"{sum(flat)} of {len(flat)} seeds" if flat else "-",
+                  f"{gone} of {len(flat)} seeds" if flat else "-",
                   f"{r0['bytes_up'] / 1024:.1f}" if r0 else "-"]
         body.append(cells)
     return markdown(head, body)
 
 
+CLAIM_HEAD = ["horizon (rounds)", "rows tuned at", "seeds", "a - b [95% CI]", "p",
+              "p (Holm)", "verdict (raw)", "verdict (Holm)"]
+
+
+def claim_cells(c: dict) -> list[str]:
+    """A claim's cells after its name: horizon, the rounds every row was tuned at, seeds, the
+    interval, raw and Holm-adjusted p (holm_correct), raw and corrected verdicts."""
+    p = c["paired"]
+    return [f"{c['horizon']} ({c['rounds']})", str(c["tuned"]), str(c["seeds"]),
+            p.text() if p else "-", f"{p.p:.2g}" if p and math.isfinite(p.p) else "-",
+            f"{c['p_holm']:.2g}" if c["p_holm"] is not None else "-", c["raw"], c["verdict"]]
+
+
 def claim_table(results: list[dict]) -> str:
-    return markdown(["claim a < b", "horizon", "seeds", "a - b [95% CI]", "verdict"],
-                    [[f"{c['a']} < {c['b']}", f"{c['horizon']} ({c['rounds']})",
-                      str(c["seeds"]), c["paired"].text() if c["paired"] else "-", c["verdict"]]
-                     for c in results])
+    return markdown(["claim a < b", *CLAIM_HEAD],
+                    [[f"{c['a']} < {c['b']}", *claim_cells(c)] for c in results])
 
 
 def grid_table(table: TableSpec, rows: list[Row], tune_seeds: tuple[int, ...]) -> str:
@@ -88,16 +104,26 @@ def table_markdown(table: TableSpec, rows: list[Row], cfg: CompareConfig, claims
             f"H = {cfg.local_steps}, batch {cfg.batch_size}, alpha = {cfg.lora_alpha:g}, "
             f"r = {cfg.rank}. Status: {status}; {runs} runs, {seconds:.0f} s of training "
             f"(sum of the runs' wall times, 1 torch thread each).\n\n"
-            + row_table(table, rows) + "\n## Claims\n\n" + claim_table(claims)
+            + row_table(table, rows) + "\n## Claims\n\n" + claims_note(claims)
+            + claim_table(claims)
             + f"\nThe whole tuning grid: `{table.name}.grid.md`.\n")
     return text + (f"\n## Client budgets from device profiles\n\n{budgets_md}" if budgets_md
                    else "")
 
 
+def claims_note(claims: list[dict]) -> str:
+    """What the claim columns mean: one tuning horizon for all three, Holm over the task."""
+    family = max((c["family"] for c in claims), default=0)
+    return ("Every row is tuned once, at the middle horizon (\"rows tuned at\"), and that "
+            "choice is evaluated at all three horizons. \"p\" is the paired t-test's two-sided "
+            f"p-value; \"p (Holm)\" is Holm's adjustment over the task's {family} tested claim x "
+            "horizon cells (verdicts.md), and \"verdict (Holm)\" decides where it is <= 0.05. A "
+            "cell whose row diverged by that horizon (a seed's loss non-finite or above its "
+            "start) says `diverged` and is left out of the family.\n\n")
+
+
 def verdict_table(results: list[tuple[TableSpec, str, list[dict]]]) -> str:
     """The study's verdicts: claim x condition (task, horizon, training) -> verdict."""
-    body = [[f"{c['a']} < {c['b']}", task_name, table.condition, f"{c['horizon']} ({c['rounds']})",
-             str(c["seeds"]), c["paired"].text() if c["paired"] else "-", c["verdict"]]
+    body = [[f"{c['a']} < {c['b']}", task_name, table.condition, *claim_cells(c)]
             for table, task_name, claims in results for c in claims]
-    return markdown(["claim a < b", "task", "condition", "horizon (rounds)", "seeds",
-                     "a - b [95% CI]", "verdict"], body)
+    return markdown(["claim a < b", "task", "condition", *CLAIM_HEAD], body)
