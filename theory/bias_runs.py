@@ -137,7 +137,7 @@ def sketched_gd_minimum(ranks: tuple[int, ...], spectrum: tuple[float, ...], r: 
     return float(problem.sketched_loss(x)), float(plain)
 
 
-def standard_error(excess: np.ndarray, blocks: int = 8) -> float:
+def standard_error(excess: np.ndarray, blocks: int = 4) -> float:
     """The standard error of `observed_fixed_point` from the spread of `blocks` block means of
     the last quarter (the sketches keep FSLoRA moving: its mean fluctuates by a few %)."""
     late = excess[-len(excess) // 4:]
@@ -226,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = script_parser(__doc__)
     args = parser.parse_args(argv)
     setup(args.seed)
-    rounds, gd_steps = (1000, 1500) if args.quick else (4000, 6000)
+    rounds, gd_steps = (2000, 1500) if args.quick else (4000, 6000)
     spectrum = SimConfig.spectrum
     cfgs = {"k=2 of r=8": SimConfig(client_ranks=(2,) * 4, rounds=rounds, seed=args.seed),
             # lr 0.05: a rank-1 FedAvg-LoRA (scale alpha / 1 = 8) diverges at 0.1; 6x the
