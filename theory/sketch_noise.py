@@ -56,7 +56,10 @@ RESULTS = os.path.join(os.path.dirname(__file__), "results", "sketch_noise.json"
 READMES = (os.path.join(os.path.dirname(__file__), "README.md"),
            os.path.join(os.path.dirname(os.path.dirname(__file__)), "docs", "method.md"))
 FIGURE = "sketch_noise_over_H.png"
-RTOL = 0.1  # measured against the linear model: beyond 3 standard errors over the seeds
+# measured against the linear model: one run's late mean is carried by a few slowly mixing modes,
+# so it is skewed and spread (~70% of the mean across 32 seeds in a trial; 8 seeds underestimate
+# that spread); 0.6 still fails a floor without the extra H (off by H) from H = 3 on
+RTOL = 0.6
 R, K, N = 8, 6, 2
 SPECTRUM = (1.0, 0.5)
 
@@ -367,7 +370,7 @@ def figure(res: dict):
     grid = [r for r in res["rows"] if not r["long"]]
     H = np.array([r["H"] for r in grid])
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
-    ax.loglog(H, [r["late_mean"] for r in grid], "o", ms=8, label="measured (2nd-half mean)")
+    ax.plot(H, [r["late_mean"] for r in grid], "o", ms=8, label="measured (2nd-half mean)")
     ax.loglog(H, [r["linear_late"] for r in grid], "x", ms=8, label="linear model, same rounds")
     ax.loglog(H, [r["floor"] for r in grid], "-", label="floor gamma H tr(hess Sigma_s)/(2N)")
     ax.loglog(H, [r["restated"] for r in grid], "--", label="Theorem 4.4 as restated")
@@ -375,8 +378,9 @@ def figure(res: dict):
     long = next(r for r in res["rows"] if r["long"])
     ax.loglog([long["H"]], [long["run_mean"]], "s", mfc="none", ms=11,
               label=f"long run: mean over all {long['rounds']} rounds")
-    ax.axvline(res["crossing_H"], color="gray", lw=0.8)
-    ax.set(xlabel="local steps H (one fixed gamma)", ylabel="E ||grad f^S||^2",
+    ax.axvline(res["crossing_H"], color="gray", lw=0.8, label=f"H* = {res['crossing_H']:.0f}")
+    ax.set(xscale="log", yscale="log", xlabel="local steps H (one fixed gamma; the small H: "
+           "runs far shorter than their relaxation)", ylabel="E ||grad f^S||^2",
            title="Sketch noise held for H steps: the floor grows like H")
     ax.legend(fontsize=8)
     return fig
