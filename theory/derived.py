@@ -103,9 +103,9 @@ def report(label: str, problem: LSQProblem, out: Outcome, H: int, effort: Effort
     print(f"  at the tightest T = {t + 1}: observed {out.observed[t]:.4g}, bound {bound[t]:.4g} "
           f"(ratio {out.observed[t] / bound[t]:.3g}); at T = {T}: observed "
           f"{out.observed[-1]:.4g}, bound {bound[-1]:.4g}")
-    for name, value in terms.items():  # looseness: the term alone over the observed average
-        print(f"    {name:<14} {float(value):10.4g}  ({float(value) / bound[t]:6.1%}; looseness "
-              f"{float(value) / out.observed[t]:.3g})")
+    for name, value in terms.items():  # the term alone over the observed average
+        print(f"    {name:<14} {float(value):10.4g}  ({float(value) / bound[t]:6.1%}; term / "
+              f"observed {float(value) / out.observed[t]:.3g})")
     visited = smoothness_L(problem, torch.stack(out.points), effort.power_iters, g,
                            sketched=False)
     print(f"  L over the {len(out.points)} visited X alone: {visited:.4g}; over X and every P_S X:"

@@ -4,7 +4,7 @@ S_i is drawn once per round and held for all H local steps, so the sketch noise 
 adds up coherently: H s_i, variance H^2 sigma_s^2 / N per round (theory/README.md, step 3).
 Near a minimiser X* of f^S, with no data noise and identical clients, a round is then
 
-    X^{t+1} - X* ~ (I - gamma H hess) (X^t - X*) - gamma H s_bar,   E||s_bar s_bar^T|| = Sigma_s / N
+    X^{t+1} - X* ~ (I - gamma H hess) (X^t - X*) - gamma H s_bar,   E[s_bar s_bar^T] = Sigma_s / N
 
 and the stationary floor of E||grad f^S||^2 is (`linearised_floor`)
 
@@ -20,9 +20,11 @@ At one fixed gamma within its condition at the largest H, the floor must cross i
 unless the theorem holds for another reason. Here sigma_g = sigma_h = 0 (full-batch local
 gradients, every client the same data and the same k), X^0 = argmin f^S (so the gap term is 0),
 least squares m = n = r = 8, k = 6 (k/r = 3/4), N = 2, a planted (1.0, 0.5) target, whitened
-inputs. Every H of a log grid runs at the same gamma, several seeds each, for the same number
-of local steps, all batched in one numpy loop (`run_chains`; it equals theory.fslora_iteration
-step for step: tests/test_theory.py). The measured mean of ||grad f^S(X^t)||^2 over the second
+inputs. Every H of a log grid runs at the same gamma, several seeds each batched in one numpy
+loop (`run_chains`, closed-form gradients; a round equals autograd steps on theory.lsq_problem's
+F(W0 + s B S A): tests/test_theory.py), for at most `Sweep.steps` local steps and
+`Sweep.rounds` rounds: the small H stay far from their floor, and are compared with the linear
+model over their own rounds. The measured mean of ||grad f^S(X^t)||^2 over the second
 half of the rounds is printed beside (i) the restated bound, (ii) the derived bound (its
 sketch-noise term 6 gamma H L_s sigma_s^2 / N), (iii) the linearised floor, exact from every
 sketch enumerated at X*, and (iv) the linear model's prediction at the run's own length.
@@ -33,7 +35,6 @@ sketch enumerated at X*, and (iv) the linear model's prediction at the run's own
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import dataclass, replace
 
@@ -139,12 +140,16 @@ def sketch_noise_moments(problem: LSQProblem, x: torch.Tensor) -> tuple[torch.Te
     return hess, grads - grads.mean(0)
 
 
+def trace_hess_sigma(hess: torch.Tensor, noise: torch.Tensor) -> float:
+    """tr(hess f^S Sigma_s) = E_S[s^T hess s], exact over the enumerated sketch noises (C, p)."""
+    return float(torch.einsum("cp,pq,cq->c", noise, hess, noise).mean())
+
+
 def linearised_floor(hess: torch.Tensor, noise: torch.Tensor, gamma: float, H: int,
                      n_clients: int) -> float:
     """gamma H tr(hess f^S Sigma_s) / (2N), Sigma_s = E_S s s^T: the stationary E||grad f^S||^2
     of the linearised round X <- X - gamma H (hess X + s_bar) (first order in gamma H)."""
-    tr = float(torch.einsum("cp,pq,cq->c", noise, hess, noise).mean())
-    return gamma * H * tr / (2 * n_clients)
+    return gamma * H * trace_hess_sigma(hess, noise) / (2 * n_clients)
 
 
 def linear_model_average(hess: torch.Tensor, noise: torch.Tensor, gamma: float, H: int,
@@ -268,7 +273,7 @@ def results(sweep: Sweep, seed: int, g: torch.Generator) -> dict:
     rows, points = sweep_rows(q, x_star, hess, noise, gamma, sweep, seed)
     c = sweep_constants(problem, [x_star.numpy()] + points[:: max(1, len(points) // 24)],
                         f_star, 60, g)
-    tr = float(torch.einsum("cp,pq,cq->c", noise, hess, noise).mean())
+    tr = trace_hess_sigma(hess, noise)
     return add_bounds({"seed": seed, "gamma": gamma, "N": N, "r": R, "k": K, "spectrum": list(SPECTRUM),
             "seeds": sweep.seeds, "H_max": H_max, "restated_up_to": sweep.restated_up_to,
             "gamma_max_theorem": max_step(c, H_max), "gamma_max_derived": derived_max_step(c, H_max),

@@ -196,7 +196,7 @@ ax.legend(fontsize=8);
 sn_problem = sketch_noise.sketch_noise_problem(SEED)
 x_star = sn_problem.x0 = sketch_noise.sketched_minimiser(sn_problem, 3000 if FAST else 20000)
 hess, noise = sketch_noise.sketch_noise_moments(sn_problem, x_star)
-tr = float(torch.einsum("cp,pq,cq->c", noise, hess, noise).mean())
+tr = sketch_noise.trace_hess_sigma(hess, noise)
 print(f"at X*: ||grad f^S||^2 = {float(sn_problem.sketched_grad(x_star).pow(2).sum()):.1e}, "
       f"sigma_s^2 = {float(noise.pow(2).sum(1).mean()):.4f}, tr(hess Sigma_s) = {tr:.4f}")
 H_run = 16
