@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from theory import bias_runs, convergence, corollary, derived, noise, sketch_moments, smoothness
+from theory import (bias_runs, bound, convergence, corollary, derived, noise, sketch_moments,
+                    sketch_noise, smoothness)
 from theory.bound import (BoundConstants, L_bar, L_tilde, bound_terms, convergence_bound,
                           corollary_min_rounds, corollary_step, derived_bound,
                           derived_bound_terms, derived_max_step, derived_step_conditions,
@@ -356,12 +357,24 @@ def test_derived_theorem_holds_at_its_step_and_fails_with_wrong_constants(monkey
     assert not derived.derived_checks("run", out, 2, {"L_s": 10.0})[-1].ok
     # the drift step: mean_i L_i^2 exceeds L L_bar, so the L_bar variant does not follow; with
     # the paper's plain L for each client's fixed sketch it would not, and the check fails
-    drift, _ = derived.drift_step_checks("run", problem, out, 30, g)
+    drift, _ = derived.drift_step_checks("run", problem, out, 2, 30, g)
     assert all(c.ok for c in drift)
-    monkeypatch.setattr(derived, "fixed_sketch_constants",
-                        lambda problem, *a: np.full(problem.N, out.constants.L))
-    drift, _ = derived.drift_step_checks("run", problem, out, 30, g)
-    assert not drift[0].ok
+    with monkeypatch.context() as m:
+        m.setattr(derived, "fixed_sketch_constants",
+                  lambda problem, *a: np.full(problem.N, out.constants.L))
+        drift, _ = derived.drift_step_checks("run", problem, out, 2, 30, g)
+        assert not drift[1].ok
+    # mutations of the constants, each caught by the measured fixed-sketch smoothness:
+    # C2 with the paper's plain L (in place of max_i (r/k_i) L), and L_tilde = L
+    with monkeypatch.context() as m:
+        m.setattr(bound, "fixed_sketch_smoothness",
+                  lambda c: np.full(c.N, c.L))
+        drift, _ = derived.drift_step_checks("run", problem, out, 2, 30, g)
+        assert not drift[0].ok and "C2" in drift[0].name
+    with monkeypatch.context() as m:
+        m.setattr(derived, "L_tilde", lambda c: c.L)
+        drift, _ = derived.drift_step_checks("run", problem, out, 2, 30, g)
+        assert not drift[2].ok and "L L_tilde" in drift[2].name
 
 
 def test_corollary_rate_over_N_and_H_and_without_its_N(monkeypatch):
@@ -404,3 +417,161 @@ def test_global_sketched_objective_at_mixed_ratios():
     assert not smoothness.mixed_checks(m, 0.1)[0].ok
     assert not all(c.ok for c in smoothness.mixed_checks(m, 0.5)[1:])
     assert m["L_s"] < m["L_bar"] < m["L_tilde"]
+
+
+def test_step_10_needs_C2_which_theorem_4_4_does_not_imply():
+    """README.md step (10): Theorem 4.4's conditions imply C3 and C1, not C2 at mixed ratios
+    (the two cases of issue 28, in units of 1 / L)."""
+    for ratios, H, thm, c2 in (((1 / 8, 1 / 4, 1 / 2, 3 / 4), 2, 0.0180, 0.0147),
+                               ((1 / 8, 1.0, 1.0, 1.0), 1, 0.0407, 0.0295)):
+        c = BoundConstants(L=1.0, sigma_g2=1.0, sigma_s2=1.0, c_h=0.0, sigma_h2=0.0, gap=1.0,
+                           ratios=ratios)
+        cond = derived_step_conditions(c, H)
+        assert max_step(c, H) == pytest.approx(thm, abs=1e-4)
+        assert cond["C2 1/(sqrt(18) H L_max)"] == pytest.approx(c2, abs=1e-4)
+        assert cond["C3 sqrt(5/48)/(H sqrt((c_h+1) L L_tilde))"] > max_step(c, H)
+        assert bound.step_10_max_step(c, H) == pytest.approx(c2, abs=1e-4)
+
+
+def test_sketch_bias_returns_the_best_minimiser_at_ties():
+    """kappa_bar = 1 (every client at k = 1): f^S is flat along splits of the tied top values;
+    the equal split has the same f^S and the smallest excess F."""
+    spectrum = (1.0, 1.0, 0.5)
+    kappa = sketch_penalty_weight(8, (1,) * 4)
+    assert kappa == pytest.approx(1.0)
+    fp = predicted_fixed_point("fslora", spectrum, 8, (1,) * 4)
+    assert fp.singular_values == pytest.approx([0.5, 0.5, 0.0])
+    sigma = np.array(spectrum)
+    one = np.array([1.0, 0.0, 0.0])
+    from theory.sketch_bias import sketched_objective
+    assert fp.objective_excess == pytest.approx(sketched_objective(one, sigma, kappa))
+    assert fp.excess_loss == pytest.approx(0.375) and 0.5 * ((one - sigma) ** 2).sum() == 0.625
+
+
+def test_checks_that_hold_by_construction_say_so(capsys):
+    from theory.report import print_checks
+    print_checks("t", [Check("a", 1.0, 1.0, construction=True), Check("b", 0.5, 1.0)])
+    out = capsys.readouterr().out
+    rows = out.splitlines()[3:5]
+    assert "[by construction]" in rows[0] and "[by construction]" not in rows[1]
+    assert exit_code([Check("a", 1.0, 1.0, construction=True)]) == 0
+
+
+def test_sketch_noise_closed_forms_against_autograd_over_every_sketch():
+    """The sweep's numpy FSLoRA: grad f^S in closed form (E_S[S M S] = Q o M) against autograd
+    on f^S averaged over every index set, and one round of compact steps against autograd
+    steps on F(W0 + s B S A), float64."""
+    setup(0)
+    problem = sketch_noise.sketch_noise_problem()
+    q = sketch_noise.Quadratic.of(problem)
+    g = torch.Generator().manual_seed(0)
+    x = problem.x0 + 0.3 * torch.randn(problem.x0.shape, generator=g)
+    B, A = q.split(x.numpy())
+    gB, gA = q.sketched_grad(B, A)
+    assert np.concatenate([gB.ravel(), gA.ravel()]) == pytest.approx(
+        problem.sketched_grad(x).numpy(), abs=1e-13)
+    idx = np.array([[0, 1, 2, 3, 5, 7], [1, 2, 3, 4, 5, 6]])  # (N, k)
+    B1, A1 = sketch_noise.fslora_round(q, B, A, idx, 0.05, 3)
+    m, n, r = problem.dims
+    ends = []
+    for i, I in enumerate(idx):
+        d = torch.zeros(r)
+        d[I] = r / len(I)
+        y = x.clone()
+        for _ in range(3):
+            y = y.requires_grad_(True)
+            (gr,) = torch.autograd.grad(problem.loss(y, problem.Z[i], problem.Y[i], d), y)
+            y = (y - 0.05 * gr).detach()
+        ends.append(y)
+    ref = torch.stack(ends).mean(0).numpy()
+    assert np.concatenate([B1.ravel(), A1.ravel()]) == pytest.approx(ref, abs=1e-13)
+
+
+def test_linear_model_of_the_sketch_noise_floor():
+    """The linear model's long-run mean is its exact stationary floor, which is
+    gamma H tr(hess Sigma_s) / (2N) to first order in gamma H, and grows like H."""
+    setup(0)
+    problem = sketch_noise.sketch_noise_problem()
+    x = sketch_noise.sketched_minimiser(problem)
+    assert float(problem.sketched_grad(x).pow(2).sum()) < 1e-25
+    hess, noise = sketch_noise.sketch_noise_moments(problem, x)
+    floor = sketch_noise.linearised_floor(hess, noise, 1e-6, 10, 2)
+    assert sketch_noise.linearised_floor(hess, noise, 1e-6, 1000, 2) == pytest.approx(100 * floor)
+    late = sketch_noise.linear_model_average(hess, noise, 1e-6, 10, 2, 10**9, 10**9 + 10)
+    assert late == pytest.approx(floor, rel=1e-4)
+    early = sketch_noise.linear_model_average(hess, noise, 1e-6, 10, 2, 0, 100)
+    assert early < 0.01 * floor
+
+
+@pytest.fixture(scope="module")
+def sketch_noise_sweep():
+    """A short sweep at H = 4 and a stationary run at H = 64, at 0.3 of Theorem 4.4's step at
+    H = 64 (so the drift terms, ~ gamma^2, are small beside the sketch-noise term, ~ gamma)."""
+    setup(0)
+    sweep = sketch_noise.Sweep(Hs=(4,), steps=6000, rounds=1500, seeds=16, long_H=64,
+                               long_rounds=1500, restated_up_to=64, margin=0.3)
+    return sketch_noise.results(sweep, 0, torch.Generator().manual_seed(0))
+
+
+def test_sketch_noise_floor_matches_the_linear_model_and_wrong_constants_fail(
+        sketch_noise_sweep, monkeypatch):
+    """Below the crossing (H = 64 < H* ~ 120) everything holds; dividing every noise constant by
+    10, or dropping the derived sketch-noise term's extra H, fails a measured check."""
+    res = sketch_noise.add_bounds(sketch_noise_sweep)
+    assert all(c.ok for c in sketch_noise.checks(res, sketch_noise.RTOL))
+    long = res["rows"][-1]
+    assert long["late_mean"] > 0.3 * long["restated_sketch_terms"]  # the term is tight here
+    terms, derived_terms = bound.bound_terms, bound.derived_bound_terms
+    with monkeypatch.context() as m:  # every noise constant / 10
+        m.setattr(bound, "bound_terms", lambda *a, **k: {
+            n: v if n == "gap" else v / 10 for n, v in terms(*a, **k).items()})
+        m.setattr(sketch_noise, "bound_terms", bound.bound_terms)
+        assert not all(c.ok for c in sketch_noise.checks(sketch_noise.add_bounds(res), sketch_noise.RTOL))
+    with monkeypatch.context() as m:  # the sketch-noise term without its extra H
+        m.setattr(bound, "derived_bound_terms", lambda c, gamma, T, H: {
+            n: v / H if n == "L_s sigma_s" else v for n, v in derived_terms(c, gamma, T, H).items()})
+        assert not all(c.ok for c in sketch_noise.checks(sketch_noise.add_bounds(res), sketch_noise.RTOL))
+    assert all(c.ok for c in sketch_noise.checks(sketch_noise.add_bounds(res), sketch_noise.RTOL))
+
+
+def test_derived_bound_terms_are_step_9_exactly():
+    """Step (9) of README.md's derivation, written out: each derived term equals it, so a
+    coefficient / 10 or a dropped H fails here (a formula test; the measured checks that catch
+    the dropped H are in test_sketch_noise_floor_matches_the_linear_model_and_wrong_constants_fail)."""
+    rng = np.random.default_rng(3)
+    for _ in range(10):
+        N, H, gamma, T = int(rng.integers(1, 6)), int(rng.integers(1, 9)), rng.uniform(1e-4, 1e-2), 7
+        c = BoundConstants(rng.uniform(0.5, 3), *rng.uniform(0.1, 2, 3), rng.uniform(0.1, 1),
+                           rng.uniform(0, 2), tuple(rng.choice([0.25, 0.5, 1.0], N)),
+                           L_s=rng.uniform(0.1, 2))
+        ll = c.L * L_tilde(c)
+        drift = 12 / 5 * gamma**2 * H * ll  # (gamma H / 2) (6/5) gamma^2 H L L_tilde / (gamma H / 4)
+        expect = {"gap": 4 * c.gap / (gamma * T * H),
+                  "L_s sigma_g": 6 * gamma * c.L_s * c.sigma_g2 / N,
+                  "L_s sigma_s": 6 * gamma * H * c.L_s * c.sigma_s2 / N,
+                  "drift sigma_g": drift * c.sigma_g2,
+                  "drift sigma_s": drift * 2 * H * c.sigma_s2,
+                  "drift sigma_h": drift * 4 * H * c.sigma_h2}
+        got = derived_bound_terms(c, gamma, T, H)
+        assert {k: float(v) for k, v in got.items()} == pytest.approx(expect, rel=1e-12)
+
+
+def test_sketch_noise_readmes_match_the_committed_sweep():
+    """theory/README.md and docs/method.md carry what `python -m theory.sketch_noise --readme`
+    writes from theory/results/sketch_noise.json, and the sweep says the restated Theorem 4.4
+    is crossed while the derived bound holds."""
+    import json
+
+    from theory.report import block_pattern
+
+    with open(sketch_noise.RESULTS) as f:
+        res = json.load(f)
+    for path in sketch_noise.READMES:
+        with open(path) as f:
+            found = block_pattern("sketch_noise").search(f.read())
+        assert found, f"{path} has no theory:sketch_noise block"
+        assert found.group(2) == sketch_noise.table(res) + "\n", (
+            f"{path} differs from the committed sweep: run python -m theory.sketch_noise --readme")
+    long = next(r for r in res["rows"] if r["long"])
+    assert long["restated"] < long["run_mean"] <= long["derived"]
+    assert all(c.ok for c in sketch_noise.checks(res, sketch_noise.RTOL))

@@ -156,8 +156,9 @@ def derived_bound_terms(c: BoundConstants, gamma: float, T: np.ndarray | int,
         drift sigma_h: 48/5 gamma^2 H^2   L L_tilde sigma_h^2
 
     with L L_tilde = mean_i ((r / k_i) L)^2; valid when gamma <= derived_max_step. Under
-    Theorem 4.4's second condition gamma <= 1 / (N H^2 L), gamma^2 H^2 L L_tilde <= gamma
-    L_tilde / N, and the drift terms are at most its 12 (gamma L_tilde / N)(...) term.
+    `step_10_max_step` (C2 and Theorem 4.4's conditions, whose second, gamma <= 1 / (N H^2 L),
+    gives gamma^2 H^2 L L_tilde <= gamma L_tilde / N), the drift terms are at most Theorem 4.4's
+    12 (gamma L_tilde / N)(...) term.
     """
     T = np.asarray(T, dtype=float)
     flat, ls, ll = np.ones_like(T), sketched_smoothness(c), c.L * L_tilde(c)
@@ -167,6 +168,13 @@ def derived_bound_terms(c: BoundConstants, gamma: float, T: np.ndarray | int,
             "drift sigma_g": 12 / 5 * gamma**2 * H * ll * c.sigma_g2 * flat,
             "drift sigma_s": 24 / 5 * gamma**2 * H**2 * ll * c.sigma_s2 * flat,
             "drift sigma_h": 48 / 5 * gamma**2 * H**2 * ll * c.sigma_h2 * flat}
+
+
+def step_10_max_step(c: BoundConstants, H: int) -> float:
+    """The largest step at which the derived bound is at most Theorem 4.4's (README.md, step (10)):
+    min{Theorem 4.4's gamma_max, C2}. Theorem 4.4's first condition implies C3 (1/6 <
+    sqrt(5/48)) and so C1; C2 it does not imply at mixed ratios."""
+    return min(max_step(c, H), derived_step_conditions(c, H)["C2 1/(sqrt(18) H L_max)"])
 
 
 def derived_bound(c: BoundConstants, gamma: float, T: np.ndarray | int, H: int) -> np.ndarray:

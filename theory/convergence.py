@@ -65,7 +65,8 @@ def bound_curves(out: Outcome, H: int, distort: dict) -> tuple[np.ndarray, np.nd
 def outcome_checks(label: str, out: Outcome, H: int, distort: dict) -> list[Check]:
     """The step condition, and observed <= bound at every T (the row shows the tightest T)."""
     c = out.constants.scaled(**distort)
-    checks = [Check(f"{label}: gamma <= gamma_max", out.step, max_step(c, H), rtol=1e-12)]
+    checks = [Check(f"{label}: gamma <= gamma_max", out.step, max_step(c, H), rtol=1e-12,
+                    construction=True)]
     for name, bound in zip(("bound (L_tilde)", "bound (L_bar)"), bound_curves(out, H, distort)):
         t = int(np.argmax(out.observed / bound))
         checks.append(Check(f"{label}: avg ||grad f^S||^2 <= {name}", out.observed[t], bound[t],
@@ -113,7 +114,7 @@ def common_step_rows(problems: dict[str, LSQProblem], rows: list[tuple[str, Outc
         bound = convergence_bound(c, gamma, np.arange(1, T + 1), H)
         t = int(np.argmax(observed / bound))
         checks.append(Check(f"{label} at common gamma: gamma <= gamma_max", gamma,
-                            max_step(c, H), rtol=1e-12))
+                            max_step(c, H), rtol=1e-12, construction=True))
         checks.append(Check(f"{label} at common gamma: avg ||grad f^S||^2 <= bound",
                             observed[t], bound[t], note=f"tightest at T={t + 1}"))
         floors.append(floor(recs))

@@ -57,13 +57,14 @@ def noise_run(ranks: tuple[int, ...], shared_data: bool, samples: int, rounds: i
 
 
 def term_table(label: str, out: Outcome, H: int) -> list[str]:
-    """One line per term of the bound at the final T, beside the observation."""
+    """One line per term of the bound at the final T, beside the observation, with its looseness
+    (the term over the observed average: how far above it the term alone is)."""
     T = len(out.observed)
     terms = {k: float(v) for k, v in bound_terms(out.constants, out.step, T, H).items()}
     full, obs = sum(terms.values()), float(out.observed[-1])
     lines = [f"{label}: T={T}, gamma={out.step:.4g}; observed (1/T) sum ||grad f^S||^2 = "
              f"{obs:.4g}; bound = {full:.4g} (observed / bound {obs / full:.3g})"]
-    lines += [f"    {name:<16} {v:10.4g}  ({v / full:6.1%} of the bound)"
+    lines += [f"    {name:<16} {v:10.4g}  ({v / full:6.1%} of the bound; looseness {v / obs:.3g})"
               for name, v in terms.items()]
     return lines
 

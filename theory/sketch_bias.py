@@ -93,12 +93,21 @@ def sketched_objective(mu: np.ndarray, sigma: np.ndarray, kappa: float) -> float
 
 
 def sketched_minimiser(sigma: np.ndarray, rank: int, kappa: float) -> np.ndarray:
-    """argmin g over mu >= 0 with at most `rank` nonzero: the soft threshold of step 6."""
+    """argmin g over mu >= 0 with at most `rank` nonzero: the soft threshold of step 6.
+
+    g is strictly convex for kappa < 1, so its minimiser is unique. At kappa = 1 (every client
+    at k = 1) g = const - <mu, sigma> + (sum mu)^2 / 2 is flat along the splits of sum mu =
+    sigma_1 over the values tied with sigma_1: every split is a minimiser of f^S, and we return
+    the BEST one for F (the equal split, which has the smallest excess 1/2 ||mu - sigma||^2);
+    without ties it is mu_1 = sigma_1 alone."""
+    if kappa >= 1:
+        tied = min(rank, int(np.isclose(sigma, sigma[0], rtol=1e-12, atol=0).sum()))
+        mu = np.zeros_like(sigma)
+        mu[:tied] = sigma[0] / tied
+        return mu
     best, best_val = np.zeros_like(sigma), sketched_objective(np.zeros_like(sigma), sigma, kappa)
     for p in range(1, min(rank, int((sigma > 0).sum())) + 1):
         S = sigma[:p].sum() / (1 + (p - 1) * kappa)
-        if p > 1 and kappa >= 1:  # g is flat along splits of one value: p = 1 is the minimiser
-            break
         mu = np.zeros_like(sigma)
         mu[:p] = sigma[:p] if p == 1 else (sigma[:p] - kappa * S) / (1 - kappa)
         if mu[p - 1] > 0 and sketched_objective(mu, sigma, kappa) < best_val:
