@@ -93,5 +93,5 @@ def test_passes_group_clients_of_neighbouring_ranks_and_keep_every_client_once()
 def test_a_64_client_round_outside_local_training_stays_within_its_operation_budget():
     """The default model's 4 blocks of 6 LoRA modules (narrow, for speed: the count depends on
     the modules and the clients, not the widths), 64 clients in one pass."""
-    counted = host_round(64, 16, ModelConfig(d_model=16, n_head=2))
+    counted = host_round(64, 16, model_cfg=ModelConfig(d_model=16, n_head=2))
     assert counted["ops"] <= HOST_OPS_BUDGET and counted["syncs"] == 0, counted
