@@ -85,10 +85,13 @@ def average_padded_deltas(updates: list[ClientUpdate], r: int,
     """D = (1/|P|) sum_i pad_I_i(d_i) per module (docs/method.md section 3, step 5), or per rank j
     the mean over the clients that drew j, plain or data-weighted (`index_normalizer`).
 
-    Per module the clients' deltas are laid side by side, (m, sum k) and (sum k, n), and summed
-    into (m, r) and (r, n) at their ranks by one `index_add_` each, in client order: the sum
-    of the zero-padded deltas, number for number, in a handful of operations for any number of
-    clients. The counts per rank come from the server's host copies of the index sets.
+    Per module the clients' deltas are laid side by side, (m, sum k) and (sum k, n), written
+    into the zero-padded (P, r, m) and (P, r, n) at (client, rank) and summed over the clients:
+    a handful of operations for any number of clients, in client order on a CPU (the sequential
+    sum's numbers) and in a fixed order on a GPU. (`index_add_` into (r, m) would be one
+    operation less, but on a GPU it adds a rank's deltas by atomics, in a varying order, and a
+    resumed run would no longer replay bit for bit.) The counts per rank come from the server's
+    host copies of the index sets.
     """
     if not updates:
         raise ValueError("cannot aggregate an empty list of client updates")
@@ -105,9 +108,10 @@ def average_padded_deltas(updates: list[ClientUpdate], r: int,
         if normalizer == "data":  # w_i = n_i
             w = torch.from_numpy(column_examples).to(db)
             db, da = db * w, da * w[:, None]
-        at = torch.from_numpy(index).to(db.device)
-        sum_b = db.new_zeros(db.shape[0], r).index_add_(1, at, db)  # (m, r)
-        sum_a = da.new_zeros(r, da.shape[1]).index_add_(0, at, da)  # (r, n)
+        owner = np.repeat(np.arange(len(updates)), [s.k for s in sketches])  # client of each
+        at = tuple(torch.from_numpy(x).to(db.device) for x in (owner, index))
+        sum_b = db.new_zeros(len(updates), r, db.shape[0]).index_put_(at, db.t()).sum(0).t()
+        sum_a = da.new_zeros(len(updates), r, da.shape[1]).index_put_(at, da).sum(0)  # (r, n)
         c = torch.from_numpy(index_normalizer(
             np.bincount(index, minlength=r), np.bincount(index, column_examples, minlength=r),
             len(updates), normalizer)).to(sum_b)  # (r,)
