@@ -92,6 +92,13 @@ def client_update(client_id: int, downlink: dict[str, CompactFactors],
     deltas = {name: (b.detach() - downlink[name].b.to(b.device),
                      a.detach() - downlink[name].a.to(a.device))
               for name, (b, a) in trained.items()}
+    return upload(client_id, downlink, deltas, num_examples)
+
+
+def upload(client_id: int, downlink: dict[str, CompactFactors],
+           deltas: dict[str, tuple[torch.Tensor, torch.Tensor]],
+           num_examples: int) -> ClientUpdate:
+    """The ClientUpdate carrying `deltas`, the moves of the factors `downlink` sent."""
     numbers = sum(db.numel() * downlink[n].train_b + da.numel() * downlink[n].train_a
                   for n, (db, da) in deltas.items())  # what was trained; frozen factors stay home
     return ClientUpdate(client_id, {n: f.sketch for n, f in downlink.items()}, deltas,

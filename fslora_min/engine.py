@@ -28,11 +28,12 @@ from fresh pages every time and run slower per element (results/engine/README.md
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn as nn
 
-from fslora_min.client import (ClientConfig, ClientUpdate, Downlink, client_update,
-                               dropout_masks, lr_ratio, make_optimizer, train_client)
+from fslora_min.client import (ClientConfig, ClientUpdate, Downlink, dropout_masks, lr_ratio,
+                               make_optimizer, train_client, upload)
 from fslora_min.compute import CPU_PASS_BYTES
 from fslora_min.data import Minibatches, split_inputs_targets
 from fslora_min.lora import (BatchedFactors, CompactFactors, LoRALinear, batched_compact_factors,
@@ -88,21 +89,31 @@ def stack_downlinks(downlinks: list[Downlink], scales: dict[str, float],
 
 def stack_client_factors(fs: list[CompactFactors | None], scale: float,
                          device: torch.device) -> BatchedFactors:
-    """(P, m, K), (P, K, n) and client_scale (P, K) of P clients' factors (None: rank 0)."""
+    """(P, m, K), (P, K, n) and client_scale (P, K) of P clients' factors (None: rank 0).
+
+    One gather per factor: the clients' b (a) side by side with one zero column (row) after
+    them, read at each client's slots, its k_p columns then the zero one up to K."""
     given = [f for f in fs if f is not None]
-    P, K = len(fs), max(f.sketch.k for f in given)
-    (m, _), (_, n) = given[0].b.shape, given[0].a.shape
-    b = torch.zeros(P, m, K, dtype=given[0].b.dtype, device=device)  # (P, m, K)
-    a = torch.zeros(P, K, n, dtype=given[0].a.dtype, device=device)  # (P, K, n)
-    client_scale = torch.zeros(P, K, dtype=b.dtype, device=device)  # (P, K)
+    ks = np.array([0 if f is None else f.sketch.k for f in fs])  # (P,)
+    P, K = len(fs), int(ks.max())
+    ends = np.cumsum(ks)
+    slot = np.arange(K)[None, :]  # (1, K)
+    columns = np.where(slot < ks[:, None], ends[:, None] - ks[:, None] + slot, ends[-1])  # (P, K)
+    at = torch.from_numpy(columns.reshape(-1)).to(device)
+    b0, a0 = given[0].b, given[0].a
+    b = torch.cat([f.b.to(device) for f in given] + [b0.new_zeros(b0.shape[0], 1, device=device)],
+                  1).index_select(1, at)  # (m, P K)
+    a = torch.cat([f.a.to(device) for f in given] + [a0.new_zeros(1, a0.shape[1], device=device)],
+                  0).index_select(0, at)  # (P K, n)
+    weights = np.zeros((P, K))  # s * diag(S_p) at client p's ranks, 0 beyond
     for p, f in enumerate(fs):
-        if f is None:
-            continue
-        k, w = f.sketch.k, f.sketch.per_index
-        b[p, :, :k], a[p, :k] = f.b, f.a
-        client_scale[p, :k] = scale * (f.sketch.sketch_weight if w is None
-                                       else w.to(client_scale))
-    return BatchedFactors(b, a, client_scale)
+        if f is not None:
+            w = f.sketch.per_index
+            weights[p, :f.sketch.k] = (scale * f.sketch.sketch_weight if w is None
+                                       else (scale * w.to(b.dtype)).double().cpu().numpy())
+    return BatchedFactors(b.view(b.shape[0], P, K).transpose(0, 1).contiguous(),
+                          a.view(P, K, a.shape[1]),
+                          torch.from_numpy(weights).to(device, b.dtype))
 
 
 def scale_client_steps(params: list[torch.Tensor], before: list[torch.Tensor],
@@ -132,9 +143,10 @@ def train_clients_batched(model: nn.Module, client_ids: list[int], downlinks: li
     factors = stack_downlinks(downlinks, scales, device)
     params = [t for f in factors.values() for t in (f.b, f.a) if t.requires_grad]
     opt = make_optimizer(params, cfg, cfg.lr)  # elementwise: P independent SGD or AdamW
-    ratios = torch.tensor([lr_ratio(down, cfg.lr_scaling) for down in downlinks],
-                          dtype=torch.float64)  # (P,): client p's lr is eta rho_p
-    own_lrs = bool((ratios != 1).any())
+    rhos = [lr_ratio(down, cfg.lr_scaling) for down in downlinks]  # client p's lr is eta rho_p
+    own_lrs = any(rho != 1 for rho in rhos)
+    ratios = torch.tensor(rhos, dtype=torch.float64) if own_lrs else None  # (P,)
+    start = {name: (f.b.detach().clone(), f.a.detach().clone()) for name, f in factors.items()}
     with batched_compact_factors(model, factors), dropout_masks(model, masks):
         for _ in range(cfg.local_steps):
             mine = [next(stream) for stream in batches]  # each client's own next minibatch
@@ -151,10 +163,21 @@ def train_clients_batched(model: nn.Module, client_ids: list[int], downlinks: li
             opt.step()
             if own_lrs:
                 scale_client_steps(params, before, ratios)
-    return [client_update(i, down, {name: (factors[name].b[p, :, :f.sketch.k],  # (m, k)
-                                           factors[name].a[p, :f.sketch.k])  # (k, n)
-                                     for name, f in down.items()}, num_examples[p])
+    moved = {name: (f.b.detach() - start[name][0], f.a.detach() - start[name][1])
+             for name, f in factors.items()}  # (P, m, K), (P, K, n): every client's deltas
+    return [upload(i, down, {name: (moved[name][0][p, :, :f.sketch.k],  # (m, k)
+                                    moved[name][1][p, :f.sketch.k])  # (k, n)
+                             for name, f in down.items()}, num_examples[p])
             for p, (i, down) in enumerate(zip(client_ids, downlinks))]
+
+
+def passes(downlinks: list[Downlink], clients_per_pass: int) -> list[list[int]]:
+    """Positions of the clients of each batched pass: sorted by rank (the widest sketch of a
+    client's modules; stable), then `clients_per_pass` at a time. A pass pads every client to
+    its largest K, so neighbours in rank waste the fewest padded ranks."""
+    width = [max((f.sketch.k for f in down.values()), default=0) for down in downlinks]
+    order = sorted(range(len(downlinks)), key=width.__getitem__)
+    return [order[s:s + clients_per_pass] for s in range(0, len(order), clients_per_pass)]
 
 
 def train_clients(engine: str, model: nn.Module, client_ids: list[int],
@@ -164,17 +187,22 @@ def train_clients(engine: str, model: nn.Module, client_ids: list[int],
     """The round's local training with either engine ('sequential': one client at a time).
 
     The batched engine trains `clients_per_pass` clients at a time (0:
-    `default_clients_per_pass`). `masks` holds each client's dropout-mask generator (None:
+    `default_clients_per_pass`), in order of their ranks k_i, so that a pass pads its clients to
+    a K close to their own (`passes`). `masks` holds each client's dropout-mask generator (None:
     torch's global one). Every client draws from its own streams, so passes change no number
-    beyond float rounding.
+    beyond float rounding; the updates come back in the order of `client_ids`.
     """
     if engine == "batched":
-        step = clients_per_pass or default_clients_per_pass(model, batches)
-        return [u for s in range(0, len(client_ids), step)
-                for u in train_clients_batched(model, client_ids[s:s + step],
-                                               downlinks[s:s + step], batches[s:s + step], cfg,
-                                               num_examples[s:s + step],
-                                               None if masks is None else masks[s:s + step])]
+        updates: list[ClientUpdate | None] = [None] * len(client_ids)
+        for group in passes(downlinks, clients_per_pass or
+                            default_clients_per_pass(model, batches)):
+            trained = train_clients_batched(
+                model, [client_ids[p] for p in group], [downlinks[p] for p in group],
+                [batches[p] for p in group], cfg, [num_examples[p] for p in group],
+                None if masks is None else [masks[p] for p in group])
+            for p, update in zip(group, trained):
+                updates[p] = update
+        return updates
     if engine != "sequential":
         raise ValueError(f"engine must be 'sequential' or 'batched', got {engine!r}")
     gens = [None] * len(client_ids) if masks is None else masks

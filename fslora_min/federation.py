@@ -212,9 +212,12 @@ class Federation:
         participants = sample_participants(self.fed.num_clients, self.fed.participants,
                                            self.participant_stream)
         # local training never moves the server's factors, so all downlinks can be made first
-        downlinks = [method.downlink(server, method.sketches(server, self.client_ranks[i],
-                                                             self.sketch_stream))
-                     for i in participants]
+        sketches = [method.sketches(server, self.client_ranks[i], self.sketch_stream)
+                    for i in participants]
+        if type(method).downlink is Method.downlink:  # the server's own: one gather per module
+            downlinks = server.downlinks(sketches)
+        else:
+            downlinks = [method.downlink(server, s) for s in sketches]
         # one draw per participant, always, so the other streams never depend on `dropout`
         fails = (torch.rand(len(participants), generator=self.dropout_stream)
                  < self.fed.dropout).tolist()

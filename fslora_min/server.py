@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -56,18 +57,14 @@ def sample_participants(num_clients: int, participants: int,
     return sorted(torch.randperm(num_clients, generator=generator)[:participants].tolist())
 
 
-def pad_delta(db: torch.Tensor, da: torch.Tensor, index: torch.Tensor,
-              r: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """pad_I(d): the (m, k) and (k, n) deltas placed at the ranks I of zero (m, r) and (r, n)."""
-    full_b = db.new_zeros(db.shape[0], r)  # (m, r)
-    full_a = da.new_zeros(r, da.shape[1])  # (r, n)
-    full_b[:, index] = db
-    full_a[index] = da
-    return full_b, full_a
+def round_index(sketches: list[Sketch]) -> np.ndarray:
+    """The index sets of one module across clients, side by side (sum k,), on the host: the
+    server's own copy, so that reading it never waits on a device."""
+    return np.concatenate([s.indices.detach().cpu().numpy() for s in sketches])
 
 
-def index_normalizer(drawn: torch.Tensor, data_drawn: torch.Tensor, participants: int,
-                     normalizer: str) -> torch.Tensor:
+def index_normalizer(drawn: np.ndarray, data_drawn: np.ndarray, participants: int,
+                     normalizer: str) -> np.ndarray:
     """The per-rank divisor c_j of D_j = (1 / c_j) sum_{i in P, j in I_i} w_i d_ij, shape (r,).
 
     "participants" (FSLoRA, arXiv 2501.19389): c_j = |P|, w_i = 1;
@@ -77,39 +74,47 @@ def index_normalizer(drawn: torch.Tensor, data_drawn: torch.Tensor, participants
     An index nobody drew has a zero numerator; its divisor is set to 1 so it stays zero.
     """
     if normalizer == "participants":
-        return torch.full_like(drawn, participants)
+        return np.full(drawn.shape, float(participants))
     count = drawn if normalizer == "coverage" else data_drawn
-    return torch.where(count > 0, count, torch.ones_like(count))
+    return np.where(count > 0, count, 1).astype(np.float64)
 
 
 def average_padded_deltas(updates: list[ClientUpdate], r: int,
                           normalizer: str = "participants",
                           ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """D = (1/|P|) sum_i pad_I_i(d_i) per module (docs/method.md section 3, step 5), or per rank j
-    the mean over the clients that drew j, plain or data-weighted (`index_normalizer`)."""
+    the mean over the clients that drew j, plain or data-weighted (`index_normalizer`).
+
+    Per module the clients' deltas are laid side by side, (m, sum k) and (sum k, n), written
+    into the zero-padded (P, r, m) and (P, r, n) at (client, rank) and summed over the clients:
+    a handful of operations for any number of clients, in client order on a CPU (the sequential
+    sum's numbers) and in a fixed order on a GPU. (`index_add_` into (r, m) would be one
+    operation less, but on a GPU it adds a rank's deltas by atomics, in a varying order, and a
+    resumed run would no longer replay bit for bit.) The counts per rank come from the server's
+    host copies of the index sets.
+    """
     if not updates:
         raise ValueError("cannot aggregate an empty list of client updates")
     if normalizer not in AGGREGATIONS:
         raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {normalizer!r}")
-    total: dict[str, list[torch.Tensor]] = {}
-    drawn: dict[str, torch.Tensor] = {}
-    data_drawn: dict[str, torch.Tensor] = {}
-    for update in updates:
-        w = float(update.num_examples) if normalizer == "data" else 1.0  # w_i
-        for name, (db, da) in update.deltas.items():
-            index = update.sketches[name].indices.to(db.device)
-            full_b, full_a = pad_delta(db, da, index, r)
-            if name not in total:
-                total[name] = [torch.zeros_like(full_b), torch.zeros_like(full_a)]
-                drawn[name] = torch.zeros(r, dtype=db.dtype, device=db.device)
-                data_drawn[name] = torch.zeros(r, dtype=db.dtype, device=db.device)
-            total[name][0] += w * full_b
-            total[name][1] += w * full_a
-            drawn[name][index] += 1
-            data_drawn[name][index] += update.num_examples
+    examples = np.array([u.num_examples for u in updates], dtype=np.float64)  # n_i
     result = {}
-    for name, (sum_b, sum_a) in total.items():
-        c = index_normalizer(drawn[name], data_drawn[name], len(updates), normalizer)
+    for name in updates[0].deltas:
+        sketches = [u.sketches[name] for u in updates]
+        index = round_index(sketches)  # (sum k,)
+        column_examples = np.repeat(examples, [s.k for s in sketches])  # n_i of each column
+        db = torch.cat([u.deltas[name][0] for u in updates], 1)  # (m, sum k)
+        da = torch.cat([u.deltas[name][1] for u in updates], 0)  # (sum k, n)
+        if normalizer == "data":  # w_i = n_i
+            w = torch.from_numpy(column_examples).to(db)
+            db, da = db * w, da * w[:, None]
+        owner = np.repeat(np.arange(len(updates)), [s.k for s in sketches])  # client of each
+        at = tuple(torch.from_numpy(x).to(db.device) for x in (owner, index))
+        sum_b = db.new_zeros(len(updates), r, db.shape[0]).index_put_(at, db.t()).sum(0).t()
+        sum_a = da.new_zeros(len(updates), r, da.shape[1]).index_put_(at, da).sum(0)  # (r, n)
+        c = torch.from_numpy(index_normalizer(
+            np.bincount(index, minlength=r), np.bincount(index, column_examples, minlength=r),
+            len(updates), normalizer)).to(sum_b)  # (r,)
         result[name] = (sum_b / c[None, :], sum_a / c[:, None])
     return result
 
@@ -141,19 +146,31 @@ class Server:
 
     def downlink(self, sketches: dict[str, Sketch]) -> dict[str, CompactFactors]:
         """b = B[:, I] (m x k) and a = A[I, :] (k x n) per module: what the client receives."""
-        out = {}
-        for name, sk in sketches.items():
-            layer = self.modules[name]
-            index = sk.indices.to(layer.lora_B.device)
-            out[name] = CompactFactors(layer.lora_B.detach()[:, index].clone(),
-                                       layer.lora_A.detach()[index].clone(), sk)
-        return out
+        return self.downlinks([sketches])[0]
+
+    def downlinks(self, sketches: list[dict[str, Sketch]]) -> list[dict[str, CompactFactors]]:
+        """Every participant's `downlink` at once: per module one gather of the columns of B
+        and rows of A at all of the round's index sets, each client's b, a a view of it (copies
+        of the global factors, so a later server step never reaches them)."""
+        gathered: dict[str, list[CompactFactors]] = {}
+        for name in dict.fromkeys(n for s in sketches for n in s):
+            layer, mine = self.modules[name], [s[name] for s in sketches if name in s]
+            at = torch.from_numpy(round_index(mine)).to(layer.lora_B.device)
+            b = layer.lora_B.detach().index_select(1, at)  # (m, sum k)
+            a = layer.lora_A.detach().index_select(0, at)  # (sum k, n)
+            ends = np.cumsum([sk.k for sk in mine]).tolist()
+            gathered[name] = [CompactFactors(b[:, end - sk.k:end], a[end - sk.k:end], sk)
+                              for sk, end in zip(mine, ends)]
+        each = {name: iter(factors) for name, factors in gathered.items()}
+        return [{name: next(each[name]) for name in s} for s in sketches]
 
     def count_coverage(self, updates: list[ClientUpdate]) -> None:
         """Add one to each rank index of each module that a client trained this round."""
-        for update in updates:
-            for name, sk in update.sketches.items():
-                self.coverage[name][sk.indices.cpu()] += 1
+        if not updates:
+            return
+        for name in updates[0].sketches:
+            index = round_index([u.sketches[name] for u in updates])
+            self.coverage[name] += torch.from_numpy(np.bincount(index, minlength=self.rank))
 
     def apply_updates(self, updates: list[ClientUpdate]) -> None:
         """Average the padded deltas and step the global factors; count rank coverage."""

@@ -16,8 +16,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
+from fslora_min.rng import randperms
 
 def check_rank_pair(r: int, k: int) -> None:
     """Raise a ValueError naming the value unless 1 <= k <= r."""
@@ -42,10 +44,11 @@ class Sketch:
         if self.indices.dtype != torch.int64 or self.indices.dim() != 1:
             raise ValueError(f"sketch index must be a 1-D int64 tensor, got {self.indices.dtype} "
                              f"of shape {tuple(self.indices.shape)}")
-        lo, hi = int(self.indices.min()), int(self.indices.max())
+        index = self.indices.detach().cpu().numpy()  # host checks: no device op, no sync
+        lo, hi = int(index.min()), int(index.max())
         if lo < 0 or hi >= self.rank:
             raise ValueError(f"sketch index out of range [0, {self.rank}): min {lo}, max {hi}")
-        if torch.unique(self.indices).numel() != self.indices.numel():
+        if np.unique(index).size != index.size:
             raise ValueError(f"sketch index has repeated entries: {self.indices.tolist()}")
         if isinstance(self.weight, torch.Tensor):
             if self.weight.shape != self.indices.shape:
@@ -82,10 +85,18 @@ class Sketch:
         return d
 
 
-def sample_index_set(r: int, k: int, generator: torch.Generator) -> torch.Tensor:
-    """A uniform k-subset of range(r), sorted: every subset has probability 1 / C(r, k)."""
+def sample_index_sets(r: int, k: int, count: int,
+                      generator: torch.Generator) -> list[torch.Tensor]:
+    """`count` independent uniform k-subsets of range(r), each sorted: every subset has
+    probability 1 / C(r, k). Each is the first k of a torch.randperm(r) (fslora_min/rng.py
+    draws them all at once, number for number)."""
     check_rank_pair(r, k)
-    return torch.randperm(r, generator=generator)[:k].sort().values
+    return [torch.from_numpy(row) for row in np.sort(randperms(r, count, generator)[:, :k], 1)]
+
+
+def sample_index_set(r: int, k: int, generator: torch.Generator) -> torch.Tensor:
+    """A uniform k-subset of range(r), sorted."""
+    return sample_index_sets(r, k, 1, generator)[0]
 
 
 def sample_sketch(r: int, k: int, generator: torch.Generator) -> Sketch:
@@ -96,7 +107,8 @@ def sample_sketch(r: int, k: int, generator: torch.Generator) -> Sketch:
 def sample_module_sketches(module_names: list[str], r: int, k: int,
                            generator: torch.Generator) -> dict[str, Sketch]:
     """One independent sketch per adapted module (docs/method.md section 3, step 2)."""
-    return {name: sample_sketch(r, k, generator) for name in module_names}
+    indices = sample_index_sets(r, k, len(module_names), generator)
+    return {name: Sketch(index, r) for name, index in zip(module_names, indices)}
 
 
 def full_sketch(r: int) -> Sketch:

@@ -26,14 +26,17 @@ import json
 import os
 import platform
 import time
+from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 import triton
 from triton.testing import do_bench
 
-from kernels import matmul_tma
+from kernels import matmul, matmul_tma
 from kernels.dispatch import lora_linear
 from kernels.fused import GEMM_CHOICES, GEMMS, factor_grad, merged_weight
 from kernels.matmul import _fused_linear_kernel, chosen_config
@@ -142,6 +145,8 @@ def bench_case(T: int, n: int, m: int, k: int, ceilings: dict, compiled, gemms: 
     for gemm in gemms:
         try:
             row["fused"][gemm] = bench_fused(gemm, args, dy, judge, t, ceilings, u, g, timer)
+        except OutOfTime:
+            raise
         except Exception as error:  # failed to compile, launch or pass its gate: say so, go on
             row["fused"][gemm] = {"error": f"{type(error).__name__}: {error}"}
     return row
@@ -149,6 +154,34 @@ def bench_case(T: int, n: int, m: int, k: int, ceilings: dict, compiled, gemms: 
 
 class GateFailed(Exception):
     """The fused path's output or gradients are off the fp32 reference at the bench's shape."""
+
+
+class OutOfTime(Exception):
+    """The time budget ran out before a timed call (`budgeted`)."""
+
+
+CLOCK = time.perf_counter  # the budget's clock (seconds)
+
+
+def budgeted(timer, deadline: float):
+    """`timer` that first checks the budget (a CLOCK() deadline), so that a shape stops at its
+    next timed call, not at its end."""
+    def timed(fn, grad_to_none=None) -> float:
+        if CLOCK() > deadline:
+            raise OutOfTime("the budget ran out")
+        return timer(fn, grad_to_none=grad_to_none)
+    return timed
+
+
+@contextmanager
+def poisoned_outputs() -> Iterator[None]:
+    """Every buffer a Triton kernel writes in full starts as NaN (kernels/matmul.py POISON):
+    a tile the kernel never writes fails the gate instead of showing an earlier call's y."""
+    saved, matmul.POISON = matmul.POISON, float("nan")
+    try:
+        yield
+    finally:
+        matmul.POISON = saved
 
 
 def bench_fused(gemm: str, args: tuple, dy: torch.Tensor, judge: dict, base: dict,
@@ -163,11 +196,12 @@ def bench_fused(gemm: str, args: tuple, dy: torch.Tensor, judge: dict, base: dic
     def fused(check_index=True):
         return lora_linear(*args, backend="triton", check_index=check_index, gemm=gemm)
 
-    # Correctness gate at these shapes: fused bf16 vs the fp32 judge.
+    # Correctness gate at these shapes: fused bf16 vs the fp32 judge, on poisoned outputs.
     for leaf in leaves:
         leaf.grad = None
-    y = fused()
-    y.backward(dy)
+    with poisoned_outputs():
+        y = fused()
+        y.backward(dy)
     errors = {"y": rel_err(y, judge["y"])}
     errors.update({f"d{name}": rel_err(leaf.grad, judge[f"d{name}"])
                    for name, leaf in zip(("x", "B", "A"), leaves)})
@@ -205,19 +239,19 @@ def bench_fused(gemm: str, args: tuple, dy: torch.Tensor, judge: dict, base: dic
     return out
 
 
-def print_row(row: dict) -> None:
+def print_row(row: dict, say: Callable[[str], None] = partial(print, flush=True)) -> None:
     for gemm, f in row["fused"].items():
         where = f"T={row['T']:>5} n={row['n']:>5} m={row['m']:>5} k={row['k']:>2} {gemm:>7} | "
         if "error" in f:
-            print(f"{where}FAILED: {f['error']}", flush=True)
+            say(f"{where}FAILED: {f['error']}")
             continue
         d = f.get("d_compiled_over_fused", float("nan"))
-        print(f"{where}(a) {f['a_fwd_over_base']:.3f} (b) {f['b_fwdbwd_over_base']:.3f} "
-              f"(c) {f['c_eager_over_fused']:.3f} (d) {d:.3f} | "
-              f"fwd {f['fused_fwd']['tflops']:.0f} TFLOP/s "
-              f"({100 * f['fused_fwd']['share_gemm_rate']:.0f}% of GEMM), fwd+bwd "
-              f"{f['fused_fwdbwd']['tflops']:.0f} TFLOP/s "
-              f"({100 * f['fused_fwdbwd']['share_gemm_rate']:.0f}%)", flush=True)
+        say(f"{where}(a) {f['a_fwd_over_base']:.3f} (b) {f['b_fwdbwd_over_base']:.3f} "
+            f"(c) {f['c_eager_over_fused']:.3f} (d) {d:.3f} | "
+            f"fwd {f['fused_fwd']['tflops']:.0f} TFLOP/s "
+            f"({100 * f['fused_fwd']['share_gemm_rate']:.0f}% of GEMM), fwd+bwd "
+            f"{f['fused_fwdbwd']['tflops']:.0f} TFLOP/s "
+            f"({100 * f['fused_fwdbwd']['share_gemm_rate']:.0f}%)")
 
 
 def cpu_only(out: Path | None) -> None:

@@ -165,13 +165,14 @@ def fastest_table(bench: dict) -> str:
                      "count rule"], rows)
 
 
-# The decision rule (kernels/README.md). The default way per shape is the fastest forward+backward
-# among the ways that passed their correctness gate and the PyTorch path ('torch'), but a
-# Triton GEMM way takes part only if its GEMM, forward and dx, runs at GEMM_SHARE_NEEDED of
-# cuBLAS's speed or more at the goal shape; with no such way, the byte counts decide: merged
-# where T > 2 m (rule_way), the PyTorch path elsewhere.
+# The decision rule (kernels/README.md). The default way per shape is the fastest measured
+# forward+backward among the ways that passed their correctness gate there and the PyTorch
+# path ('torch'); a way other than 'torch' must beat it by MARGIN, so that a measured tie
+# keeps the path that needs no compiled kernel. The goals (ratios (a)-(d), a Triton GEMM at
+# GEMM_SHARE_GOAL of cuBLAS's speed) are reported beside it, not part of it.
 TRITON_GEMMS = ("pointer", "tma")
-GEMM_SHARE_NEEDED = 0.95
+MARGIN = 0.05  # a way replaces 'torch' only at <= (1 - MARGIN) of its time
+GEMM_SHARE_GOAL = 0.95
 GOAL_SHAPE = (8192, 4096, 4096, 16)  # (T, n, m, k); a run may name its own as "goal_shape"
 
 
@@ -195,32 +196,33 @@ def gemm_shares(bench: dict) -> dict[str, float]:
 
 def decide(bench: dict) -> list[dict]:
     """The default way of every shape of a run by the decision rule, and why."""
-    allowed = {g for g, share in gemm_shares(bench).items() if share >= GEMM_SHARE_NEEDED}
     out = []
     for row in bench["rows"]:
+        torch_ms = row["ms"]["eager_fwdbwd"]
         passed = {g: f["ms"]["fused_fwdbwd"] for g, f in row["fused"].items() if "error" not in f}
-        if allowed:
-            timed = {g: t for g, t in passed.items() if g not in TRITON_GEMMS or g in allowed}
-            timed["torch"] = row["ms"]["eager_fwdbwd"]
-            way = min(timed, key=timed.get)
-            why = "fastest fwd+bwd of " + ", ".join(sorted(timed))
-        elif rule_way(row["T"], row["m"]) == "merged" and "merged" in passed:
-            way, why = "merged", "no Triton GEMM at cuBLAS's speed; T > 2 m"
+        best = min(passed, key=passed.get, default=None)
+        failed = sorted(set(row["fused"]) - set(passed))
+        left_out = f"; failed its gate or did not run: {', '.join(failed)}" if failed else ""
+        if best is not None and passed[best] <= (1 - MARGIN) * torch_ms:
+            way = best
+            why = f"{best} {passed[best] / torch_ms:.2f}x torch's fwd+bwd, the fastest"
         else:
             way = "torch"
-            why = ("no Triton GEMM at cuBLAS's speed; " + ("T <= 2 m" if row["T"] <= 2 * row["m"]
-                                                         else "merged did not pass or run"))
-        out.append({**{d: row[d] for d in "Tnmk"}, "way": way, "why": why})
+            why = ("the fastest fwd+bwd" if best is None or passed[best] >= torch_ms else
+                   f"{best} at {passed[best] / torch_ms:.2f}x is within the {MARGIN:.0%} margin")
+        out.append({**{d: row[d] for d in "Tnmk"}, "way": way, "why": why + left_out})
     return out
 
 
 def decision_table(bench: dict) -> str:
-    """The Triton GEMMs' speed at the goal shape, then the default way per shape (`decide`)."""
+    """The default way per shape (`decide`), after the Triton GEMMs' speed at the goal shape
+    (a goal, reported apart from the rule)."""
     goal = tuple(bench.get("goal_shape", GOAL_SHAPE))
     shares = gemm_shares(bench)
     speeds = ", ".join(f"`{g}` {v:.0%}" for g, v in shares.items()) or "none timed"
     head = (f"Triton GEMM speed as a share of cuBLAS's at the goal shape T, n, m, k = "
-            f"{', '.join(map(str, goal))} (needs {GEMM_SHARE_NEEDED:.0%}): {speeds}\n\n")
+            f"{', '.join(map(str, goal))} (goal {GEMM_SHARE_GOAL:.0%}; not part of the rule): "
+            f"{speeds}\n\n")
     rows = [[str(d[key]) for key in "Tnmk"] + [d["way"], d["why"]] for d in decide(bench)]
     return head + markdown(["T", "n", "m", "k", "default way", "why"], rows)
 

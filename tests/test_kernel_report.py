@@ -2,8 +2,10 @@
 agreement with the committed GPU run, and `kernels.gpu_check --dry` end to end."""
 
 import copy
+import itertools
 import json
 import random
+import sys
 
 import pytest
 import torch
@@ -174,22 +176,54 @@ def with_gemm_share(run: dict, share: float) -> dict:
     return run
 
 
-def test_decision_rule_takes_the_fastest_way_once_a_triton_gemm_reaches_cublas(fake_run):
-    run = with_gemm_share(fake_run, 0.96)
-    assert report.gemm_shares(run) == {"pointer": pytest.approx(0.96)}
-    for row, decided in zip(run["rows"], report.decide(run)):
-        times = {"torch": row["ms"]["eager_fwdbwd"]}
-        times.update({g: row["fused"][g]["ms"]["fused_fwdbwd"] for g in PASSING})
-        assert decided["way"] == min(times, key=times.get)
+def with_times(run: dict, times: list[dict[str, float]]) -> dict:
+    """fake_run with the given fwd+bwd times per shape ('torch': the eager path's)."""
+    run = copy.deepcopy(run)
+    for row, shape_times in zip(run["rows"], times):
+        for way, ms in shape_times.items():
+            if way == "torch":
+                row["ms"]["eager_fwdbwd"] = ms
+            else:
+                row["fused"][way]["ms"]["fused_fwdbwd"] = ms
+    return run
 
 
-def test_decision_rule_falls_back_to_the_byte_rule_below_95_percent(fake_run):
-    run = with_gemm_share(fake_run, 0.94)
-    assert [d["way"] for d in report.decide(run)] == ["torch", "merged"]  # T > 2 m: merged
-    run["rows"][1]["fused"]["merged"] = {"error": "GateFailed: ..."}
-    assert [d["way"] for d in report.decide(run)] == ["torch", "torch"]
+def test_decision_takes_the_fastest_passing_way_even_below_the_old_95_percent_gate(fake_run):
+    """pointer's GEMM at 94% of cuBLAS's (the old rule left it out for the byte rule) but the
+    fastest fwd+bwd measured: it is the default; merged is fastest at the second shape."""
+    run = with_times(with_gemm_share(fake_run, 0.94), [
+        {"pointer": 1.0, "merged": 2.0, "torch": 3.0},
+        {"pointer": 2.0, "merged": 1.0, "torch": 3.0}])
+    assert report.gemm_shares(run) == {"pointer": pytest.approx(0.94)}
+    assert [d["way"] for d in report.decide(run)] == ["pointer", "merged"]
     table = report.decision_table(run)
-    assert "(needs 95%): `pointer` 94%" in table and "merged did not pass or run" in table
+    assert "(goal 95%; not part of the rule): `pointer` 94%" in table
+    assert "failed its gate or did not run: tma" in table
+
+
+def test_decision_keeps_torch_within_the_margin_and_never_takes_a_failed_way(fake_run):
+    inside = 1 - report.MARGIN / 2  # faster than torch, but by less than the margin
+    run = with_times(fake_run, [{"pointer": inside, "merged": 1.5, "torch": 1.0},
+                                {"pointer": 0.5, "merged": 2.0, "torch": 1.0}])
+    run["rows"][1]["fused"]["pointer"] = {"error": "GateFailed: ..."}  # fastest, but failed
+    decided = report.decide(run)
+    assert [d["way"] for d in decided] == ["torch", "torch"]
+    assert "within the 5% margin" in decided[0]["why"]
+    run["rows"][1]["fused"]["tma"] = {"ms": {"fused_fwdbwd": 0.9}}  # passed, 10% faster
+    assert report.decide(run)[1]["way"] == "tma"
+
+
+def test_the_bench_gate_runs_on_poisoned_outputs_and_the_timing_does_not(monkeypatch):
+    """The gate's call sees kernels/matmul.py's POISON set (an unwritten tile is NaN); the
+    timed calls after it run as training does."""
+    from kernels import matmul
+    seen, pointer = [], GEMMS["pointer"]
+    monkeypatch.setitem(GEMMS, "pointer",
+                        lambda *args: (seen.append(matmul.POISON), pointer(*args))[1])
+    bench.bench_case(24, 32, 48, 8, {"gemm_tflops": 1.0, "gemm_size": 8, "copy_gbps": 1.0},
+                     None, ["pointer"], device=DEVICE, timer=run_once)
+    assert len(seen) > 2 and seen[0] != seen[0] and seen[1] != seen[1]  # NaN: fwd, dx
+    assert matmul.POISON is None and all(p is None for p in seen[2:])
 
 
 @pytest.fixture
@@ -202,26 +236,57 @@ def dry_check(tmp_path, monkeypatch):
     writes, write = [], bench.write
     monkeypatch.setattr(bench, "write", lambda result, path: (writes.append(
         len(result["rows"])), write(result, path)))
-    return tmp_path / "check.json", writes
+    return tmp_path / "out", writes
 
 
-def test_gpu_check_dry_runs_every_step_and_writes_after_each_shape(dry_check, capsys):
-    path, writes = dry_check
-    result = gpu_check.check(dry=True, path=path, budget_s=600)
-    assert writes == [0, 1, 1] and json.loads(path.read_text()) == json.loads(json.dumps(result))
+def test_gpu_check_dry_writes_json_log_and_decision_under_out_after_every_step(dry_check,
+                                                                               capsys):
+    out, writes = dry_check
+    result = gpu_check.check(dry=True, out=out, budget_s=600)
+    saved = json.loads((out / "gpu_check.json").read_text())
+    assert writes == [0, 0, 1, 1] and saved == json.loads(json.dumps(result))
+    assert sorted(p.name for p in out.iterdir()) == ["decision.md", "gpu_check.json",
+                                                    "gpu_check.log"]
     assert result["tests"]["returncode"] == 0 and "2 passed" in result["tests"]["summary"]
     assert [[r[d] for d in "Tnmk"] for r in result["rows"]] == [[40, 16, 16, 4]]
     assert len(result["clocks"]) == 2 and result["goal_shape"] == [40, 16, 16, 4]
-    assert report.decision_table(result) in capsys.readouterr().out
+    table = report.decision_table(result)
+    assert table in capsys.readouterr().out and table in (out / "gpu_check.log").read_text()
+    assert (out / "decision.md").read_text() == table + "\n"
+    assert saved["decision"] == report.decide(result)
     text = "<!-- report:source x.json -->\n" + "".join(
         f"<!-- report:{n} -->\n<!-- /report:{n} -->\n" for n in report.TABLES)
     assert report.readme_blocks(report.update_readme(text, result, "x.json")) == {
         n: table(result) for n, table in report.TABLES.items()}
 
 
+def no_tests(interpret, timeout_s):
+    return {"returncode": 0, "summary": "", "seconds": 0}
+
+
 def test_gpu_check_starts_no_shape_past_its_budget(dry_check, monkeypatch):
-    path, writes = dry_check
-    monkeypatch.setattr(gpu_check, "run_tests", lambda interpret: {"returncode": 0,
-                                                                   "summary": "", "seconds": 0})
-    result = gpu_check.check(dry=True, path=path, budget_s=1e-9)
+    out, writes = dry_check
+    monkeypatch.setattr(gpu_check, "run_tests", no_tests)
+    result = gpu_check.check(dry=True, out=out, budget_s=1e-9)
     assert result["rows"] == [] and result["skipped_shapes"] == [[40, 16, 16, 4]]
+
+
+def test_gpu_check_stops_inside_a_shape_when_the_budget_runs_out(dry_check, monkeypatch):
+    """The budget runs out after the shape's third timed call: the shape is cut there, listed
+    as skipped, and the next one never starts."""
+    out, _ = dry_check
+    monkeypatch.setattr(gpu_check, "run_tests", no_tests)
+    monkeypatch.setattr(gpu_check, "DRY_SHAPES", [(40, 16, 16, 4), (24, 16, 16, 4)])
+    calls = []
+    monkeypatch.setattr(bench, "CLOCK", itertools.count().__next__)  # one tick a reading
+    monkeypatch.setattr(gpu_check, "wall_ms", lambda fn, grad_to_none=None: (
+        calls.append(1), run_once(fn))[1])
+    result = gpu_check.check(dry=True, out=out, budget_s=4)  # start 0; the shape starts at 1
+    assert result["rows"] == [] and result["skipped_shapes"] == [[40, 16, 16, 4], [24, 16, 16, 4]]
+    assert len(calls) == 2 + 3  # the two ceilings, then three of the shape's timed calls
+
+
+def test_gpu_check_stops_a_test_run_past_its_timeout():
+    done = gpu_check.subprocess_step([sys.executable, "-c", "import time; time.sleep(30)"],
+                                     {}, 1.0, "sleep")
+    assert done["returncode"] == "timeout" and done["seconds"] < 10

@@ -5,6 +5,7 @@ import torch
 
 from fslora_min.ranks import (rank_from_ratio, ranks_from_distribution, ranks_from_ratios,
                                 validate_ranks)
+from fslora_min.rng import randperms
 from fslora_min.sketch import Sketch, sample_module_sketches, sample_sketch
 
 
@@ -70,3 +71,16 @@ def test_rank_distributions_stay_in_range_and_replay(kind):
         validate_ranks([2, 17], 16)
     with pytest.raises(ValueError, match="'zipf'"):
         ranks_from_distribution("zipf", 3, 16, seed=0)
+
+
+def test_batched_draws_are_torch_randperm_number_for_number_and_leave_the_stream_alike():
+    """randperms(r, count, g) = count calls of torch.randperm(r, generator=g), and g ends in the
+    same state, from a fresh seed and from a stream already part-way through its words."""
+    for seed, r, count, before in [(0, 16, 24, 0), (1, 2, 5, 3), (2, 64, 7, 700), (3, 1, 4, 0),
+                                   (4, 7, 200, 623)]:
+        g, h = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
+        torch.rand(before, generator=g), torch.rand(before, generator=h)
+        want = torch.stack([torch.randperm(r, generator=g) for _ in range(count)]).numpy()
+        assert (randperms(r, count, h) == want).all()
+        assert torch.equal(g.get_state(), h.get_state())
+        assert torch.equal(torch.rand(3, generator=g), torch.rand(3, generator=h))
