@@ -28,6 +28,7 @@ from fslora_min.knobs import ConfigError, flag_of, knobs
 from fslora_min.lora import LoRAConfig
 from fslora_min.pretrain import PretrainConfig
 from fslora_min.server import ServerConfig
+from fslora_min.stopping import exit_status, sigterm_as_ctrl_c
 from fslora_min.tasks import TASKS
 
 
@@ -241,9 +242,24 @@ def print_clients(history, info: dict) -> None:
               f"{last.client_heldout_acc[i]:.4f}")
 
 
+INTERRUPTED = 130  # Ctrl-C's exit status; `main` makes it SIGTERM's when that stopped it
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run the command; Ctrl-C or SIGTERM stops it with one line on stderr, no traceback, and
+    exit status 128 + the signal's number (fslora_min/stopping.py)."""
+    with sigterm_as_ctrl_c() as received:
+        try:
+            status = command(sys.argv[1:] if argv is None else argv)
+        except KeyboardInterrupt:  # outside a run's own handling: before or after it
+            print("interrupted", file=sys.stderr)
+            status = INTERRUPTED
+    return exit_status(received) if status == INTERRUPTED else status
+
+
+def command(argv: list[str]) -> int:
+    """`main` without its signal handling."""
     parser = build_parser()
-    argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] not in ("run", "compare", "-h", "--help"):
         argv = ["run", *argv]  # the demo: run's defaults, or run's flags without the command
     args = parser.parse_args(argv)
@@ -263,13 +279,14 @@ def main(argv: list[str] | None = None) -> int:
         with output_folder(cfg.out_dir, args.resume, args.overwrite):
             history, info = run_experiment(cfg, not args.no_progress, args.resume,
                                            args.overwrite)
-            out = write_outputs(cfg, history, info)
+            out = write_outputs(cfg, history, info, args.overwrite)
     except ValueError as err:  # a bad value (a ConfigError names its flag), an unusable --out
         args.command_parser.error(under_flag(args, err))
     except Interrupted as stop:
         again = [a for a in argv if a != "--overwrite"] + ([] if args.resume else ["--resume"])
-        print(stop.line(shlex.join(["python", "-m", "fslora_min", *again])), file=sys.stderr)
-        return 130
+        print(stop.line(shlex.join(["python", "-m", "fslora_min", *again]), args.overwrite),
+              file=sys.stderr)
+        return INTERRUPTED
     print_summary(cfg, history, info)
     print(f"wrote {out / 'metrics.json'} and {out / 'curves.png'}")
     stalled = history.stalled()

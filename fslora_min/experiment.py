@@ -174,6 +174,7 @@ def assign_client_ranks(cfg: ExperimentConfig) -> list[int]:
     return ranks_from_ratios(cfg.ratios, fed.num_clients, r)
 
 
+OUTPUTS = ("metrics.json", "curves.png")  # what `write_outputs` writes
 RUN_FILES = ("metrics.json", CHECKPOINT_NAME)  # a folder holding one of them holds a run
 
 
@@ -281,11 +282,14 @@ class Interrupted(KeyboardInterrupt):
         super().__init__(saved_round, path)
         self.saved_round, self.path = saved_round, path
 
-    def line(self, resume_command: str) -> str:
-        """One line for the console: what was saved, and how to go on."""
+    def line(self, resume_command: str, overwrite: bool = False) -> str:
+        """One line for the console: what was saved, and how to go on (under --overwrite,
+        that the run it was to replace is still there while nothing replaced it)."""
         if not self.saved_round:
             return ("interrupted before any checkpoint was written (--checkpoint-every N saves "
-                    "one every N rounds): nothing to resume")
+                    "one every N rounds): nothing to resume"
+                    + (f"; the run that was in {str(self.path.parent)!r} is left as it was"
+                       * overwrite))
         return (f"interrupted; round {self.saved_round} is checkpointed in {self.path}; "
                 f"resume with: {resume_command}")
 
@@ -332,8 +336,10 @@ def run_experiment(cfg: ExperimentConfig, progress: bool = True, resume: bool = 
 
     With `resume`, the federation continues from out_dir/checkpoint.pt, which must have been
     written for the same configuration; the result is bit-identical to an uninterrupted run,
-    and info["wall_seconds"] covers both parts. With `overwrite`, an earlier run's checkpoint
-    there is removed once this run starts. Ctrl-C raises `Interrupted`.
+    and info["wall_seconds"] covers both parts. With `overwrite`, the earlier run there stays
+    whole until this one has something to replace it with: its first checkpoint replaces the
+    earlier checkpoint and retires the earlier outputs (`write_outputs` replaces them when this
+    run saves no checkpoint). Ctrl-C (or SIGTERM, fslora_min/stopping.py) raises `Interrupted`.
     """
     path, key = Path(cfg.out_dir) / CHECKPOINT_NAME, resume_key(cfg)
     saved = load_checkpoint(path, key) if resume else None  # before any work
@@ -343,8 +349,6 @@ def run_experiment(cfg: ExperimentConfig, progress: bool = True, resume: bool = 
         elapsed = 0.0 if saved is None else restore(federation, saved, path)
         if saved is not None:
             print(f"resuming from round {saved_round} of {cfg.federation.rounds} ({path})")
-        elif overwrite:
-            path.unlink(missing_ok=True)  # another run's: never resume into it
         if cfg.checkpoint_every:
             path.parent.mkdir(parents=True, exist_ok=True)
         start = time.perf_counter()
@@ -353,6 +357,8 @@ def run_experiment(cfg: ExperimentConfig, progress: bool = True, resume: bool = 
             nonlocal saved_round
             seconds = elapsed + time.perf_counter() - start
             save_checkpoint(path, key, state | {"wall_seconds": seconds})
+            if overwrite and not saved_round:  # the earlier run's checkpoint is replaced now
+                retire(path.parent, OUTPUTS)
             saved_round = len(state["history"]["rounds"])
 
         history = federation.run(progress, cfg.checkpoint_every, save)
@@ -363,8 +369,10 @@ def run_experiment(cfg: ExperimentConfig, progress: bool = True, resume: bool = 
     return history, info
 
 
-def write_outputs(cfg: ExperimentConfig, history: History, info: dict) -> Path:
-    """metrics.json (config, run info, per-round records) and curves.png in cfg.out_dir."""
+def write_outputs(cfg: ExperimentConfig, history: History, info: dict,
+                  overwrite: bool = False) -> Path:
+    """metrics.json (config, run info, per-round records) and curves.png in cfg.out_dir; with
+    `overwrite`, then the checkpoint of the run they replace, when this run saves none."""
     from fslora_min.plots import plot_history  # matplotlib only when writing figures
 
     out = Path(cfg.out_dir)
@@ -374,4 +382,12 @@ def write_outputs(cfg: ExperimentConfig, history: History, info: dict) -> Path:
     tmp.write_text(json.dumps(metrics, indent=1))
     tmp.replace(out / "metrics.json")
     plot_history(history, describe(cfg), out / "curves.png")
+    if overwrite and not cfg.checkpoint_every:
+        retire(out, (CHECKPOINT_NAME,))
     return out
+
+
+def retire(out: Path, names: tuple[str, ...]) -> None:
+    """Remove the files `names` of the earlier run that --overwrite replaces in `out`."""
+    for name in names:
+        (out / name).unlink(missing_ok=True)
