@@ -184,7 +184,12 @@ def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
     parts = {attr: (replace(from_preset[attr], **given[attr]) if attr in from_preset
                     else cls(**given[attr]))
              for _, attr, cls in PARTS if attr != "experiment"}
-    return ExperimentConfig(**given["experiment"], **(from_preset | parts))
+    cfg = ExperimentConfig(**given["experiment"], **(from_preset | parts))
+    ratios, clients = given["experiment"].get("ratios", ()), cfg.federation.num_clients
+    if len(ratios) > clients:  # given in turn: the ones past the last client would go unused
+        raise ConfigError(cfg, "ratios", f"{len(ratios)} given for {clients} clients (--clients); "
+                                         f"give at most {clients}")
+    return cfg
 
 
 def compare_config_from_args(args: argparse.Namespace) -> CompareConfig:

@@ -91,6 +91,17 @@ class ExperimentConfig:
             self.ratios = list(PAPER_RATIOS)
         if not self.out_dir.strip():
             raise ConfigError(self, "out_dir", "must be a non-empty path")
+        fed = self.federation
+        if fed.num_clients > MAX_CLIENTS:
+            raise ConfigError(fed, "num_clients", f"at most {MAX_CLIENTS}, got {fed.num_clients}: "
+                                                  f"this one process builds and holds every "
+                                                  f"client's data, and {MAX_CLIENTS} default "
+                                                  f"clients already take minutes to build on 2 "
+                                                  f"CPU cores")
+        if fed.rounds > MAX_ROUNDS:
+            raise ConfigError(fed, "rounds", f"at most {MAX_ROUNDS}, got {fed.rounds}: every "
+                                             f"round's record is kept in memory and in "
+                                             f"metrics.json")
         if self.data.seq_len > self.model.context:
             raise ValueError(f"data seq_len={self.data.seq_len} exceeds the model context "
                              f"{self.model.context}")
@@ -105,6 +116,7 @@ class ExperimentConfig:
 
 
 PRESETS = ("default", "tiny")
+MAX_CLIENTS, MAX_ROUNDS = 1000, 100_000  # beyond: minutes of set-up, or a history too long
 
 
 class Preset(NamedTuple):
@@ -260,6 +272,15 @@ def check_rank(cfg: ExperimentConfig) -> None:
                          f"--rank {min(m, n)} or less")
 
 
+def check_batch_size(client: ClientConfig, train_sequences: list[int]) -> None:
+    """Refuse a minibatch larger than every client's training set: each would be all of it."""
+    if client.batch_size > max(train_sequences):
+        raise ConfigError(client, "batch_size", f"{client.batch_size} exceeds every client's "
+                                                f"training sequences (at most "
+                                                f"{max(train_sequences)}): a minibatch would be "
+                                                f"all of them; use {max(train_sequences)} or less")
+
+
 def resume_key(cfg: ExperimentConfig) -> dict:
     """The configuration a checkpoint must match: all of it but where and how often to save."""
     return {k: v for k, v in asdict(cfg).items() if k not in ("out_dir", "checkpoint_every")}
@@ -305,6 +326,7 @@ def build_federation(cfg: ExperimentConfig, progress: bool = True) -> tuple[Fede
     check_rank(cfg)
     client_ranks = assign_client_ranks(cfg)
     data = federated_data(cfg.data, fed.num_clients)  # before pretraining: it checks N
+    check_batch_size(cfg.client, [len(c.train) for c in data.clients])
     base, cache = load_or_pretrain(cfg.model, cfg.data, cfg.pretrain, progress=progress)
     method = make_method(cfg.method, lora.rank, generator(fed.seed, LORA_INIT, 1))
     global_rank = method.global_rank(lora.rank, client_ranks, full_rank(base, lora.targets))
@@ -344,6 +366,10 @@ def run_experiment(cfg: ExperimentConfig, progress: bool = True, resume: bool = 
     path, key = Path(cfg.out_dir) / CHECKPOINT_NAME, resume_key(cfg)
     saved = load_checkpoint(path, key) if resume else None  # before any work
     saved_round = len(saved["history"]["rounds"]) if saved else 0
+    if saved_round >= cfg.federation.rounds:
+        raise ValueError(f"--resume: the run in {cfg.out_dir!r} has finished its "
+                         f"{cfg.federation.rounds} rounds: nothing to resume (--overwrite runs "
+                         f"it again)")
     try:
         federation, info = build_federation(cfg, progress)
         elapsed = 0.0 if saved is None else restore(federation, saved, path)
