@@ -81,8 +81,10 @@ def _command_line_type(parse: Callable[[str], object]) -> Callable[[str], object
     return parse_word
 
 
-def add_knob(group: argparse._ArgumentGroup, attr: str, f: dataclasses.Field, hint: object) -> str:
-    """One flag for the knob `f` of part `attr` (its type hint `hint`); returns the flag."""
+def add_knob(group: argparse._ArgumentGroup, attr: str, f: dataclasses.Field, hint: object,
+             listed: bool = True) -> str:
+    """One flag for the knob `f` of part `attr` (its type hint `hint`), left out of --help
+    unless `listed`; returns the flag."""
     kind, many = hint, False
     if type(None) in get_args(kind):  # X | None
         kind = next(a for a in get_args(kind) if a is not type(None))
@@ -90,7 +92,8 @@ def add_knob(group: argparse._ArgumentGroup, attr: str, f: dataclasses.Field, hi
         kind, many = get_args(kind)[0], True
     flag, meta = flag_of(f), f.metadata
     options = dict(dest=f"{attr}.{f.name}", default=argparse.SUPPRESS,
-                   help=meta["help"] + _default_text(attr, f, kind))
+                   help=meta["help"] + _default_text(attr, f, kind) if listed else
+                   argparse.SUPPRESS)
     if kind is bool:  # a switch: --x turns it on, or --no-x turns off one that is on by default
         action = argparse.BooleanOptionalAction if f.default else "store_true"
         group.add_argument(flag, *meta["aliases"], action=action, **options)
@@ -102,19 +105,31 @@ def add_knob(group: argparse._ArgumentGroup, attr: str, f: dataclasses.Field, hi
     return flag
 
 
-def add_knobs(parser: argparse.ArgumentParser, parts: tuple[tuple[str, str, type], ...]
-              ) -> dict[tuple[type, str], str]:
-    """A group of flags for each (title, attribute, config class) of `parts`, one per knob;
-    returns each knob's flag by (class, field name), for naming a bad value."""
+def add_knobs(parser: argparse.ArgumentParser, parts: tuple[tuple[str, str, type], ...],
+              unlisted: tuple[str, ...] = ()) -> dict[tuple[type, str], str]:
+    """A group of flags for each (title, attribute, config class) of `parts`, one per knob,
+    those of the attributes `unlisted` left out of --help; returns each knob's flag by (class,
+    field name), for naming a bad value."""
     flags = {}
     for title, attr, cls in parts:
         group, hints = parser.add_argument_group(title), get_type_hints(cls)
         for f in knobs(cls):
-            flags[cls, f.name] = add_knob(group, attr, f, hints[f.name])
+            flags[cls, f.name] = add_knob(group, attr, f, hints[f.name], attr not in unlisted)
     return flags
 
 
-def build_parser() -> argparse.ArgumentParser:
+def task_of(argv: list[str]) -> str:
+    """The --task that `argv` names (the default when it names none or an unknown one, which
+    the full parser then reports)."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--task", default="synthetic")
+    task = pre.parse_known_args(argv)[0].task
+    return task if task in TASKS else "synthetic"
+
+
+def build_parser(task: str = "synthetic") -> argparse.ArgumentParser:
+    """The command line; `run --help` lists the flags that apply to `task` (the data knobs are
+    the synthetic task's: another task's run refuses them, naming the flag)."""
     parser = argparse.ArgumentParser(
         prog="python -m fslora_min",
         description="Federated Sketching LoRA on a tiny transformer. With no command (or with "
@@ -124,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run one federation (see 'run --help')",
                          description="One federation. Every flag is a field of the configs in "
                                      "fslora_min/ (fslora_min/knobs.py).")
-    flags = add_knobs(run, PARTS)
+    flags = add_knobs(run, PARTS, () if task == "synthetic" else ("data",))
     g = run.add_argument_group("run")
     g.add_argument("--preset", choices=PRESETS, default="default",
                    help="model and data sizes; " + "; ".join(f"{p}: {describe_preset(p)}"
@@ -264,9 +279,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def command(argv: list[str]) -> int:
     """`main` without its signal handling."""
-    parser = build_parser()
     if not argv or argv[0] not in ("run", "compare", "-h", "--help"):
         argv = ["run", *argv]  # the demo: run's defaults, or run's flags without the command
+    parser = build_parser(task_of(argv))
     args = parser.parse_args(argv)
     if args.command == "compare":
         if args.readme:
