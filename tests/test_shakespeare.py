@@ -14,8 +14,10 @@ import torch
 from fslora_min.cli import build_parser, config_from_args, main
 from fslora_min.client import ClientConfig
 from fslora_min.compare import CompareConfig, task
+from fslora_min.data import DataConfig
 from fslora_min.experiment import ExperimentConfig, preset, run_experiment
 from fslora_min.federation import FederationConfig
+from fslora_min.knobs import flag_of, knobs
 from fslora_min.lora import LoRAConfig
 from fslora_min.shakespeare import (VOCAB, ShakespeareConfig, char_windows, decode, encode,
                                     make_shakespeare_data, parse_play, parsed_plays,
@@ -219,8 +221,7 @@ def test_the_cli_offers_the_task_and_refuses_what_does_not_fit_it(capsys, tmp_pa
 
 
 def test_run_help_for_the_task_lists_only_the_flags_that_apply_to_it(capsys):
-    data_flags = [a.option_strings[0] for a in build_parser()._actions
-                  if a.dest.startswith("data.")]
+    data_flags = [flag_of(f) for f in knobs(DataConfig)]
     assert "--dirichlet-alpha" in data_flags
     for task_name, listed in (("shakespeare", False), ("synthetic", True)):
         with pytest.raises(SystemExit):
