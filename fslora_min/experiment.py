@@ -142,7 +142,9 @@ def preset(name: str, task: str = "synthetic") -> Preset:
         data = DataConfig(vocab_size=TEST_CONFIG.vocab_size, seq_len=TEST_CONFIG.context,
                           n_base_topics=3, successors=2, train_seqs=12, heldout_seqs=4,
                           global_heldout_seqs=16)
-        return Preset(TEST_CONFIG, data, PretrainConfig(steps=150, batch_size=16, lr=1e-2))
+        # a minibatch of all 12 sequences: what batch 16 drew from them, now said as it is
+        return Preset(TEST_CONFIG, data, PretrainConfig(steps=150, batch_size=16, lr=1e-2),
+                      ClientConfig(batch_size=data.train_seqs))
     raise ValueError(f"preset must be one of {PRESETS}, got {name!r}")
 
 
