@@ -9,6 +9,7 @@ import pickle
 import re
 import shlex
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,6 +21,7 @@ from fslora_min.compare import CompareConfig, quick_config
 from fslora_min.experiment import RUN_FILES, preset
 from fslora_min.federation import Federation
 from fslora_min.knobs import ConfigError, flag_of, knobs
+from fslora_min.methods import METHODS
 from fslora_min.pretrain import load_or_pretrain
 
 
@@ -374,3 +376,9 @@ def test_resume_on_a_finished_run_is_refused_and_leaves_it_alone(capsys, tmp_pat
     assert err.endswith(f"error: --resume: the run in {str(tmp_path)!r} has finished its 2 rounds: "
                         f"nothing to resume (--overwrite runs it again)"), err
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+def test_the_readme_lists_every_method():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    listed = re.search(r"run --method \{([^}]*)\}", readme).group(1)
+    assert [m.strip() for m in listed.split(",")] == list(METHODS)
