@@ -26,6 +26,7 @@ from fslora_min.knobs import ConfigError, flag_of, knobs
 from fslora_min.lora import LoRAConfig
 from fslora_min.pretrain import PretrainConfig
 from fslora_min.server import ServerConfig
+from fslora_min.stopping import exit_status, sigterm_as_ctrl_c
 from fslora_min.tasks import TASKS
 
 
@@ -78,8 +79,10 @@ def _command_line_type(parse: Callable[[str], object]) -> Callable[[str], object
     return parse_word
 
 
-def add_knob(group: argparse._ArgumentGroup, attr: str, f: dataclasses.Field, hint: object) -> str:
-    """One flag for the knob `f` of part `attr` (its type hint `hint`); returns the flag."""
+def add_knob(group: argparse._ArgumentGroup, attr: str, f: dataclasses.Field, hint: object,
+             listed: bool = True) -> str:
+    """One flag for the knob `f` of part `attr` (its type hint `hint`), left out of --help
+    unless `listed`; returns the flag."""
     kind, many = hint, False
     if type(None) in get_args(kind):  # X | None
         kind = next(a for a in get_args(kind) if a is not type(None))
@@ -87,7 +90,8 @@ def add_knob(group: argparse._ArgumentGroup, attr: str, f: dataclasses.Field, hi
         kind, many = get_args(kind)[0], True
     flag, meta = flag_of(f), f.metadata
     options = dict(dest=f"{attr}.{f.name}", default=argparse.SUPPRESS,
-                   help=meta["help"] + _default_text(attr, f, kind))
+                   help=meta["help"] + _default_text(attr, f, kind) if listed else
+                   argparse.SUPPRESS)
     if kind is bool:  # a switch: --x turns it on, or --no-x turns off one that is on by default
         action = argparse.BooleanOptionalAction if f.default else "store_true"
         group.add_argument(flag, *meta["aliases"], action=action, **options)
@@ -99,19 +103,31 @@ def add_knob(group: argparse._ArgumentGroup, attr: str, f: dataclasses.Field, hi
     return flag
 
 
-def add_knobs(parser: argparse.ArgumentParser, parts: tuple[tuple[str, str, type], ...]
-              ) -> dict[tuple[type, str], str]:
-    """A group of flags for each (title, attribute, config class) of `parts`, one per knob;
-    returns each knob's flag by (class, field name), for naming a bad value."""
+def add_knobs(parser: argparse.ArgumentParser, parts: tuple[tuple[str, str, type], ...],
+              unlisted: tuple[str, ...] = ()) -> dict[tuple[type, str], str]:
+    """A group of flags for each (title, attribute, config class) of `parts`, one per knob,
+    those of the attributes `unlisted` left out of --help; returns each knob's flag by (class,
+    field name), for naming a bad value."""
     flags = {}
     for title, attr, cls in parts:
         group, hints = parser.add_argument_group(title), get_type_hints(cls)
         for f in knobs(cls):
-            flags[cls, f.name] = add_knob(group, attr, f, hints[f.name])
+            flags[cls, f.name] = add_knob(group, attr, f, hints[f.name], attr not in unlisted)
     return flags
 
 
-def build_parser() -> argparse.ArgumentParser:
+def task_of(argv: list[str]) -> str:
+    """The --task that `argv` names (the default when it names none or an unknown one, which
+    the full parser then reports)."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--task", default="synthetic")
+    task = pre.parse_known_args(argv)[0].task
+    return task if task in TASKS else "synthetic"
+
+
+def build_parser(task: str = "synthetic") -> argparse.ArgumentParser:
+    """The command line; `run --help` lists the flags that apply to `task` (the data knobs are
+    the synthetic task's: another task's run refuses them, naming the flag)."""
     parser = argparse.ArgumentParser(
         prog="python -m fslora_min",
         description="Federated Sketching LoRA on a tiny transformer. With no command (or with "
@@ -123,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run one federation (see 'run --help')",
                          description="One federation. Every flag is a field of the configs in "
                                      "fslora_min/ (fslora_min/knobs.py).")
-    flags = add_knobs(run, PARTS)
+    flags = add_knobs(run, PARTS, () if task == "synthetic" else ("data",))
     g = run.add_argument_group("run")
     g.add_argument("--preset", choices=PRESETS, default="default",
                    help="model and data sizes; " + "; ".join(f"{p}: {describe_preset(p)}"
@@ -166,7 +182,12 @@ def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
     parts = {attr: (replace(from_preset[attr], **given[attr]) if attr in from_preset
                     else cls(**given[attr]))
              for _, attr, cls in PARTS if attr != "experiment"}
-    return ExperimentConfig(**given["experiment"], **(from_preset | parts))
+    cfg = ExperimentConfig(**given["experiment"], **(from_preset | parts))
+    ratios, clients = given["experiment"].get("ratios", ()), cfg.federation.num_clients
+    if len(ratios) > clients:  # given in turn: the ones past the last client would go unused
+        raise ConfigError(cfg, "ratios", f"{len(ratios)} given for {clients} clients (--clients); "
+                                         f"give at most {clients}")
+    return cfg
 
 
 def under_flag(args: argparse.Namespace, err: ValueError) -> str:
@@ -215,24 +236,40 @@ def print_clients(history, info: dict) -> None:
               f"{last.client_heldout_acc[i]:.4f}")
 
 
+INTERRUPTED = 130  # Ctrl-C's exit status; `main` makes it SIGTERM's when that stopped it
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    argv = sys.argv[1:] if argv is None else argv
+    """Run the command; Ctrl-C or SIGTERM stops it with one line on stderr, no traceback, and
+    exit status 128 + the signal's number (fslora_min/stopping.py)."""
+    with sigterm_as_ctrl_c() as received:
+        try:
+            status = command(sys.argv[1:] if argv is None else argv)
+        except KeyboardInterrupt:  # outside a run's own handling: before or after it
+            print("interrupted", file=sys.stderr)
+            status = INTERRUPTED
+    return exit_status(received) if status == INTERRUPTED else status
+
+
+def command(argv: list[str]) -> int:
+    """`main` without its signal handling."""
     if not argv or argv[0] not in ("run", "-h", "--help"):
         argv = ["run", *argv]  # the demo: run's defaults, or run's flags without the command
+    parser = build_parser(task_of(argv))
     args = parser.parse_args(argv)
     try:
         cfg = config_from_args(args)
         with output_folder(cfg.out_dir, args.resume, args.overwrite):
             history, info = run_experiment(cfg, not args.no_progress, args.resume,
                                            args.overwrite)
-            out = write_outputs(cfg, history, info)
+            out = write_outputs(cfg, history, info, args.overwrite)
     except ValueError as err:  # a bad value (a ConfigError names its flag), an unusable --out
         args.command_parser.error(under_flag(args, err))
     except Interrupted as stop:
         again = [a for a in argv if a != "--overwrite"] + ([] if args.resume else ["--resume"])
-        print(stop.line(shlex.join(["python", "-m", "fslora_min", *again])), file=sys.stderr)
-        return 130
+        print(stop.line(shlex.join(["python", "-m", "fslora_min", *again]), args.overwrite),
+              file=sys.stderr)
+        return INTERRUPTED
     print_summary(cfg, history, info)
     print(f"wrote {out / 'metrics.json'} and {out / 'curves.png'}")
     stalled = history.stalled()

@@ -56,4 +56,11 @@ class ComputeConfig:
             check_backend(self.lora_backend, self.lora_gemm, device)
         except ValueError as err:
             raise ConfigError(self, "lora_backend", str(err)) from None
+        if self.lora_gemm != "pointer" and (self.lora_backend == "torch" or (
+                self.lora_backend == "auto" and device.type != "cuda")):
+            raise ConfigError(self, "lora_gemm", f"{self.lora_gemm!r} picks the Triton kernels' "
+                                                 f"base GEMM, and --lora-backend "
+                                                 f"{self.lora_backend} on {device} runs "
+                                                 f"PyTorch's matmul: leave --lora-gemm out or "
+                                                 f"use --lora-backend triton")
         return device

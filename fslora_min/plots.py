@@ -64,12 +64,16 @@ def plot_history(history: History, title: str, path: Path) -> None:
         scored = [r for r in evaluated if getattr(r, key) is not None]  # FederationConfig
         per_round = [first] + [getattr(r, key) for r in scored]  # (rounds + 1, clients)
         if first:
-            ax.plot([0] + [r.round for r in scored], per_round, color="0.75", linewidth=0.7)
+            ax.plot([0] + [r.round for r in scored], per_round, color="0.75", linewidth=0.7,
+                    label=["each client, on its own held-out set"] + ["_"] * (len(first) - 1))
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax_loss.plot(rounds, loss, marker=".")
+    ax_loss.plot(rounds, loss, marker=".", label="global model, on the global held-out set")
     ax_loss.set(xlabel="round", ylabel="global held-out loss", title="loss")
-    ax_acc.plot(rounds, acc, marker=".", color="tab:green")
+    ax_acc.plot(rounds, acc, marker=".", color="tab:green",
+                label="global model, on the global held-out set")
     ax_acc.set(xlabel="round", ylabel="next-token accuracy", title="accuracy")
+    for ax in (ax_loss, ax_acc):
+        ax.legend(fontsize=8)
     sent: dict[int, list[float]] = {}  # client -> KiB uploaded in each round it reported
     rank_of: dict[int, int] = {}
     for r in history.rounds:

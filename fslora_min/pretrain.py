@@ -1,8 +1,11 @@
 """Pretrain the base model on the task's pretraining corpus, or reuse a cached copy.
 
-The cache file is keyed by everything that determines the weights (model and data configs,
-steps, batch size, learning rate, seed), stores a plain state dict and loads it with
-`torch.load(..., weights_only=True)`: no pickled code is ever executed.
+The cache file is keyed by everything that determines the weights' bits: the model and data
+configs, steps, batch size, learning rate and seed, and the numerics they were computed with
+(`numerics`: torch's version, its CPU kernels and its thread count: the same run at 1 and at 2
+threads sums in another order and ends in other weights). It is a sealed file
+(fslora_min/sealed.py): a plain state dict behind its SHA-256, loaded with
+`torch.load(..., weights_only=True)`; a damaged one is pretrained again, never trusted.
 """
 
 from __future__ import annotations
@@ -10,18 +13,21 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import pickle
-import re
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from fslora_min.knobs import check_knobs, knob
 from fslora_min.data import split_inputs_targets
+from fslora_min.knobs import check_knobs, knob
 from fslora_min.model import ModelConfig, Transformer, lm_loss
+from fslora_min.sealed import read_sealed, write_sealed
 from fslora_min.tasks import TaskConfig, pretraining_stream
+
+
+CACHE_MAGIC = b"FSLORAbm"  # a sealed base-model state dict
 
 
 @dataclass
@@ -39,19 +45,6 @@ class PretrainConfig:
                              f"got {self.batch_size!r}")
         if not self.lr > 0:
             raise ValueError(f"pretrain lr must be positive, got {self.lr!r}")
-
-
-def load_failure(err: Exception) -> str:
-    """Why `torch.load(..., weights_only=True)` refused a file, in one line.
-
-    PyTorch's own message for a file that holds more than tensors suggests retrying with
-    weights_only=False, which would run whatever code the file carries: never repeat that.
-    """
-    text = str(err).strip()
-    if isinstance(err, pickle.UnpicklingError):
-        detail = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\.\s|\n|$)", text)
-        return ("not plain tensors and numbers" + (f" ({detail.group(1)})" if detail else ""))
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 def default_cache_dir() -> Path:
@@ -77,30 +70,42 @@ def pretrain(model_cfg: ModelConfig, data_cfg: TaskConfig, cfg: PretrainConfig,
     return model.eval()
 
 
+def numerics() -> dict[str, object]:
+    """What, besides the configs, decides the bits pretraining computes on this machine."""
+    return {"torch": torch.__version__, "cpu": torch.backends.cpu.get_cpu_capability(),
+            "threads": torch.get_num_threads()}
+
+
+def cache_path(model_cfg: ModelConfig, data_cfg: TaskConfig, cfg: PretrainConfig,
+               cache_dir: Path) -> Path:
+    """The cache file of the base these configs pretrain to under this process's `numerics`."""
+    key = json.dumps([asdict(model_cfg), asdict(data_cfg), asdict(cfg), numerics()],
+                     sort_keys=True)
+    return cache_dir / f"base-{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"
+
+
 def load_or_pretrain(model_cfg: ModelConfig, data_cfg: TaskConfig, cfg: PretrainConfig,
                      cache_dir: Path | None = None,
                      progress: bool = True) -> tuple[Transformer, Path]:
-    """The cached base model for these configs, pretraining (and caching) it if absent."""
-    key = json.dumps([asdict(model_cfg), asdict(data_cfg), asdict(cfg)], sort_keys=True)
+    """The cached base model for these configs, pretraining (and caching) it if absent or
+    damaged."""
     cache_dir = Path(cache_dir or default_cache_dir())
-    path = cache_dir / f"base-{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"
+    path = cache_path(model_cfg, data_cfg, cfg, cache_dir)
     model = Transformer(model_cfg)
     if path.exists():
         try:
-            model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+            model.load_state_dict(read_sealed(path, CACHE_MAGIC, "base-model cache"))
             return model.eval(), path
-        except Exception as err:  # a damaged cache file is rebuilt, not trusted
-            print(f"cached base model {path} is unreadable ({load_failure(err)}); "
-                  f"pretraining again")
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")  # processes pretraining at once never clash
+        except (ValueError, RuntimeError) as err:  # damaged, or not this model's: rebuilt
+            print(f"{err}; pretraining the base model again", file=sys.stderr)
     try:  # prove the cache writable before pretraining, not after
         cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp.write_bytes(b"")
-        tmp.unlink()
+        probe = cache_dir / f".write-test.{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
     except OSError as err:
         raise ValueError(f"cannot write the base-model cache in {str(cache_dir)!r} "
                          f"({err.strerror}): set FSLORA_CACHE to a writable folder") from None
     model = pretrain(model_cfg, data_cfg, cfg, progress)
-    torch.save(model.state_dict(), tmp)
-    tmp.replace(path)  # atomic: a crash never leaves a half-written cache file
+    write_sealed(path, model.state_dict(), CACHE_MAGIC)
     return model, path

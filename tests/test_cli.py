@@ -9,6 +9,7 @@ import pickle
 import re
 import shlex
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,6 +23,7 @@ from fslora_min.study.config import CompareConfig, quick_config
 from fslora_min.experiment import RUN_FILES, preset
 from fslora_min.federation import Federation
 from fslora_min.knobs import ConfigError, flag_of, knobs
+from fslora_min.methods import METHODS
 from fslora_min.pretrain import load_or_pretrain
 
 
@@ -80,6 +82,17 @@ BAD_RUN_ARGUMENTS = [
     (["--lora-backend", "cuda"], "invalid choice: 'cuda'"),
     (["--lora-gemm", "fast"], "invalid choice: 'fast'"),
     (["--unknown-flag"], "unrecognized arguments: --unknown-flag"),
+    # options that do not apply
+    (["--lora-gemm", "tma", "--lora-backend", "torch"],
+     "argument --lora-gemm: 'tma' picks the Triton kernels' base GEMM, and --lora-backend torch "
+     "on cpu runs PyTorch's matmul"),
+    (["--lora-gemm", "merged"], "--lora-backend auto on cpu runs PyTorch's matmul"),
+    (["--ratios", *["0.5"] * 12, "--clients", "2"],
+     "argument --ratios: 12 given for 2 clients (--clients); give at most 2"),
+    (["--preset", "tiny", "--batch-size", "100000"],
+     "argument --batch-size: 100000 exceeds every client's training sequences (at most 12)"),
+    (["--clients", "1000000"], "argument --clients: at most 1000, got 1000000"),
+    (["--rounds", str(10**12)], "argument --rounds: at most 100000, got 1000000000000"),
 ]
 
 
@@ -231,9 +244,10 @@ def test_an_unreadable_base_model_cache_is_rebuilt_without_unsafe_advice(capsys,
     for content in (b"not a torch file", pickle.dumps(print, protocol=2)):
         path.write_bytes(content)
         load_or_pretrain(model, data, pretrain, cache_dir=tmp_path, progress=False)
-        out = capsys.readouterr().out
-        assert f"cached base model {path} is unreadable" in out and "pretraining again" in out
-        assert "weights_only" not in out and "False" not in out and "trust" not in out
+        err = capsys.readouterr().err
+        assert f"{path} is not an fslora-min base-model cache" in err
+        assert "pretraining the base model again" in err
+        assert "False" not in err and "trust" not in err
     buffer = io.BytesIO()
     torch.save({"version": 1, "config": {}, "federation": Unpicklable()}, buffer)
     payload = buffer.getvalue()  # a checkpoint whose header is right and whose payload runs code
@@ -278,7 +292,8 @@ def test_overwrite_replaces_the_run_and_its_stale_checkpoint(capsys, tmp_path, c
     assert not (tmp_path / CHECKPOINT_NAME).exists()  # it was another run's
 
 
-@pytest.mark.parametrize("args", [["--rank", "17"], ["--resume"], ["--rounds", "0"]])
+@pytest.mark.parametrize("args", [["--rank", "17"], ["--resume"], ["--rounds", "0"],
+                                  ["--batch-size", "13"], ["--lora-gemm", "tma"]])
 def test_a_failed_invocation_leaves_no_folder_behind(args, capsys, tmp_path, cache):
     with pytest.raises(SystemExit):  # --rank 17 fails after the folder was made: it is removed
         main([*TINY, "--out", str(tmp_path / "new" / "run"), *args])
@@ -351,3 +366,22 @@ def test_an_unwritable_base_model_cache_is_an_error_naming_fslora_cache(capsys, 
     err = capsys.readouterr().err
     assert "cannot write the base-model cache in" in err and "set FSLORA_CACHE to a" in err
     assert not (tmp_path / "run").exists()
+
+
+def test_resume_on_a_finished_run_is_refused_and_leaves_it_alone(capsys, tmp_path, cache):
+    args = [*TINY, "--checkpoint-every", "1", "--out", str(tmp_path)]
+    assert main(args) == 0
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    with pytest.raises(SystemExit) as exc:
+        main([*args, "--resume"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.endswith(f"error: --resume: the run in {str(tmp_path)!r} has finished its 2 rounds: "
+                        f"nothing to resume (--overwrite runs it again)"), err
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+def test_the_readme_lists_every_method():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    listed = re.search(r"run --method \{([^}]*)\}", readme).group(1)
+    assert [m.strip() for m in listed.split(",")] == list(METHODS)

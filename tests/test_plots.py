@@ -71,6 +71,8 @@ def test_demo_figure_says_what_was_run_and_marks_the_expected_count(figures, tmp
     assert "4 clients (4 a round), 3 rounds of H = 4 local steps, seed 0" in describe(cfg)
     loss, acc, _, heatmap, bar = fig.axes
     for ax in (loss, acc):
+        assert [t.get_text() for t in ax.get_legend().get_texts()] == [
+            "each client, on its own held-out set", "global model, on the global held-out set"]
         assert isinstance(ax.xaxis.get_major_locator(), MaxNLocator)
         assert all(float(t).is_integer() for t in ax.get_xticks())
     assert bar.get_ylabel() == "times trained"

@@ -18,11 +18,12 @@ import pytest
 import torch
 
 import fslora_min.federation as federation_module
-from fslora_min.checkpoint import (CHECKPOINT_NAME, HEADER, MAGIC, CheckpointError, read_payload,
+from fslora_min.checkpoint import (CHECKPOINT_NAME, MAGIC, CheckpointError, read_payload,
                                    save_checkpoint)
 from fslora_min.engine import train_clients
 from fslora_min.experiment import run_experiment
 from fslora_min.federation import Federation
+from fslora_min.sealed import HEADER
 
 from tests.corruptions import BAD, corrupt
 from tests.tiny import tiny_experiment, tiny_federation

@@ -4,6 +4,7 @@ no leakage into training windows or the pretraining text), and a tiny federation
 the same code path as the synthetic task (run, compare, the Flower app's configuration)."""
 
 import hashlib
+import json
 import lzma
 
 import numpy as np
@@ -12,9 +13,11 @@ import torch
 
 from fslora_min.cli import build_parser, config_from_args, main
 from fslora_min.client import ClientConfig
+from fslora_min.data import DataConfig
 from fslora_min.study.config import CompareConfig, task
 from fslora_min.experiment import ExperimentConfig, preset, run_experiment
 from fslora_min.federation import FederationConfig
+from fslora_min.knobs import flag_of, knobs
 from fslora_min.lora import LoRAConfig
 from fslora_min.shakespeare import (VOCAB, ShakespeareConfig, char_windows, decode, encode,
                                     make_shakespeare_data, parse_play, parsed_plays,
@@ -215,6 +218,24 @@ def test_the_cli_offers_the_task_and_refuses_what_does_not_fit_it(capsys, tmp_pa
     with pytest.raises(SystemExit):
         main(["run", "--task", "poems"])
     assert "invalid choice: 'poems'" in capsys.readouterr().err
+
+
+def test_run_help_for_the_task_lists_only_the_flags_that_apply_to_it(capsys):
+    data_flags = [flag_of(f) for f in knobs(DataConfig)]
+    assert "--dirichlet-alpha" in data_flags
+    for task_name, listed in (("shakespeare", False), ("synthetic", True)):
+        with pytest.raises(SystemExit):
+            main(["run", "--task", task_name, "--help"])
+        out = capsys.readouterr().out
+        assert all((f"{flag} " in out) == listed for flag in data_flags), task_name
+
+
+def test_the_tiny_preset_improves_the_held_out_loss(capsys, tmp_path):
+    """The quick run of issue 31: the preset's steps must suit the task (lr 0.2 made it worse)."""
+    assert main(["run", "--task", "shakespeare", "--preset", "tiny", "--clients", "4",
+                 "--rounds", "20", "--no-progress", "--out", str(tmp_path)]) == 0
+    history = json.loads((tmp_path / "metrics.json").read_text())["history"]
+    assert history["rounds"][-1]["heldout_loss"] < history["initial_loss"] - 0.01
 
 
 def test_compare_and_the_flower_app_build_the_same_task():

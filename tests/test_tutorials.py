@@ -13,7 +13,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 TUTORIALS = ROOT / "tutorials"
 sys.path.insert(0, str(TUTORIALS))
-from run_notebooks import code_cells, notebook_names, parse_source  # noqa: E402
+from run_notebooks import code_cells, notebook_names, parse_source, stale_lines  # noqa: E402
 
 NAMES = notebook_names()
 
@@ -74,3 +74,16 @@ def test_notebook_runs_in_fast_mode(name):
                            str(TUTORIALS / f"{name}.ipynb"), "--fast"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+
+
+def test_a_committed_output_its_code_no_longer_prints_is_caught():
+    """What the fast run above checks in every cell: 02's cell 3 once kept "scale r/k" after its
+    code came to print "sketch weight r/k"; other numbers at other sizes are not staleness."""
+    def out(*lines: str) -> list[dict]:
+        return [{"output_type": "stream", "name": "stdout", "text": [ln + "\n" for ln in lines]}]
+
+    full = out("I = [0, 4], scale r/k = 4", "r= 6 k=2:  15 index sets; max 2.2e-16")
+    fast = out("I = [1, 5, 6], sketch weight r/k = 2.5", "r= 8 k=3:  56 index sets; max 0.0e+00")
+    assert stale_lines(full, fast) == ["I = [#], scale r/k =#"]
+    assert stale_lines(fast, out("I = [3], sketch weight r/k = 16",
+                                 "r=10 k=5: 252 index sets; max 1.1e-16")) == []

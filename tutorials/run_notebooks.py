@@ -28,6 +28,7 @@ import base64
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -128,16 +129,38 @@ def run_cell(src: str, ns: dict, label: str) -> tuple[list[dict], object]:
     return outputs + _figure_outputs(), value
 
 
+def skeleton(line: str) -> str:
+    """A printed line with its numbers (and lists of them) and booleans as '#': what stays the
+    same from one run to another of the same code, at any size (padding included)."""
+    line = re.sub(r"\b(True|False)\b|[-+]?\d+(\.\d*)?(e[-+]?\d+)?", "#", line)
+    return re.sub(r"\s*#(\s*[,x]?\s*#)*\s*", "#", line).strip()
+
+
+def printed(outputs: list[dict]) -> set[str]:
+    """The skeletons of the non-empty lines a cell printed to stdout."""
+    return {skeleton(line) for o in outputs if o.get("name") == "stdout"
+            for line in "".join(o["text"]).splitlines() if line.strip()}
+
+
+def stale_lines(committed: list[dict], fresh: list[dict]) -> list[str]:
+    """Lines a cell's committed output printed that its code no longer prints (compared by
+    `skeleton`, so a fast run checks a full run's output)."""
+    return sorted(printed(committed) - printed(fresh))
+
+
 def execute(nb: dict, name: str) -> float:
     """Run the notebook's code cells in order in one namespace, filling in their outputs.
 
-    Returns the wall time. On an error, prints the cell and its traceback and exits with 1.
+    Returns the wall time. On an error, prints the cell and its traceback and exits with 1; a
+    cell whose committed output holds a line its code no longer prints (`stale_lines`) is an
+    error too, found after every cell ran. Cells are compared up to the first one after the
+    setup that reads FAST: from there on the two modes may print other lines.
     """
     import matplotlib
 
     matplotlib.use("Agg")  # figures go to PNG outputs, never to a window
     ns: dict = {"__name__": "__main__"}
-    start, count, times = time.perf_counter(), 0, []
+    start, count, times, stale, modes_differ = time.perf_counter(), 0, [], [], False
     for cell in nb["cells"]:
         if cell["cell_type"] != "code":
             continue
@@ -153,9 +176,18 @@ def execute(nb: dict, name: str) -> float:
         if value is not None:
             outputs.append({"output_type": "execute_result", "execution_count": count,
                             "metadata": {}, "data": {"text/plain": _lines(repr(value))}})
+        modes_differ = modes_differ or (count > 1 and "FAST" in src)
+        if not modes_differ:
+            stale += [f"code cell {count}: {line!r}"
+                      for line in stale_lines(cell.get("outputs", []), outputs)]
         cell["execution_count"], cell["outputs"] = count, outputs
         times.append(time.perf_counter() - tick)
     print(f"{name}: seconds per code cell: " + " ".join(f"{t:.1f}" for t in times))
+    if stale:
+        print(f"{name}: committed output its code no longer prints (rebuild it with python "
+              f"tutorials/run_notebooks.py {name[:2]}):\n  " + "\n  ".join(stale),
+              file=sys.stderr)
+        raise SystemExit(1)
     return time.perf_counter() - start
 
 

@@ -141,7 +141,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--work", default="runs/flower-local", help="logs and results folder")
     p.add_argument("--timeout", type=float, default=1800, help="seconds the run may take")
     args = p.parse_args(argv)
-    from fslora_flower.config import federation_of  # names a bad argument before starting
+    try:
+        from fslora_flower.config import federation_of  # names a bad argument before starting
+    except ModuleNotFoundError as err:  # the optional extra is missing: say how to add it
+        if (err.name or "").split(".")[0] != "flwr":
+            raise
+        p.error("flwr is not installed: Flower is an optional extra; from the repository "
+                "root: pip install -r requirements-flower.txt")
     # builds the federation once here, so the base is pretrained (cached) before the nodes start
     try:
         n = federation_of({"fslora-args": args.fslora_args})[0].federation.num_clients
