@@ -23,7 +23,7 @@ from fslora_min.study.config import CompareConfig, quick_config
 from fslora_min.experiment import RUN_FILES, preset
 from fslora_min.federation import Federation
 from fslora_min.knobs import ConfigError, flag_of, knobs
-from fslora_min.methods import METHODS
+from fslora_min.registry import METHODS
 from fslora_min.pretrain import load_or_pretrain
 
 
