@@ -7,7 +7,7 @@ printed; DIR/decision.md, the decision table; DIR/engine/, the engine benchmark'
 1. the kernel tests that need a GPU (tests/test_kernels.py's GPU-size and determinism tests),
    compiled, not interpreted, in a subprocess stopped after `--tests-timeout-s`;
 2. with `--old OLD` (a checkout of older code, kernels/README.md), the engine benchmark's host
-   path, old vs new, at 16 and 64 clients (`python -m fslora_min.bench_engine --host`: operations,
+   path, old vs new, at 16 and 64 clients (`python -m fslora_min.study.bench_engine --host`: operations,
    host syncs and a default round's time), in a subprocess stopped after `--engine-timeout-s`;
 3. the bench's shapes in decision order (bench.SHAPES: the goal shape, T = 8192, n = m = 4096,
    k = 16; then T = 16384, n = 14336, m = 4096; then T = 2048, n = 4096, m = 14336; then the
@@ -42,7 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TESTS = ["tests/test_kernels.py", "-k", "gpu_sizes or deterministic"]
 # --dry: the first three decision shapes scaled down (same order, the second with T > 2 m)
 DRY_SHAPES = [(64, 32, 32, 4), (96, 48, 16, 4), (16, 16, 48, 4)]
-# the engine step's arguments to `python -m fslora_min.bench_engine --host`
+# the engine step's arguments to `python -m fslora_min.study.bench_engine --host`
 ENGINE_ARGS = {False: ["--device", "cuda", "--clients", "16", "64", "--time-clients", "16", "64",
                        "--repeats", "3"],
                True: ["--device", "cpu", "--clients", "2", "--time-clients", "2", "--repeats",
@@ -73,7 +73,7 @@ def run_tests(interpret: bool, timeout_s: float) -> dict:
 
 def run_engine(old: Path, out: Path, dry: bool, timeout_s: float) -> dict:
     """The engine benchmark's host path, old vs new, writing under `out`."""
-    cmd = [sys.executable, "-m", "fslora_min.bench_engine", "--host", "--old", str(old),
+    cmd = [sys.executable, "-m", "fslora_min.study.bench_engine", "--host", "--old", str(old),
            "--out", str(out), *ENGINE_ARGS[dry]]
     return subprocess_step(cmd, dict(os.environ), timeout_s, " ".join(cmd[1:]))
 

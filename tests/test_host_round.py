@@ -10,7 +10,7 @@ import random
 import pytest
 import torch
 
-from fslora_min.bench_engine import HOST_OPS_BUDGET, host_round
+from fslora_min.study.bench_engine import HOST_OPS_BUDGET, host_round
 from fslora_min.engine import passes, train_clients
 from fslora_min.model import ModelConfig
 from fslora_min.opcount import OpCounter

@@ -21,7 +21,7 @@ fslora_min/engine.py); the JSON records the number used.
 
 Writes results/engine/bench_<device name>.json and prints the ratios batched / sequential.
 
-    python -m fslora_min.bench_engine --host --old OLD --repeats 3   # host path, old vs new
+    python -m fslora_min.study.bench_engine --host --old OLD --repeats 3   # host path, old vs new
 
 `--host` measures a round's host work with the code of this checkout ("new") and of an older
 checkout OLD ("old": this file and fslora_min/opcount.py are copied into it and run there),
