@@ -243,6 +243,7 @@ def test_cli_engine_flag_reaches_the_federation_config():
         build_parser().parse_args(["run", "--engine", "parallel"])
 
 
+@pytest.mark.slow  # the benchmark itself, with a process per engine for its memory
 def test_engine_benchmark_writes_both_engines_and_the_round_alone_memory(tmp_path):
     result = run_benchmark(BenchConfig(device="cpu", clients=(2,), repeats=1, rank=4,
                                        clients_per_pass=1, out_dir=str(tmp_path)))

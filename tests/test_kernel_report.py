@@ -13,6 +13,8 @@ import torch
 from kernels import bench, gpu_check, report
 from kernels.fused import GEMM_CHOICES, GEMMS
 
+pytestmark = pytest.mark.slow  # runs the bench's gates and gpu_check under the interpreter
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # compiles every kernel config for an H100: minutes
+
 ROOT = Path(__file__).resolve().parents[1]
 RUNS = {"bf16": ["--dtype", "bf16"],  # the benchmark's shape (the tool's default)
         "fp32": ["--dtype", "fp32", "--shape", "999", "520", "1032", "24"]}  # test_gpu_sizes

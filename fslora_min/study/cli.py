@@ -1,6 +1,6 @@
-"""`python -m fslora_min compare`: the reproduction study's command line. Its flags are
-generated from CompareConfig's knobs (fslora_min/knobs.py) as `run`'s are from the experiment's
-(fslora_min/cli.py); the mode flags choose what it does with them."""
+"""The reproduction study: every row tuned, every claim over seeds and horizons, with verdicts
+(fslora_min/study/). Its flags are the knobs of CompareConfig (fslora_min/study/config.py),
+generated as `run`'s are (fslora_min/cli.py); the mode flags choose what it does with them."""
 
 from __future__ import annotations
 
@@ -15,12 +15,7 @@ from fslora_min.study.readme import update_readmes
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m fslora_min compare",
-        description="The reproduction study: every row tuned, every claim over seeds and "
-                    "horizons, with verdicts (fslora_min/study/). Its flags are the knobs of "
-                    "CompareConfig (fslora_min/study/config.py); the mode flags choose what it "
-                    "does with them.")
+    parser = argparse.ArgumentParser(prog="python -m fslora_min compare", description=__doc__)
     q = quick_config()
     flags = add_knobs(parser, (("study", "compare", CompareConfig),))
     g = parser.add_argument_group("mode")
