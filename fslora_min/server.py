@@ -87,8 +87,9 @@ def average_padded_deltas(updates: list[ClientUpdate], r: int,
 
     Per module the clients' deltas are laid side by side, (m, sum k) and (sum k, n), written
     into the zero-padded (P, r, m) and (P, r, n) at (client, rank) and summed over the clients:
-    a handful of operations for any number of clients, in client order on a CPU (the sequential
-    sum's numbers) and in a fixed order on a GPU. (`index_add_` into (r, m) would be one
+    a handful of operations for any number of clients, in a fixed order on any device (on a
+    CPU, up to 16 clients a round, the sequential sum's very bits; beyond that torch's cascaded
+    sum differs from it by float rounding). (`index_add_` into (r, m) would be one
     operation less, but on a GPU it adds a rank's deltas by atomics, in a varying order, and a
     resumed run would no longer replay bit for bit.) The counts per rank come from the server's
     host copies of the index sets.
