@@ -171,15 +171,6 @@ def train_clients_batched(model: nn.Module, client_ids: list[int], downlinks: li
             for p, (i, down) in enumerate(zip(client_ids, downlinks))]
 
 
-def passes(downlinks: list[Downlink], clients_per_pass: int) -> list[list[int]]:
-    """Positions of the clients of each batched pass: sorted by rank (the widest sketch of a
-    client's modules; stable), then `clients_per_pass` at a time. A pass pads every client to
-    its largest K, so neighbours in rank waste the fewest padded ranks."""
-    width = [max((f.sketch.k for f in down.values()), default=0) for down in downlinks]
-    order = sorted(range(len(downlinks)), key=width.__getitem__)
-    return [order[s:s + clients_per_pass] for s in range(0, len(order), clients_per_pass)]
-
-
 def train_clients(engine: str, model: nn.Module, client_ids: list[int],
                   downlinks: list[Downlink], batches: list[Minibatches], cfg: ClientConfig,
                   num_examples: list[int], clients_per_pass: int = 0,
@@ -187,22 +178,19 @@ def train_clients(engine: str, model: nn.Module, client_ids: list[int],
     """The round's local training with either engine ('sequential': one client at a time).
 
     The batched engine trains `clients_per_pass` clients at a time (0:
-    `default_clients_per_pass`), in order of their ranks k_i, so that a pass pads its clients to
-    a K close to their own (`passes`). `masks` holds each client's dropout-mask generator (None:
-    torch's global one). Every client draws from its own streams, so passes change no number
-    beyond float rounding; the updates come back in the order of `client_ids`.
+    `default_clients_per_pass`), in the order of `client_ids`. `masks` holds each client's
+    dropout-mask generator (None: torch's global one). Every client draws from its own streams,
+    so passes change no number beyond float rounding. (Grouping the passes by k_i would pad less,
+    but a pass's K sets its matmuls' shapes and so their float32 rounding: the demo's and the
+    study's committed numbers would no longer replay.)
     """
     if engine == "batched":
-        updates: list[ClientUpdate | None] = [None] * len(client_ids)
-        for group in passes(downlinks, clients_per_pass or
-                            default_clients_per_pass(model, batches)):
-            trained = train_clients_batched(
-                model, [client_ids[p] for p in group], [downlinks[p] for p in group],
-                [batches[p] for p in group], cfg, [num_examples[p] for p in group],
-                None if masks is None else [masks[p] for p in group])
-            for p, update in zip(group, trained):
-                updates[p] = update
-        return updates
+        step = clients_per_pass or default_clients_per_pass(model, batches)
+        return [u for s in range(0, len(client_ids), step)
+                for u in train_clients_batched(model, client_ids[s:s + step],
+                                               downlinks[s:s + step], batches[s:s + step], cfg,
+                                               num_examples[s:s + step],
+                                               None if masks is None else masks[s:s + step])]
     if engine != "sequential":
         raise ValueError(f"engine must be 'sequential' or 'batched', got {engine!r}")
     gens = [None] * len(client_ids) if masks is None else masks

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from fslora_min.study.bench_engine import HOST_OPS_BUDGET, host_round
-from fslora_min.engine import passes, train_clients
+from fslora_min.engine import train_clients
 from fslora_min.model import ModelConfig
 from fslora_min.opcount import OpCounter
 from fslora_min.validation import BadUpdate, check_update, screen_updates
@@ -79,14 +79,6 @@ def test_screening_a_round_gives_each_update_the_reason_one_check_gives_it():
             except BadUpdate as err:
                 want_bad.append((pos, str(err)))
         assert screen_updates(updates, clients, downs, 4) == (want_good, want_bad)
-
-
-def test_passes_group_clients_of_neighbouring_ranks_and_keep_every_client_once():
-    fedn = tiny_federation([4, 1, 3, 1, 2, 4, 2], 4)
-    sketches = [fedn.method.sketches(fedn.server, k, fedn.sketch_stream)
-                for k in fedn.client_ranks]
-    groups = passes(fedn.server.downlinks(sketches), 3)
-    assert groups == [[1, 3, 4], [6, 2, 0], [5]]  # ranks 1 1 2 | 2 3 4 | 4
 
 
 @pytest.mark.slow
