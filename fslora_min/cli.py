@@ -19,11 +19,12 @@ from typing import Callable, get_args, get_origin, get_type_hints
 from fslora_min.client import OPTIMIZERS, ClientConfig
 from fslora_min.compute import ComputeConfig
 from fslora_min.data import DataConfig
-from fslora_min.experiment import (PRESETS, ExperimentConfig, Interrupted, Preset,
-                                   output_folder, preset, run_experiment, write_outputs)
+from fslora_min.experiment import (PRESETS, ExperimentConfig, Interrupted, Preset, preset,
+                                   run_experiment, write_outputs)
 from fslora_min.federation import FederationConfig
 from fslora_min.knobs import ConfigError, flag_of, knobs
 from fslora_min.lora import LoRAConfig
+from fslora_min.outputs import output_folder
 from fslora_min.pretrain import PretrainConfig
 from fslora_min.server import ServerConfig
 from fslora_min.stopping import exit_status, sigterm_as_ctrl_c

@@ -1,8 +1,7 @@
 """One experiment, end to end: base model, data, client ranks, LoRA, server, federation,
 outputs.
 
-`ExperimentConfig` gathers every knob (one dataclass per part); `output_folder` checks and
-makes the run's folder; `run_experiment` builds the pieces from the config and plays the
+`ExperimentConfig` gathers every knob (one dataclass per part); `run_experiment` builds the pieces from the config and plays the
 federation, checkpointing to out_dir/checkpoint.pt every `checkpoint_every` rounds and, with
 `resume`, continuing from there (fslora_min/checkpoint.py); `write_outputs` saves metrics.json
 and curves.png.
@@ -14,8 +13,6 @@ import copy
 import json
 import platform
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -33,6 +30,7 @@ from fslora_min.federation import Federation, FederationConfig, History, evaluat
 from fslora_min.knobs import ConfigError, check_knobs, knob
 from fslora_min.lora import LoRAConfig, adapted_layers, apply_lora, count_lora_parameters
 from fslora_min.model import TEST_CONFIG, ModelConfig, Transformer, count_parameters
+from fslora_min.outputs import OUTPUTS, retire
 from fslora_min.planted import PlantedConfig, PlantedDataConfig
 from fslora_min.pretrain import PretrainConfig, load_or_pretrain
 from fslora_min.registry import METHODS, make_method
@@ -204,63 +202,6 @@ def assign_client_ranks(cfg: ExperimentConfig) -> list[int]:
     return ranks_from_ratios(cfg.ratios, fed.num_clients, r)
 
 
-OUTPUTS = ("metrics.json", "curves.png")  # what `write_outputs` writes
-RUN_FILES = ("metrics.json", CHECKPOINT_NAME)  # a folder holding one of them holds a run
-
-
-def check_out_dir(out: str, resume: bool, overwrite: bool) -> None:
-    """Refuse, before anything is made or trained, an output folder that cannot take this run:
-    a finished or checkpointed run without --resume or --overwrite, or --resume without a
-    checkpoint."""
-    if resume and overwrite:
-        raise ValueError("--resume continues the run in the output folder and --overwrite "
-                         "replaces it: give one of them")
-    folder = Path(out)
-    if resume and not (folder / CHECKPOINT_NAME).is_file():
-        raise ValueError(f"--resume: no checkpoint to resume from in {out!r} "
-                         f"(run with --checkpoint-every N first)")
-    held = [name for name in RUN_FILES if (folder / name).exists()]
-    if held and not (resume or overwrite):
-        raise ValueError(f"{out!r} already holds a run ({', '.join(held)}): continue it with "
-                         f"--resume, replace it with --overwrite, or choose another --out")
-
-
-def remove_empty(folders: list[Path]) -> None:
-    """Remove `folders` (deepest first) while they are empty."""
-    for folder in folders:
-        try:
-            folder.rmdir()
-        except FileNotFoundError:
-            continue
-        except OSError:  # not empty: it and its parents hold something
-            return
-
-
-@contextmanager
-def output_folder(out: str, resume: bool = False, overwrite: bool = False) -> Iterator[Path]:
-    """The checked (`check_out_dir`), created and writable output folder; the folders it made
-    are removed again if the run fails or is interrupted before writing anything there."""
-    check_out_dir(out, resume, overwrite)
-    folder = Path(out)
-    made = [f for f in (folder, *folder.parents) if not f.exists()]  # deepest first
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / ".write-test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as err:
-        remove_empty(made)
-        raise ValueError(f"argument --out: {out!r} is not writable: {err.strerror}") from None
-    before = set(folder.rglob("*"))
-    try:
-        yield folder
-    except BaseException:  # what the command made and left empty goes (compare's OUT/TASK/)
-        new = sorted((p for p in folder.rglob("*") if p.is_dir() and p not in before),
-                     key=lambda p: len(p.parts), reverse=True)
-        remove_empty(new + made)
-        raise
-
-
 def full_rank(model: nn.Module, targets: tuple[str, ...]) -> int:
     """max over the targeted nn.Linear layers of min(m, n): a LoRA of this rank is any update."""
     return max(min(m.in_features, m.out_features)
@@ -422,9 +363,3 @@ def write_outputs(cfg: ExperimentConfig, history: History, info: dict,
     if overwrite and not cfg.checkpoint_every:
         retire(out, (CHECKPOINT_NAME,))
     return out
-
-
-def retire(out: Path, names: tuple[str, ...]) -> None:
-    """Remove the files `names` of the earlier run that --overwrite replaces in `out`."""
-    for name in names:
-        (out / name).unlink(missing_ok=True)

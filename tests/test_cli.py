@@ -20,7 +20,8 @@ from fslora_min.cli import PARTS, build_parser, main
 from fslora_min.study.cli import build_parser as compare_parser
 from fslora_min.study.cli import compare_config_from_args, main as compare
 from fslora_min.study.config import CompareConfig, quick_config
-from fslora_min.experiment import RUN_FILES, preset
+from fslora_min.experiment import preset
+from fslora_min.outputs import RUN_FILES
 from fslora_min.federation import Federation
 from fslora_min.knobs import ConfigError, flag_of, knobs
 from fslora_min.registry import METHODS

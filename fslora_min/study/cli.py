@@ -8,7 +8,7 @@ import argparse
 from dataclasses import replace
 
 from fslora_min.cli import add_knobs, given_knobs, under_flag
-from fslora_min.experiment import output_folder
+from fslora_min.outputs import output_folder
 from fslora_min.study.compare import run_compare
 from fslora_min.study.config import CompareConfig, quick_config
 from fslora_min.study.readme import update_readmes
