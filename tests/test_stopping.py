@@ -81,10 +81,18 @@ def test_an_overwrite_interrupted_after_its_first_checkpoint_resumes_the_new_run
     assert json.loads((ow / "metrics.json").read_text())["config"]["federation"]["rounds"] == 4
 
 
+def default_sigint() -> None:
+    """A shell without job control starts background jobs with SIGINT ignored, and their
+    children inherit that (Python then never raises KeyboardInterrupt): give the command
+    SIGINT's default, as a terminal's foreground job has."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start(args: list[str], cache: Path) -> subprocess.Popen:
     env = os.environ | {"FSLORA_CACHE": str(cache), "PYTHONPATH": str(ROOT)}
     return subprocess.Popen([sys.executable, "-m", "fslora_min", *args], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=default_sigint)
 
 
 def wait_for(path: Path, process: subprocess.Popen, seconds: float = 120) -> None:
