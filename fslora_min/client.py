@@ -152,6 +152,21 @@ def dropout_masks(model: nn.Module, generators: list[torch.Generator] | None) ->
         model.train(was_training)
 
 
+def local_factors(downlink: dict[str, CompactFactors],
+                  device: torch.device) -> dict[str, CompactFactors]:
+    """The client's own copies of b_0, a_0 on `device`, the ones it trains (a fold stays
+    frozen): the server's tensors in `downlink` are never written by local training."""
+    return {name: CompactFactors(f.b.detach().clone().to(device).requires_grad_(f.train_b),
+                                 f.a.detach().clone().to(device).requires_grad_(f.train_a),
+                                 f.sketch, f.fold, f.train_b, f.train_a)
+            for name, f in downlink.items()}
+
+
+def trainable(local: dict[str, CompactFactors]) -> list[torch.Tensor]:
+    """The factors the client's optimizer steps."""
+    return [t for f in local.values() for t in (f.b, f.a) if t.requires_grad]
+
+
 def train_client(model: nn.Module, client_id: int, downlink: dict[str, CompactFactors],
                  batches: Iterator[torch.Tensor], cfg: ClientConfig,
                  num_examples: int, masks: torch.Generator | None = None) -> ClientUpdate:
@@ -165,12 +180,8 @@ def train_client(model: nn.Module, client_id: int, downlink: dict[str, CompactFa
     written here.
     """
     device = next(model.parameters()).device
-    local = {name: CompactFactors(f.b.detach().clone().to(device).requires_grad_(f.train_b),
-                                  f.a.detach().clone().to(device).requires_grad_(f.train_a),
-                                  f.sketch, f.fold, f.train_b, f.train_a)  # a fold stays frozen
-             for name, f in downlink.items()}
-    params = [t for f in local.values() for t in (f.b, f.a) if t.requires_grad]
-    opt = make_optimizer(params, cfg, cfg.lr * lr_ratio(downlink, cfg.lr_scaling))
+    local = local_factors(downlink, device)
+    opt = make_optimizer(trainable(local), cfg, cfg.lr * lr_ratio(downlink, cfg.lr_scaling))
     with compact_factors(model, local), dropout_masks(model, None if masks is None else [masks]):
         for _ in range(cfg.local_steps):
             loss = lm_loss(model, *split_inputs_targets(next(batches).to(device)))

@@ -20,13 +20,13 @@ sequential engine's reference path); the batched engine is LM-only and is not us
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn as nn
 
-from fslora_min.client import client_update
+from fslora_min.client import client_update, local_factors, trainable
 from fslora_min.lora import CompactFactors, LoRALinear, compact_factors
 from fslora_min.registry import make_method
 from fslora_min.server import Server, ServerConfig
@@ -101,24 +101,24 @@ def squared_loss(model: nn.Module, z: torch.Tensor, y: torch.Tensor) -> torch.Te
     return 0.5 * ((model(z) - y) ** 2).sum() / len(z)
 
 
+def global_weight(model: LinearModel) -> torch.Tensor:
+    """W = W0 + s B A, the server's layer (W0 as initialised, or with FLoRA's merges)."""
+    with torch.no_grad():
+        return model.proj.weight + model.proj.delta_weight()
+
+
 def excess_fraction(model: LinearModel, target: torch.Tensor) -> float:
     """||W - W*||_F^2 / ||W*||_F^2: the fraction of the target (W0 = 0) left, which is
     sketch_bias's excess_loss divided by its value at M = 0."""
-    with torch.no_grad():
-        w = model.proj.weight + model.proj.delta_weight()
-        return float(((w - target) ** 2).sum() / (target ** 2).sum())
+    return float(((global_weight(model) - target) ** 2).sum() / (target ** 2).sum())
 
 
 def train_linear_client(model: nn.Module, client_id: int, downlink: dict[str, CompactFactors],
                         z: torch.Tensor, y: torch.Tensor, cfg: LinearConfig):
     """client.train_client with the squared loss: H full-batch SGD steps on clones of the
     compact factors (a fold stays frozen), the deltas uploaded."""
-    local = {name: CompactFactors(f.b.detach().clone().requires_grad_(f.train_b),
-                                  f.a.detach().clone().requires_grad_(f.train_a),
-                                  f.sketch, f.fold, f.train_b, f.train_a)
-             for name, f in downlink.items()}
-    opt = torch.optim.SGD([t for f in local.values() for t in (f.b, f.a) if t.requires_grad],
-                          lr=cfg.lr)
+    local = local_factors(downlink, z.device)
+    opt = torch.optim.SGD(trainable(local), lr=cfg.lr)
     with compact_factors(model, local):
         for _ in range(cfg.local_steps):
             opt.zero_grad(set_to_none=True)
@@ -130,8 +130,7 @@ def train_linear_client(model: nn.Module, client_id: int, downlink: dict[str, Co
 def update_spectrum(model: LinearModel) -> list[float]:
     """Singular values of the global update W - W0 = s B A (W0 as initialised; FLoRA's merges
     into W0 included), largest first: where its energy sits, rank by rank."""
-    with torch.no_grad():
-        return torch.linalg.svdvals(model.proj.weight + model.proj.delta_weight()).tolist()
+    return torch.linalg.svdvals(global_weight(model)).tolist()
 
 
 def run_linear(cfg: LinearConfig, record_every: int = 0) -> dict:
@@ -181,5 +180,3 @@ def measured_fraction(curve: list[float], window: float = 0.1) -> float:
     return float(np.mean(curve[-max(1, int(len(curve) * window)):]))
 
 
-def with_method(cfg: LinearConfig, method: str, **changes) -> LinearConfig:
-    return replace(cfg, method=method, **changes)

@@ -10,7 +10,8 @@ import torch
 
 from fslora_min.linear import (LinearConfig, LinearModel, measured_fraction, planted_target,
                                run_linear, settled, spectrum, squared_loss, whitened_design)
-from fslora_min.study.linear_study import predicted, smallest_steps, spearman
+from fslora_min.study.linear_study import predicted, smallest_steps
+from fslora_min.study.protocol import spearman
 
 SMALL = LinearConfig(m=6, n=6, target_rank=4, rank=4, alpha=4.0, client_ranks=(2, 2),
                      samples=8, rounds=150, lr=0.1)

@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from theory.planted_check import main, measured_fractions, predicted_fraction, spearman
+from fslora_min.study.protocol import spearman
+from theory.planted_check import main, measured_fractions, predicted_fraction
 
 
 @pytest.mark.parametrize("method,ranks,want", [

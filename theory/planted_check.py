@@ -36,7 +36,7 @@ import numpy as np  # noqa: E402
 from fslora_min.study.compare import study  # noqa: E402
 from fslora_min.study.config import COMMITTED, CompareConfig  # noqa: E402
 from fslora_min.study.runs import RunCache  # noqa: E402
-from fslora_min.study.protocol import paired_interval  # noqa: E402
+from fslora_min.study.protocol import paired_interval, spearman  # noqa: E402
 from theory.report import save_figure, script_parser  # noqa: E402
 from theory.sketch_bias import FIXED_POINT_METHODS, predicted_fixed_point  # noqa: E402
 
@@ -56,12 +56,6 @@ def measured_fractions(curves: dict[int, list[float]], reference: dict[int, list
     """(L(s) - L_ref(s)) / (L_0(s) - L_ref(s)) at `horizon` over the seeds both rows have."""
     return [(curves[s][horizon] - reference[s][horizon]) / (curves[s][0] - reference[s][horizon])
             for s in sorted(set(curves) & set(reference))]
-
-
-def spearman(x: list[float], y: list[float]) -> float:
-    """Spearman's rank correlation (no ties expected; ties get their order of appearance)."""
-    rx, ry = np.argsort(np.argsort(x)), np.argsort(np.argsort(y))
-    return float(np.corrcoef(rx, ry)[0, 1])
 
 
 def compare_tables(runs_file: Path) -> list[dict]:

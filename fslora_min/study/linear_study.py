@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from fslora_min.linear import (LinearConfig, measured_fraction, run_linear, settled, spectrum)
+from fslora_min.study.protocol import spearman
 from theory.sketch_bias import FIXED_POINT_METHODS, predicted_fixed_point
 
 VERSION = 1  # bump when a change alters any run's numbers
@@ -79,21 +80,6 @@ def cached_run(cfg: LinearConfig, log: Path, record_every: int = 0) -> dict:
             f.write(json.dumps({"key": k, "run": run}) + "\n")
         return run
     return runs[k]
-
-
-def ranks(x: np.ndarray) -> np.ndarray:
-    """Ranks 1..n, ties given their average rank."""
-    order = np.argsort(x, kind="stable")
-    r = np.empty(len(x))
-    r[order] = np.arange(1, len(x) + 1)
-    for v in np.unique(x):
-        r[x == v] = r[x == v].mean()
-    return r
-
-
-def spearman(x: list[float], y: list[float]) -> float:
-    """Pearson's correlation of the (tie-averaged) ranks."""
-    return float(np.corrcoef(ranks(np.asarray(x)), ranks(np.asarray(y)))[0, 1])
 
 
 def smallest_steps(results: list[tuple]) -> list[tuple]:

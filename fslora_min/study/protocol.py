@@ -19,6 +19,8 @@ import statistics
 from dataclasses import dataclass
 from functools import lru_cache
 
+import numpy as np
+
 REPRODUCED, NOT_REPRODUCED, INCONCLUSIVE = "reproduced", "not reproduced", "inconclusive"
 
 
@@ -215,3 +217,18 @@ def plateau(curve: list[float], window: float = 0.1, tolerance: float = 0.005) -
         return False
     last, before = statistics.fmean(curve[-w:]), statistics.fmean(curve[-2 * w:-w])
     return before - last <= tolerance * abs(before)
+
+
+def average_ranks(x: np.ndarray) -> np.ndarray:
+    """Ranks 1..n, ties given their average rank."""
+    order = np.argsort(x, kind="stable")
+    r = np.empty(len(x))
+    r[order] = np.arange(1, len(x) + 1)
+    for v in np.unique(x):
+        r[x == v] = r[x == v].mean()
+    return r
+
+
+def spearman(x: list[float], y: list[float]) -> float:
+    """Spearman's rank correlation: Pearson's correlation of the tie-averaged ranks."""
+    return float(np.corrcoef(average_ranks(np.asarray(x)), average_ranks(np.asarray(y)))[0, 1])
