@@ -169,10 +169,12 @@ def trainable(local: dict[str, CompactFactors]) -> list[torch.Tensor]:
 
 def train_client(model: nn.Module, client_id: int, downlink: dict[str, CompactFactors],
                  batches: Iterator[torch.Tensor], cfg: ClientConfig,
-                 num_examples: int, masks: torch.Generator | None = None) -> ClientUpdate:
+                 num_examples: int, masks: torch.Generator | None = None,
+                 scored_from: int = 0) -> ClientUpdate:
     """H local steps of one client on its compact factors (step 3 of a round), in train mode;
     its upload. `masks` draws the model's dropout masks (the federation passes this round's and
-    client's stream, fslora_min/rng.py; None: torch's global generator).
+    client's stream, fslora_min/rng.py; None: torch's global generator); `scored_from` is the
+    data's first scored target (`FederatedData.scored_from`).
 
     The one-client reference: by default a round's clients are trained together by
     `engine.train_clients_batched`, which is tested against this. `downlink` holds the server's
@@ -184,7 +186,8 @@ def train_client(model: nn.Module, client_id: int, downlink: dict[str, CompactFa
     opt = make_optimizer(trainable(local), cfg, cfg.lr * lr_ratio(downlink, cfg.lr_scaling))
     with compact_factors(model, local), dropout_masks(model, None if masks is None else [masks]):
         for _ in range(cfg.local_steps):
-            loss = lm_loss(model, *split_inputs_targets(next(batches).to(device)))
+            loss = lm_loss(model, *split_inputs_targets(next(batches).to(device)),
+                           scored_from=scored_from)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

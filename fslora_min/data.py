@@ -108,6 +108,9 @@ class FederatedData:
     global_heldout: torch.Tensor  # (global_heldout_seqs, seq_len + 1)
     base_tables: torch.Tensor | None = None  # (n_base_topics, V, V) (synthetic task)
     client_tables: torch.Tensor | None = None  # (n_base_topics, V, V): shifted fine-tuning topics
+    # The first target position the loss and the held-out score count: the planted task's
+    # first targets are its prefix, not the teacher's text (fslora_min/planted.py).
+    scored_from: int = 0
 
 
 def make_federated_data(cfg: DataConfig, n_clients: int) -> FederatedData:

@@ -132,7 +132,8 @@ def scale_client_steps(params: list[torch.Tensor], before: list[torch.Tensor],
 def train_clients_batched(model: nn.Module, client_ids: list[int], downlinks: list[Downlink],
                           batches: list[Minibatches], cfg: ClientConfig,
                           num_examples: list[int],
-                          masks: list[torch.Generator] | None = None) -> list[ClientUpdate]:
+                          masks: list[torch.Generator] | None = None,
+                          scored_from: int = 0) -> list[ClientUpdate]:
     """H local steps of all P clients at once (step 3 of a round, the default engine); the same
     ClientUpdates as `train_client`, the one-client reference, gives (with the same `masks`,
     one dropout-mask generator per client)."""
@@ -156,7 +157,7 @@ def train_clients_batched(model: nn.Module, client_ids: list[int], downlinks: li
                                  f"sequential engine")
             batch = torch.stack(mine).to(device)  # (P, b, L + 1)
             inputs, targets = split_inputs_targets(batch.flatten(0, 1))  # (P b, L) each
-            loss = lm_loss(model, inputs, targets, groups=len(mine)).sum()
+            loss = lm_loss(model, inputs, targets, len(mine), scored_from).sum()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             before = [x.detach().clone() for x in params] if own_lrs else []
@@ -174,8 +175,10 @@ def train_clients_batched(model: nn.Module, client_ids: list[int], downlinks: li
 def train_clients(engine: str, model: nn.Module, client_ids: list[int],
                   downlinks: list[Downlink], batches: list[Minibatches], cfg: ClientConfig,
                   num_examples: list[int], clients_per_pass: int = 0,
-                  masks: list[torch.Generator] | None = None) -> list[ClientUpdate]:
-    """The round's local training with either engine ('sequential': one client at a time).
+                  masks: list[torch.Generator] | None = None,
+                  scored_from: int = 0) -> list[ClientUpdate]:
+    """The round's local training with either engine ('sequential': one client at a time);
+    the loss counts target positions >= `scored_from` (`FederatedData.scored_from`).
 
     The batched engine trains `clients_per_pass` clients at a time (0:
     `default_clients_per_pass`), in the order of `client_ids`. `masks` holds each client's
@@ -190,9 +193,10 @@ def train_clients(engine: str, model: nn.Module, client_ids: list[int],
                 for u in train_clients_batched(model, client_ids[s:s + step],
                                                downlinks[s:s + step], batches[s:s + step], cfg,
                                                num_examples[s:s + step],
-                                               None if masks is None else masks[s:s + step])]
+                                               None if masks is None else masks[s:s + step],
+                                               scored_from)]
     if engine != "sequential":
         raise ValueError(f"engine must be 'sequential' or 'batched', got {engine!r}")
     gens = [None] * len(client_ids) if masks is None else masks
-    return [train_client(model, i, down, stream, cfg, n, g)
+    return [train_client(model, i, down, stream, cfg, n, g, scored_from)
             for i, down, stream, n, g in zip(client_ids, downlinks, batches, num_examples, gens)]

@@ -133,8 +133,10 @@ class History:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, seqs: torch.Tensor, batch_size: int = 64) -> tuple[float, float]:
-    """Mean next-token cross-entropy and top-1 accuracy of `model` on held-out sequences."""
+def evaluate(model: nn.Module, seqs: torch.Tensor, batch_size: int = 64,
+             scored_from: int = 0) -> tuple[float, float]:
+    """Mean next-token cross-entropy and top-1 accuracy of `model` on held-out sequences, over
+    the target positions >= `scored_from` (`FederatedData.scored_from`)."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -142,6 +144,8 @@ def evaluate(model: nn.Module, seqs: torch.Tensor, batch_size: int = 64) -> tupl
     for start in range(0, len(seqs), batch_size):
         x, y = split_inputs_targets(seqs[start:start + batch_size].to(device))
         logits = model(x)  # (b, t, V)
+        if scored_from:
+            logits, y = logits[:, scored_from:], y[:, scored_from:]
         loss_sum += F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum").item()
         correct += (logits.argmax(-1) == y).sum().item()
         count += y.numel()
@@ -152,7 +156,7 @@ def evaluate(model: nn.Module, seqs: torch.Tensor, batch_size: int = 64) -> tupl
 def evaluate_clients(model: nn.Module, data: FederatedData) -> tuple[list[float], list[float]]:
     """Each client's held-out loss and accuracy on its own held-out set (its own distribution:
     a role's style, a client's topic mix), beside the global set's pooled numbers."""
-    scores = [evaluate(model, c.heldout) for c in data.clients]
+    scores = [evaluate(model, c.heldout, scored_from=data.scored_from) for c in data.clients]
     return [loss for loss, _ in scores], [acc for _, acc in scores]
 
 
@@ -201,7 +205,8 @@ class Federation:
                                 [self.batch_streams[i] for i in reporters], self.client_cfg,
                                 [len(self.data.clients[i].train) for i in reporters],
                                 self.clients_per_pass,
-                                [mask_stream(self.fed.seed, t, i, device) for i in reporters])
+                                [mask_stream(self.fed.seed, t, i, device) for i in reporters],
+                                self.data.scored_from)
         updates = [self.method.client_upload(u, plan.downlinks[p])  # e.g. FLASC's top-k
                    for u, p in zip(updates, live)]
         return self.close_round(t, plan, live, updates, start)
@@ -252,8 +257,8 @@ class Federation:
                              rejected=[i for i, _ in rejected],
                              reasons=[reason for _, reason in rejected])
         if t % self.fed.eval_every == 0 or t == self.fed.rounds:
-            record.heldout_loss, record.heldout_acc = evaluate(server.model,
-                                                               self.data.global_heldout)
+            record.heldout_loss, record.heldout_acc = evaluate(
+                server.model, self.data.global_heldout, scored_from=self.data.scored_from)
             if self.fed.client_eval or t == self.fed.rounds:
                 record.client_heldout_loss, record.client_heldout_acc = evaluate_clients(
                     server.model, self.data)
@@ -279,7 +284,8 @@ class Federation:
         """
         h = self.history
         if not h.rounds:
-            h.initial_loss, h.initial_acc = evaluate(self.server.model, self.data.global_heldout)
+            h.initial_loss, h.initial_acc = evaluate(self.server.model, self.data.global_heldout,
+                                                     scored_from=self.data.scored_from)
             h.initial_client_loss, h.initial_client_acc = evaluate_clients(self.server.model,
                                                                            self.data)
         bar = tqdm(range(len(h.rounds) + 1, self.fed.rounds + 1), desc="rounds",

@@ -125,15 +125,18 @@ class Transformer(nn.Module):
 
 
 def lm_loss(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
-            groups: int = 0) -> torch.Tensor:
+            groups: int = 0, scored_from: int = 0) -> torch.Tensor:
     """Mean next-token cross-entropy of (b, t) targets under the model's logits: the one loss of
-    pretraining and of every client's local steps.
+    pretraining and of every client's local steps. Only target positions >= `scored_from` count
+    (the model still reads every input: the earlier tokens are context).
 
     With `groups` = P, the b rows are P equal groups in order (a batched round's clients) and
     the result is the (P,) vector of each group's mean: its sum gives every group exactly the
     gradient of its own mean loss.
     """
     logits = model(inputs)  # (b, t, vocab)
+    if scored_from:
+        logits, targets = logits[:, scored_from:], targets[:, scored_from:]
     logits, targets = logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)  # (b t, vocab)
     if not groups:
         return F.cross_entropy(logits, targets)

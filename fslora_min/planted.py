@@ -14,7 +14,11 @@ cheaply and a student of rank < R* must leave some of the change unlearnt.
 
 Clients keep the synthetic task's non-IID split: each sequence starts with `prefix` tokens of
 the client's own topic mixture (fslora_min/data.py) and the teacher continues it by sampling.
-The task's config is `PlantedDataConfig` (fslora_min/tasks.py): the synthetic task's knobs and
+Only the teacher's tokens are scored (`FederatedData.scored_from` = prefix - 1, in training and
+in every held-out score): the prefix is context; scoring its targets would measure how well a
+run learns the shifted Markov topics, not the planted change. `planted_kl` measures what the
+change is worth, KL(teacher || base) on the scored targets; `strength` sets it.
+The task's config is `PlantedDataConfig` (fslora_min/planted.py): the synthetic task's knobs and
 the planted update's.
 """
 
@@ -35,7 +39,7 @@ from fslora_min.rng import PLANTED, generator
 class PlantedConfig:
     layer: str = "blocks.1.mlp.proj"  # the one adapted layer the teacher changes
     rank: int = 16  # R*
-    strength: float = 1.0  # RMS of the planted change of the layer's output / RMS of its output
+    strength: float = 4.0  # RMS of the planted change of the layer's output / RMS of its output
     prefix: int = 4  # tokens of each sequence from the client's topic mixture
     probe_seqs: int = 256  # base-model sequences whose layer inputs give the directions
     # Training sequences per client the teacher writes. With 32 (the synthetic task's), 300
@@ -132,4 +136,17 @@ def make_planted_data(base: nn.Module, markov: FederatedData,
                           continue_with(teacher, c.heldout, prefix, gen), c.topic_mix)
                for c in markov.clients]
     heldout = continue_with(teacher, markov.global_heldout, prefix, gen)
-    return FederatedData(clients, heldout, markov.base_tables, markov.client_tables)
+    return FederatedData(clients, heldout, markov.base_tables, markov.client_tables,
+                         scored_from=prefix - 1)
+
+
+@torch.no_grad()
+def planted_kl(teacher: nn.Module, base: nn.Module, seqs: torch.Tensor,
+               scored_from: int) -> float:
+    """What the planted change is worth: the mean over scored targets of
+    KL(teacher(. | x_<t) || base(. | x_<t)) on teacher-written `seqs`, in nats. It is the base
+    model's excess cross-entropy over the teacher's, so the most any adapter can gain."""
+    inputs = split_inputs_targets(seqs)[0]
+    log_t = teacher(inputs)[:, scored_from:].log_softmax(-1)  # (N, t - scored_from, V)
+    log_b = base(inputs)[:, scored_from:].log_softmax(-1)
+    return (log_t.exp() * (log_t - log_b)).sum(-1).mean().item()

@@ -69,12 +69,13 @@ def test_batched_linear_rejects_mismatched_shapes():
 def federation(ranks: list[int], engine: str, optimizer: str, method: str, device: str,
                dtype: torch.dtype, r: int = 4, last_rows: int | None = None,
                clients_per_pass: int = 0, dropout: float = 0.0, lr_scaling: str = "none",
-               lr: float | None = None) -> Federation:
+               lr: float | None = None, scored_from: int = 0) -> Federation:
     """A tiny full-participation federation, built identically for either engine.
 
     `last_rows` cuts the last client's training set to that many sequences; `dropout` is the
     model's; `lr` (default: the optimizer's own) and `lr_scaling` the clients'. The model
-    starts in eval mode, as a pretrained base does (fslora_min/pretrain.py).
+    starts in eval mode, as a pretrained base does (fslora_min/pretrain.py). `scored_from` is the
+    data's first scored target (the planted task's is its prefix's end).
     """
     model = tiny_lora_model(r, dropout).to(device, dtype).eval()
     fed = FederationConfig(num_clients=len(ranks), participants=len(ranks), rounds=2)
@@ -85,6 +86,7 @@ def federation(ranks: list[int], engine: str, optimizer: str, method: str, devic
     data = make_federated_data(TINY_DATA, len(ranks))
     if last_rows is not None:
         data.clients[-1].train = data.clients[-1].train[:last_rows]
+    data.scored_from = scored_from
     return Federation(Server(model, ServerConfig()), data, ranks, fed, client,
                       make_method(method, r, torch.Generator().manual_seed(2)), compute)
 
@@ -118,6 +120,24 @@ def test_batched_engine_gives_the_sequential_global_factors(optimizer, ranks, me
             assert rel(bat[name][1], A) < TOL[dtype], (run, name)
         for p_seq, p_bat in zip(results["sequential"].parameters(), results[run].parameters()):
             assert rel(p_bat, p_seq) < TOL[dtype], run  # FLoRA also merges into W0
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_both_engines_train_and_score_only_the_targets_from_scored_from(optimizer):
+    """The planted task's loss (targets >= scored_from) in both engines, float64: the same
+    global model, and a different one from scoring every target (so the knob is used)."""
+    models, losses = {}, {}
+    for engine, scored in (("sequential", 3), ("batched", 3), ("batched", 0)):
+        fed = federation([1, 3, 4], engine, optimizer, "fslora", "cpu", torch.float64,
+                         scored_from=scored)
+        history = fed.run(progress=False)
+        models[engine, scored], losses[engine, scored] = fed.server.model, history.initial_loss
+    for p_seq, p_bat in zip(models["sequential", 3].parameters(),
+                            models["batched", 3].parameters()):
+        assert rel(p_bat, p_seq) < 1e-10
+    assert any(rel(a, b) > 1e-6 for a, b in zip(models["batched", 3].parameters(),
+                                                models["batched", 0].parameters()))
+    assert losses["sequential", 3] == losses["batched", 3] != losses["batched", 0]
 
 
 def trained_model(ranks: list[int], engine: str, optimizer: str, rounds: int = 2,

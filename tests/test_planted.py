@@ -7,10 +7,12 @@ from dataclasses import asdict
 import pytest
 import torch
 
-from fslora_min.data import DataConfig, make_federated_data, pretraining_batches
-from fslora_min.model import TEST_CONFIG, Transformer
+from fslora_min.data import (DataConfig, make_federated_data, pretraining_batches,
+                             split_inputs_targets)
+from fslora_min.federation import evaluate
+from fslora_min.model import TEST_CONFIG, Transformer, lm_loss
 from fslora_min.planted import (PlantedConfig, PlantedDataConfig, layer_inputs, make_teacher,
-                                planted_delta)
+                                planted_delta, planted_kl)
 from fslora_min.tasks import federated_data, on_base, task_name
 
 DATA = DataConfig(vocab_size=TEST_CONFIG.vocab_size, seq_len=TEST_CONFIG.context,
@@ -61,3 +63,39 @@ def test_the_planted_config_refuses_a_prefix_without_teacher_tokens_and_two_size
                                                                 train_seqs=DATA.train_seqs))
     with pytest.raises(ValueError, match="differs from the data's train_seqs"):
         PlantedDataConfig(**asdict(DATA), planted=PlantedConfig(train_seqs=7))
+
+
+def test_only_the_teacher_targets_are_scored_in_training_and_held_out():
+    """scored_from = prefix - 1: the targets before it are prefix tokens. lm_loss (plain and per
+    group) and evaluate count exactly the targets >= scored_from (a float64 reference)."""
+    base = Transformer(TEST_CONFIG).eval()
+    planted = on_base(TASK, federated_data(TASK, 3), base)  # the teacher writes in float32
+    assert planted.scored_from == CFG.prefix - 1
+    base.double()
+    seqs = planted.global_heldout
+    x, y = split_inputs_targets(seqs)
+    s = planted.scored_from + int(torch.randint(1, 3, ()))  # any cut, not just the task's
+    logp = base(x).log_softmax(-1)  # (N, t, V)
+    nll = -logp.gather(-1, y[..., None]).squeeze(-1)  # (N, t)
+    ref = nll[:, s:].mean()
+    assert torch.isclose(lm_loss(base, x, y, scored_from=s), ref, rtol=1e-12)
+    groups = lm_loss(base, x[:4], y[:4], groups=2, scored_from=s)
+    assert torch.allclose(groups, nll[:4, s:].reshape(2, -1).mean(1), rtol=1e-12)
+    loss, acc = evaluate(base, seqs, batch_size=2, scored_from=s)
+    assert loss == pytest.approx(ref.item(), rel=1e-12)
+    hits = (logp.argmax(-1) == y)[:, s:].double().mean().item()
+    assert acc == pytest.approx(hits, rel=1e-12)
+    assert evaluate(base, seqs)[0] == pytest.approx(nll.mean().item(), rel=1e-12)
+
+
+def test_planted_kl_is_the_mean_kl_over_scored_targets():
+    base = Transformer(TEST_CONFIG).eval()
+    seqs = on_base(TASK, federated_data(TASK, 2), base).global_heldout
+    teacher = make_teacher(base, DATA, CFG).double()
+    base.double()
+    x = split_inputs_targets(seqs)[0]
+    p, q = teacher(x).softmax(-1)[:, 2:], base(x).softmax(-1)[:, 2:]
+    ref = (p * (p / q).log()).sum(-1).mean().item()
+    assert planted_kl(teacher, base, seqs, 2) == pytest.approx(ref, rel=1e-10)
+    assert planted_kl(teacher, base, seqs, 2) > 0
+    assert planted_kl(base, base, seqs, 2) == 0.0

@@ -82,7 +82,8 @@ def train(msg: Message, context: Context) -> Message:
     update = train_client(model, mine, downlink, stream, federation.client_cfg,
                           len(federation.data.clients[mine].train),
                           mask_stream(federation.fed.seed, server_round, mine,
-                                      next(model.parameters()).device))
+                                      next(model.parameters()).device),
+                          federation.data.scored_from)
     save_stream(stream, context.state)
     if fault_now(context, "nan", server_round):
         update.deltas = {n: (torch.full_like(db, float("nan")), da)

@@ -39,6 +39,7 @@ import torch
 from tqdm import tqdm
 
 from fslora_min.study.config import COMMITTED, CompareConfig, task
+from fslora_min.study.planted_report import preconditions
 from fslora_min.study.profiles import budget_table
 from fslora_min.study.protocol import (NOT_REPRODUCED, REPRODUCED, diverged_seeds, holm,
                                        paired_interval, verdict)
@@ -130,6 +131,9 @@ def run_compare(cfg: CompareConfig, train: bool = True, figures: bool = True) ->
             draw(table, rows, out)
     write_atomic(out / "verdicts.md",
                  verdict_table([(t, cfg.task, c) for t, _, c in results]))
+    if cfg.task == "planted":
+        table, rows, _ = next(r for r in results if r[0].name == "planted_ladder")
+        write_atomic(out / "preconditions.md", preconditions(cfg, rows, table.horizons[2]))
     wall = time.perf_counter() - start
     if cache.trained:
         log_sitting(out / "sittings.jsonl", cfg.table_names, wall, cache.trained)

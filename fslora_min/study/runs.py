@@ -19,17 +19,22 @@ import numpy as np
 from tqdm import tqdm
 
 from fslora_min.experiment import ExperimentConfig, build_federation
-from fslora_min.federation import evaluate
+from fslora_min.federation import evaluate_clients
 from fslora_min.study.profiles import flops_per_local_step
 from fslora_min.tasks import TaskConfig, task_name
 
 CODE_VERSION = 2  # bump when a change alters any run's numbers: older cached runs are not reused
+# Bump a task's when its definition changes (no older run of it is reused; other tasks' are).
+# planted 2: only the teacher's targets scored (FederatedData.scored_from), strength 4.
+TASK_VERSIONS = {"planted": 2}
 
 
 def task_spec(data: TaskConfig) -> dict:
-    """The part of a run's key that names its task: the planted update's settings with it."""
+    """The part of a run's key that names its task: its version (if bumped) and the planted
+    update's settings with it."""
     name = task_name(data)
-    return {"name": name} | (asdict(data.planted) if name == "planted" else {})
+    version = {"version": TASK_VERSIONS[name]} if name in TASK_VERSIONS else {}
+    return {"name": name} | version | (asdict(data.planted) if name == "planted" else {})
 
 
 def run_key(exp: ExperimentConfig) -> str:
@@ -79,8 +84,8 @@ def train_run(exp: ExperimentConfig) -> dict:
         "curve": [_finite(history.initial_loss)] + [_finite(r.heldout_loss)
                                                     for r in history.rounds],
         "acc": history.rounds[-1].heldout_acc,
-        "val_loss": _finite(float(np.mean([evaluate(federation.server.model, c.heldout)[0]
-                                           for c in federation.data.clients]))),
+        "val_loss": _finite(float(np.mean(evaluate_clients(federation.server.model,
+                                                           federation.data)[0]))),
         "bytes_down": float(np.mean([b for r in history.rounds for b in r.bytes_down])),
         "bytes_up": float(np.mean([b for r in history.rounds for b in r.bytes_up])),
         "trainable": info["client_trainable_parameters"],
