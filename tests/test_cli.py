@@ -18,7 +18,7 @@ import fslora_min.federation as federation_module
 from fslora_min.checkpoint import CHECKPOINT_NAME, MAGIC, CheckpointError, read_payload
 from fslora_min.cli import PARTS, build_parser, main
 from fslora_min.study.cli import build_parser as compare_parser
-from fslora_min.study.cli import compare_config_from_args, main as compare
+from fslora_min.study.cli import compare_configs_from_args, main as compare
 from fslora_min.study.config import CompareConfig, quick_config
 from fslora_min.experiment import preset
 from fslora_min.outputs import RUN_FILES
@@ -142,28 +142,31 @@ def test_compare_help_explains_every_knob_with_its_default_once(capsys):
     assert f"(default: {' '.join(cfg.methods)})" in text and "(default: 0.03 0.1 0.3 1)" in text
     assert f"(default: {cfg.out_dir})" in text and "(default: all of the task's)" in text
     assert (f"{quick.num_clients} clients, {len(quick.seeds)} + {len(quick.tune_seeds)} seeds, one "
-            f"grid point, {quick.horizons[2]} rounds; --out defaults to {quick.out_dir}") in text
+            f"grid point, {quick.horizons[2]} rounds, and the linear task's study in miniature "
+            f"(OUT/linear/); --out defaults to {quick.out_dir}") in text
     for flag in ("--quick", "--no-train", "--readme"):
         assert f"{flag} " in text
 
 
 @pytest.mark.parametrize("argv,want", [
-    ([], CompareConfig()),
-    (["--quick"], quick_config()),
-    (["--rounds", "400"], CompareConfig(horizons=(30, 100, 400))),
+    ([], [CompareConfig()]),
+    (["--quick"], [quick_config(task_name=t) for t in ("synthetic", "planted", "shakespeare")]),
+    (["--rounds", "400"], [CompareConfig(horizons=(30, 100, 400))]),
     (["--quick", "--rounds", "5", "--task", "planted"],
-     dataclasses.replace(quick_config(task_name="planted"), horizons=(1, 2, 5))),
+     [dataclasses.replace(quick_config(task_name="planted"), horizons=(1, 2, 5))]),
     (["--tables", "main", "adamw", "--methods", "fslora", "flora", "--lr-grid", "0.5",
       "--server-lr-grid", "1", "2", "--out", "elsewhere"],
-     CompareConfig(tables=("main", "adamw"), methods=("fslora", "flora"), lr_grid=(0.5,),
-                   server_lr_grid=(1.0, 2.0), out_dir="elsewhere")),
+     [CompareConfig(tables=("main", "adamw"), methods=("fslora", "flora"), lr_grid=(0.5,),
+                    server_lr_grid=(1.0, 2.0), out_dir="elsewhere")]),
 ])
 def test_compare_flags_set_their_fields_and_rounds_only_the_long_horizon(argv, want):
-    cfg = compare_config_from_args(compare_parser().parse_args(argv))
-    for f in dataclasses.fields(CompareConfig):
-        if f.name != "rounds":  # the flag, folded into horizons
-            assert getattr(cfg, f.name) == getattr(want, f.name), f.name
-    assert cfg.tables == want.tables and isinstance(cfg.lr_grid, tuple)
+    cfgs = compare_configs_from_args(compare_parser().parse_args(argv))
+    assert len(cfgs) == len(want)
+    for cfg, w in zip(cfgs, want):
+        for f in dataclasses.fields(CompareConfig):
+            if f.name != "rounds":  # the flag, folded into horizons
+                assert getattr(cfg, f.name) == getattr(w, f.name), f.name
+        assert cfg.tables == w.tables and isinstance(cfg.lr_grid, tuple)
 
 
 def test_an_empty_tuple_knob_is_refused_unless_it_is_the_default():

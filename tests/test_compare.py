@@ -19,7 +19,7 @@ from fslora_min.client import ClientUpdate
 from fslora_min.study.compare import claim_results, holm_correct
 from fslora_min.study.config import COMMITTED, MAIN_METHODS, CompareConfig, task
 from fslora_min.study.readme import README_BLOCKS, block_pattern, duration, readme_blocks
-from fslora_min.study.runs import RunCache, run_key, run_settings, truncate
+from fslora_min.study.runs import RunCache, run_key, run_settings, train_run, truncate
 from fslora_min.study.tables import RowSpec, TableSpec, build_tables, server_steps
 from fslora_min.study.tuning import Row, tune, with_run
 from fslora_min.lora import LoRALinear
@@ -203,6 +203,11 @@ def test_cache_serves_shorter_horizons_and_survives_a_cut_last_line(tmp_path):
 def test_quick_compare_writes_its_tables_and_replays_without_training(tmp_path, capsys):
     assert compare(["--quick", "--out", str(tmp_path / "cmp")]) == 0
     out = tmp_path / "cmp" / "synthetic"  # each task writes into a folder of its own
+    assert "| r=2 |" in (tmp_path / "cmp" / "planted" / "planted_ladder.md").read_text()
+    assert "| fslora |" in (tmp_path / "cmp" / "shakespeare" / "main.md").read_text()
+    assert "KL >= 0.1 nat" in (tmp_path / "cmp" / "planted" / "preconditions.md").read_text()
+    linear = (tmp_path / "cmp" / "linear" / "predictions.md").read_text()
+    assert all(f"| {m} k=2,4,8,12 |" in linear for m in ("fslora", "hetlora", "raflora"))
     text = (out / "main.md").read_text()
     assert all(f"| {m} |" in text for m in MAIN_METHODS) and "| watch |" in text
     verdicts = (out / "verdicts.md").read_text()
@@ -219,7 +224,7 @@ def test_quick_compare_writes_its_tables_and_replays_without_training(tmp_path, 
     before = (out / "runs.jsonl").read_text()
     capsys.readouterr()
     assert compare(["--quick", "--out", str(tmp_path / "cmp")]) == 0
-    assert "0 runs trained" in capsys.readouterr().out
+    assert capsys.readouterr().out.count(" 0 runs trained") == 3  # every task replayed
     assert (out / "runs.jsonl").read_text() == before
     assert len((out / "sittings.jsonl").read_text().splitlines()) == 1  # a replay costs nothing
     assert (out / "main.md").read_text() == text
@@ -322,3 +327,34 @@ def test_curves_are_drawn_when_a_run_was_cut_from_a_longer_one(tmp_path):
                                           (3600, "1 h 0 min 0 s"), (480, "8 min 0 s"), (5571, "1 h 32 min 51 s")])
 def test_duration_reads_as_hours_minutes_seconds(seconds, text):
     assert duration(seconds) == text
+
+
+@pytest.mark.slow
+def test_a_committed_run_retrains_bit_for_bit(tmp_path):
+    """A replay is only as good as its keys: one committed planted run (the shortest tuning run
+    that records its machine) retrained by the current code,
+    on one thread as the study runs, gives its stored curve bit for bit on the machine that
+    stored it (runs.machine); on another, float32 rounding differs, so only round 1 is compared
+    (to 1e-5) and the bitwise check is skipped, naming both machines."""
+    cfg = CompareConfig(task="planted")
+    cache = RunCache(tmp_path / "none.jsonl", [COMMITTED / "planted" / "runs.jsonl"], train=False)
+    tuning = (with_run(row.exp, seed, lr, step, 1) for table in build_tables(cfg)
+              for row in table.rows for lr in row.lr_grid for step in row.step_grid
+              for seed in cfg.tune_seeds)
+    found = ((e, s) for e in tuning for s in cache.runs.get(run_key(e), []) if "machine" in s)
+    exp, stored = min(found, key=lambda pair: len(pair[1]["curve"]), default=(None, None))
+    assert stored is not None, "the committed log holds no tuning run with its machine"
+    exp = replace(exp, federation=replace(exp.federation, rounds=len(stored["curve"]) - 1))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        fresh = train_run(exp)
+    finally:
+        torch.set_num_threads(threads)
+    assert len(fresh["curve"]) == len(stored["curve"]) == exp.federation.rounds + 1
+    if fresh["machine"] != stored["machine"]:
+        assert fresh["curve"][0] == pytest.approx(stored["curve"][0], rel=1e-5)
+        assert fresh["curve"][1] == pytest.approx(stored["curve"][1], rel=1e-5)
+        pytest.skip(f"stored on {stored['machine']}, retrained on {fresh['machine']}: the bits "
+                    f"are compared on the storing machine only")
+    assert fresh["curve"] == stored["curve"]

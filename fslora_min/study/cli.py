@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import replace
+from pathlib import Path
 
 from fslora_min.cli import add_knobs, given_knobs, under_flag
 from fslora_min.outputs import output_folder
 from fslora_min.study.compare import run_compare
-from fslora_min.study.config import CompareConfig, quick_config
+from fslora_min.study.config import STUDY_TASKS, CompareConfig, quick_config
+from fslora_min.study.linear_study import write_study
 from fslora_min.study.readme import update_readmes
 
 
@@ -20,9 +22,11 @@ def build_parser() -> argparse.ArgumentParser:
     flags = add_knobs(parser, (("study", "compare", CompareConfig),))
     g = parser.add_argument_group("mode")
     g.add_argument("--quick", action="store_true",
-                   help=f"the main table in miniature (the tests run it): {q.num_clients} "
-                        f"clients, {len(q.seeds)} + {len(q.tune_seeds)} seeds, one grid point, "
-                        f"{q.horizons[2]} rounds; --out defaults to {q.out_dir}")
+                   help=f"every task in miniature (the tests run it; --task: that one only): "
+                        f"each task's first table with {q.num_clients} clients, {len(q.seeds)} + "
+                        f"{len(q.tune_seeds)} seeds, one grid point, {q.horizons[2]} rounds, and "
+                        f"the linear task's study in miniature (OUT/linear/); --out defaults "
+                        f"to {q.out_dir}")
     g.add_argument("--no-train", action="store_true",
                    help="write the tables from cached runs only, marking what is missing")
     g.add_argument("--readme", action="store_true",
@@ -32,13 +36,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def compare_config_from_args(args: argparse.Namespace) -> CompareConfig:
-    """Turn parsed `compare` arguments into a CompareConfig: the flags given over the study's
-    defaults (or --quick's), which checks them; raises a ConfigError naming a bad value's field."""
+def compare_configs_from_args(args: argparse.Namespace) -> list[CompareConfig]:
+    """Turn parsed `compare` arguments into the CompareConfigs to run: the flags given over the
+    study's defaults (or --quick's: one per task unless --task names one), which checks them;
+    raises a ConfigError naming a bad value's field."""
     given = {name: tuple(value) if isinstance(value, list) else value
              for name, value in given_knobs(args, "compare").items()}
-    base = quick_config(task_name=given.get("task", "synthetic")) if args.quick else CompareConfig()
-    return replace(base, **given)
+    if not args.quick:
+        return [replace(CompareConfig(), **given)]
+    tasks = [given["task"]] if "task" in given else list(STUDY_TASKS)
+    return [replace(quick_config(task_name=t), **given) for t in tasks]
 
 
 def main(argv: list[str]) -> int:
@@ -48,9 +55,12 @@ def main(argv: list[str]) -> int:
         update_readmes()
         return 0
     try:
-        cfg = compare_config_from_args(args)
-        with output_folder(cfg.out_dir):  # checked writable; removed if nothing was written
-            run_compare(cfg, train=not args.no_train)
+        cfgs = compare_configs_from_args(args)
+        with output_folder(cfgs[0].out_dir):  # checked writable; removed if nothing was written
+            for cfg in cfgs:
+                run_compare(cfg, train=not args.no_train)
+            if args.quick and "task" not in given_knobs(args, "compare"):
+                write_study(Path(cfgs[0].out_dir) / "linear", quick=True)
     except ValueError as err:  # a bad value, an unwritable --out or base-model cache
         args.command_parser.error(under_flag(args, err))
     return 0

@@ -1,6 +1,7 @@
 """Predicted vs measured fixed points on the linear task (fslora_min/linear.py).
 
     python -m fslora_min.study.linear_study      # replays results/linear/runs.jsonl, trains what is missing
+    python -m fslora_min.study.linear_study --quick --out /tmp/lin   # 5 rows, 60 rounds (tests)
 
 For every row: the fraction of the planted target left at the method's fixed point, as
 theory/sketch_bias.py predicts it (identical clients, whitened inputs, full participation) and
@@ -22,6 +23,7 @@ import numpy as np
 
 from fslora_min.linear import (LinearConfig, measured_fraction, run_linear, settled, spectrum)
 from fslora_min.study.protocol import spearman
+from fslora_min.study.report import write_atomic
 from theory.sketch_bias import FIXED_POINT_METHODS, predicted_fixed_point
 
 VERSION = 1  # bump when a change alters any run's numbers
@@ -29,6 +31,7 @@ OUT = Path(__file__).resolve().parents[2] / "results" / "linear"
 GAP_GOAL, SPEARMAN_GOAL = 0.02, 0.9
 BASE = LinearConfig()
 MIXED = BASE.client_ranks  # the paper's ratios 1/8, 1/4, 1/2, 3/4 of r = 16, one client each
+QUICK_METHODS, QUICK_ROUNDS = ("fslora", "hetlora", "flexlora", "flora", "raflora"), 60
 
 
 def rows() -> list[tuple[str, LinearConfig]]:
@@ -130,21 +133,38 @@ def plot(results: list, path: Path) -> None:
     plt.close(fig)
 
 
-def study_results() -> list[tuple[str, LinearConfig, float | None, float, bool]]:
+def quick_rows() -> list[tuple[str, LinearConfig]]:
+    """The study in miniature (`compare --quick` and the tests): a few methods at the mixed
+    ratios, QUICK_ROUNDS rounds (far from any fixed point: it checks the code path only)."""
+    return [(f"{m} k=2,4,8,12", replace(BASE, method=m, rounds=QUICK_ROUNDS))
+            for m in QUICK_METHODS]
+
+
+def study_results(out: Path = OUT, quick: bool = False
+                  ) -> list[tuple[str, LinearConfig, float | None, float, bool]]:
     """(label, config, predicted, measured, at fixed point) per row, the runs from the log
-    (trained and logged when missing)."""
-    out = []
-    for label, cfg in rows():
-        curve = cached_run(cfg, OUT / "runs.jsonl")["curve"]
-        out.append((label, cfg, predicted(cfg), measured_fraction(curve), settled(curve)))
-    return out
+    out/runs.jsonl (trained and logged when missing)."""
+    results = []
+    for label, cfg in quick_rows() if quick else rows():
+        curve = cached_run(cfg, out / "runs.jsonl")["curve"]
+        results.append((label, cfg, predicted(cfg), measured_fraction(curve), settled(curve)))
+    return results
 
 
-def main() -> None:
-    argparse.ArgumentParser(prog="python -m fslora_min.study.linear_study", description=__doc__,
-                            formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
-    OUT.mkdir(parents=True, exist_ok=True)
-    results = study_results()
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m fslora_min.study.linear_study",
+                                     description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=str(OUT), help="output folder (default: %(default)s)")
+    parser.add_argument("--quick", action="store_true", help=quick_rows.__doc__)
+    args = parser.parse_args(argv)
+    write_study(Path(args.out), args.quick)
+
+
+def write_study(out: Path, quick: bool = False) -> None:
+    """Train (or replay) the rows, print them and write out/predictions.md and its figure."""
+    out.mkdir(parents=True, exist_ok=True)
+    results = study_results(out, quick)
     for label, _, pred, meas, flat in results:
         print(f"{label:40s} predicted {pred}  measured {meas:.4f}  at fixed point {flat}")
     goal = smallest_steps(results)
@@ -158,19 +178,20 @@ def main() -> None:
                f"included, the largest gap is {every:.4f}. Rows at their fixed point (plateau "
                f"test): {sum(r[4] for r in results)} of {len(results)}.\n")
     print(summary)
-    cfg = BASE
+    cfg = results[0][1]
     head = (f"# The linear task: predicted vs measured fixed points\n\n"
             f"Written by `python -m fslora_min.study.linear_study` from `runs.jsonl`. One LoRA "
             f"layer ({cfg.m} x {cfg.n}, W0 = 0), a planted rank-{cfg.target_rank} target with a "
             f"{cfg.spectrum} spectrum, whitened inputs ({cfg.samples} rows), "
             f"{len(cfg.client_ranks)} identical clients all participating, full-batch SGD at "
-            f"lr {cfg.lr}, H = {cfg.local_steps}, alpha = {cfg.alpha:g}, {cfg.rounds} rounds, "
+            f"lr {cfg.lr}, H = {cfg.local_steps}, alpha = {cfg.alpha:g}, {cfg.rounds} rounds "
+            f"(unless a row says otherwise), "
             f"seed {cfg.seed}. \"left\": ||W - W*||^2 / ||W*||^2; measured: its mean over the "
             f"last 10% of rounds; \"at fixed point\": that mean moved by <= 0.002 from the 10% "
             f"before.\n\n{summary}\n")
-    (OUT / "predictions.md").write_text(head + table(results)
-                                        + "\n![predicted vs measured](prediction.png)\n")
-    plot(results, OUT / "prediction.png")
+    write_atomic(out / "predictions.md",
+                 head + table(results) + "\n![predicted vs measured](prediction.png)\n")
+    plot(results, out / "prediction.png")
 
 
 if __name__ == "__main__":

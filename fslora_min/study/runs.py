@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import platform
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -20,6 +21,7 @@ from tqdm import tqdm
 
 from fslora_min.experiment import ExperimentConfig, build_federation
 from fslora_min.federation import evaluate_clients
+from fslora_min.pretrain import numerics
 from fslora_min.study.profiles import flops_per_local_step
 from fslora_min.tasks import TaskConfig, task_name
 
@@ -90,8 +92,19 @@ def train_run(exp: ExperimentConfig) -> dict:
         "bytes_up": float(np.mean([b for r in history.rounds for b in r.bytes_up])),
         "trainable": info["client_trainable_parameters"],
         "flops": [flops_per_local_step(exp, k) for k in info["trained_ranks"]],
-        "wall": wall, "coverage": history.coverage,
+        "wall": wall, "coverage": history.coverage, "machine": machine(),
     }
+
+
+def machine() -> dict[str, object]:
+    """What besides the key decides a run's float32 bits: `numerics` and the CPU's model (the
+    same torch on another machine's CPU computed different float32 roundings). A
+    retrained run equals its stored curve bit for bit only on the machine recorded with it."""
+    info = Path("/proc/cpuinfo")
+    lines = info.read_text().splitlines() if info.exists() else []
+    model = next((line.split(":", 1)[1].strip() for line in lines
+                  if line.startswith("model name")), platform.processor())
+    return numerics() | {"cpu_model": model}
 
 
 def _finite(x: float) -> float:
