@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 # The tables whose rows are FSLoRA and its rivals at the same client budgets.
-HEAD_TO_HEAD = ("main", "recent", "planted_small", "planted_ratios")
+HEAD_TO_HEAD = ("main", "recent", "planted_small", "planted_ratios", "planted_recent")
 
 
 def fslora_won(c: dict) -> bool:
