@@ -37,8 +37,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from theory import bound
-from theory.bound import BoundConstants, derived_bound, derived_max_step
+from theory import bound  # by module: the tests' monkeypatched formulas reach every call
+from theory.bound import BoundConstants
 from theory.calibration import Outcome
 from theory.constants import Raw, heterogeneity_bound
 from theory.convergence import outcome_checks
@@ -152,7 +152,7 @@ def tightest(out: Outcome, H: int) -> float:
     """max over T of observed / the derived bound (here, with sigma_g = sigma_s = sigma_h = 0,
     its gap term alone, as Theorem 4.4's is)."""
     T = np.arange(1, len(out.observed) + 1)
-    return float((out.observed / derived_bound(out.constants, out.step, T, H)).max())
+    return float((out.observed / bound.derived_bound(out.constants, out.step, T, H)).max())
 
 
 def sigma_h_regime(H: int, rounds: int) -> tuple[list[Check], list[str]]:
@@ -160,7 +160,7 @@ def sigma_h_regime(H: int, rounds: int) -> tuple[list[Check], list[str]]:
     Theorem 4.4 at its first condition alone: the drift against each sigma_h term."""
     shape = structure(SIGMA_H, 0.0)
     thm = outcome(SIGMA_H, None, bound.max_step(shape, H), H, rounds, 0.0)
-    der = outcome(SIGMA_H, None, derived_max_step(shape, H), H, rounds, 0.0)
+    der = outcome(SIGMA_H, None, bound.derived_max_step(shape, H), H, rounds, 0.0)
     first = bound.step_conditions(shape, H)["1/(6 H sqrt((c_h+1) L_tilde L))"]
     probe = outcome(SIGMA_H, None, first, H, rounds, 0.0)
     lines = []
@@ -191,7 +191,7 @@ MULTIPLES = (1, 2, 4, 6, 7, 8)  # of the derived step, in the c_h regime
 def c_h_regime(H: int, rounds: int) -> tuple[list[Check], list[str]]:
     """The derived theorem at its step (C3 binds) and at multiples of it, from x = 1."""
     shape = structure(C_H, measured(C_H, np.array([1.0]), None).c_h)
-    step = derived_max_step(shape, H)
+    step = bound.derived_max_step(shape, H)
     outs = {m: outcome(C_H, 1.0, m * step, H, rounds, None) for m in MULTIPLES}
     conditions = bound.derived_step_conditions(shape, H)
     lines = [f"c_h = {shape.c_h:.4g}; step conditions at H = {H}: " + ", ".join(
