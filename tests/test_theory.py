@@ -40,7 +40,8 @@ def restore_torch_defaults():
 @pytest.mark.parametrize("script,png", [(sketch_moments, ["sketch_moments.png"]),
                                         (smoothness, ["smoothness.png"]),
                                         (convergence, ["convergence_ratios.png",
-                                                       "convergence_sweeps.png"])])
+                                                       "convergence_sweeps.png"]),
+                                        (drift, [])])
 def test_script_passes_at_quick_size(script, png, tmp_path):
     assert script.main(["--quick", "--figures", str(tmp_path)]) == 0
     for name in png:
