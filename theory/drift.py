@@ -178,8 +178,8 @@ def sigma_h_regime(H: int, rounds: int) -> tuple[list[Check], list[str]]:
                         probe, H)
     terms = bound.derived_bound_terms(der.constants, der.step, rounds, H)
     tenth = float(sum(terms.values()) - 0.9 * terms["drift sigma_h"])
-    lines.append(f"  the derived bound with its sigma_h drift term / 10: {tenth:.4g}, observed / it "
-                 f"{der.observed[-1] / tenth:.3g} (below 1: that wrong constant passes here)")
+    lines.append(f"  the derived bound with its sigma_h drift term / 10: {tenth:.4g}, observed / "
+                 f"it {der.observed[-1] / tenth:.3g} (below 1: that wrong constant passes here)")
     checks = outcome_checks("sigma_h, Thm 4.4", thm, H, {})[:2]  # k = r: L_bar = L_tilde
     checks += derived_checks("sigma_h, derived", der, H, {})
     return checks, lines

@@ -70,8 +70,8 @@ def term_table(label: str, out: Outcome, H: int, terms_of=bound_terms) -> list[s
     lines = [f"{label}: T={T}, gamma={out.step:.4g}; observed (1/T) sum ||grad f^S||^2 = "
              f"{obs:.4g}; bound = {full:.4g} (observed / bound {obs / full:.3g})"]
     lines += [f"    {name:<16} {v:10.4g}  ({v / full:6.1%} of the bound; looseness {v / obs:.3g}; "
-              f"observed / the bound without it "
-              f"{obs / (full - v) if full > v else math.inf:.3g})" for name, v in terms.items() if v > 0]
+              f"observed / the bound without it {obs / (full - v) if full > v else math.inf:.3g})"
+              for name, v in terms.items() if v > 0]
     return lines
 
 
