@@ -133,7 +133,8 @@ def measured(cl: Clients, points: np.ndarray, c_h: float | None) -> BoundConstan
 def outcome(cl: Clients, x0: float | None, gamma: float, H: int, rounds: int,
             c_h: float | None) -> Outcome:
     """Run from x0 (None: the round's fixed point at this gamma) and measure: the observed
-    (1/T) sum_{t<T} ||grad f(X^t)||^2 for every T, and the constants over the iterates."""
+    (1/T) sum_{t<T} ||grad f(X^t)||^2 for every T, and the constants over the iterates (kept
+    as floats in `Outcome.points`; no records: the checks read only the rest)."""
     x0 = round_fixed_point(cl, gamma, H) if x0 is None else x0
     points = run(cl, x0, gamma, H, rounds)
     grad_sq = cl.grads(points).mean(-1) ** 2
