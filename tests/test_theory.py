@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from theory import (bias_runs, bound, convergence, corollary, derived, noise, sketch_moments,
-                    sketch_noise, smoothness)
+from theory import (bias_runs, bound, convergence, corollary, derived, drift, noise,
+                    sketch_moments, sketch_noise, smoothness)
 from theory.bound import (BoundConstants, L_bar, L_tilde, bound_terms, convergence_bound,
                           corollary_min_rounds, corollary_step, derived_bound,
                           derived_bound_terms, derived_max_step, derived_step_conditions,
@@ -40,7 +40,8 @@ def restore_torch_defaults():
 @pytest.mark.parametrize("script,png", [(sketch_moments, ["sketch_moments.png"]),
                                         (smoothness, ["smoothness.png"]),
                                         (convergence, ["convergence_ratios.png",
-                                                       "convergence_sweeps.png"])])
+                                                       "convergence_sweeps.png"]),
+                                        (drift, [])])
 def test_script_passes_at_quick_size(script, png, tmp_path):
     assert script.main(["--quick", "--figures", str(tmp_path)]) == 0
     for name in png:
@@ -71,16 +72,36 @@ def test_convergence_bound_holds_and_fails_with_wrong_constants(small_run):
     assert exit_code(wrong) == 1
 
 
-def test_noise_dominated_check_fails_when_sigma_g_is_divided_by_10():
-    """From a stationary X^0 with batch 1 and label noise, only the sigma_g terms are left: the
-    check holds with the measured sigma_g^2 and fails with (sigma_g / 10)^2."""
+@pytest.fixture(scope="module")
+def noise_8_8():
+    """noise.py's 8/8 setting at the tests' size: from a stationary X^0, batch 1, label noise."""
     g = setup(0)
     effort = Effort(seeds=1, gd_steps=800, power_iters=30, keep_points=60)
-    out = noise.noise_run((8, 8, 8, 8), True, 100, 60, 2, effort, 0, g, "8/8")
+    return noise.noise_run((8, 8, 8, 8), True, 100, 60, 2, effort, 0, g, "8/8")
+
+
+def test_noise_dominated_check_fails_when_sigma_g_is_divided_by_10(noise_8_8):
+    """From a stationary X^0 with batch 1 and label noise, only the sigma_g terms are left: the
+    check holds with the measured sigma_g^2 and fails with (sigma_g / 10)^2."""
+    out = noise_8_8
     terms = bound_terms(out.constants, out.step, 60, 2)
     assert terms["gap"] < 1e-3 * sum(terms.values())  # noise-dominated: the gap term is ~0
     assert all(c.ok for c in convergence.outcome_checks("8/8", out, 2, {}))
     assert not all(c.ok for c in convergence.outcome_checks("8/8", out, 2, {"sigma_g2": 0.01}))
+
+
+def test_dropping_the_L_tilde_sigma_g_term_passes_the_noise_dominated_check(noise_8_8,
+                                                                            monkeypatch):
+    """Issue 28's mutation 'drop 12 gamma L_tilde sigma_g^2 / N' is not caught by a measurement:
+    the stationary floor is about gamma tr(hess Sigma_g) / (2N) <= gamma L sigma_g^2 / (2N), and
+    6 gamma L_bar sigma_g^2 / N is left; at 8/8 the observed average reaches 0.04 of it."""
+    out = noise_8_8
+    terms = bound.bound_terms
+    monkeypatch.setattr(bound, "bound_terms", lambda *a, **k: {
+        n: v for n, v in terms(*a, **k).items() if n != "L_tilde sigma_g"})
+    checks = convergence.outcome_checks("8/8", out, 2, {})
+    assert all(c.ok for c in checks)
+    assert 0.01 < max(c.ratio for c in checks[1:]) < 0.1
 
 
 def test_calibrated_step_meets_the_condition(small_run):
@@ -503,6 +524,48 @@ def test_linear_model_of_the_sketch_noise_floor():
     assert early < 0.01 * floor
 
 
+def test_client_drift_fails_theorem_4_4_at_the_second_condition_without_its_H(monkeypatch):
+    """theory/drift.py's sigma_h regime: the checks hold at both theorems' steps; with 1/(N H L)
+    in place of 1/(N H^2 L) the step grows to the first condition and the drift of H = 1000
+    local steps puts ||grad f||^2 above Theorem 4.4's bound (1.6x at T = 200)."""
+    checks, _ = drift.sigma_h_regime(1000, 200)
+    assert all(c.ok for c in checks)
+    conditions = bound.step_conditions
+
+    def without_an_H(c, H, sharp=False):
+        return {**conditions(c, H, sharp), "1/(N H^2 L)": 1 / (c.N * H * c.L)}
+
+    monkeypatch.setattr(bound, "step_conditions", without_an_H)
+    failed = [c for c in drift.sigma_h_regime(1000, 200)[0] if not c.ok]
+    assert [c.name for c in failed] == ["sigma_h, Thm 4.4: avg ||grad f^S||^2 <= bound (L_tilde)"]
+    assert failed[0].ratio > 1.3
+
+
+def test_wrong_constants_the_drift_regimes_cannot_catch(monkeypatch):
+    """Issue 28's mutations that no measurement here catches, with the margins
+    theory/README.md states: the derived sigma_h drift term / 10 (the term is ~70x above the
+    drift, so observed / bound goes from 0.014 to 0.14), and C3 with sqrt(5/12) (2x the step:
+    observed / bound 0.28 -> 0.33; the bound fails only from ~7x the step, past C2 too)."""
+    terms = bound.derived_bound_terms
+    with monkeypatch.context() as m:
+        m.setattr(bound, "derived_bound_terms", lambda *a: {
+            n: v / 10 if n == "drift sigma_h" else v for n, v in terms(*a).items()})
+        checks, _ = drift.sigma_h_regime(1000, 200)
+        derived_check = next(c for c in checks if c.name.endswith("<= derived bound"))
+        assert derived_check.ok and 0.1 < derived_check.ratio < 0.2
+    checks, _ = drift.c_h_regime(10, 200)
+    assert all(c.ok for c in checks) and 0.25 < checks[1].ratio < 0.3
+    conditions = bound.derived_step_conditions
+    c3 = "C3 sqrt(5/48)/(H sqrt((c_h+1) L L_tilde))"
+    with monkeypatch.context() as m:
+        m.setattr(bound, "derived_step_conditions",
+                  lambda c, H: {**conditions(c, H), c3: 2 * conditions(c, H)[c3]})
+        checks, _ = drift.c_h_regime(10, 200)
+        assert all(c.ok for c in checks) and 0.3 < checks[1].ratio < 0.4
+    step = bound.derived_max_step(drift.structure(drift.C_H, 16.0), 10)
+    assert drift.tightest(drift.outcome(drift.C_H, 1.0, 7 * step, 10, 200, None), 10) > 1
+
+
 @pytest.fixture(scope="module")
 def sketch_noise_sweep():
     """A short sweep at H = 4 and a stationary run at H = 64, at 0.3 of Theorem 4.4's step at
@@ -513,6 +576,7 @@ def sketch_noise_sweep():
     return sketch_noise.results(sweep, 0, torch.Generator().manual_seed(0))
 
 
+@pytest.mark.slow
 def test_sketch_noise_floor_matches_the_linear_model_and_wrong_constants_fail(
         sketch_noise_sweep, monkeypatch):
     """Below the crossing (H = 64 < H* ~ 120) everything holds; dividing every noise constant by

@@ -77,10 +77,22 @@ def fixed_sketch_constant(c: BoundConstants, sharp: bool) -> float:
     return L_bar(c) if sharp else L_tilde(c)
 
 
+def step_conditions(c: BoundConstants, H: int, sharp: bool = False) -> dict[str, float]:
+    """Theorem 4.4's two step conditions, named (L_bar for L_tilde when `sharp`):
+
+        gamma <= 1 / (6 H sqrt((c_h + 1) L_tilde L))   (drift into descent)
+        gamma <= 1 / (N H^2 L)                          (drift terms written as gamma L_tilde / N)
+
+    apart, so a script can run at the first alone (theory/drift.py: the second is what keeps the
+    client drift under the sigma_h term)."""
+    lt = fixed_sketch_constant(c, sharp)
+    return {"1/(6 H sqrt((c_h+1) L_tilde L))": 1 / (6 * H * math.sqrt((c.c_h + 1) * lt * c.L)),
+            "1/(N H^2 L)": 1 / (c.N * H**2 * c.L)}
+
+
 def max_step(c: BoundConstants, H: int, sharp: bool = False) -> float:
     """gamma_max = min{ 1 / (6 H sqrt((c_h + 1) L_tilde L)), 1 / (N H^2 L) }  (Theorem 4.4)."""
-    lt = fixed_sketch_constant(c, sharp)
-    return min(1 / (6 * H * math.sqrt((c.c_h + 1) * lt * c.L)), 1 / (c.N * H**2 * c.L))
+    return min(step_conditions(c, H, sharp).values())
 
 
 def bound_terms(c: BoundConstants, gamma: float, T: np.ndarray | int, H: int,

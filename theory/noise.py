@@ -24,6 +24,8 @@ the bound with the gap term alone would fail.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from theory.bound import bound_terms
@@ -56,16 +58,20 @@ def noise_run(ranks: tuple[int, ...], shared_data: bool, samples: int, rounds: i
     return calibrate(problem, rounds, H, effort, g, label)
 
 
-def term_table(label: str, out: Outcome, H: int) -> list[str]:
-    """One line per term of the bound at the final T, beside the observation, with its looseness
-    (the term over the observed average: how far above it the term alone is)."""
+def term_table(label: str, out: Outcome, H: int, terms_of=bound_terms) -> list[str]:
+    """One line per term of the bound at the final T, beside the observation: its share, its
+    looseness (the term over the observed average) and the observed average over the bound
+    without it, which exceeds 1 exactly where dropping that term would fail the check here.
+    `terms_of(constants, gamma, T, H)`: Theorem 4.4's terms, or the derived theorem's; terms
+    that are 0 here (their sigma is 0) are left out."""
     T = len(out.observed)
-    terms = {k: float(v) for k, v in bound_terms(out.constants, out.step, T, H).items()}
+    terms = {k: float(v) for k, v in terms_of(out.constants, out.step, T, H).items()}
     full, obs = sum(terms.values()), float(out.observed[-1])
     lines = [f"{label}: T={T}, gamma={out.step:.4g}; observed (1/T) sum ||grad f^S||^2 = "
              f"{obs:.4g}; bound = {full:.4g} (observed / bound {obs / full:.3g})"]
-    lines += [f"    {name:<16} {v:10.4g}  ({v / full:6.1%} of the bound; looseness {v / obs:.3g})"
-              for name, v in terms.items()]
+    lines += [f"    {name:<16} {v:10.4g}  ({v / full:6.1%} of the bound; looseness {v / obs:.3g}; "
+              f"observed / the bound without it {obs / (full - v) if full > v else math.inf:.3g})"
+              for name, v in terms.items() if v > 0]
     return lines
 
 
