@@ -86,8 +86,10 @@ def layer_inputs(model: nn.Module, layer: nn.Linear, seqs: torch.Tensor) -> torc
 
 
 def planted_delta(weight: torch.Tensor, inputs: torch.Tensor, cfg: PlantedConfig,
-                  gen: torch.Generator) -> torch.Tensor:
-    """Delta = sum_j (g / sigma_j) u_j v_j^T (m x n), the module docstring's equation."""
+                  gen: torch.Generator, keep: list[int] | None = None) -> torch.Tensor:
+    """Delta = sum_j (g / sigma_j) u_j v_j^T (m x n), the module docstring's equation; with
+    `keep`, only those terms j (the rest of the change left out, to measure what each is worth).
+    """
     m, n = weight.shape
     if cfg.rank > min(m, n):
         raise ValueError(f"planted rank {cfg.rank} exceeds min(m, n) = {min(m, n)} of "
@@ -99,16 +101,19 @@ def planted_delta(weight: torch.Tensor, inputs: torch.Tensor, cfg: PlantedConfig
     u, _ = torch.linalg.qr(torch.randn(m, cfg.rank, generator=gen, dtype=torch.float64))
     rms_out = (inputs @ weight.double().T).norm(dim=1).pow(2).mean().sqrt()
     g = cfg.strength * rms_out / cfg.rank ** 0.5
-    return (u * (g / sigma)[None, :]) @ v.T
+    j = list(range(cfg.rank)) if keep is None else keep
+    return (u[:, j] * (g / sigma[j])[None, :]) @ v[:, j].T
 
 
-def make_teacher(base: nn.Module, data: DataConfig, cfg: PlantedConfig) -> nn.Module:
-    """A copy of `base` whose `cfg.layer` weight has the planted update added."""
+def make_teacher(base: nn.Module, data: DataConfig, cfg: PlantedConfig,
+                 keep: list[int] | None = None) -> nn.Module:
+    """A copy of `base` whose `cfg.layer` weight has the planted update added (with `keep`,
+    only those of its R* terms)."""
     teacher = copy.deepcopy(base).eval()
     layer = teacher.get_submodule(cfg.layer)
     probe = next(pretraining_batches(data, cfg.probe_seqs, data.seed))
     delta = planted_delta(layer.weight.detach(), layer_inputs(teacher, layer, probe), cfg,
-                          generator(data.seed, PLANTED, 0))
+                          generator(data.seed, PLANTED, 0), keep)
     with torch.no_grad():
         layer.weight += delta.to(layer.weight)
     return teacher
