@@ -101,8 +101,9 @@ def planted_delta(weight: torch.Tensor, inputs: torch.Tensor, cfg: PlantedConfig
     u, _ = torch.linalg.qr(torch.randn(m, cfg.rank, generator=gen, dtype=torch.float64))
     rms_out = (inputs @ weight.double().T).norm(dim=1).pow(2).mean().sqrt()
     g = cfg.strength * rms_out / cfg.rank ** 0.5
-    j = list(range(cfg.rank)) if keep is None else keep
-    return (u[:, j] * (g / sigma[j])[None, :]) @ v[:, j].T
+    if keep is not None:
+        u, sigma, v = u[:, keep], sigma[keep], v[:, keep]
+    return (u * (g / sigma)[None, :]) @ v.T
 
 
 def make_teacher(base: nn.Module, data: DataConfig, cfg: PlantedConfig,
