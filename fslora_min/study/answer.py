@@ -73,7 +73,21 @@ def answer_paragraph(verdicts: list[tuple]) -> str:
         f"{rank['paired'].mean:.3f} ({rank['verdict']}). On the exact linear task "
         f"(results/linear/), FSLoRA at mixed ratios leaves {fs[3]:.2f} of a flat target, "
         f"HetLoRA {het[3]:.2f}, as predicted ({fs[2]:.2f}, {het[2]:.2f}): the sketch shrinks "
-        "every rank. Planted-task verdicts measure the prefix (issue 30).\n")
+        f"every rank. {planted_sentence(verdicts)}\n")
+
+
+def planted_sentence(verdicts: list[tuple]) -> str:
+    """How much rank binds on the planted task: the ladder's r=16 < r=4 gap at its long horizon
+    in half-widths of its interval (its precondition asks MIN_GAP_RATIO)."""
+    from fslora_min.study.planted_report import MIN_GAP_RATIO
+
+    p = find(verdicts, "planted_ladder", "r=16", "planted")["paired"]
+    if p is None:
+        return "The planted task's rank ladder is pending."
+    ratio = -p.mean / ((p.high - p.low) / 2)
+    return (f"On the planted task rank binds {'weakly' if ratio < MIN_GAP_RATIO else 'clearly'}:"
+            f" rank 16 ends {-p.mean:.3f} below rank 4, {ratio:.1f} half-widths (planted/"
+            f"preconditions.md).")
 
 
 def plot_forest(verdicts: list[tuple], path: Path) -> None:
