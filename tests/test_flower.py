@@ -125,29 +125,41 @@ def test_the_launcher_refuses_bad_fslora_args_with_one_error_line(flags, needle,
     assert not (tmp_path / "work").exists()
 
 
+# One deployment serves both slow tests (its start and stop cost about 30 s): five SuperNodes,
+# clients 0 and 1 (k_i = 2 and 4) reply in both rounds; in round 2 client 2's ClientApp process
+# dies (no reply), client 3 replies with NaN deltas (screened out), client 4 with a record that
+# is no update (unreadable). The server waits out its timeout for the dead client.
+DRILLS = ["", "", "die@2", "nan@2", "junk@2"]
+SILENT = {2: {2, 3, 4}}  # round -> the clients without an update in it
+
+
+@pytest.fixture(scope="module")
+def drilled_run(tmp_path_factory) -> dict:
+    return flower_run(tmp_path_factory.mktemp("flower"), DRILLS, timeout_s=25)
+
+
 @pytest.mark.slow
-def test_flower_run_equals_the_in_process_run_and_moves_the_accounted_bytes(tmp_path):
-    expected = in_process(2)
-    result = flower_run(tmp_path, ["", ""], timeout_s=300)
-    assert_same_factors(result, expected)
-    assert [r["round"] for r in result["records"]] == [1, 2]
-    for wire in result["wire"]:
-        assert len(wire["participants"]) == 2
+def test_flower_messages_carry_the_accounted_bytes(drilled_run):
+    assert [r["round"] for r in drilled_run["records"]] == [1, 2]
+    replied = 0
+    for wire in drilled_run["wire"]:
+        assert len(wire["participants"]) == len(DRILLS)
         for w, down, up in zip(wire["participants"], wire["accounted_down_bytes"],
                                wire["accounted_up_bytes"]):
-            assert (w["down_payload_bytes"], w["up_payload_bytes"]) == (down, up) and down > 0
+            assert w["down_payload_bytes"] == down > 0
             # the measured messages: the payload plus a small overhead (packed arrays, index
             # sets, names, Flower's object ids), not one frame per module field
-            assert down < w["down_bytes"] < down + 4096 and up < w["up_bytes"] < up + 4096
+            assert down < w["down_bytes"] < down + 4096
+            if w["client"] not in SILENT.get(wire["round"], ()):  # an update that counted
+                assert w["up_payload_bytes"] == up and up < w["up_bytes"] < up + 4096
+                replied += 1
+    assert replied == 2 * len(DRILLS) - len(SILENT[2])
 
 
 @pytest.mark.slow
-def test_a_dead_client_and_bad_replies_leave_what_the_good_replies_give(tmp_path):
-    # in round 2: client 1's ClientApp process dies (no reply), client 2 replies with NaN
-    # deltas (screened out), client 3 with a record that is no update (unreadable)
-    result = flower_run(tmp_path, ["", "die@2", "nan@2", "junk@2"], timeout_s=25)
-    first, last = result["records"]
+def test_a_dead_client_and_bad_replies_leave_what_the_good_replies_give(drilled_run):
+    first, last = drilled_run["records"]
     assert first["dropped"] == first["rejected"] == []
-    assert last["dropped"] == [1] and last["rejected"] == [2, 3]
+    assert last["dropped"] == [2] and last["rejected"] == [3, 4]
     assert "non-finite" in last["reasons"][0] and "malformed reply" in last["reasons"][1]
-    assert_same_factors(result, in_process(4, absent={2: {1, 2, 3}}))
+    assert_same_factors(drilled_run, in_process(len(DRILLS), absent=SILENT))
