@@ -30,7 +30,8 @@ def long_cells(verdicts: list[tuple]) -> list[tuple[str, dict]]:
 
 
 def cell_text(task_name: str, c: dict) -> str:
-    return f"{c['b']} on {task_name} ({c['paired'].mean:+.3f}, {c['rounds']} rounds)"
+    """The rival, its task and a - b (each cell's horizon is in the forest plot)."""
+    return f"{c['b']} on {task_name} ({c['paired'].mean:+.3f})"
 
 
 def find(verdicts: list[tuple], table_name: str, a: str, task_name: str = "synthetic") -> dict:
@@ -85,9 +86,8 @@ def planted_sentence(verdicts: list[tuple]) -> str:
     if p is None:
         return "The planted task's rank ladder is pending."
     ratio = -p.mean / ((p.high - p.low) / 2)
-    return (f"On the planted task rank binds {'weakly' if ratio < MIN_GAP_RATIO else 'clearly'}:"
-            f" rank 16 ends {-p.mean:.3f} below rank 4, {ratio:.1f} half-widths (planted/"
-            f"preconditions.md).")
+    return (f"Planted task: rank binds {'weakly' if ratio < MIN_GAP_RATIO else 'clearly'} "
+            f"(r 16 vs 4: {-p.mean:.3f}, {ratio:.1f} half-widths).")
 
 
 def plot_forest(verdicts: list[tuple], path: Path) -> None:
