@@ -107,7 +107,7 @@ def drift_bias(cl: Clients, x: float, gamma: float, H: int) -> float:
                  / (1 - gamma * (H - 1) * abar / 2))
 
 
-def run(cl: Clients, x0: float, gamma: float, H: int, rounds: int) -> np.ndarray:
+def play_rounds(cl: Clients, x0: float, gamma: float, H: int, rounds: int) -> np.ndarray:
     """The global iterates X^0 ... X^{T-1} of `rounds` rounds from x0."""
     xs = [x0]
     for _ in range(rounds - 1):
@@ -136,7 +136,7 @@ def outcome(cl: Clients, x0: float | None, gamma: float, H: int, rounds: int,
     (1/T) sum_{t<T} ||grad f(X^t)||^2 for every T, and the constants over the iterates (kept
     as floats in `Outcome.points`; no records: the checks read only the rest)."""
     x0 = round_fixed_point(cl, gamma, H) if x0 is None else x0
-    points = run(cl, x0, gamma, H, rounds)
+    points = play_rounds(cl, x0, gamma, H, rounds)
     grad_sq = cl.grads(points).mean(-1) ** 2
     observed = np.cumsum(grad_sq) / np.arange(1, rounds + 1)
     return Outcome(measured(cl, points, c_h), cl.minimum(), gamma, observed, [], list(points))
