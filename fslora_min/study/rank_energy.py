@@ -1,32 +1,65 @@
-"""Rank collapse, measured on the linear task (issue 30, item 5).
+"""Rank collapse, measured on the linear and planted tasks (issue 30, item 5).
 
-    python -m fslora_min.study.rank_energy     # replays results/linear/energy.jsonl, trains what is missing
+    python -m fslora_min.study.rank_energy                 # linear: results/linear/energy.jsonl
+    python -m fslora_min.study.rank_energy --task planted  # results/compare/planted/energy.jsonl
 
-For each method at the mixed client ranks (fslora_min/study/linear_study.py's MIXED), the singular
-values of the global update W - W0 every 10 rounds. raFLoRA (arXiv 2602.13486) reports that
-with rank-agnostic aggregation the update's energy concentrates in the smallest shared rank and
-the higher ranks are suppressed geometrically over rounds. Against a flat target a method that
-has not collapsed spreads its energy like the target; `collapsed` compares the share of the
-final update's energy in its top min_i k_i singular values with the target's share.
-It writes results/linear/rank_energy.md and rank_energy.png.
+Each replays its energy.jsonl and trains (records) what is missing from it.
+
+raFLoRA (arXiv 2602.13486) reports that with rank-agnostic aggregation the update's energy
+concentrates in the smallest shared rank and the higher ranks are suppressed geometrically over
+rounds. Against a flat target a method that has not collapsed spreads its energy like the
+target; `collapsed` compares the share of the final update's energy in its top min_i k_i
+singular values with the target's share.
+
+- linear: each method at the mixed client ranks (fslora_min/study/linear_study.py's MIXED), the
+  singular values of the global update W - W0 every 10 rounds. Writes results/linear/.
+- planted: each row of the planted_ratios and planted_recent tables at the point the committed
+  study tuned it (replayed, never retuned), evaluation seed 0, the long horizon, played round by
+  round; every 10 rounds the planted layer's update W - W0 (its singular values) and the energy
+  of each rank index j, e_j = s ||B[:, j]|| ||A[j, :]|| (the norm of index j's term of s B A).
+  A row whose tuning is not finished in the study's runs.jsonl is skipped and named. Writes
+  results/compare/planted/rank_energy.md, rank_energy.png and energy.jsonl.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
+import math
+import os
 from dataclasses import replace
+from pathlib import Path
+from typing import Callable
 
 import numpy as np
+import torch
 
+from fslora_min.experiment import ExperimentConfig, build_federation
+from fslora_min.federation import evaluate
+from fslora_min.linear import spectrum
+from fslora_min.lora import global_factors
+from fslora_min.planted import make_teacher
+from fslora_min.pretrain import load_or_pretrain
+from fslora_min.study.compare import study
+from fslora_min.study.config import COMMITTED, CompareConfig
 from fslora_min.study.linear_study import BASE, OUT, cached_run
+from fslora_min.study.protocol import NOT_REPRODUCED, REPRODUCED
+from fslora_min.study.report import markdown, mean_std, write_atomic
+from fslora_min.study.runs import RunCache, machine, run_settings
+from fslora_min.study.tuning import Row, with_run
 
 METHODS = ("fslora", "hetlora", "flexlora", "raflora", "flora", "fedavg-min", "fedavg-full",
            "fed-plora")
 EVERY = 10
+VERSION = 1  # of the planted recordings: bump when a change alters what they hold
+PLANTED_TABLES = ("planted_ratios", "planted_recent")
+PLANTED_OUT = COMMITTED / "planted"
 
 
 def top_share(values: list[float], k: int) -> float:
-    """sum_{l <= k} mu_l^2 / sum_l mu_l^2: the energy share of the top k singular values."""
+    """sum_{l <= k} mu_l^2 / sum_l mu_l^2: the energy share of the top k singular values (of
+    the first k entries, for any other list of magnitudes)."""
     e = np.asarray(values) ** 2
     return float(e[:k].sum() / e.sum()) if e.sum() > 0 else float("nan")
 
@@ -36,56 +69,312 @@ def collapsed(values: list[float], k: int, target_share: float) -> bool:
     return top_share(values, k) > 2 * target_share
 
 
-def main() -> None:
-    argparse.ArgumentParser(prog="python -m fslora_min.study.rank_energy", description=__doc__,
-                            formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
+def update_spectrum(weight: torch.Tensor, w0: torch.Tensor, B: torch.Tensor, A: torch.Tensor,
+                    scale: float) -> torch.Tensor:
+    """Singular values of the update W - W0 = (W0' - W0) + s B A, largest first, in float64:
+    W0' is the layer's frozen weight now (FLoRA and FedEx-LoRA merge into it), W0 the base's.
+    B (m, r), A (r, n); the update is (m, n)."""
+    delta = weight.double() - w0.double() + scale * B.double() @ A.double()  # (m, n)
+    return torch.linalg.svdvals(delta)
+
+
+def index_energy(B: torch.Tensor, A: torch.Tensor, scale: float) -> torch.Tensor:
+    """e_j = s ||B[:, j]|| ||A[j, :]|| (r,), in float64: the Frobenius norm of rank index j's
+    term s B[:, j] A[j, :], so where raFLoRA's collapse puts the energy shows index by index."""
+    return scale * B.double().norm(dim=0) * A.double().norm(dim=1)  # (r,)
+
+
+def collapse_table(finals: dict[str, list[float]], k: int, target_share: float, floor: float,
+                   extra: dict[str, list[str]]) -> tuple[str, dict[str, bool]]:
+    """Per method: the top-k share of its final update's energy (its top R* singular values,
+    R* the target's rank), how many exceed `floor` (half the target's smallest), collapsed or
+    not, then `extra`'s columns (header -> one cell per method); and the verdicts."""
+    verdicts = {m: collapsed(v, k, target_share) for m, v in finals.items()}
+    rows = [[m, f"{top_share(v, k):.3f}", f"{sum(x > floor for x in v)} of {len(v)}",
+             "yes" if verdicts[m] else "no"] for m, v in finals.items()]
+    for cells in extra.values():
+        rows = [row + [cell] for row, cell in zip(rows, cells)]
+    head = ["method", f"top-{k} share of the energy (target {target_share:.3f})",
+            f"singular values > {floor:.3g}", "collapsed", *extra]
+    return markdown(head, rows), verdicts
+
+
+def draw_spectra(panels: dict[str, tuple[list[int], np.ndarray]], title: str, path: Path,
+                 target: list[float] | None = None) -> None:
+    """One panel per method: its update's singular values (rounds, R*) over rounds; `target`'s
+    as black ticks at the last round (the planted target's are not all alike)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    rows = math.ceil(len(panels) / 4)
+    fig, axes = plt.subplots(rows, 4, figsize=(16, 3.5 * rows), sharey=True, squeeze=False)
+    for ax, (method, (rounds, values)) in zip(axes.flat, panels.items()):
+        ax.plot(rounds, values)
+        if target is not None:
+            ax.plot([rounds[-1]] * len(target), target, "k_", ms=10)
+        ax.set(title=method, xlabel="round", ylabel="singular values of W - W0")
+    for ax in axes.flat[len(panels):]:
+        ax.axis("off")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def split(verdicts: dict[str, bool]) -> tuple[str, str]:
+    """The collapsed methods and the others, each as a comma-separated list ("none": empty)."""
+    return tuple(", ".join([m for m, c in verdicts.items() if c is want] or ["none"])
+                 for want in (True, False))
+
+
+def linear() -> None:
+    """The linear task: every method of METHODS from results/linear/energy.jsonl."""
     k, r_star = min(BASE.client_ranks), BASE.target_rank
-    target_share = k / r_star  # flat spectrum
-    fig, axes = plt.subplots(2, 4, figsize=(16, 7), sharey=True)
-    lines = ["| method | top-%d share of the energy (target %.3f) | singular values > 0.5 | "
-             "collapsed |" % (k, target_share), "|---|---|---|---|"]
-    verdicts = {}
-    for ax, method in zip(axes.flat, METHODS):
+    target_share = top_share(spectrum(BASE), k)
+    panels = {}
+    for method in METHODS:
         spectra = cached_run(replace(BASE, method=method), OUT / "energy.jsonl",
                              EVERY)["spectra"]
         rounds = sorted(int(t) for t in spectra)
-        values = np.array([spectra[str(t)] if str(t) in spectra else spectra[t]
-                           for t in rounds])[:, :r_star]
-        ax.plot(rounds, values)
-        ax.set(title=method, xlabel="round", ylabel="singular values of W - W0")
-        final = values[-1].tolist()
-        verdicts[method] = collapsed(final, k, target_share)
-        lines.append(f"| {method} | {top_share(final, k):.3f} | "
-                     f"{sum(v > 0.5 for v in final)} of {r_star} | "
-                     f"{'yes' if verdicts[method] else 'no'} |")
-    fig.suptitle(f"Linear task, k_i = {','.join(map(str, BASE.client_ranks))}, r = "
+        panels[method] = (rounds, np.array([spectra[str(t)] if str(t) in spectra else spectra[t]
+                                            for t in rounds])[:, :r_star])
+    table, verdicts = collapse_table({m: v[-1].tolist() for m, (_, v) in panels.items()}, k,
+                                     target_share, 0.5 * min(spectrum(BASE)), {})
+    draw_spectra(panels, f"Linear task, k_i = {','.join(map(str, BASE.client_ranks))}, r = "
                  f"{BASE.rank}, flat rank-{r_star} target (sigma = 1): the update's top "
-                 f"{r_star} singular values over rounds")
-    fig.tight_layout()
-    fig.savefig(OUT / "rank_energy.png", dpi=100)
-    plt.close(fig)
-    yes = [m for m, c in verdicts.items() if c] or ["none"]
-    no = [m for m, c in verdicts.items() if not c] or ["none"]
+                 f"{r_star} singular values over rounds", OUT / "rank_energy.png")
+    yes, no = split(verdicts)
     text = (f"# Rank collapse on the linear task\n\nWritten by "
             f"`python -m fslora_min.study.rank_energy` from `energy.jsonl` (the configuration "
             f"of `predictions.md`, mixed ranks, the update's singular values every {EVERY} "
             f"rounds). Collapsed (over twice the target's share of the energy in the top min "
-            f"k_i = {k} values): {', '.join(yes)}; not collapsed: {', '.join(no)}. "
+            f"k_i = {k} values): {yes}; not collapsed: {no}. "
             "(FedAvg-LoRA at rank min k_i holds that rank by construction; FlexLoRA's "
             "collapse is the one raFLoRA's paper "
             "describes: index l keeps only its coverage's share each round, and raFLoRA's "
             "renormalisation removes it. FSLoRA does not collapse: its sketch shrinks every "
             "index alike, the penalty of theory/sketch_bias.py.) Whether collapse explains "
             "the language-model verdicts is not measured here: no per-rank energy was recorded "
-            "on the planted or language-model tasks.\n\n" + "\n".join(lines)
-            + "\n\n![singular values over rounds](rank_energy.png)\n")
+            "on the planted or language-model tasks.\n\n" + table
+            + "\n![singular values over rounds](rank_energy.png)\n")
     (OUT / "rank_energy.md").write_text(text)
     print(text)
+
+
+def record_planted(exp: ExperimentConfig, every: int) -> dict:
+    """Play `exp` round by round as `Federation.run` does (with train_run's settings, so its
+    curve is the study's run's), and at round 0 and every `every` rounds record the planted
+    layer's update spectrum and per-index energy. Recording reads the factors only: it draws
+    no random numbers and moves no weight, which `curve` lets the caller check."""
+    exp = replace(exp, federation=replace(exp.federation, client_eval=False))  # as train_run
+    federation, info = build_federation(exp, progress=False)
+    name, server = exp.data.planted.layer, federation.server
+    layer = server.modules[name]
+    w0 = layer.weight.detach().clone()  # (m, n) the base's weight
+    out = {"method": exp.method, "seed": exp.federation.seed, "lr": exp.client.lr,
+           "server_lr": exp.server.server_lr, "layer": name, "global_rank": info["global_rank"],
+           "rounds": [], "spectra": [], "energy": []}
+
+    def snapshot(t: int) -> None:
+        with torch.no_grad():
+            B, A = global_factors(server.model)[name]  # (m, r), (r, n)
+            out["rounds"].append(t)
+            out["spectra"].append(update_spectrum(layer.weight, w0, B, A, layer.scale).tolist())
+            out["energy"].append(index_energy(B, A, layer.scale).tolist())
+
+    h = federation.history
+    h.initial_loss, h.initial_acc = evaluate(server.model, federation.data.global_heldout,
+                                             scored_from=federation.data.scored_from)
+    snapshot(0)
+    for t in range(1, exp.federation.rounds + 1):
+        federation.record_round(federation.run_round(t))
+        if t % every == 0:
+            snapshot(t)
+    return out | {"curve": [h.initial_loss] + [r.heldout_loss for r in h.rounds],
+                  "machine": machine()}
+
+
+def target_spectrum(exp: ExperimentConfig) -> list[float]:
+    """Singular values of the planted change, the teacher's weight minus the base's in the
+    planted layer (flat only in whitened units: in weight units sigma_j / its input's scale)."""
+    base, _ = load_or_pretrain(exp.model, exp.data, exp.pretrain, progress=False)
+    teacher = make_teacher(base, exp.data, exp.data.planted)
+    name = exp.data.planted.layer
+    delta = teacher.get_submodule(name).weight - base.get_submodule(name).weight  # (m, n)
+    return torch.linalg.svdvals(delta.detach().double()).tolist()
+
+
+def energy_key(exp: ExperimentConfig, every: int) -> str:
+    """SHA-256 of what changes a recording: the run's settings (runs.run_settings), its
+    rounds, the recording's interval and VERSION."""
+    return hashlib.sha256(json.dumps({"version": VERSION, "run": run_settings(exp),
+                                      "rounds": exp.federation.rounds, "record_every": every},
+                                     sort_keys=True).encode()).hexdigest()
+
+
+def cached(log: Path, key: str, play: Callable[[], dict]) -> dict:
+    """The record under `key` in the JSON-lines `log`, or `play()`'s, appended to it."""
+    if log.exists():
+        for entry in map(json.loads, log.read_text().splitlines()):
+            if entry["key"] == key:
+                return entry["run"]
+    run = play()
+    with log.open("a") as f:
+        f.write(json.dumps({"key": key, "run": run}) + "\n")
+    return run
+
+
+def lower(claim: dict) -> str | None:
+    """Which row of a claim a < b its (Holm-corrected) verdict finds lower; None: undecided."""
+    word = claim["verdict"]
+    return (claim["a"] if word in (REPRODUCED, f"{claim['a']} lower") else
+            claim["b"] if word in (NOT_REPRODUCED, f"{claim['b']} lower") else None)
+
+
+def verdict_text(claims: list[dict], verdicts: dict[str, bool]) -> str:
+    """The long-horizon claims against FSLoRA, each with whether its two methods collapsed, and
+    how many decided ones collapse would explain (the lower method did not collapse, the higher
+    one did)."""
+    def tag(m: str) -> str:
+        return f"{m} ({'collapsed' if verdicts[m] else 'not collapsed'})" if m in verdicts \
+            else f"{m} (not recorded)"
+
+    decided = [c for c in claims if lower(c)]
+    lines = [f"{tag(c['a'])} vs {tag(c['b'])}: {c['verdict']}" for c in claims]
+    explained = [c for c in decided if verdicts.get(lower(c)) is False
+                 and verdicts.get(c["b"] if lower(c) == c["a"] else c["a"]) is True]
+    pairs = ", ".join(f"{c['a']} vs {c['b']}" for c in explained) or "none"
+    return (f"The planted tables' long-horizon verdicts ({claims[0]['rounds']} rounds, "
+            f"Holm-corrected over the task, replayed from the study's runs): "
+            + "; ".join(lines) + f". Collapse explains a decided verdict when the lower "
+            f"method did not collapse and the higher one did: {len(explained)} of "
+            f"{len(decided)} decided verdicts ({pairs}).")
+
+
+def yardstick(verdicts: dict[str, bool]) -> str:
+    """What the rule reads on FedAvg-LoRA at full rank, where every client trains every index,
+    so aggregation cannot collapse any: "collapsed" there is not raFLoRA's collapse."""
+    if "fedavg-full" not in verdicts:
+        return ""
+    if not verdicts["fedavg-full"]:
+        return "FedAvg-LoRA at full rank (every client trains all r indices) reads not collapsed. "
+    return ("FedAvg-LoRA at full rank reads collapsed too, though every client trains all r "
+            "indices and aggregation cannot collapse any: on this task the rule's threshold is "
+            "crossed without rank-heterogeneous aggregation, so it does not isolate collapse. ")
+
+
+def bit_for_bit(run: dict, committed: dict | None) -> str:
+    """Whether a recorded run's held-out curve is the committed run's, bit for bit; float32
+    roundings differ across CPUs, so a difference counts only on the committed run's machine."""
+    if committed is None:
+        return "no committed seed-0 run yet"
+    mine, theirs = run["curve"], committed["curve"][:len(run["curve"])]
+    if mine == theirs:
+        return "yes"
+    gap = max(abs(a - b) for a, b in zip(mine, theirs))
+    where = ("same machine" if run["machine"] == committed["machine"]
+             else f"other machine: {committed['machine']}")
+    return f"NO (largest gap {gap:.2e}, {where})"
+
+
+def tuned_rows(cfg: CompareConfig, study_dir: Path
+               ) -> tuple[dict[str, tuple[ExperimentConfig, Row]], list[dict]]:
+    """The rows of PLANTED_TABLES, {label: (its experiment, tuned and evaluated)}, and their
+    claims at the long horizon, from the study in `study_dir` replayed (nothing trained; Holm's
+    family is the whole task's, as in the committed tables)."""
+    cache = RunCache(Path(os.devnull), [study_dir / "runs.jsonl"], train=False)
+    rows, claims = {}, []
+    for table, tuned, cs in study(cfg, cache):
+        if table.name in PLANTED_TABLES:
+            for spec, row in zip(table.rows, tuned):
+                rows.setdefault(spec.label, (spec.exp, row))  # fslora is in both tables
+            claims += [c for c in cs if c["horizon"] == "long"]
+    return rows, claims
+
+
+def planted(study_dir: Path) -> None:
+    """The planted task: every row of PLANTED_TABLES at its tuned point (the study in
+    `study_dir` replayed), recorded into PLANTED_OUT/energy.jsonl (or read from it)."""
+    torch.set_num_threads(1)  # as the study trains: its runs' float32 bits are one thread's
+    PLANTED_OUT.mkdir(parents=True, exist_ok=True)
+    cfg = CompareConfig(task="planted")
+    horizon = cfg.horizons[2]
+    rows, claims = tuned_rows(cfg, study_dir)
+    skipped = [m for m, (_, row) in rows.items() if row.choice.point is None]
+    runs, checks, losses = {}, [], []
+    for method, (exp, row) in rows.items():
+        if row.choice.point is None:
+            continue
+        exp = with_run(exp, 0, row.lr, row.server_lr, horizon)
+        runs[method] = cached(PLANTED_OUT / "energy.jsonl", energy_key(exp, EVERY),
+                              lambda: record_planted(exp, EVERY))
+        checks.append(bit_for_bit(runs[method], next((r for r in row.runs if r["seed"] == 0),
+                                                     None)))
+        losses.append(f"{mean_std([r['curve'][horizon] for r in row.runs])} "
+                      f"({len(row.runs)} seeds)")
+        print(f"{method:12s} lr {row.lr:g} step {row.server_lr:g}: seed-0 curve = committed "
+              f"run's: {checks[-1]}")
+    if not runs:
+        raise SystemExit(f"no row of {PLANTED_TABLES} is tuned in {study_dir / 'runs.jsonl'}: "
+                         f"nothing to record")
+    target = target_spectrum(exp)  # the data's (seed 0), the same for every row
+    r_star, k = exp.data.planted.rank, min(exp.client_ranks)
+    target_share = top_share(target, k)
+    panels = {m: (run["rounds"], np.array(run["spectra"])[:, :r_star]) for m, run in runs.items()}
+    by_index = [top_share(run["energy"][-1], k) for run in runs.values()]
+    table, verdicts = collapse_table(
+        {m: v[-1].tolist() for m, (_, v) in panels.items()}, k, target_share,
+        0.5 * min(target[:r_star]),
+        {"global rank": [str(run["global_rank"]) for run in runs.values()],
+         f"indices < {k}: share of sum_j e_j^2": ["-" if math.isnan(x) else f"{x:.3f}"
+                                                  for x in by_index],
+         f"held-out loss @ {horizon}, committed": losses,
+         "seed-0 curve = committed (bit for bit)": checks})
+    ranks = ",".join(map(str, sorted(set(exp.client_ranks))))
+    layer = exp.data.planted.layer
+    draw_spectra(panels, f"Planted task, k_i = {ranks}, r = {exp.lora.rank}, planted rank-"
+                 f"{r_star} change of {layer} (seed 0): the update's top {r_star} singular "
+                 f"values over rounds (black ticks: the target's)",
+                 PLANTED_OUT / "rank_energy.png", target[:r_star])
+    yes, no = split(verdicts)
+    written = [t for t in PLANTED_TABLES if (study_dir / f"{t}.md").exists()]
+    unwritten = [f"{t}.md" for t in PLANTED_TABLES if t not in written]
+    text = (f"# Rank collapse on the planted task\n\nWritten by `python -m "
+            f"fslora_min.study.rank_energy --task planted` from `energy.jsonl`: each row of "
+            f"{' and '.join(PLANTED_TABLES)} at the client lr and server step the study tuned, "
+            f"evaluation seed 0, {horizon} rounds played round by round; every {EVERY} rounds "
+            f"the singular values of the update W - W0 of {layer} (W0 the base's weight, so "
+            f"FLoRA's and FedEx-LoRA's merges count) and the energy of each rank index, e_j = "
+            f"s ||B[:, j]|| ||A[j, :]||. The target, the teacher's change of that layer (seed "
+            f"0), is flat in whitened units only: in weight units its singular values run from "
+            f"{target[0]:.2f} to {target[r_star - 1]:.2f} and its top {k} of {r_star} hold "
+            f"{target_share:.3f} of its energy. Collapsed (over twice that share in the "
+            f"update's top min k_i = {k} values): {yes}; not collapsed: {no}. Not recorded, "
+            f"their tuning not finished in the study's runs.jsonl: {', '.join(skipped) or 'none'}"
+            f". {yardstick(verdicts)}{verdict_text(claims, verdicts)}"
+            + (f" ({', '.join(unwritten)} not written yet: the study was still training.)"
+               if unwritten else "")
+            + "\n\n" + table + "\n![singular values over rounds](rank_energy.png)\n")
+    write_atomic(PLANTED_OUT / "rank_energy.md", text)
+    print(text)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m fslora_min.study.rank_energy",
+                                     description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--task", choices=("linear", "planted"), default="linear",
+                        help="which task's collapse (default: %(default)s)")
+    parser.add_argument("--study", default=str(PLANTED_OUT),
+                        help="planted: the folder of the study whose runs.jsonl gives each row's "
+                             "tuned point and committed curves (default: %(default)s)")
+    args = parser.parse_args()
+    if args.task == "linear":
+        linear()
+    else:
+        planted(Path(args.study))
 
 
 if __name__ == "__main__":
