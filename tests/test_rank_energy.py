@@ -12,8 +12,8 @@ from fslora_min.ranks import PAPER_RATIOS, ranks_from_ratios
 from fslora_min.study.config import quick_config, task
 from fslora_min.study.protocol import INCONCLUSIVE, NOT_REPRODUCED, REPRODUCED
 from fslora_min.study.rank_energy import (bit_for_bit, collapse_table, collapsed, index_energy,
-                                          lower, record_planted, top_share, update_spectrum,
-                                          verdict_text)
+                                          lower, planted_target, record_planted, top_share,
+                                          update_spectrum, verdict_text, yardstick)
 from fslora_min.study.runs import machine, train_run
 from fslora_min.study.tuning import with_run
 
@@ -69,12 +69,17 @@ def test_lower_and_what_collapse_explains():
               {"a": "fslora", "b": "flasc", "verdict": "flasc lower", "rounds": 300},
               {"a": "fslora", "b": "rolora", "verdict": INCONCLUSIVE, "rounds": 300}]
     assert [lower(c) for c in claims] == ["fslora", "flexlora", "flasc", None]
-    text = verdict_text(claims, {"fslora": False, "hetlora": True, "flexlora": True,
-                                 "flasc": False})
+    weight = {"fslora": False, "hetlora": True, "flexlora": True, "flasc": False}
+    text = verdict_text(claims, {"weight": weight, "whitened": weight | {"fslora": True}})
     # fslora below a collapsed hetlora: explained; flexlora collapsed yet lower, flasc and
-    # fslora both not collapsed: not explained; rolora undecided and not recorded
-    assert "1 of 3 decided verdicts (fslora vs hetlora)" in text
+    # fslora both not collapsed: not explained; rolora undecided and not recorded. Whitened,
+    # fslora collapsed too: its win over hetlora is not explained, flasc's over it is
+    assert "in weight 1 of 3 (fslora vs hetlora), in whitened 1 of 3 (fslora vs flasc)" in text
+    assert "fslora (collapsed: no / yes) vs hetlora (collapsed: yes / yes): reproduced" in text
     assert "rolora (not recorded): inconclusive" in text
+    assert yardstick({"weight": weight}) == ""
+    both = {"w": {"fedavg-full": True}, "x": {"fedavg-full": False}}
+    assert "in w: yes, in x: no; where it reads yes" in yardstick(both)
 
 
 def test_bit_for_bit_words():
@@ -85,16 +90,36 @@ def test_bit_for_bit_words():
     assert "other machine" in bit_for_bit(run, {"curve": [2.0, 1.5, 1.5], "machine": {}})
 
 
-def test_recording_leaves_the_run_as_the_study_trains_it():
-    """The planted task in miniature, FSLoRA at the paper's ratios, 3 rounds recorded every
-    round: its held-out curve is train_run's (the study's runs), bit for bit."""
-    torch.set_num_threads(1)
+def quick_planted():
+    """The planted task in miniature (rank-4 target), FSLoRA at the paper's ratios, 3 rounds."""
     cfg = quick_config(task_name="planted")
     exp = replace(task(cfg), method="fslora",
                   client_ranks=ranks_from_ratios(list(PAPER_RATIOS), cfg.num_clients, cfg.rank))
-    exp = with_run(exp, 0, 0.03, 1.0, 3)
-    run = record_planted(exp, every=1)
+    return with_run(exp, 0, 0.03, 1.0, 3)
+
+
+def test_target_is_flat_in_whitened_units_only():
+    """planted_target's root whitens what planted_delta built: Delta Sigma^(1/2) has R* equal
+    singular values (then zeros); Delta's own are spread by the inputs' scales."""
+    exp = quick_planted()
+    delta, root = planted_target(exp)
+    r_star = exp.data.planted.rank
+    white = torch.linalg.svdvals(delta @ root)
+    assert torch.allclose(white[:r_star], white[0].expand(r_star), rtol=1e-6)
+    assert white[r_star] < 1e-6 * white[0]
+    raw = torch.linalg.svdvals(delta)
+    assert raw[0] > 1.2 * raw[r_star - 1]
+
+
+def test_recording_leaves_the_run_as_the_study_trains_it():
+    """Recorded every round, the run's held-out curve is train_run's (the study's runs), bit
+    for bit; with an identity root the whitened spectra are the plain ones."""
+    torch.set_num_threads(1)
+    exp = quick_planted()
+    n = exp.model.d_model * 4  # blocks.1.mlp.proj's inputs
+    run = record_planted(exp, 1, torch.eye(n, dtype=torch.float64))
     assert run["curve"] == train_run(exp)["curve"]
     assert run["rounds"] == [0, 1, 2, 3] and run["layer"] == exp.data.planted.layer
+    assert run["whitened"] == run["spectra"]
     assert len(run["energy"][-1]) == exp.lora.rank and max(run["spectra"][0]) == 0.0
     assert max(run["spectra"][-1]) > 0  # the layer moved

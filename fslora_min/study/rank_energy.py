@@ -39,7 +39,8 @@ from fslora_min.experiment import ExperimentConfig, build_federation
 from fslora_min.federation import evaluate
 from fslora_min.linear import spectrum
 from fslora_min.lora import global_factors
-from fslora_min.planted import make_teacher
+from fslora_min.data import pretraining_batches
+from fslora_min.planted import layer_inputs, make_teacher
 from fslora_min.pretrain import load_or_pretrain
 from fslora_min.study.compare import study
 from fslora_min.study.config import COMMITTED, CompareConfig
@@ -52,7 +53,7 @@ from fslora_min.study.tuning import Row, with_run
 METHODS = ("fslora", "hetlora", "flexlora", "raflora", "flora", "fedavg-min", "fedavg-full",
            "fed-plora")
 EVERY = 10
-VERSION = 1  # of the planted recordings: bump when a change alters what they hold
+VERSION = 2  # of the planted recordings: bump when a change alters what they hold
 PLANTED_TABLES = ("planted_ratios", "planted_recent")
 PLANTED_OUT = COMMITTED / "planted"
 
@@ -70,12 +71,13 @@ def collapsed(values: list[float], k: int, target_share: float) -> bool:
 
 
 def update_spectrum(weight: torch.Tensor, w0: torch.Tensor, B: torch.Tensor, A: torch.Tensor,
-                    scale: float) -> torch.Tensor:
+                    scale: float, root: torch.Tensor | None = None) -> torch.Tensor:
     """Singular values of the update W - W0 = (W0' - W0) + s B A, largest first, in float64:
     W0' is the layer's frozen weight now (FLoRA and FedEx-LoRA merge into it), W0 the base's.
-    B (m, r), A (r, n); the update is (m, n)."""
+    B (m, r), A (r, n); the update is (m, n). With `root` = Sigma^{1/2} (n, n), those of
+    (W - W0) Sigma^{1/2}: the update in whitened units, where the planted target is flat."""
     delta = weight.double() - w0.double() + scale * B.double() @ A.double()  # (m, n)
-    return torch.linalg.svdvals(delta)
+    return torch.linalg.svdvals(delta if root is None else delta @ root.double())
 
 
 def index_energy(B: torch.Tensor, A: torch.Tensor, scale: float) -> torch.Tensor:
@@ -163,11 +165,12 @@ def linear() -> None:
     print(text)
 
 
-def record_planted(exp: ExperimentConfig, every: int) -> dict:
+def record_planted(exp: ExperimentConfig, every: int, root: torch.Tensor) -> dict:
     """Play `exp` round by round as `Federation.run` does (with train_run's settings, so its
     curve is the study's run's), and at round 0 and every `every` rounds record the planted
-    layer's update spectrum and per-index energy. Recording reads the factors only: it draws
-    no random numbers and moves no weight, which `curve` lets the caller check."""
+    layer's update spectrum, in weight and in whitened units (`root`, `planted_target`), and
+    per-index energy. Recording reads the factors only: it draws no random numbers and moves
+    no weight, which `curve` lets the caller check."""
     exp = replace(exp, federation=replace(exp.federation, client_eval=False))  # as train_run
     federation, info = build_federation(exp, progress=False)
     name, server = exp.data.planted.layer, federation.server
@@ -175,13 +178,15 @@ def record_planted(exp: ExperimentConfig, every: int) -> dict:
     w0 = layer.weight.detach().clone()  # (m, n) the base's weight
     out = {"method": exp.method, "seed": exp.federation.seed, "lr": exp.client.lr,
            "server_lr": exp.server.server_lr, "layer": name, "global_rank": info["global_rank"],
-           "rounds": [], "spectra": [], "energy": []}
+           "rounds": [], "spectra": [], "whitened": [], "energy": []}
 
     def snapshot(t: int) -> None:
         with torch.no_grad():
             B, A = global_factors(server.model)[name]  # (m, r), (r, n)
             out["rounds"].append(t)
             out["spectra"].append(update_spectrum(layer.weight, w0, B, A, layer.scale).tolist())
+            out["whitened"].append(update_spectrum(layer.weight, w0, B, A, layer.scale,
+                                                   root).tolist())
             out["energy"].append(index_energy(B, A, layer.scale).tolist())
 
     h = federation.history
@@ -196,14 +201,19 @@ def record_planted(exp: ExperimentConfig, every: int) -> dict:
                   "machine": machine()}
 
 
-def target_spectrum(exp: ExperimentConfig) -> list[float]:
-    """Singular values of the planted change, the teacher's weight minus the base's in the
-    planted layer (flat only in whitened units: in weight units sigma_j / its input's scale)."""
+def planted_target(exp: ExperimentConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """The planted change Delta (m, n), the teacher's weight minus the base's in the planted
+    layer, and Sigma^{1/2} (n, n), the root of its inputs' second moments on the probe text
+    that planted_delta whitens by: Delta = sum_j (g / sigma_j) u_j v_j^T is flat in whitened
+    units (Delta Sigma^{1/2} = g sum_j u_j v_j^T), not in weight units."""
     base, _ = load_or_pretrain(exp.model, exp.data, exp.pretrain, progress=False)
     teacher = make_teacher(base, exp.data, exp.data.planted)
     name = exp.data.planted.layer
     delta = teacher.get_submodule(name).weight - base.get_submodule(name).weight  # (m, n)
-    return torch.linalg.svdvals(delta.detach().double()).tolist()
+    probe = next(pretraining_batches(exp.data, exp.data.planted.probe_seqs, exp.data.seed))
+    inputs = layer_inputs(base, base.get_submodule(name), probe)  # (tokens, n) float64
+    eigval, eigvec = torch.linalg.eigh(inputs.T @ inputs / len(inputs))  # (n,), (n, n)
+    return delta.detach().double(), eigvec @ torch.diag(eigval.clamp(min=0).sqrt()) @ eigvec.T
 
 
 def energy_key(exp: ExperimentConfig, every: int) -> str:
@@ -233,36 +243,43 @@ def lower(claim: dict) -> str | None:
             claim["b"] if word in (NOT_REPRODUCED, f"{claim['b']} lower") else None)
 
 
-def verdict_text(claims: list[dict], verdicts: dict[str, bool]) -> str:
-    """The long-horizon claims against FSLoRA, each with whether its two methods collapsed, and
-    how many decided ones collapse would explain (the lower method did not collapse, the higher
-    one did)."""
+def explained(claims: list[dict], verdicts: dict[str, bool]) -> list[dict]:
+    """The decided claims collapse would explain: the lower method did not collapse, the
+    higher one did."""
+    return [c for c in claims if lower(c) and verdicts.get(lower(c)) is False
+            and verdicts.get(c["b"] if lower(c) == c["a"] else c["a"]) is True]
+
+
+def verdict_text(claims: list[dict], units: dict[str, dict[str, bool]]) -> str:
+    """The long-horizon claims, each with whether its two methods collapsed in each of `units`
+    ({name: verdicts}), and which decided ones collapse explains in each."""
     def tag(m: str) -> str:
-        return f"{m} ({'collapsed' if verdicts[m] else 'not collapsed'})" if m in verdicts \
-            else f"{m} (not recorded)"
+        return (f"{m} (collapsed: " + " / ".join("yes" if v[m] else "no" for v in units.values())
+                + ")" if m in next(iter(units.values())) else f"{m} (not recorded)")
 
-    decided = [c for c in claims if lower(c)]
-    lines = [f"{tag(c['a'])} vs {tag(c['b'])}: {c['verdict']}" for c in claims]
-    explained = [c for c in decided if verdicts.get(lower(c)) is False
-                 and verdicts.get(c["b"] if lower(c) == c["a"] else c["a"]) is True]
-    pairs = ", ".join(f"{c['a']} vs {c['b']}" for c in explained) or "none"
+    decided = sum(1 for c in claims if lower(c))
+    lines = "; ".join(f"{tag(c['a'])} vs {tag(c['b'])}: {c['verdict']}" for c in claims)
+    why = ", ".join(f"in {name} {len(e)} of {decided} ("
+                    + (", ".join(f"{c['a']} vs {c['b']}" for c in e) or "none") + ")"
+                    for name, v in units.items() for e in [explained(claims, v)])
     return (f"The planted tables' long-horizon verdicts ({claims[0]['rounds']} rounds, "
-            f"Holm-corrected over the task, replayed from the study's runs): "
-            + "; ".join(lines) + f". Collapse explains a decided verdict when the lower "
-            f"method did not collapse and the higher one did: {len(explained)} of "
-            f"{len(decided)} decided verdicts ({pairs}).")
+            f"Holm-corrected over the task, replayed from the study's runs; collapsed in "
+            f"{' / '.join(units)}): {lines}. Collapse explains a decided verdict when the lower "
+            f"method did not collapse and the higher one did: {why}.")
 
 
-def yardstick(verdicts: dict[str, bool]) -> str:
+def yardstick(units: dict[str, dict[str, bool]]) -> str:
     """What the rule reads on FedAvg-LoRA at full rank, where every client trains every index,
     so aggregation cannot collapse any: "collapsed" there is not raFLoRA's collapse."""
-    if "fedavg-full" not in verdicts:
+    if "fedavg-full" not in next(iter(units.values())):
         return ""
-    if not verdicts["fedavg-full"]:
-        return "FedAvg-LoRA at full rank (every client trains all r indices) reads not collapsed. "
-    return ("FedAvg-LoRA at full rank reads collapsed too, though every client trains all r "
-            "indices and aggregation cannot collapse any: on this task the rule's threshold is "
-            "crossed without rank-heterogeneous aggregation, so it does not isolate collapse. ")
+    reads = {name: v["fedavg-full"] for name, v in units.items()}
+    return ("FedAvg-LoRA at full rank (every client trains all r indices, so aggregation "
+            "cannot collapse any) reads collapsed " + ", ".join(
+                f"in {name}: {'yes' if c else 'no'}" for name, c in reads.items())
+            + ("; where it reads yes, the rule is crossed without rank-heterogeneous "
+               "aggregation, so there it does not isolate collapse. " if any(reads.values())
+               else ". "))
 
 
 def bit_for_bit(run: dict, committed: dict | None) -> str:
@@ -302,63 +319,83 @@ def planted(study_dir: Path) -> None:
     cfg = CompareConfig(task="planted")
     horizon = cfg.horizons[2]
     rows, claims = tuned_rows(cfg, study_dir)
-    skipped = [m for m, (_, row) in rows.items() if row.choice.point is None]
+    tuned = {m: (with_run(exp, 0, row.lr, row.server_lr, horizon), row)
+             for m, (exp, row) in rows.items() if row.choice.point is not None}
+    if not tuned:
+        raise SystemExit(f"no row of {PLANTED_TABLES} is tuned in {study_dir / 'runs.jsonl'}: "
+                         f"nothing to record")
+    exp = next(iter(tuned.values()))[0]  # every row's task: seed 0's data, one target
+    delta, root = planted_target(exp)
+    target = {"weight units": torch.linalg.svdvals(delta).tolist(),
+              "whitened units": torch.linalg.svdvals(delta @ root).tolist()}
     runs, checks, losses = {}, [], []
-    for method, (exp, row) in rows.items():
-        if row.choice.point is None:
-            continue
-        exp = with_run(exp, 0, row.lr, row.server_lr, horizon)
+    for method, (exp, row) in tuned.items():
         runs[method] = cached(PLANTED_OUT / "energy.jsonl", energy_key(exp, EVERY),
-                              lambda: record_planted(exp, EVERY))
+                              lambda: record_planted(exp, EVERY, root))
         checks.append(bit_for_bit(runs[method], next((r for r in row.runs if r["seed"] == 0),
                                                      None)))
         losses.append(f"{mean_std([r['curve'][horizon] for r in row.runs])} "
                       f"({len(row.runs)} seeds)")
         print(f"{method:12s} lr {row.lr:g} step {row.server_lr:g}: seed-0 curve = committed "
               f"run's: {checks[-1]}")
-    if not runs:
-        raise SystemExit(f"no row of {PLANTED_TABLES} is tuned in {study_dir / 'runs.jsonl'}: "
-                         f"nothing to record")
-    target = target_spectrum(exp)  # the data's (seed 0), the same for every row
     r_star, k = exp.data.planted.rank, min(exp.client_ranks)
-    target_share = top_share(target, k)
+    share = {name: top_share(t, k) for name, t in target.items()}
     panels = {m: (run["rounds"], np.array(run["spectra"])[:, :r_star]) for m, run in runs.items()}
+    white = {m: run["whitened"][-1][:r_star] for m, run in runs.items()}
+    units = {"whitened units": {m: collapsed(v, k, share["whitened units"])
+                                for m, v in white.items()}}
     by_index = [top_share(run["energy"][-1], k) for run in runs.values()]
-    table, verdicts = collapse_table(
-        {m: v[-1].tolist() for m, (_, v) in panels.items()}, k, target_share,
-        0.5 * min(target[:r_star]),
+    table, units["weight units"] = collapse_table(
+        {m: v[-1].tolist() for m, (_, v) in panels.items()}, k, share["weight units"],
+        0.5 * min(target["weight units"][:r_star]),
         {"global rank": [str(run["global_rank"]) for run in runs.values()],
+         f"whitened: top-{k} share (target {share['whitened units']:.3f})":
+             [f"{top_share(v, k):.3f}" for v in white.values()],
+         "whitened: collapsed": ["yes" if c else "no" for c in units["whitened units"].values()],
          f"indices < {k}: share of sum_j e_j^2": ["-" if math.isnan(x) else f"{x:.3f}"
                                                   for x in by_index],
          f"held-out loss @ {horizon}, committed": losses,
          "seed-0 curve = committed (bit for bit)": checks})
-    ranks = ",".join(map(str, sorted(set(exp.client_ranks))))
+    units = {name: units[name] for name in target}  # weight units first
     layer = exp.data.planted.layer
-    draw_spectra(panels, f"Planted task, k_i = {ranks}, r = {exp.lora.rank}, planted rank-"
-                 f"{r_star} change of {layer} (seed 0): the update's top {r_star} singular "
-                 f"values over rounds (black ticks: the target's)",
-                 PLANTED_OUT / "rank_energy.png", target[:r_star])
-    yes, no = split(verdicts)
-    written = [t for t in PLANTED_TABLES if (study_dir / f"{t}.md").exists()]
-    unwritten = [f"{t}.md" for t in PLANTED_TABLES if t not in written]
-    text = (f"# Rank collapse on the planted task\n\nWritten by `python -m "
+    draw_spectra(panels, f"Planted task, k_i = {','.join(map(str, sorted(set(exp.client_ranks))))}"
+                 f", r = {exp.lora.rank}, planted rank-{r_star} change of {layer} (seed 0): the "
+                 f"update's top {r_star} singular values (weight units) over rounds (black ticks: "
+                 f"the target's)", PLANTED_OUT / "rank_energy.png", target["weight units"][:r_star])
+    write_atomic(PLANTED_OUT / "rank_energy.md", planted_text(
+        study_dir, horizon, layer, r_star, k, target, share, units,
+        [m for m in rows if m not in tuned], claims) + table
+        + "\n![singular values over rounds](rank_energy.png)\n")
+    print((PLANTED_OUT / "rank_energy.md").read_text())
+
+
+def planted_text(study_dir: Path, horizon: int, layer: str, r_star: int, k: int,
+                 target: dict[str, list[float]], share: dict[str, float],
+                 units: dict[str, dict[str, bool]], skipped: list[str],
+                 claims: list[dict]) -> str:
+    """rank_energy.md's heading and paragraph: what was recorded, the target's spectrum, who
+    collapsed in each unit, the rows skipped, and the verdicts beside collapse."""
+    unwritten = [f"{t}.md" for t in PLANTED_TABLES if not (study_dir / f"{t}.md").exists()]
+    spans = "; ".join(f"in {name} from {t[0]:.3g} to {t[r_star - 1]:.3g}, its top {k} of "
+                      f"{r_star} holding {share[name]:.3f} of its energy"
+                      for name, t in target.items())
+    who = "; ".join(f"in {name}, collapsed: {yes}; not collapsed: {no}"
+                    for name, v in units.items() for yes, no in [split(v)])
+    return (f"# Rank collapse on the planted task\n\nWritten by `python -m "
             f"fslora_min.study.rank_energy --task planted` from `energy.jsonl`: each row of "
             f"{' and '.join(PLANTED_TABLES)} at the client lr and server step the study tuned, "
             f"evaluation seed 0, {horizon} rounds played round by round; every {EVERY} rounds "
             f"the singular values of the update W - W0 of {layer} (W0 the base's weight, so "
-            f"FLoRA's and FedEx-LoRA's merges count) and the energy of each rank index, e_j = "
-            f"s ||B[:, j]|| ||A[j, :]||. The target, the teacher's change of that layer (seed "
-            f"0), is flat in whitened units only: in weight units its singular values run from "
-            f"{target[0]:.2f} to {target[r_star - 1]:.2f} and its top {k} of {r_star} hold "
-            f"{target_share:.3f} of its energy. Collapsed (over twice that share in the "
-            f"update's top min k_i = {k} values): {yes}; not collapsed: {no}. Not recorded, "
-            f"their tuning not finished in the study's runs.jsonl: {', '.join(skipped) or 'none'}"
-            f". {yardstick(verdicts)}{verdict_text(claims, verdicts)}"
+            f"FLoRA's and FedEx-LoRA's merges count), in weight units and in whitened units "
+            f"((W - W0) Sigma^(1/2), Sigma the second moments of the layer's inputs on the "
+            f"base's text that the planted change is built from), and the energy of each rank "
+            f"index, e_j = s ||B[:, j]|| ||A[j, :]||. The target, the teacher's change of that "
+            f"layer (seed 0), has its {r_star} singular values {spans}. Collapsed (over twice "
+            f"the target's share in the update's top min k_i = {k} values, the linear task's "
+            f"rule): {who}. Not recorded, their tuning not finished in the study's runs.jsonl: "
+            f"{', '.join(skipped) or 'none'}. {yardstick(units)}{verdict_text(claims, units)}"
             + (f" ({', '.join(unwritten)} not written yet: the study was still training.)"
-               if unwritten else "")
-            + "\n\n" + table + "\n![singular values over rounds](rank_energy.png)\n")
-    write_atomic(PLANTED_OUT / "rank_energy.md", text)
-    print(text)
+               if unwritten else "") + "\n\n")
 
 
 def main() -> None:
