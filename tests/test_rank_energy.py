@@ -78,8 +78,11 @@ def test_lower_and_what_collapse_explains():
     assert "fslora (collapsed: no / yes) vs hetlora (collapsed: yes / yes): reproduced" in text
     assert "rolora (not recorded): inconclusive" in text
     assert yardstick({"weight": weight}) == ""
-    both = {"w": {"fedavg-full": True}, "x": {"fedavg-full": False}}
+    both = {"w": {"fedavg-full": True}, "x": {"fedavg-full": False}, "none measured": {}}
     assert "in w: yes, in x: no; where it reads yes" in yardstick(both)
+    units = {"weight": weight, "indices": {"hetlora": True}}  # fslora: no index energy
+    assert "fslora (collapsed: no / -) vs hetlora (collapsed: yes / yes)" in verdict_text(
+        claims, units)
 
 
 def test_bit_for_bit_words():

@@ -254,7 +254,8 @@ def verdict_text(claims: list[dict], units: dict[str, dict[str, bool]]) -> str:
     """The long-horizon claims, each with whether its two methods collapsed in each of `units`
     ({name: verdicts}), and which decided ones collapse explains in each."""
     def tag(m: str) -> str:
-        return (f"{m} (collapsed: " + " / ".join("yes" if v[m] else "no" for v in units.values())
+        return (f"{m} (collapsed: " + " / ".join(("yes" if v[m] else "no") if m in v else "-"
+                                                 for v in units.values())
                 + ")" if m in next(iter(units.values())) else f"{m} (not recorded)")
 
     decided = sum(1 for c in claims if lower(c))
@@ -271,9 +272,9 @@ def verdict_text(claims: list[dict], units: dict[str, dict[str, bool]]) -> str:
 def yardstick(units: dict[str, dict[str, bool]]) -> str:
     """What the rule reads on FedAvg-LoRA at full rank, where every client trains every index,
     so aggregation cannot collapse any: "collapsed" there is not raFLoRA's collapse."""
-    if "fedavg-full" not in next(iter(units.values())):
+    reads = {name: v["fedavg-full"] for name, v in units.items() if "fedavg-full" in v}
+    if not reads:
         return ""
-    reads = {name: v["fedavg-full"] for name, v in units.items()}
     return ("FedAvg-LoRA at full rank (every client trains all r indices, so aggregation "
             "cannot collapse any) reads collapsed " + ", ".join(
                 f"in {name}: {'yes' if c else 'no'}" for name, c in reads.items())
@@ -345,6 +346,10 @@ def planted(study_dir: Path) -> None:
     units = {"whitened units": {m: collapsed(v, k, share["whitened units"])
                                 for m, v in white.items()}}
     by_index = [top_share(run["energy"][-1], k) for run in runs.values()]
+    # raFLoRA's collapse, index by index: e_j's energy in the indices every client trains,
+    # against k / r of a spread over the r global indices (FLoRA's restart at 0 after merging)
+    units["rank indices"] = {m: collapsed(run["energy"][-1], k, k / run["global_rank"])
+                             for m, run in runs.items() if sum(run["energy"][-1]) > 0}
     table, units["weight units"] = collapse_table(
         {m: v[-1].tolist() for m, (_, v) in panels.items()}, k, share["weight units"],
         0.5 * min(target["weight units"][:r_star]),
@@ -352,11 +357,13 @@ def planted(study_dir: Path) -> None:
          f"whitened: top-{k} share (target {share['whitened units']:.3f})":
              [f"{top_share(v, k):.3f}" for v in white.values()],
          "whitened: collapsed": ["yes" if c else "no" for c in units["whitened units"].values()],
-         f"indices < {k}: share of sum_j e_j^2": ["-" if math.isnan(x) else f"{x:.3f}"
-                                                  for x in by_index],
+         f"indices < {k}: share of sum_j e_j^2 (flat: {k} / r)":
+             ["-" if math.isnan(x) else f"{x:.3f}" for x in by_index],
+         "indices: collapsed": [("yes" if units["rank indices"][m] else "no")
+                                if m in units["rank indices"] else "-" for m in runs],
          f"held-out loss @ {horizon}, committed": losses,
          "seed-0 curve = committed (bit for bit)": checks})
-    units = {name: units[name] for name in target}  # weight units first
+    units = {name: units[name] for name in [*target, "rank indices"]}  # weight units first
     layer = exp.data.planted.layer
     draw_spectra(panels, f"Planted task, k_i = {','.join(map(str, sorted(set(exp.client_ranks))))}"
                  f", r = {exp.lora.rank}, planted rank-{r_star} change of {layer} (seed 0): the "
@@ -379,7 +386,10 @@ def planted_text(study_dir: Path, horizon: int, layer: str, r_star: int, k: int,
     spans = "; ".join(f"in {name} from {t[0]:.3g} to {t[r_star - 1]:.3g}, its top {k} of "
                       f"{r_star} holding {share[name]:.3f} of its energy"
                       for name, t in target.items())
+    everyone = next(iter(units.values()))
     who = "; ".join(f"in {name}, collapsed: {yes}; not collapsed: {no}"
+                    + "".join(f"; no adapter energy at the end: {m}" for m in everyone
+                              if m not in v)
                     for name, v in units.items() for yes, no in [split(v)])
     return (f"# Rank collapse on the planted task\n\nWritten by `python -m "
             f"fslora_min.study.rank_energy --task planted` from `energy.jsonl`: each row of "
@@ -392,8 +402,10 @@ def planted_text(study_dir: Path, horizon: int, layer: str, r_star: int, k: int,
             f"index, e_j = s ||B[:, j]|| ||A[j, :]||. The target, the teacher's change of that "
             f"layer (seed 0), has its {r_star} singular values {spans}. Collapsed (over twice "
             f"the target's share in the update's top min k_i = {k} values, the linear task's "
-            f"rule): {who}. Not recorded, their tuning not finished in the study's runs.jsonl: "
-            f"{', '.join(skipped) or 'none'}. {yardstick(units)}{verdict_text(claims, units)}"
+            f"rule; for rank indices, over twice k / r of e_j's energy in the indices j < {k} "
+            f"that every client trains): {who}. Not recorded, their tuning not finished in the "
+            f"study's runs.jsonl: {', '.join(skipped) or 'none'}. {yardstick(units)}"
+            f"{verdict_text(claims, units)}"
             + (f" ({', '.join(unwritten)} not written yet: the study was still training.)"
                if unwritten else "") + "\n\n")
 
