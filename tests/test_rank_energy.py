@@ -64,19 +64,23 @@ def test_collapse_table_rows_and_extra_columns():
 
 
 def test_lower_and_what_collapse_explains():
-    claims = [{"a": "fslora", "b": "hetlora", "verdict": REPRODUCED, "rounds": 300},
-              {"a": "fslora", "b": "flexlora", "verdict": NOT_REPRODUCED, "rounds": 300},
-              {"a": "fslora", "b": "flasc", "verdict": "flasc lower", "rounds": 300},
-              {"a": "fslora", "b": "rolora", "verdict": INCONCLUSIVE, "rounds": 300}]
+    claims = [{"a": "fslora", "b": b, "verdict": word, "raw": raw, "rounds": 300, "family": 4}
+              for b, word, raw in (("hetlora", REPRODUCED, REPRODUCED),
+                                   ("flexlora", NOT_REPRODUCED, NOT_REPRODUCED),
+                                   ("flasc", "flasc lower", "flasc lower"),
+                                   ("rolora", INCONCLUSIVE, "rolora lower"))]
     assert [lower(c) for c in claims] == ["fslora", "flexlora", "flasc", None]
+    assert lower(claims[3], "raw") == "rolora"
     weight = {"fslora": False, "hetlora": True, "flexlora": True, "flasc": False}
     text = verdict_text(claims, {"weight": weight, "whitened": weight | {"fslora": True}})
     # fslora below a collapsed hetlora: explained; flexlora collapsed yet lower, flasc and
     # fslora both not collapsed: not explained; rolora undecided and not recorded. Whitened,
     # fslora collapsed too: its win over hetlora is not explained, flasc's over it is
-    assert "in weight 1 of 3 (fslora vs hetlora), in whitened 1 of 3 (fslora vs flasc)" in text
+    assert ("Holm-corrected, in weight 1 of 3 (fslora vs hetlora), in whitened 1 of 3 (fslora "
+            "vs flasc); raw, in weight 1 of 4") in text
     assert "fslora (collapsed: no / yes) vs hetlora (collapsed: yes / yes): reproduced" in text
-    assert "rolora (not recorded): inconclusive" in text
+    assert "rolora (not recorded): inconclusive (raw: rolora lower)" in text
+    assert "Holm-corrected over the 4 claim x horizon cells" in text
     assert yardstick({"weight": weight}) == ""
     both = {"w": {"fedavg-full": True}, "x": {"fedavg-full": False}, "none measured": {}}
     assert "in w: yes, in x: no; where it reads yes" in yardstick(both)

@@ -236,37 +236,43 @@ def cached(log: Path, key: str, play: Callable[[], dict]) -> dict:
     return run
 
 
-def lower(claim: dict) -> str | None:
-    """Which row of a claim a < b its (Holm-corrected) verdict finds lower; None: undecided."""
-    word = claim["verdict"]
-    return (claim["a"] if word in (REPRODUCED, f"{claim['a']} lower") else
-            claim["b"] if word in (NOT_REPRODUCED, f"{claim['b']} lower") else None)
+def lower(claim: dict, word: str = "verdict") -> str | None:
+    """Which row of a claim a < b its verdict (`word`: "verdict", Holm-corrected, or "raw")
+    finds lower; None: undecided."""
+    said = claim[word]
+    return (claim["a"] if said in (REPRODUCED, f"{claim['a']} lower") else
+            claim["b"] if said in (NOT_REPRODUCED, f"{claim['b']} lower") else None)
 
 
-def explained(claims: list[dict], verdicts: dict[str, bool]) -> list[dict]:
-    """The decided claims collapse would explain: the lower method did not collapse, the
-    higher one did."""
-    return [c for c in claims if lower(c) and verdicts.get(lower(c)) is False
-            and verdicts.get(c["b"] if lower(c) == c["a"] else c["a"]) is True]
+def explained(claims: list[dict], verdicts: dict[str, bool], word: str) -> list[dict]:
+    """The claims whose verdict (`word`, as in `lower`) collapse would explain: the lower
+    method did not collapse, the higher one did."""
+    return [c for c in claims if lower(c, word) and verdicts.get(lower(c, word)) is False
+            and verdicts.get(c["b"] if lower(c, word) == c["a"] else c["a"]) is True]
 
 
 def verdict_text(claims: list[dict], units: dict[str, dict[str, bool]]) -> str:
     """The long-horizon claims, each with whether its two methods collapsed in each of `units`
-    ({name: verdicts}), and which decided ones collapse explains in each."""
+    ({name: verdicts}), and which decided ones collapse explains in each, Holm-corrected and
+    raw (Holm's family is the task's claims finished so far, so it grows as the study runs)."""
     def tag(m: str) -> str:
         return (f"{m} (collapsed: " + " / ".join(("yes" if v[m] else "no") if m in v else "-"
                                                  for v in units.values())
                 + ")" if m in next(iter(units.values())) else f"{m} (not recorded)")
 
-    decided = sum(1 for c in claims if lower(c))
-    lines = "; ".join(f"{tag(c['a'])} vs {tag(c['b'])}: {c['verdict']}" for c in claims)
-    why = ", ".join(f"in {name} {len(e)} of {decided} ("
-                    + (", ".join(f"{c['a']} vs {c['b']}" for c in e) or "none") + ")"
-                    for name, v in units.items() for e in [explained(claims, v)])
+    lines = "; ".join(f"{tag(c['a'])} vs {tag(c['b'])}: {c['verdict']} (raw: {c['raw']})"
+                      for c in claims)
+    why = "; ".join(f"{label}, " + ", ".join(
+        f"in {name} {len(e)} of {sum(1 for c in claims if lower(c, word))} ("
+        + (", ".join(f"{c['a']} vs {c['b']}" for c in e) or "none") + ")"
+        for name, v in units.items() for e in [explained(claims, v, word)])
+        for label, word in (("Holm-corrected", "verdict"), ("raw", "raw")))
+    family = max(c["family"] for c in claims)
     return (f"The planted tables' long-horizon verdicts ({claims[0]['rounds']} rounds, "
-            f"Holm-corrected over the task, replayed from the study's runs; collapsed in "
-            f"{' / '.join(units)}): {lines}. Collapse explains a decided verdict when the lower "
-            f"method did not collapse and the higher one did: {why}.")
+            f"replayed from the study's runs; Holm-corrected over the {family} claim x horizon "
+            f"cells of the task finished when this ran; collapsed in {' / '.join(units)}): "
+            f"{lines}. Collapse explains a decided verdict when the lower method did not "
+            f"collapse and the higher one did: {why}.")
 
 
 def yardstick(units: dict[str, dict[str, bool]]) -> str:
