@@ -318,6 +318,24 @@ def tuned_rows(cfg: CompareConfig, study_dir: Path
     return rows, claims
 
 
+def recordings(tuned: dict[str, tuple[ExperimentConfig, Row]], root: torch.Tensor,
+               horizon: int) -> tuple[dict[str, dict], list[str], list[str]]:
+    """Each tuned row's recording (from PLANTED_OUT/energy.jsonl, or played and appended),
+    whether its seed-0 curve is the committed run's, and the committed held-out loss at
+    `horizon` over the row's seeds."""
+    runs, checks, losses = {}, [], []
+    for method, (exp, row) in tuned.items():
+        runs[method] = cached(PLANTED_OUT / "energy.jsonl", energy_key(exp, EVERY),
+                              lambda: record_planted(exp, EVERY, root))
+        checks.append(bit_for_bit(runs[method], next((r for r in row.runs if r["seed"] == 0),
+                                                     None)))
+        losses.append(f"{mean_std([r['curve'][horizon] for r in row.runs])} "
+                      f"({len(row.runs)} seeds)")
+        print(f"{method:12s} lr {row.lr:g} step {row.server_lr:g}: seed-0 curve = committed "
+              f"run's: {checks[-1]}")
+    return runs, checks, losses
+
+
 def planted(study_dir: Path) -> None:
     """The planted task: every row of PLANTED_TABLES at its tuned point (the study in
     `study_dir` replayed), recorded into PLANTED_OUT/energy.jsonl (or read from it)."""
@@ -335,16 +353,7 @@ def planted(study_dir: Path) -> None:
     delta, root = planted_target(exp)
     target = {"weight units": torch.linalg.svdvals(delta).tolist(),
               "whitened units": torch.linalg.svdvals(delta @ root).tolist()}
-    runs, checks, losses = {}, [], []
-    for method, (exp, row) in tuned.items():
-        runs[method] = cached(PLANTED_OUT / "energy.jsonl", energy_key(exp, EVERY),
-                              lambda: record_planted(exp, EVERY, root))
-        checks.append(bit_for_bit(runs[method], next((r for r in row.runs if r["seed"] == 0),
-                                                     None)))
-        losses.append(f"{mean_std([r['curve'][horizon] for r in row.runs])} "
-                      f"({len(row.runs)} seeds)")
-        print(f"{method:12s} lr {row.lr:g} step {row.server_lr:g}: seed-0 curve = committed "
-              f"run's: {checks[-1]}")
+    runs, checks, losses = recordings(tuned, root, horizon)
     r_star, k = exp.data.planted.rank, min(exp.client_ranks)
     share = {name: top_share(t, k) for name, t in target.items()}
     panels = {m: (run["rounds"], np.array(run["spectra"])[:, :r_star]) for m, run in runs.items()}
