@@ -386,17 +386,19 @@ def planted(study_dir: Path) -> None:
                  f"the target's)", PLANTED_OUT / "rank_energy.png", target["weight units"][:r_star])
     write_atomic(PLANTED_OUT / "rank_energy.md", planted_text(
         study_dir, horizon, layer, r_star, k, target, share, units,
-        [m for m in rows if m not in tuned], claims) + table
+        [m for m in rows if m not in tuned], [m for m, run in runs.items()
+                                              if run["global_rank"] == k], claims) + table
         + "\n![singular values over rounds](rank_energy.png)\n")
     print((PLANTED_OUT / "rank_energy.md").read_text())
 
 
 def planted_text(study_dir: Path, horizon: int, layer: str, r_star: int, k: int,
                  target: dict[str, list[float]], share: dict[str, float],
-                 units: dict[str, dict[str, bool]], skipped: list[str],
+                 units: dict[str, dict[str, bool]], skipped: list[str], at_k: list[str],
                  claims: list[dict]) -> str:
     """rank_energy.md's heading and paragraph: what was recorded, the target's spectrum, who
-    collapsed in each unit, the rows skipped, and the verdicts beside collapse."""
+    collapsed in each unit (and who is held at rank k, `at_k`), the rows skipped, and the
+    verdicts beside collapse."""
     unwritten = [f"{t}.md" for t in PLANTED_TABLES if not (study_dir / f"{t}.md").exists()]
     spans = "; ".join(f"in {name} from {t[0]:.3g} to {t[r_star - 1]:.3g}, its top {k} of "
                       f"{r_star} holding {share[name]:.3f} of its energy"
@@ -418,7 +420,11 @@ def planted_text(study_dir: Path, horizon: int, layer: str, r_star: int, k: int,
             f"layer (seed 0), has its {r_star} singular values {spans}. Collapsed (over twice "
             f"the target's share in the update's top min k_i = {k} values, the linear task's "
             f"rule; for rank indices, over twice k / r of e_j's energy in the indices j < {k} "
-            f"that every client trains): {who}. Not recorded, their tuning not finished in the "
+            f"that every client trains): {who}. (At global rank min k_i = {k}, so at most {k} "
+            f"singular values but for merges into W0, by construction: "
+            f"{', '.join(at_k) or 'none'}. FlexLoRA's and raFLoRA's servers store the update "
+            f"as its SVD, index j on its j-th singular direction, so their index shares are "
+            f"their spectral shares.) Not recorded, their tuning not finished in the "
             f"study's runs.jsonl: {', '.join(skipped) or 'none'}. {yardstick(units)}"
             f"{verdict_text(claims, units)}"
             + (f" ({', '.join(unwritten)} not written yet: the study was still training.)"
