@@ -157,9 +157,9 @@ def linear() -> None:
             "collapse is the one raFLoRA's paper "
             "describes: index l keeps only its coverage's share each round, and raFLoRA's "
             "renormalisation removes it. FSLoRA does not collapse: its sketch shrinks every "
-            "index alike, the penalty of theory/sketch_bias.py.) Whether collapse explains "
-            "the language-model verdicts is not measured here: no per-rank energy was recorded "
-            "on the planted or language-model tasks.\n\n" + table
+            "index alike, the penalty of theory/sketch_bias.py.) The planted task's "
+            "recordings, and whether collapse explains its verdicts: "
+            "results/compare/planted/rank_energy.md (`--task planted`).\n\n" + table
             + "\n![singular values over rounds](rank_energy.png)\n")
     (OUT / "rank_energy.md").write_text(text)
     print(text)
