@@ -16,7 +16,7 @@ from fslora_min.study.report import claim_cells, markdown, verdict_table, write_
 from fslora_min.study.runs import RunCache
 from fslora_min.study.tuning import planned_rounds
 
-README_BLOCKS = {COMMITTED / "README.md": ("answer", "verdicts", "status", "sittings"),
+README_BLOCKS = {COMMITTED / "README.md": ("answer", "verdicts", "holm", "status", "sittings"),
                  COMMITTED.parents[1] / "README.md": ("summary",)}
 
 
@@ -55,6 +55,7 @@ def readme_blocks(forest: Path | None = None) -> dict[str, str]:
     if forest is not None:
         answer.plot_forest(verdicts, forest)
     return {"answer": answer.answer_paragraph(verdicts), "verdicts": verdict_table(verdicts),
+            "holm": decision_counts(verdicts),
             "status": markdown(["table", "task", "evaluation runs", "tuning runs",
                                 "planned rounds", "rounds run", "training s", "s / round"],
                                status)
@@ -67,6 +68,22 @@ def readme_blocks(forest: Path | None = None) -> dict[str, str]:
                                   "runs trained"], sittings),
             "summary": markdown(["claim a < b", "task", "condition", "rounds (long horizon)",
                                  "a - b [95% CI]", "p (Holm)", "verdict (Holm)"], summary)}
+
+
+def decision_counts(verdicts: list[tuple]) -> str:
+    """Per task, the cells decided on their raw interval and after Holm's correction, and the
+    diverged ones (a cell whose verdict is neither inconclusive nor pending is decided)."""
+    def decided(word: str) -> bool:
+        return word not in ("inconclusive", "pending") and not word.startswith("diverged")
+
+    parts, gone = [], []
+    for task_name in STUDY_TASKS:
+        cells = [c for _, t, claims in verdicts if t == task_name for c in claims]
+        parts.append(f"{task_name}: {sum(decided(c['raw']) for c in cells)} raw decisions, "
+                     f"{sum(decided(c['verdict']) for c in cells)} after Holm")
+        if n := sum(c["diverged"] for c in cells):
+            gone.append(f"{n} {task_name} cell{'s' * (n > 1)} diverged")
+    return "(" + "; ".join(parts + gone) + ")\n"
 
 
 def read_jsonl(path: Path) -> list[dict]:
