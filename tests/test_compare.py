@@ -16,8 +16,8 @@ import torch.nn as nn
 
 from fslora_min.study.cli import main as compare
 from fslora_min.client import ClientUpdate
-from fslora_min.study.compare import claim_results, holm_correct
-from fslora_min.study.config import COMMITTED, MAIN_METHODS, CompareConfig, task
+from fslora_min.study.compare import claim_results, holm_correct, study, table_files
+from fslora_min.study.config import COMMITTED, MAIN_METHODS, STUDY_TASKS, CompareConfig, task
 from fslora_min.study.readme import README_BLOCKS, block_pattern, duration, readme_blocks
 from fslora_min.study.runs import RunCache, run_key, run_settings, train_run, truncate
 from fslora_min.study.tables import RowSpec, TableSpec, build_tables, server_steps
@@ -276,9 +276,9 @@ def test_readmes_match_the_committed_runs():
     for task_name in ("synthetic", "planted", "shakespeare"):
         mine = [c for c in cells if c[1] == task_name]
         kept = [c for c in mine if not c[-1].startswith("diverged")]
-        parts.append(f"{task_name}: {sum(c[-2] not in ('inconclusive', 'pending') for c in kept)}"
-                     f" raw decisions, "
-                     f"{sum(c[-1] not in ('inconclusive |', 'pending |') for c in kept)} after Holm")
+        raw = sum(c[-2] not in ("inconclusive", "pending") for c in kept)
+        holm = sum(c[-1] not in ("inconclusive |", "pending |") for c in kept)
+        parts.append(f"{task_name}: {raw} raw decisions, {holm} after Holm")
         if n := len(mine) - len(kept):
             gone.append(f"{n} {task_name} cell{'s' * (n > 1)} diverged")
     assert blocks["holm"] == "(" + "; ".join(parts + gone) + ")\n"
@@ -360,3 +360,17 @@ def test_a_committed_run_retrains_bit_for_bit(tmp_path):
         pytest.skip(f"stored on {stored['machine']}, retrained on {fresh['machine']}: the bits "
                     f"are compared on the storing machine only")
     assert fresh["curve"] == stored["curve"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task_name", STUDY_TASKS)
+def test_the_committed_tables_are_a_replay_of_the_committed_runs(task_name, tmp_path):
+    """Every committed NAME.md, NAME.grid.md and verdicts.md is what `compare --task TASK
+    --no-train` writes from the committed runs: no table is left behind when a later sitting
+    changes a task's Holm family or a row's choice."""
+    cfg = CompareConfig(task=task_name)
+    cache = RunCache(tmp_path / "none.jsonl", [COMMITTED / task_name / "runs.jsonl"], train=False)
+    for name, text in table_files(cfg, study(cfg, cache)).items():
+        assert (COMMITTED / task_name / name).read_text() == text, (
+            f"{task_name}/{name} differs from a replay: run python -m fslora_min compare "
+            f"--task {task_name} --no-train --out results/compare")

@@ -116,21 +116,12 @@ def run_compare(cfg: CompareConfig, train: bool = True, figures: bool = True) ->
     if cfg.tables:  # Holm's family and verdicts.md are the task's: replay the rest, train none
         cache.train = False
         results = study(replace(cfg, tables=()), cache)
-    budgets_md = budget_table(task(cfg))[0]
-    for table, rows, claims in results:
-        if table.name not in cfg.table_names:
-            continue
-        runs = [r for row in rows for r in row.runs] + [
-            r for row in rows for rs in row.grid.values() for r in rs if r is not None]
-        text = table_markdown(table, rows, cfg, claims, len(runs),
-                              sum(r["wall"] for r in runs),
-                              budgets_md if table.name == "main" else "")
-        write_atomic(out / f"{table.name}.md", text)
-        write_atomic(out / f"{table.name}.grid.md", grid_table(table, rows, cfg.tune_seeds))
-        if figures:
-            draw(table, rows, out)
-    write_atomic(out / "verdicts.md",
-                 verdict_table([(t, cfg.task, c) for t, _, c in results]))
+    for name, text in table_files(cfg, results).items():
+        write_atomic(out / name, text)
+    if figures:
+        for table, rows, _ in results:
+            if table.name in cfg.table_names:
+                draw(table, rows, out)
     if cfg.task == "planted":
         table, rows, _ = next(r for r in results if r[0].name == "planted_ladder")
         write_atomic(out / "preconditions.md", preconditions(cfg, rows, table.horizons[2]))
@@ -140,6 +131,25 @@ def run_compare(cfg: CompareConfig, train: bool = True, figures: bool = True) ->
     print(f"compare {cfg.task}: {wall:.0f} s wall, {cache.trained} runs "
           f"trained ({cache.trained_seconds:.0f} s), the rest replayed; wrote {out}/")
     return out
+
+
+def table_files(cfg: CompareConfig, results: list[tuple[TableSpec, list[Row], list[dict]]]
+                ) -> dict[str, str]:
+    """{file name: text}: NAME.md and NAME.grid.md of each table cfg names, and the task's
+    verdicts.md (a test compares them with the committed study's files)."""
+    budgets_md = budget_table(task(cfg))[0]
+    files = {}
+    for table, rows, claims in results:
+        if table.name not in cfg.table_names:
+            continue
+        runs = [r for row in rows for r in row.runs] + [
+            r for row in rows for rs in row.grid.values() for r in rs if r is not None]
+        files[f"{table.name}.md"] = table_markdown(table, rows, cfg, claims, len(runs),
+                                                   sum(r["wall"] for r in runs),
+                                                   budgets_md if table.name == "main" else "")
+        files[f"{table.name}.grid.md"] = grid_table(table, rows, cfg.tune_seeds)
+    files["verdicts.md"] = verdict_table([(t, cfg.task, c) for t, _, c in results])
+    return files
 
 
 def log_sitting(path: Path, tables: tuple[str, ...], wall: float, trained: int) -> None:
