@@ -11,9 +11,17 @@ from contextlib import contextmanager
 from types import FrameType
 
 
+class Terminated(KeyboardInterrupt):
+    """What SIGTERM raises: a KeyboardInterrupt to every handler, but not KeyboardInterrupt itself,
+    because CPython remembers a plain KeyboardInterrupt that left an exec of a string (a dataclass
+    being made during a lazy import, say) and, under `python -m`, then ends the process by SIGINT
+    whatever status it exits with: 130 (-2 to Popen) instead of 143, now and then."""
+
+
 @contextmanager
 def sigterm_as_ctrl_c() -> Iterator[list[int]]:
-    """Within: SIGTERM raises KeyboardInterrupt; yields the list the signals received go to."""
+    """Within: SIGTERM raises Terminated (a KeyboardInterrupt); yields the list the signals
+    received go to."""
     received: list[int] = []
     if threading.current_thread() is not threading.main_thread():  # only it may set handlers
         yield received
@@ -21,7 +29,7 @@ def sigterm_as_ctrl_c() -> Iterator[list[int]]:
 
     def stop(signum: int, frame: FrameType | None) -> None:
         received.append(signum)
-        raise KeyboardInterrupt
+        raise Terminated
 
     previous = signal.signal(signal.SIGTERM, stop)
     try:

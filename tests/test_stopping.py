@@ -128,3 +128,25 @@ def test_ctrl_c_while_starting_prints_no_traceback(cache, tmp_path):
     _, err = process.communicate(timeout=120)
     assert "Traceback" not in err, err
     assert process.returncode in (130, -signal.SIGINT), err  # -SIGINT: before Python's handler
+
+
+def test_sigterm_inside_an_exec_of_a_string_still_exits_with_143(tmp_path):
+    """The rare exit -2 of the test above: SIGTERM's exception leaving an exec of a string (as
+    a dataclass being made does) made `python -m` end by SIGINT despite sys.exit(143)."""
+    package = tmp_path / "stopper"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "__main__.py").write_text(
+        "import os, signal, sys, threading\n"
+        "from fslora_min.stopping import exit_status, sigterm_as_ctrl_c\n"
+        "with sigterm_as_ctrl_c() as received:\n"
+        "    threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGTERM)).start()\n"
+        "    try:\n"
+        "        exec('import time\\nwhile True: time.sleep(0.01)')\n"
+        "    except KeyboardInterrupt:\n"
+        "        pass\n"
+        "sys.exit(exit_status(received))\n")
+    env = os.environ | {"PYTHONPATH": f"{ROOT}{os.pathsep}{tmp_path}"}
+    done = subprocess.run([sys.executable, "-m", "stopper"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=60, preexec_fn=default_sigint)
+    assert done.returncode == 128 + signal.SIGTERM, done.stderr
