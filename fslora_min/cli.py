@@ -16,7 +16,7 @@ import sys
 from dataclasses import replace
 from typing import Callable, get_args, get_origin, get_type_hints
 
-from fslora_min.client import OPTIMIZERS, ClientConfig
+from fslora_min.client import ClientConfig
 from fslora_min.compute import ComputeConfig
 from fslora_min.data import DataConfig
 from fslora_min.experiment import (PRESETS, ExperimentConfig, Interrupted, Preset, preset,

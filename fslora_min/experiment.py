@@ -26,7 +26,7 @@ from fslora_min.checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpo
 from fslora_min.client import ClientConfig
 from fslora_min.compute import ComputeConfig
 from fslora_min.data import DataConfig
-from fslora_min.federation import Federation, FederationConfig, History, evaluate
+from fslora_min.federation import Federation, FederationConfig, History
 from fslora_min.knobs import ConfigError, check_knobs, knob
 from fslora_min.lora import LoRAConfig, adapted_layers, apply_lora, count_lora_parameters
 from fslora_min.model import TEST_CONFIG, ModelConfig, Transformer, count_parameters

@@ -106,18 +106,36 @@ def planted_delta(weight: torch.Tensor, inputs: torch.Tensor, cfg: PlantedConfig
     return (u * (g / sigma)[None, :]) @ v.T
 
 
-def make_teacher(base: nn.Module, data: DataConfig, cfg: PlantedConfig,
+def probe_inputs(model: nn.Module, data: DataConfig, cfg: PlantedConfig) -> torch.Tensor:
+    """(tokens, n) float64: what `cfg.layer` of `model`, in eval mode, sees on the probe text,
+    the base-model sequences whose second moments the planted directions and their whitening
+    come from."""
+    probe = next(pretraining_batches(data, cfg.probe_seqs, data.seed))
+    was_training = model.training
+    model.eval()
+    try:
+        return layer_inputs(model, model.get_submodule(cfg.layer), probe)
+    finally:
+        model.train(was_training)
+
+
+def teacher_from(base: nn.Module, data: DataConfig, cfg: PlantedConfig, inputs: torch.Tensor,
                  keep: list[int] | None = None) -> nn.Module:
-    """A copy of `base` whose `cfg.layer` weight has the planted update added (with `keep`,
-    only those of its R* terms)."""
+    """A copy of `base` whose `cfg.layer` weight has the planted update added, built from the
+    layer's probe `inputs` (`probe_inputs`); with `keep`, only those of its R* terms (to build
+    many partial teachers from one probe)."""
     teacher = copy.deepcopy(base).eval()
     layer = teacher.get_submodule(cfg.layer)
-    probe = next(pretraining_batches(data, cfg.probe_seqs, data.seed))
-    delta = planted_delta(layer.weight.detach(), layer_inputs(teacher, layer, probe), cfg,
-                          generator(data.seed, PLANTED, 0), keep)
+    delta = planted_delta(layer.weight.detach(), inputs, cfg, generator(data.seed, PLANTED, 0),
+                          keep)
     with torch.no_grad():
         layer.weight += delta.to(layer.weight)
     return teacher
+
+
+def make_teacher(base: nn.Module, data: DataConfig, cfg: PlantedConfig) -> nn.Module:
+    """A copy of `base` whose `cfg.layer` weight has the planted update added."""
+    return teacher_from(base, data, cfg, probe_inputs(base, data, cfg))
 
 
 @torch.no_grad()

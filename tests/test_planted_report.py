@@ -8,7 +8,8 @@ import torch
 
 from fslora_min.data import DataConfig
 from fslora_min.model import TEST_CONFIG, Transformer
-from fslora_min.planted import PlantedConfig, PlantedDataConfig, make_teacher, planted_kl
+from fslora_min.planted import (PlantedConfig, PlantedDataConfig, make_teacher, planted_kl,
+                                probe_inputs, teacher_from)
 from fslora_min.study.planted_report import (MIN_GAP_RATIO, contrast, gap_left, kl_left,
                                              ladder_gaps, preconditions_markdown)
 from fslora_min.study.protocol import Choice
@@ -63,5 +64,6 @@ def test_kl_left_falls_with_k_and_is_zero_with_every_term():
     assert set(left) == {2}  # LEFT_AT's k below R* = 4
     full = planted_kl(teacher, base, seqs, 1)
     assert 0 < left[2] < full
-    every = make_teacher(base, task, PLANTED, list(range(PLANTED.rank)))
+    every = teacher_from(base, task, PLANTED, probe_inputs(base, task, PLANTED),
+                         list(range(PLANTED.rank)))
     assert planted_kl(teacher, every, seqs, 1) == pytest.approx(0.0, abs=1e-6)

@@ -1,6 +1,7 @@
-"""Rank collapse's measurements (fslora_min/study/rank_energy.py): the update's spectrum and the
-per-index energy against float64 NumPy, the `collapsed` rule on spectra whose shares are known,
-and a recorded planted run equal to the study's run of the same settings, bit for bit."""
+"""Rank collapse's measurements (fslora_min/study/rank_energy.py, planted_energy.py): the
+update's spectrum and the per-index energy against float64 NumPy, the `collapsed` rule on
+spectra whose shares are known, and a recorded planted run equal to the study's run of the same
+settings, bit for bit."""
 
 from dataclasses import replace
 
@@ -11,9 +12,10 @@ import torch
 from fslora_min.ranks import PAPER_RATIOS, ranks_from_ratios
 from fslora_min.study.config import quick_config, task
 from fslora_min.study.protocol import INCONCLUSIVE, NOT_REPRODUCED, REPRODUCED
-from fslora_min.study.rank_energy import (bit_for_bit, collapse_table, collapsed, index_energy,
-                                          lower, planted_target, record_planted, top_share,
-                                          update_spectrum, verdict_text, yardstick)
+from fslora_min.study.planted_energy import (bit_for_bit, lower, planted_target, record_planted,
+                                            verdict_text, yardstick)
+from fslora_min.study.rank_energy import (collapse_table, collapsed, index_energy, top_share,
+                                          update_spectrum)
 from fslora_min.study.runs import machine, train_run
 from fslora_min.study.tuning import with_run
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from fslora_min.study.planted_report import MIN_GAP_RATIO, half_widths
+
 # The tables whose rows are FSLoRA and its rivals at the same client budgets.
 HEAD_TO_HEAD = ("main", "recent", "planted_small", "planted_ratios", "planted_recent")
 
@@ -80,12 +82,10 @@ def answer_paragraph(verdicts: list[tuple]) -> str:
 def planted_sentence(verdicts: list[tuple]) -> str:
     """How much rank binds on the planted task: the ladder's r=16 < r=4 gap at its long horizon
     in half-widths of its interval (its precondition asks MIN_GAP_RATIO)."""
-    from fslora_min.study.planted_report import MIN_GAP_RATIO
-
     p = find(verdicts, "planted_ladder", "r=16", "planted")["paired"]
     if p is None:
         return "The planted task's rank ladder is pending."
-    ratio = -p.mean / ((p.high - p.low) / 2)
+    ratio = half_widths(-p.mean, p)  # the claim's a - b is L(r=16) - L(r=4)
     return (f"Planted task: rank binds {'weakly' if ratio < MIN_GAP_RATIO else 'clearly'} "
             f"(r 16 vs 4: {-p.mean:.3f}, {ratio:.1f} half-widths).")
 

@@ -19,11 +19,10 @@ import json
 from dataclasses import asdict, replace
 from pathlib import Path
 
-import numpy as np
-
 from fslora_min.linear import (LinearConfig, measured_fraction, run_linear, settled, spectrum)
 from fslora_min.study.protocol import spearman
 from fslora_min.study.report import write_atomic
+from fslora_min.study.runs import cached_record
 from theory.sketch_bias import FIXED_POINT_METHODS, predicted_fixed_point
 
 VERSION = 1  # bump when a change alters any run's numbers
@@ -74,15 +73,7 @@ def key(cfg: LinearConfig, record_every: int = 0) -> str:
 
 def cached_run(cfg: LinearConfig, log: Path, record_every: int = 0) -> dict:
     """The run of cfg from the log, or trained and appended to it."""
-    runs, k = {}, key(cfg, record_every)
-    if log.exists():
-        runs = {e["key"]: e["run"] for e in map(json.loads, log.read_text().splitlines())}
-    if k not in runs:
-        run = run_linear(cfg, record_every)
-        with log.open("a") as f:
-            f.write(json.dumps({"key": k, "run": run}) + "\n")
-        return run
-    return runs[k]
+    return cached_record(log, key(cfg, record_every), lambda: run_linear(cfg, record_every))
 
 
 def smallest_steps(results: list[tuple]) -> list[tuple]:

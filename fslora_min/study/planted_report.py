@@ -14,6 +14,7 @@ OUT/planted/preconditions.md by `compare --task planted`.
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 import torch
@@ -21,10 +22,11 @@ import torch.nn as nn
 
 from fslora_min.data import DataConfig
 from fslora_min.federation import evaluate
-from fslora_min.planted import PlantedConfig, make_teacher, planted_kl
+from fslora_min.planted import (PlantedConfig, make_teacher, planted_kl, probe_inputs,
+                               teacher_from)
 from fslora_min.pretrain import load_or_pretrain
 from fslora_min.study.config import CompareConfig, task
-from fslora_min.study.protocol import paired_interval
+from fslora_min.study.protocol import Paired, paired_interval
 from fslora_min.study.report import markdown
 from fslora_min.study.tuning import Row
 from fslora_min.tasks import federated_data, on_base
@@ -54,11 +56,21 @@ def kl_left(base: nn.Module, teacher: nn.Module, data_cfg: DataConfig, planted: 
             seqs: torch.Tensor, scored: int) -> dict[int, float]:
     """For each k of LEFT_AT: KL(teacher || base + the k planted terms worth the most, each
     alone) on `seqs`, what a student that learnt exactly those k terms would still miss."""
-    alone = [planted_kl(teacher, make_teacher(base, data_cfg, planted, [j]), seqs, scored)
-             for j in range(planted.rank)]
+    inputs = probe_inputs(base, data_cfg, planted)  # one probe for every partial teacher
+
+    def left(keep: list[int]) -> float:
+        return planted_kl(teacher, teacher_from(base, data_cfg, planted, inputs, keep), seqs,
+                          scored)
+
+    alone = [left([j]) for j in range(planted.rank)]
     order = sorted(range(planted.rank), key=alone.__getitem__)  # least left first
-    return {k: planted_kl(teacher, make_teacher(base, data_cfg, planted, order[:k]), seqs,
-                          scored) for k in LEFT_AT if k < planted.rank}
+    return {k: left(order[:k]) for k in LEFT_AT if k < planted.rank}
+
+
+def half_widths(gap: float, p: Paired) -> float:
+    """`gap` in half-widths of p's 95% interval (+inf: a positive gap with no spread)."""
+    half = (p.high - p.low) / 2
+    return gap / half if half > 0 else (math.inf if gap > 0 else 0.0)
 
 
 def ladder_gaps(rows: list[Row], horizon: int) -> list[dict]:
@@ -75,8 +87,7 @@ def ladder_gaps(rows: list[Row], horizon: int) -> list[dict]:
                         "ratio": float("nan"), "holds": False})
             continue
         p = paired_interval([a[s] - b[s] for s in seeds])
-        half = (p.high - p.low) / 2
-        ratio = p.mean / half if half > 0 else (float("inf") if p.mean > 0 else 0.0)
+        ratio = half_widths(p.mean, p)
         out.append({"pair": (low.label, high.label), "seeds": len(seeds), "interval": p,
                     "ratio": ratio, "holds": ratio >= MIN_GAP_RATIO})
     return out
@@ -113,9 +124,9 @@ def preconditions_markdown(kls: list[dict], gaps: list[dict], horizon: int,
     return "\n".join([
         "# The planted task's preconditions",
         "",
-        f"Written by `python -m fslora_min compare --task planted` (fslora_min/study/"
-        f"planted_report.py). Both must hold before a planted method table can say anything "
-        f"about rank.",
+        "Written by `python -m fslora_min compare --task planted` (fslora_min/study/"
+        "planted_report.py). Both must hold before a planted method table can say anything "
+        "about rank.",
         "",
         f"## 1. The planted change is worth learning: KL >= {MIN_KL} nat on every seed: "
         f"**{'holds' if kl_ok else 'FAILS'}**",

@@ -15,6 +15,7 @@ import platform
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from tqdm import tqdm
@@ -109,6 +110,20 @@ def machine() -> dict[str, object]:
 
 def _finite(x: float) -> float:
     return x if math.isfinite(x) else float("inf")
+
+
+def cached_record(log: Path, key: str, play: Callable[[], dict]) -> dict:
+    """The record under `key` in the JSON-lines `log` ({"key", "run"} per line), or `play()`'s,
+    appended to it (the linear study's runs and the rank-energy recordings; the study's own
+    runs, with their horizons, are RunCache's)."""
+    if log.exists():
+        for entry in map(json.loads, log.read_text().splitlines()):
+            if entry["key"] == key:
+                return entry["run"]
+    run = play()
+    with log.open("a") as f:
+        f.write(json.dumps({"key": key, "run": run}) + "\n")
+    return run
 
 
 class RunCache:
